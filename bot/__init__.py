@@ -1,0 +1,1 @@
+"""Taleweaver's Discord front end: a thin discord.py layer over `storyengine`."""

@@ -1,0 +1,381 @@
+"""`storyengine`: the terminal storyteller and the engine's admin commands.
+
+storyengine generate "Once upon a time, a little fox" --seed 1
+storyengine chat --db stories.db --channel kitchen-table
+storyengine db migrate | status
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from .config import Settings
+from .errors import StoryError
+from .records import Author
+from .sampling import PRESETS, SamplingParams, preset
+
+log = logging.getLogger(__name__)
+
+CHAT_HELP = """\
+Commands (anything else you type is your line; the storyteller continues it):
+  /start PREMISE              open a story with PREMISE and let the storyteller begin
+  /continue [TEXT]            add TEXT (optional) and let the storyteller continue
+  /retry                      write the storyteller's last turn again
+  /alts                       list the alternatives written for the last turn
+  /pick N                     make alternative N the story's turn
+  /undo                       take back the last turn (your line and its reply)
+  /memory TEXT                what the storyteller should always remember ("/memory" clears)
+  /note TEXT                  author's note: steers the next turns ("/note" clears)
+  /lore NAME: TRIGGERS: TEXT  a character or place, recalled when a trigger word appears
+  /lore                       list lore cards;  /unlore NAME  removes one
+  /settings [preset=NAME] [temperature=T] [length=N]   this channel's style
+  /recap                      the story so far, in brief
+  /export [FILE]              the story as Markdown (to FILE, or printed)
+  /end                        end the story
+  /help                       this help;  /quit  leave (the story stays open)
+Ctrl-C while the storyteller writes stops it."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="storyengine",
+        description="Taleweaver's story engine: tell stories in the terminal, manage the database.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="print a continuation of PROMPT")
+    gen.add_argument("prompt", metavar="PROMPT")
+    _add_sampling_args(gen)
+
+    chat = sub.add_parser("chat", help="tell a story interactively (reads stdin; pipes work)")
+    chat.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
+    chat.add_argument(
+        "--channel", default="terminal", help="story channel name (default: terminal)"
+    )
+    chat.add_argument(
+        "--author", default=os.environ.get("USER") or "you", help="your name in the story"
+    )
+
+    db = sub.add_parser("db", help="database schema: migrate or status")
+    db.add_argument("action", choices=["migrate", "status"])
+    db.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
+    return parser
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--preset", choices=sorted(PRESETS), help="style preset (default: STORY_PRESET)"
+    )
+    group.add_argument("--max-new-tokens", type=int)
+    group.add_argument("--seed", type=int)
+    group.add_argument("--temperature", type=float, help="0 = greedy")
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--top-k", type=int, help="0 = off")
+    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--no-repeat-ngram-size", type=int)
+    group.add_argument("--num-beams", type=int, help="more than 1: beam search instead of sampling")
+    group.add_argument("--length-penalty", type=float, help="beam search only")
+
+
+def _sampling_from_args(args: argparse.Namespace, settings: Settings) -> SamplingParams:
+    base = preset(args.preset).params if args.preset else settings.sampling
+    fields = (
+        "max_new_tokens",
+        "seed",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "no_repeat_ngram_size",
+        "num_beams",
+        "length_penalty",
+    )
+    return base.replace(**{f: getattr(args, f) for f in fields})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        _configure_logging(settings.log_level)
+        if getattr(args, "db", None):
+            settings = settings.replace(db_path=args.db)
+        if args.command == "generate":
+            return asyncio.run(_generate(args, settings))
+        if args.command == "chat":
+            return asyncio.run(_chat(args, settings))
+        if args.command == "db":
+            return asyncio.run(_db(args, settings))
+    except StoryError as exc:  # ConfigError included: one line, no traceback
+        print(f"storyengine: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _load_generator(settings: Settings) -> Any:
+    from .generation import SequentialGenerator
+    from .modeling import load_model
+
+    return SequentialGenerator(load_model(settings))
+
+
+async def _generate(args: argparse.Namespace, settings: Settings) -> int:
+    from .narrator import Narrator
+    from .safety import SafetyFilter
+
+    params = _sampling_from_args(args, settings)
+    generator = _load_generator(settings)
+    model = generator.model
+    safety = SafetyFilter(
+        max_input_chars=max(settings.max_input_chars, len(args.prompt)),
+        special_tokens=model.tokenizer.all_special_tokens,
+        blocklist=settings.blocklist,
+    )
+    prompt = safety.clean_input(args.prompt, what="The prompt")
+    ids = model.encode(prompt)
+    room = model.context_window - params.max_new_tokens
+    if len(ids) > room:  # keep the end of an overlong prompt: it is what gets continued
+        prompt = model.decode(ids[-room:])
+    try:
+        narration = await Narrator(generator, safety).narrate(prompt, params)
+    finally:
+        await generator.close()
+    print(narration.text)
+    return 0
+
+
+async def _db(args: argparse.Namespace, settings: Settings) -> int:
+    from .store import Store
+
+    store = await Store(settings.db_path).open(migrate=False)
+    try:
+        if args.action == "migrate":
+            applied = await store.migrate()
+            for m in applied:
+                print(f"applied {m.version:04d}_{m.name}")
+            if not applied:
+                print(f"{settings.db_path}: up to date")
+        for status in await store.migration_status():
+            state = f"applied {status.applied_at}" if status.applied_at else "pending"
+            print(f"{status.version:04d}_{status.name}: {state}")
+    finally:
+        await store.close()
+    return 0
+
+
+class _Printer:
+    """Prints a turn as it grows; the final text may revise the last sentence."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.shown = ""
+
+    async def progress(self, text: str) -> None:
+        if text.startswith(self.shown):
+            self.out.write(text[len(self.shown) :])
+            self.out.flush()
+            self.shown = text
+
+    def finish(self, text: str) -> None:
+        if text.startswith(self.shown):
+            self.out.write(text[len(self.shown) :] + "\n\n")
+        else:
+            self.out.write(f"\n(revised)\n{text}\n\n")
+        self.out.flush()
+        self.shown = ""
+
+
+async def _chat(args: argparse.Namespace, settings: Settings) -> int:
+    from .engine import StoryEngine
+
+    out = sys.stdout
+    interactive = sys.stdin.isatty()
+    channel, author = args.channel, Author(id=f"terminal:{args.author}", name=args.author)
+    print("Loading the storyteller…", file=sys.stderr)
+    engine = await StoryEngine(settings).start()
+    loop = asyncio.get_running_loop()
+    if interactive:
+        loop.add_signal_handler(signal.SIGINT, lambda: engine.stop(channel) or _quit())
+    try:
+        story = await engine.store.active_story(channel)
+        if story is None:
+            out.write(
+                f"No story in '{channel}' yet. Type /start PREMISE to begin, /help for help.\n"
+            )
+        else:
+            view = await engine.view(channel)
+            out.write(f"Resuming the story in '{channel}' ({len(view.turns)} turns).\n")
+            out.write((view.turns[-1].text if view.turns else story.premise) + "\n\n")
+        out.flush()
+        session = _ChatSession(engine, channel, author, out)
+        while True:
+            if interactive:
+                out.write("> ")
+                out.flush()
+            line = await asyncio.to_thread(sys.stdin.readline)
+            if not line:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                if not await session.handle(line):
+                    break
+            except StoryError as exc:
+                out.write(f"! {exc}\n")
+                out.flush()
+    finally:
+        await engine.close()
+    return 0
+
+
+def _write_text(path: str, text: str) -> None:
+    Path(path).expanduser().write_text(text, encoding="utf-8")
+
+
+def _quit() -> None:
+    raise KeyboardInterrupt
+
+
+class _ChatSession:
+    """Turns chat lines into engine calls and prints the results."""
+
+    def __init__(self, engine: Any, channel: str, author: Author, out: TextIO) -> None:
+        self.engine = engine
+        self.channel = channel
+        self.author = author
+        self.out = out
+        self.printer = _Printer(out)
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    async def handle(self, line: str) -> bool:
+        """Handle one line. Returns False to end the session."""
+        e, ch = self.engine, self.channel
+        if not line.startswith("/"):
+            line = "/continue " + line
+        command, _, arg = line[1:].partition(" ")
+        command, arg = command.lower(), arg.strip()
+        p = self.printer.progress
+        if command in {"quit", "exit", "q"}:
+            return False
+        if command == "help":
+            self.say(CHAT_HELP)
+        elif command == "start":
+            if not arg:
+                self.say("! Give a premise: /start Once upon a time, a little fox...")
+                return True
+            self.say(arg)
+            result = await e.start_story(ch, arg, author=self.author, on_progress=p)
+            self.printer.finish(result.text)
+        elif command == "continue":
+            result = await e.continue_story(ch, self.author, arg or None, on_progress=p)
+            self.printer.finish(result.text)
+        elif command == "retry":
+            result = await e.retry(ch, on_progress=p)
+            self.printer.finish(result.text)
+        elif command == "alts":
+            alts = await e.alternatives(ch)
+            if not alts:
+                self.say("No alternatives yet: /retry writes one.")
+            for i, turn in enumerate(alts, 1):
+                mark = "*" if turn.status == "active" else " "
+                self.say(f"{mark}{i}. {turn.text}")
+        elif command == "pick":
+            if not arg.isdigit():
+                self.say("! Usage: /pick N (see /alts)")
+                return True
+            turn = await e.choose_alternative(ch, int(arg))
+            self.say(turn.text)
+        elif command == "undo":
+            removed = await e.undo(ch)
+            self.say(f"Undone: {len(removed)} turn(s).")
+        elif command == "memory":
+            await e.set_memory(ch, arg)
+            self.say("Memory set." if arg else "Memory cleared.")
+        elif command == "note":
+            await e.set_authors_note(ch, arg)
+            self.say("Author's note set." if arg else "Author's note cleared.")
+        elif command == "lore":
+            await self._lore(arg)
+        elif command == "unlore":
+            await e.remove_lore(ch, arg)
+            self.say(f"Removed lore card {arg}.")
+        elif command == "settings":
+            await self._settings(arg)
+        elif command == "recap":
+            self.say(await e.recap(ch))
+        elif command == "export":
+            markdown = await e.export_markdown(ch)
+            if arg:
+                await asyncio.to_thread(_write_text, arg, markdown)
+                self.say(f"Exported to {arg}.")
+            else:
+                self.say(markdown)
+        elif command == "end":
+            story = await e.end_story(ch)
+            self.say(
+                f"The story has ended. (/export still works; /start begins a new one.) [{story.id}]"
+            )
+        else:
+            self.say(f"! Unknown command /{command}. Type /help.")
+        return True
+
+    async def _lore(self, arg: str) -> None:
+        if not arg:
+            cards = await self.engine.lore(self.channel)
+            if not cards:
+                self.say("No lore cards. Add one: /lore Pip: pip, mouse: A brave little mouse.")
+            for card in cards:
+                self.say(f"{card.name} ({', '.join(card.triggers)}): {card.text}")
+            return
+        parts = [p.strip() for p in arg.split(":", 2)]
+        if len(parts) != 3:
+            self.say("! Usage: /lore NAME: TRIGGER, TRIGGER: TEXT")
+            return
+        card = await self.engine.add_lore(self.channel, parts[0], parts[1], parts[2])
+        self.say(f"Lore card {card.name} saved (triggers: {', '.join(card.triggers)}).")
+
+    async def _settings(self, arg: str) -> None:
+        changes: dict[str, Any] = {}
+        names = {"preset": "preset_name", "temperature": "temperature", "length": "max_new_tokens"}
+        for pair in arg.split():
+            key, _, value = pair.partition("=")
+            if key not in names or not value:
+                self.say("! Usage: /settings [preset=NAME] [temperature=T] [length=N]")
+                return
+            try:
+                changes[names[key]] = {"preset": str, "temperature": float, "length": int}[key](
+                    value
+                )
+            except ValueError:
+                self.say(f"! {key} must be a number.")
+                return
+        params = (
+            await self.engine.configure_channel(self.channel, **changes)
+            if changes
+            else (await self.engine.sampling_for(self.channel))
+        )
+        self.say(
+            f"temperature={params.temperature} top_p={params.top_p} top_k={params.top_k} "
+            f"length={params.max_new_tokens} beams={params.num_beams}"
+        )

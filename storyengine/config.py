@@ -1,0 +1,148 @@
+"""Settings: the one place that reads the environment.
+
+`Settings.from_env()` reads the process environment (after loading a `.env` file, if
+any) and validates every value; a bad one raises `ConfigError` with a one-line message
+that names the variable. Everything else receives a `Settings` object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError, InvalidInput
+from .sampling import DEFAULT_PRESET, SamplingParams, preset
+
+BUNDLED_MODEL = "bundled"
+"""`STORY_BASE_MODEL` value (the default) that selects the model shipped in the package."""
+
+T = TypeVar("T")
+
+
+def bundled_model_path() -> Path:
+    return Path(__file__).resolve().parent / "models" / "tinystories-gpt2"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the engine needs to run. Each field maps to one `STORY_*` variable."""
+
+    db_path: Path = Path("taleweaver.db")
+    base_model: str = BUNDLED_MODEL
+    adapter: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    preset: str = DEFAULT_PRESET
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_input_chars: int = 1000
+    blocklist: tuple[str, ...] = ()
+    log_level: str = "WARNING"
+
+    @property
+    def uses_bundled_model(self) -> bool:
+        return self.base_model == BUNDLED_MODEL
+
+    @property
+    def model_path(self) -> str:
+        """What to hand to `from_pretrained`: a directory or a Hugging Face id."""
+        return str(bundled_model_path()) if self.uses_bundled_model else self.base_model
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
+        """Build settings from `environ` (default: `os.environ`, after loading `.env`)."""
+        if environ is None:
+            if dotenv:
+                from dotenv import load_dotenv
+
+                load_dotenv(override=False)
+            environ = os.environ
+        env = _Env(environ)
+
+        preset_name = env.get("STORY_PRESET", DEFAULT_PRESET, str)
+        try:
+            base = preset(preset_name).params
+        except InvalidInput as exc:
+            raise ConfigError(f"STORY_PRESET: {exc}") from None
+        sampling = base
+        for key, (var, kind) in _SAMPLING_VARS.items():
+            value = env.get(var, None, kind)
+            if value is None:
+                continue
+            try:
+                sampling = sampling.replace(**{key: value})
+            except InvalidInput as exc:
+                raise ConfigError(f"{var}: {exc}") from None
+
+        device = env.get("STORY_DEVICE", "auto", str).lower()
+        if not (device in {"auto", "cpu", "mps"} or device.startswith("cuda")):
+            raise ConfigError(
+                f"STORY_DEVICE: expected auto, cpu, cuda, cuda:N or mps, got {device!r}"
+            )
+        dtype = env.get("STORY_DTYPE", "auto", str).lower()
+        if dtype not in {"auto", "float32", "float16", "bfloat16"}:
+            raise ConfigError(
+                f"STORY_DTYPE: expected auto, float32, float16 or bfloat16, got {dtype!r}"
+            )
+        max_input = env.get("STORY_MAX_INPUT_CHARS", 1000, int)
+        if not 20 <= max_input <= 4000:
+            raise ConfigError(f"STORY_MAX_INPUT_CHARS: must be 20..4000, got {max_input}")
+        log_level = env.get("STORY_LOG_LEVEL", "WARNING", str).upper()
+        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ConfigError(
+                f"STORY_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
+            )
+        base_model = env.get("STORY_BASE_MODEL", BUNDLED_MODEL, str) or BUNDLED_MODEL
+        adapter = env.get("STORY_ADAPTER", "", str) or None
+        if adapter is not None and not Path(adapter).is_dir():
+            raise ConfigError(
+                f"STORY_ADAPTER: {adapter!r} is not a directory holding a LoRA adapter"
+            )
+        blocklist = tuple(
+            w.strip().lower() for w in env.get("STORY_BLOCKLIST", "", str).split(",") if w.strip()
+        )
+        return cls(
+            db_path=Path(env.get("STORY_DB_PATH", "taleweaver.db", str)),
+            base_model=base_model,
+            adapter=adapter,
+            device=device,
+            dtype=dtype,
+            preset=preset_name.lower(),
+            sampling=sampling,
+            max_input_chars=max_input,
+            blocklist=blocklist,
+            log_level=log_level,
+        )
+
+
+_SAMPLING_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "temperature": ("STORY_TEMPERATURE", float),
+    "top_p": ("STORY_TOP_P", float),
+    "top_k": ("STORY_TOP_K", int),
+    "repetition_penalty": ("STORY_REPETITION_PENALTY", float),
+    "no_repeat_ngram_size": ("STORY_NO_REPEAT_NGRAM_SIZE", int),
+    "max_new_tokens": ("STORY_MAX_NEW_TOKENS", int),
+}
+
+
+class _Env:
+    """Typed access to environment variables with errors that name the variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def get(self, name: str, default: T, kind: Callable[[str], Any]) -> Any:
+        raw = self._environ.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return kind(raw.strip())
+        except ValueError:
+            expected = {int: "a whole number", float: "a number"}.get(kind, "a value")  # type: ignore[call-overload]
+            raise ConfigError(f"{name}: expected {expected}, got {raw.strip()!r}") from None

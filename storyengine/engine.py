@@ -1,0 +1,449 @@
+"""The story engine: the async API that every front end (CLI, bot, benchmarks) drives.
+
+One active story per channel. Operations on one channel are serialised by a per-channel
+lock; different channels proceed concurrently (their generations share the generator).
+All state lives in SQLite, so a restarted engine resumes every open story as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Settings
+from .errors import (
+    GenerationCancelled,
+    InvalidInput,
+    NoActiveStory,
+    NothingToRetry,
+    NothingToUndo,
+    StoryAlreadyRunning,
+)
+from .generation import GenerationHandle, GenerationOutput, Generator
+from .memory import ContextBudget, ContextBuilder, LoreCard, StoryMaterial
+from .narrator import Narrator, ProgressCallback
+from .records import MODES, Author, Story, Turn, TurnResult
+from .render import render_markdown, render_recap
+from .safety import SafetyFilter
+from .sampling import SamplingParams, preset
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_LORE_CARDS = 50
+MAX_NOTE_CHARS = 400
+
+
+@dataclass(frozen=True)
+class StoryView:
+    story: Story
+    turns: list[Turn]
+    lore: list[LoreCard]
+
+
+class StoryEngine:
+    """Create with settings (and optionally a ready generator or store), then
+    `await engine.start()`, or use `async with StoryEngine(settings) as engine:`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        generator: Generator | None = None,
+        store: Store | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store or Store(settings.db_path)
+        self._generator = generator
+        self._narrator: Narrator | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._in_flight: dict[str, GenerationHandle] = {}
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> StoryEngine:
+        await self.store.open()
+        if self._generator is None:
+            from .generation import SequentialGenerator
+            from .modeling import load_model
+
+            model = await asyncio.to_thread(load_model, self.settings)
+            self._generator = SequentialGenerator(model)
+        model = self._generator.model
+        safety = SafetyFilter(
+            max_input_chars=self.settings.max_input_chars,
+            blocklist=self.settings.blocklist,
+            special_tokens=model.tokenizer.all_special_tokens,
+        )
+        self._narrator = Narrator(self._generator, safety)
+        return self
+
+    async def close(self) -> None:
+        for handle in self._in_flight.values():
+            handle.cancel()
+        if self._generator is not None:
+            await self._generator.close()
+        await self.store.close()
+
+    async def __aenter__(self) -> StoryEngine:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def narrator(self) -> Narrator:
+        if self._narrator is None:
+            raise RuntimeError("StoryEngine.start() has not been called")
+        return self._narrator
+
+    @property
+    def safety(self) -> SafetyFilter:
+        return self.narrator.safety
+
+    def _lock(self, channel: str) -> asyncio.Lock:
+        return self._locks.setdefault(channel, asyncio.Lock())
+
+    # -- queries ------------------------------------------------------------------
+
+    async def active_story(self, channel: str) -> Story:
+        story = await self.store.active_story(channel)
+        if story is None:
+            raise NoActiveStory(channel)
+        return story
+
+    async def view(self, channel: str) -> StoryView:
+        story = await self.active_story(channel)
+        return StoryView(
+            story, await self.store.active_turns(story.id), await self.store.lore(story.id)
+        )
+
+    async def open_stories(self) -> list[Story]:
+        return await self.store.active_stories()
+
+    def is_generating(self, channel: str) -> bool:
+        return channel in self._in_flight
+
+    # -- sampling settings --------------------------------------------------------
+
+    async def sampling_for(self, channel: str, **overrides: Any) -> SamplingParams:
+        """The channel's parameters: its preset (or the configured default) with the
+        channel's overrides, then this call's overrides."""
+        preset_name, saved = await self.store.channel_settings(channel)
+        params = preset(preset_name).params if preset_name else self.settings.sampling
+        return params.replace(**saved).replace(**overrides)
+
+    async def configure_channel(
+        self,
+        channel: str,
+        *,
+        preset_name: str | None = None,
+        temperature: float | None = None,
+        max_new_tokens: int | None = None,
+        **more: Any,
+    ) -> SamplingParams:
+        """Set the channel's preset and/or parameter overrides. Choosing a preset clears
+        earlier overrides. Returns the resulting parameters."""
+        current_preset, saved = await self.store.channel_settings(channel)
+        if preset_name is not None:
+            preset(preset_name)  # validates
+            current_preset, saved = preset_name.lower(), {}
+        changes = {"temperature": temperature, "max_new_tokens": max_new_tokens, **more}
+        saved = {**saved, **{k: v for k, v in changes.items() if v is not None}}
+        base = preset(current_preset).params if current_preset else self.settings.sampling
+        params = base.replace(**saved)  # validates the combination
+        await self.store.set_channel_settings(channel, current_preset, saved)
+        return params
+
+    # -- story operations ---------------------------------------------------------
+
+    async def start_story(
+        self,
+        channel: str,
+        premise: str,
+        *,
+        author: Author,
+        genre: str | None = None,
+        mode: str = "solo",
+        on_progress: ProgressCallback | None = None,
+    ) -> TurnResult:
+        """Open a story in `channel` and write its opening."""
+        if mode not in MODES:
+            raise InvalidInput(f"Unknown mode {mode!r}. Choose one of: {', '.join(MODES)}.")
+        premise = self.safety.clean_input(premise, what="The premise")
+        genre = self.safety.clean_input(genre or "", what="The genre", required=False)[:40] or None
+        async with self._lock(channel):
+            if await self.store.active_story(channel) is not None:
+                raise StoryAlreadyRunning(channel)
+            self._builder(SamplingParams()).check_fits(StoryMaterial(premise, (), genre))
+            story = await self.store.create_story(
+                channel, premise, genre=genre, mode=mode, created_by=author.id
+            )
+            log.info("story %d started in %s", story.id, channel)
+            action = await self.store.next_action(story.id)
+            return await self._write_bot_turn(story, [], action, None, on_progress)
+
+    async def continue_story(
+        self,
+        channel: str,
+        author: Author,
+        text: str | None = None,
+        *,
+        on_progress: ProgressCallback | None = None,
+        **overrides: Any,
+    ) -> TurnResult:
+        """Add the author's line (optional) and let the storyteller continue."""
+        line = self.safety.clean_input(text or "", what="Your line", required=False)
+        async with self._lock(channel):
+            story = await self.active_story(channel)
+            turns = await self.store.active_turns(story.id)
+            action = await self.store.next_action(story.id)
+            user_turn = None
+            if line:
+                user_turn = await self.store.add_turn(
+                    story.id,
+                    action=action,
+                    kind="user",
+                    text=line,
+                    author_id=author.id,
+                    author_name=author.name,
+                )
+                turns.append(user_turn)
+            return await self._write_bot_turn(
+                story, turns, action, user_turn, on_progress, **overrides
+            )
+
+    async def retry(
+        self, channel: str, *, on_progress: ProgressCallback | None = None, **overrides: Any
+    ) -> TurnResult:
+        """Write the last bot turn again. The old text is kept as an alternative."""
+        async with self._lock(channel):
+            story = await self.active_story(channel)
+            turns = await self.store.active_turns(story.id)
+            if not turns or turns[-1].kind != "bot":
+                raise NothingToRetry(
+                    "The last turn is not the storyteller's; there is nothing to retry."
+                )
+            last = turns.pop()
+            user_turn = turns[-1] if turns and turns[-1].action == last.action else None
+            return await self._write_bot_turn(
+                story, turns, last.action, user_turn, on_progress, replacing=last, **overrides
+            )
+
+    async def alternatives(self, channel: str) -> list[Turn]:
+        """The retry stack of the last bot turn, oldest first (the active one included)."""
+        story = await self.active_story(channel)
+        turns = await self.store.active_turns(story.id)
+        if not turns or turns[-1].kind != "bot":
+            return []
+        return await self.store.alternatives(story.id, turns[-1].position)
+
+    async def choose_alternative(self, channel: str, number: int) -> Turn:
+        """Make alternative `number` (1-based, as listed by `alternatives`) the active one."""
+        async with self._lock(channel):
+            options = await self.alternatives(channel)
+            if not options:
+                raise NothingToRetry("There are no alternatives to choose from.")
+            if not 1 <= number <= len(options):
+                raise InvalidInput(f"Choose an alternative from 1 to {len(options)}.")
+            chosen = options[number - 1]
+            current = next(t for t in options if t.status == "active")
+            if chosen.id != current.id:
+                await self.store.swap_active(current.id, chosen.id)
+            turn = await self.store.turn(chosen.id)
+            assert turn is not None
+            return turn
+
+    async def undo(self, channel: str) -> list[Turn]:
+        """Remove the most recent action (a user's line and the reply to it, or a bot
+        turn on its own). The turns stay in the database, marked undone."""
+        async with self._lock(channel):
+            story = await self.active_story(channel)
+            turns = await self.store.active_turns(story.id)
+            if not turns:
+                raise NothingToUndo("There is nothing to undo yet.")
+            last_action = max(t.action for t in turns)
+            removed = [t for t in turns if t.action == last_action]
+            await self.store.undo_action(story.id, last_action)
+            return removed
+
+    async def set_memory(self, channel: str, text: str) -> Story:
+        return await self._set_note(channel, "memory", text, "The memory")
+
+    async def set_authors_note(self, channel: str, text: str) -> Story:
+        return await self._set_note(channel, "authors_note", text, "The author's note")
+
+    async def _set_note(self, channel: str, field: str, text: str, what: str) -> Story:
+        cleaned = self.safety.clean_input(text, what=what, required=False)
+        if field == "authors_note" and len(cleaned) > MAX_NOTE_CHARS:
+            raise InvalidInput(
+                f"{what} is {len(cleaned)} characters; the limit is {MAX_NOTE_CHARS}."
+            )
+        async with self._lock(channel):
+            story = await self.active_story(channel)
+            material = self._material(story, [], [])
+            material = StoryMaterial(**{**material.__dict__, field: cleaned})
+            self._builder(await self.sampling_for(channel)).check_fits(material)
+            await self.store.update_story(story.id, **{field: cleaned})
+            return await self.active_story(channel)
+
+    async def add_lore(
+        self, channel: str, name: str, triggers: list[str] | str, text: str
+    ) -> LoreCard:
+        """Add or replace a lore card. `triggers` may be a comma-separated string."""
+        name = self.safety.clean_input(name, what="The card's name")
+        if len(name) > 60:
+            raise InvalidInput("A lore card's name may be at most 60 characters.")
+        if isinstance(triggers, str):
+            triggers = triggers.split(",")
+        words = tuple(dict.fromkeys(t.strip() for t in triggers if t.strip()))
+        if not words:
+            words = (name,)
+        if any(len(w) > 40 for w in words) or len(words) > 10:
+            raise InvalidInput("Give at most 10 trigger words, each at most 40 characters.")
+        body = self.safety.clean_input(text, what="The card's text")
+        if len(body) > MAX_NOTE_CHARS:
+            raise InvalidInput(f"A lore card's text may be at most {MAX_NOTE_CHARS} characters.")
+        card = LoreCard(name, words, body)
+        async with self._lock(channel):
+            story = await self.active_story(channel)
+            existing = await self.store.lore(story.id)
+            if len(existing) >= MAX_LORE_CARDS and name.lower() not in {
+                c.name.lower() for c in existing
+            }:
+                raise InvalidInput(f"A story may have at most {MAX_LORE_CARDS} lore cards.")
+            await self.store.upsert_lore(story.id, card)
+        return card
+
+    async def remove_lore(self, channel: str, name: str) -> None:
+        async with self._lock(channel):
+            story = await self.active_story(channel)
+            if not await self.store.remove_lore(story.id, name.strip()):
+                raise InvalidInput(f"There is no lore card named {name.strip()!r}.")
+
+    async def lore(self, channel: str) -> list[LoreCard]:
+        story = await self.active_story(channel)
+        return await self.store.lore(story.id)
+
+    async def recap(self, channel: str) -> str:
+        view = await self.view(channel)
+        return render_recap(view.story, view.turns)
+
+    async def export_markdown(self, channel: str) -> str:
+        """The active story (or, if none, the channel's last one) as Markdown."""
+        story = await self.store.active_story(channel) or await self.store.latest_story(channel)
+        if story is None:
+            raise NoActiveStory(channel)
+        return render_markdown(
+            story, await self.store.active_turns(story.id), await self.store.lore(story.id)
+        )
+
+    async def end_story(self, channel: str) -> Story:
+        """End the channel's story (stopping any generation in progress first)."""
+        self.stop(channel)
+        async with self._lock(channel):
+            story = await self.active_story(channel)
+            await self.store.end_story(story.id)
+            ended = await self.store.story(story.id)
+            assert ended is not None
+            return ended
+
+    def stop(self, channel: str) -> bool:
+        """Cancel the channel's generation in progress. True if there was one."""
+        handle = self._in_flight.get(channel)
+        if handle is None:
+            return False
+        handle.cancel()
+        return True
+
+    # -- internals ----------------------------------------------------------------
+
+    def _builder(self, params: SamplingParams) -> ContextBuilder:
+        model = self.narrator.model
+        return ContextBuilder(
+            model.count_tokens,
+            ContextBudget(window=model.context_window, reserve=params.max_new_tokens),
+        )
+
+    @staticmethod
+    def _material(story: Story, turns: list[Turn], lore: list[LoreCard]) -> StoryMaterial:
+        return StoryMaterial(
+            premise=story.premise,
+            turns=[t.text for t in turns],
+            genre=story.genre,
+            memory=story.memory,
+            authors_note=story.authors_note,
+            lore=lore,
+        )
+
+    async def _write_bot_turn(
+        self,
+        story: Story,
+        turns: list[Turn],
+        action: int,
+        user_turn: Turn | None,
+        on_progress: ProgressCallback | None,
+        *,
+        replacing: Turn | None = None,
+        **overrides: Any,
+    ) -> TurnResult:
+        channel = story.channel
+        params = await self.sampling_for(channel, **overrides)
+        material = self._material(story, turns, await self.store.lore(story.id))
+        prompt = self._builder(params).build(material)
+        record = {"story_id": story.id, "channel": channel, "prompt": prompt.text}
+        try:
+            narration = await self.narrator.narrate(
+                prompt.text,
+                params,
+                channel=channel,
+                echo_of=user_turn.text if user_turn else None,
+                on_progress=on_progress,
+                on_handle=lambda h: self._in_flight.__setitem__(channel, h),  # type: ignore[arg-type]
+            )
+        except GenerationCancelled as cancelled:
+            if isinstance(cancelled.output, GenerationOutput):
+                await self._record(record, params, cancelled.output, shown="")
+            raise
+        finally:
+            self._in_flight.pop(channel, None)
+        generation_id = await self._record(
+            record, narration.params, narration.output, shown=narration.text
+        )
+        turn = await self.store.add_turn(
+            story.id,
+            action=action,
+            kind="bot",
+            text=narration.text,
+            generation_id=generation_id,
+            position=replacing.position if replacing else None,
+            replacing=replacing.id if replacing else None,
+        )
+        return TurnResult(story, turn, user_turn, generation_id, narration.output.latency_s)
+
+    async def _record(
+        self,
+        record: dict[str, Any],
+        params: SamplingParams,
+        output: GenerationOutput,
+        *,
+        shown: str,
+    ) -> int:
+        model = self.narrator.model
+        return await self.store.record_generation(
+            **record,
+            output=shown,
+            raw_output=output.text,
+            params=params.to_dict(),
+            model_id=model.model_id,
+            adapter_id=model.adapter_id,
+            prompt_tokens=output.prompt_tokens,
+            output_tokens=len(output.token_ids),
+            finish_reason="cancelled"
+            if not shown and output.finish_reason == "cancelled"
+            else output.finish_reason,
+            latency_s=output.latency_s,
+            ttft_s=output.ttft_s,
+        )

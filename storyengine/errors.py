@@ -1,0 +1,51 @@
+"""One error hierarchy for everything a user can cause.
+
+Each `StoryError` carries a message that is safe to show to the person who caused it
+(the CLI prints it, the bot sends it as an ephemeral reply). Anything that is not a
+`StoryError` is a bug: front ends log it with its traceback and show a generic message.
+"""
+
+from __future__ import annotations
+
+
+class StoryError(Exception):
+    """Base class: the message is written for the user."""
+
+
+class ConfigError(StoryError):
+    """A setting is missing or malformed. The message names the variable."""
+
+
+class NoActiveStory(StoryError):
+    def __init__(self, channel: str) -> None:
+        super().__init__("There is no story running here. Start one first.")
+        self.channel = channel
+
+
+class StoryAlreadyRunning(StoryError):
+    def __init__(self, channel: str) -> None:
+        super().__init__("A story is already running here. End it before starting a new one.")
+        self.channel = channel
+
+
+class NothingToUndo(StoryError):
+    pass
+
+
+class NothingToRetry(StoryError):
+    pass
+
+
+class InvalidInput(StoryError):
+    """User input that cannot be used as given (too long, empty, malformed)."""
+
+
+class GenerationCancelled(StoryError):
+    def __init__(self, output: object | None = None) -> None:
+        super().__init__("The storyteller was stopped before finishing.")
+        self.output = output
+        """The partial `GenerationOutput`, when there is one."""
+
+
+class GenerationFailed(StoryError):
+    pass

@@ -1,0 +1,255 @@
+"""Generation requests and the generators that serve them.
+
+A `Generator` takes `GenerationRequest`s from async code and returns a
+`GenerationHandle` per request: await `handle.result()` for the whole output, or
+iterate `handle.stream()` for text as it grows; `handle.cancel()` stops it at the next
+decoding step. The model itself never runs on the event loop.
+
+`SequentialGenerator` runs one request at a time on a worker thread with Hugging Face's
+`generate` (it supports every decoding option, beam search included). Other generators
+(a batching scheduler, a remote server) implement the same interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from .errors import GenerationCancelled
+from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .modeling import LoadedModel
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["eos", "length", "cancelled"]
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    channel: str = ""
+    """Who asked; a batching generator uses it to share capacity fairly."""
+    adapter: str | None = None
+    """Name of a loaded LoRA adapter, or None for the generator's default."""
+    min_new_tokens: int = 0
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    latency_s: float
+    ttft_s: float | None
+
+
+@dataclass
+class GenerationHandle:
+    """The caller's side of one request. Thread-safe where the worker touches it."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    submitted_at: float = field(default_factory=time.perf_counter)
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+    _future: asyncio.Future[GenerationOutput] | None = None
+    _text: str = ""
+    _updated: asyncio.Event = field(default_factory=asyncio.Event)
+    queue_position: int = 0
+    """Requests ahead of this one that have not started (0 once it runs)."""
+
+    def __post_init__(self) -> None:
+        self._future = self.loop.create_future()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    async def result(self) -> GenerationOutput:
+        """The finished output. Raises `GenerationCancelled` if it was cancelled."""
+        assert self._future is not None
+        output = await asyncio.shield(self._future)
+        if output.finish_reason == "cancelled":
+            raise GenerationCancelled(output)
+        return output
+
+    async def stream(self) -> AsyncIterator[str]:
+        """Yield the decoded text so far, each time it grows, until the request ends."""
+        assert self._future is not None
+        seen = ""
+        while True:
+            if self._text != seen:
+                seen = self._text
+                yield seen
+            if self._future.done():
+                break
+            self._updated.clear()
+            if self._text == seen and not self._future.done():
+                waiter = asyncio.ensure_future(self._updated.wait())
+                await asyncio.wait({waiter, self._future}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+        output = self._future.result()
+        if output.text != seen:
+            yield output.text
+
+    # Called from the worker thread.
+    def _publish_text(self, text: str) -> None:
+        self.loop.call_soon_threadsafe(self._set_text, text)
+
+    def _set_text(self, text: str) -> None:
+        self._text = text
+        self._updated.set()
+
+    def _finish(self, output: GenerationOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self._resolve, output)
+
+    def _resolve(self, output: GenerationOutput | BaseException) -> None:
+        assert self._future is not None
+        if self._future.done():
+            return
+        if isinstance(output, BaseException):
+            self._future.set_exception(output)
+        else:
+            self._text = output.text
+            self._future.set_result(output)
+        self._updated.set()
+
+
+class Generator(Protocol):
+    """What the engine needs from whatever runs the model."""
+
+    model: LoadedModel
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle: ...
+
+    async def close(self) -> None: ...
+
+
+class SequentialGenerator:
+    """One request at a time, on a worker thread, with `model.generate`."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self._jobs: queue.Queue[GenerationHandle | None] = queue.Queue()
+        self._pending: list[GenerationHandle] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name="story-generator", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        handle = GenerationHandle(request, asyncio.get_running_loop())
+        with self._lock:
+            handle.queue_position = len(self._pending)
+            self._pending.append(handle)
+        self._jobs.put(handle)
+        return handle
+
+    async def close(self) -> None:
+        self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+    def _work(self) -> None:
+        while (handle := self._jobs.get()) is not None:
+            with self._lock:
+                self._pending.remove(handle)
+                for i, waiting in enumerate(self._pending):
+                    waiting.queue_position = i
+            handle.queue_position = 0
+            try:
+                handle._finish(run_generate(self.model, handle))
+            except Exception as exc:
+                log.exception("generation failed")
+                handle._finish(exc)
+
+
+def run_generate(model: LoadedModel, handle: GenerationHandle) -> GenerationOutput:
+    """Run one request through `model.generate`, streaming text into `handle`."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    request, params = handle.request, handle.request.params
+    first_token_at: list[float] = []
+    new_ids: list[int] = []
+    prompt_len = len(request.prompt_ids)
+
+    class _Cancel(StoppingCriteria):
+        def __call__(
+            self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object
+        ) -> torch.Tensor:
+            return torch.full(
+                (input_ids.shape[0],), handle.cancelled, dtype=torch.bool, device=input_ids.device
+            )
+
+    class _Stream(BaseStreamer):
+        prompt_seen = False
+
+        def put(self, value: torch.Tensor) -> None:
+            if not self.prompt_seen:  # generate() first hands over the prompt
+                self.prompt_seen = True
+                return
+            if not first_token_at:
+                first_token_at.append(time.perf_counter())
+            new_ids.extend(int(t) for t in value.reshape(-1).tolist())
+            handle._publish_text(model.decode(new_ids))
+
+        def end(self) -> None:
+            pass
+
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    input_ids = torch.tensor([request.prompt_ids], device=model.device)
+    kwargs: dict[str, object] = {
+        "max_new_tokens": params.max_new_tokens,
+        "min_new_tokens": min(request.min_new_tokens, params.max_new_tokens),
+        "repetition_penalty": params.repetition_penalty,
+        "no_repeat_ngram_size": params.no_repeat_ngram_size,
+        "pad_token_id": model.pad_token_id,
+        "eos_token_id": model.eos_token_id,
+        "stopping_criteria": StoppingCriteriaList([_Cancel()]),
+    }
+    if params.beam_search:
+        kwargs.update(
+            num_beams=params.num_beams, length_penalty=params.length_penalty, do_sample=False
+        )
+    elif params.greedy:
+        kwargs.update(do_sample=False)
+        kwargs["streamer"] = _Stream()
+    else:
+        kwargs.update(
+            do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k
+        )
+        kwargs["streamer"] = _Stream()
+    with torch.inference_mode():
+        out = model.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs
+        )
+    ids = [int(t) for t in out[0, prompt_len:].tolist()]
+    finish: FinishReason = "length"
+    if model.eos_token_id in ids:
+        ids = ids[: ids.index(model.eos_token_id)]
+        finish = "eos"
+    if handle.cancelled:
+        finish = "cancelled"
+    end = time.perf_counter()
+    ttft = (first_token_at[0] if first_token_at else end) - handle.submitted_at
+    return GenerationOutput(
+        token_ids=ids,
+        text=model.decode(ids),
+        finish_reason=finish,
+        prompt_tokens=prompt_len,
+        latency_s=end - handle.submitted_at,
+        ttft_s=ttft,
+    )

@@ -1,0 +1,104 @@
+"""Loading the base model, its tokenizer and an optional LoRA adapter."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .config import Settings
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready to generate, with what identifies it in generation records."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+    adapter_id: str | None
+    device: torch.device
+
+    @property
+    def context_window(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    def encode(self, text: str) -> list[int]:
+        # split_special_tokens: a user typing "<|endoftext|>" gets those characters
+        # encoded as plain text, never the control token itself.
+        return list(self.tokenizer(text, split_special_tokens=True)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text)) if text else 0
+
+
+def resolve_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"STORY_DEVICE: {name!r} asked for, but no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("STORY_DEVICE: 'mps' asked for, but MPS is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if name == "auto":
+        # Half precision only where it is fast; float32 on the CPU.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Load the configured base model (and adapter). The bundled model never touches the
+    network; any other id is resolved by Hugging Face as usual."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    offline: dict[str, Any] = {"local_files_only": True} if settings.uses_bundled_model else {}
+    path = settings.model_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **offline)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **offline)
+    except OSError as exc:
+        raise ConfigError(f"STORY_BASE_MODEL: cannot load {settings.base_model!r}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model_id = "bundled:tinystories-gpt2" if settings.uses_bundled_model else settings.base_model
+    adapter_id = None
+    if settings.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, settings.adapter, adapter_name="default")
+        adapter_id = settings.adapter
+    model.to(device)
+    model.eval()
+    log.info("loaded %s (adapter %s) on %s as %s", model_id, adapter_id, device, dtype)
+    return LoadedModel(model, tokenizer, model_id, adapter_id, device)

@@ -1,0 +1,103 @@
+"""From prompt text to a clean continuation: generation plus the rules every output obeys.
+
+A continuation ends at a sentence boundary (never mid-word), holds no end-of-text token,
+does not echo the user's line back, and passes the safety filter. The narrator knows
+nothing about stories or storage; the engine and `storyengine generate` both use it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from .errors import GenerationFailed
+from .generation import GenerationOutput, GenerationRequest, Generator
+from .modeling import LoadedModel
+from .safety import SafetyFilter
+from .sampling import SamplingParams
+from .text import trim_to_sentence
+
+ProgressCallback = Callable[[str], Awaitable[None]]
+OnHandle = Callable[[object], None]
+
+MIN_NEW_TOKENS = 8
+"""Keeps the model from ending the story on its very first token."""
+
+_BRACKETED = re.compile(r"\[[^\]\n]*\]?")
+
+
+@dataclass
+class Narration:
+    text: str
+    """What is shown and stored as the bot's turn."""
+    prompt_ids: list[int]
+    output: GenerationOutput
+    params: SamplingParams
+    attempts: int
+
+
+class Narrator:
+    def __init__(self, generator: Generator, safety: SafetyFilter) -> None:
+        self.generator = generator
+        self.safety = safety
+
+    @property
+    def model(self) -> LoadedModel:
+        return self.generator.model
+
+    def polish(self, raw: str, *, echo_of: str | None = None) -> str:
+        """Turn raw model text into what may be shown."""
+        text = raw.lstrip()
+        if echo_of and text.startswith(echo_of.strip()):
+            text = text[len(echo_of.strip()) :].lstrip()
+        # Bracketed lines are the prompt's own notation (author's note, lore); a model
+        # that imitates them is not telling the story.
+        text = _BRACKETED.sub("", text)
+        text = re.sub(r"[ \t]{2,}", " ", text)
+        text = re.sub(r"\n{3,}", "\n\n", text)
+        return self.safety.clean_output(trim_to_sentence(text))
+
+    async def narrate(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        channel: str = "",
+        adapter: str | None = None,
+        echo_of: str | None = None,
+        on_progress: ProgressCallback | None = None,
+        on_handle: OnHandle | None = None,
+        max_attempts: int = 3,
+    ) -> Narration:
+        """Continue `prompt`. Retries (with a new seed) when the model produces nothing
+        usable; raises `GenerationCancelled` if cancelled, `GenerationFailed` if it never
+        produces a sentence."""
+        prompt_ids = self.model.encode(prompt)
+        for attempt in range(1, max_attempts + 1):
+            handle = self.generator.submit(
+                GenerationRequest(
+                    prompt_ids,
+                    params,
+                    channel=channel,
+                    adapter=adapter,
+                    min_new_tokens=MIN_NEW_TOKENS,
+                )
+            )
+            if on_handle is not None:
+                on_handle(handle)
+            shown = ""
+            async for raw in handle.stream():
+                text = self.polish(raw, echo_of=echo_of)
+                if on_progress is not None and text and text != shown:
+                    shown = text
+                    await on_progress(text)
+            output = await handle.result()
+            text = self.polish(output.text, echo_of=echo_of)
+            if text:
+                return Narration(text, prompt_ids, output, params, attempt)
+            if params.seed is not None:
+                params = params.replace(seed=params.seed + 1)
+        raise GenerationFailed(
+            "The storyteller could not find the words this time. Try again, or add a line."
+        )

@@ -1,0 +1,61 @@
+"""Plain records returned by the store and the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+StoryMode = Literal["solo", "round-robin", "companion"]
+MODES: tuple[StoryMode, ...] = ("solo", "round-robin", "companion")
+
+
+@dataclass(frozen=True)
+class Author:
+    """Who wrote a turn: a Discord user id and display name, or a terminal user."""
+
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Story:
+    id: int
+    channel: str
+    premise: str
+    genre: str | None
+    mode: StoryMode
+    status: Literal["active", "ended"]
+    memory: str
+    authors_note: str
+    created_by: str | None
+    created_at: str
+    ended_at: str | None
+
+
+@dataclass(frozen=True)
+class Turn:
+    id: int
+    story_id: int
+    position: int
+    action: int
+    kind: Literal["user", "bot"]
+    author_id: str | None
+    author_name: str | None
+    text: str
+    status: Literal["active", "replaced", "undone"]
+    generation_id: int | None
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """What a generating operation produced: the bot's new turn (and the user's line)."""
+
+    story: Story
+    turn: Turn
+    user_turn: Turn | None
+    generation_id: int
+    latency_s: float
+
+    @property
+    def text(self) -> str:
+        return self.turn.text

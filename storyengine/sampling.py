@@ -1,0 +1,109 @@
+"""Sampling parameters and the named style presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one continuation is decoded.
+
+    `num_beams > 1` switches from sampling to beam search (with `length_penalty`);
+    `temperature == 0` means greedy decoding.
+    """
+
+    temperature: float = 0.85
+    top_p: float = 0.95
+    top_k: int = 50
+    repetition_penalty: float = 1.2
+    no_repeat_ngram_size: int = 3
+    max_new_tokens: int = 80
+    seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be 0 (off) or more"),
+            (1.0 <= self.repetition_penalty <= 2.0, "repetition_penalty must be between 1 and 2"),
+            (0 <= self.no_repeat_ngram_size <= 10, "no_repeat_ngram_size must be 0..10"),
+            (1 <= self.max_new_tokens <= 512, "max_new_tokens must be 1..512"),
+            (1 <= self.num_beams <= 8, "num_beams must be 1..8"),
+            (-5.0 <= self.length_penalty <= 5.0, "length_penalty must be -5..5"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidInput(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.num_beams == 1 and self.temperature == 0.0
+
+    @property
+    def beam_search(self) -> bool:
+        return self.num_beams > 1
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        """A copy with `changes` applied; `None` values leave a field as it is."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "balanced",
+            "Sampled, varied but on track (the default).",
+            SamplingParams(),
+        ),
+        Preset(
+            "gentle",
+            "Calm and predictable: low temperature, narrow nucleus.",
+            SamplingParams(temperature=0.6, top_p=0.9, top_k=40, repetition_penalty=1.15),
+        ),
+        Preset(
+            "wild",
+            "Surprising turns: high temperature, wide nucleus.",
+            SamplingParams(temperature=1.1, top_p=0.98, top_k=0, repetition_penalty=1.1),
+        ),
+        Preset(
+            "focused",
+            "Beam search: the most likely continuation, no randomness.",
+            SamplingParams(
+                temperature=0.0, num_beams=4, length_penalty=1.0, repetition_penalty=1.2
+            ),
+        ),
+    )
+}
+
+DEFAULT_PRESET = "balanced"
+
+
+def preset(name: str) -> Preset:
+    try:
+        return PRESETS[name.strip().lower()]
+    except KeyError:
+        names = ", ".join(PRESETS)
+        raise InvalidInput(f"Unknown preset {name!r}. Choose one of: {names}.") from None

@@ -1,0 +1,382 @@
+"""SQLite storage (aiosqlite) and schema migrations.
+
+The schema lives only in `migrations/NNNN_name.sql`. `Store.open()` applies those not yet
+applied, in order, each in one transaction, and records them in `schema_migrations`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .memory import LoreCard
+from .records import Story, Turn
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    version: int
+    name: str
+    applied_at: str | None
+
+
+def load_migrations() -> list[Migration]:
+    found = []
+    for entry in resources.files("storyengine.migrations").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"duplicate migration numbers: {versions}")
+    return found
+
+
+class Store:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("Store is not open")
+        return self._db
+
+    async def open(self, *, migrate: bool = True) -> Store:
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        self._db.row_factory = aiosqlite.Row
+        await self._db.execute("PRAGMA foreign_keys = ON")
+        await self._db.execute("PRAGMA journal_mode = WAL")
+        await self._db.execute("PRAGMA busy_timeout = 5000")
+        await self._db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+            " applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))"
+        )
+        if migrate:
+            await self.migrate()
+        return self
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    # -- migrations ---------------------------------------------------------------
+
+    async def migration_status(self) -> list[MigrationStatus]:
+        rows = await self.db.execute_fetchall("SELECT version, applied_at FROM schema_migrations")
+        applied = {r["version"]: r["applied_at"] for r in rows}
+        return [
+            MigrationStatus(m.version, m.name, applied.get(m.version)) for m in load_migrations()
+        ]
+
+    async def migrate(self) -> list[Migration]:
+        """Apply pending migrations in order, one transaction each. Returns those applied."""
+        done = {s.version for s in await self.migration_status() if s.applied_at}
+        applied = []
+        for migration in load_migrations():
+            if migration.version in done:
+                continue
+            script = (
+                "BEGIN;\n"
+                + migration.sql
+                + f"\n;INSERT INTO schema_migrations (version, name) VALUES "
+                f"({migration.version}, '{migration.name}');\nCOMMIT;"
+            )
+            try:
+                await self.db.executescript(script)
+            except Exception:
+                if self.db.in_transaction:
+                    await self.db.execute("ROLLBACK")
+                raise
+            applied.append(migration)
+        return applied
+
+    # -- stories ------------------------------------------------------------------
+
+    async def create_story(
+        self, channel: str, premise: str, *, genre: str | None, mode: str, created_by: str | None
+    ) -> Story:
+        cursor = await self.db.execute(
+            "INSERT INTO stories (channel, premise, genre, mode, created_by)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (channel, premise, genre, mode, created_by),
+        )
+        story = await self.story(cursor.lastrowid or 0)
+        assert story is not None
+        return story
+
+    async def story(self, story_id: int) -> Story | None:
+        rows = await self.db.execute_fetchall("SELECT * FROM stories WHERE id = ?", (story_id,))
+        return _story(rows[0]) if rows else None
+
+    async def active_story(self, channel: str) -> Story | None:
+        rows = await self.db.execute_fetchall(
+            "SELECT * FROM stories WHERE channel = ? AND status = 'active'", (channel,)
+        )
+        return _story(rows[0]) if rows else None
+
+    async def latest_story(self, channel: str) -> Story | None:
+        rows = await self.db.execute_fetchall(
+            "SELECT * FROM stories WHERE channel = ? ORDER BY id DESC LIMIT 1", (channel,)
+        )
+        return _story(rows[0]) if rows else None
+
+    async def active_stories(self) -> list[Story]:
+        rows = await self.db.execute_fetchall(
+            "SELECT * FROM stories WHERE status = 'active' ORDER BY id"
+        )
+        return [_story(r) for r in rows]
+
+    async def update_story(self, story_id: int, **fields: Any) -> None:
+        allowed = {"memory", "authors_note", "genre"}
+        if not fields or not set(fields) <= allowed:
+            raise ValueError(f"cannot update {sorted(fields)}")
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        await self.db.execute(
+            f"UPDATE stories SET {assignments} WHERE id = ?", (*fields.values(), story_id)
+        )
+
+    async def end_story(self, story_id: int) -> None:
+        await self.db.execute(
+            "UPDATE stories SET status = 'ended', ended_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+            " WHERE id = ?",
+            (story_id,),
+        )
+
+    # -- turns --------------------------------------------------------------------
+
+    async def next_action(self, story_id: int) -> int:
+        rows = await self.db.execute_fetchall(
+            "SELECT COALESCE(MAX(action), 0) + 1 FROM turns WHERE story_id = ?", (story_id,)
+        )
+        return int(rows[0][0])
+
+    async def add_turn(
+        self,
+        story_id: int,
+        *,
+        action: int,
+        kind: str,
+        text: str,
+        author_id: str | None = None,
+        author_name: str | None = None,
+        generation_id: int | None = None,
+        position: int | None = None,
+        replacing: int | None = None,
+    ) -> Turn:
+        """Append a turn. Positions are never reused (undone turns keep theirs); with
+        `replacing`, the new turn takes that turn's place and the old one is marked
+        replaced, in one transaction."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if position is None:
+                rows = await self.db.execute_fetchall(
+                    "SELECT COALESCE(MAX(position), 0) + 1 FROM turns WHERE story_id = ?",
+                    (story_id,),
+                )
+                position = int(rows[0][0])
+            if replacing is not None:
+                await self.db.execute(
+                    "UPDATE turns SET status = 'replaced' WHERE id = ?", (replacing,)
+                )
+            cursor = await self.db.execute(
+                "INSERT INTO turns (story_id, position, action, kind, author_id, author_name,"
+                " text, generation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (story_id, position, action, kind, author_id, author_name, text, generation_id),
+            )
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        turn = await self.turn(cursor.lastrowid or 0)
+        assert turn is not None
+        return turn
+
+    async def turn(self, turn_id: int) -> Turn | None:
+        rows = await self.db.execute_fetchall("SELECT * FROM turns WHERE id = ?", (turn_id,))
+        return _turn(rows[0]) if rows else None
+
+    async def active_turns(self, story_id: int) -> list[Turn]:
+        rows = await self.db.execute_fetchall(
+            "SELECT * FROM turns WHERE story_id = ? AND status = 'active' ORDER BY position, id",
+            (story_id,),
+        )
+        return [_turn(r) for r in rows]
+
+    async def alternatives(self, story_id: int, position: int) -> list[Turn]:
+        """Bot turns written for one position (the retry stack), oldest first."""
+        rows = await self.db.execute_fetchall(
+            "SELECT * FROM turns WHERE story_id = ? AND position = ? AND kind = 'bot'"
+            " AND status IN ('active', 'replaced') ORDER BY id",
+            (story_id, position),
+        )
+        return [_turn(r) for r in rows]
+
+    async def undo_action(self, story_id: int, action: int) -> None:
+        """Mark every turn of `action` undone, its retry alternatives included."""
+        await self.db.execute(
+            "UPDATE turns SET status = 'undone' WHERE story_id = ? AND action = ?"
+            " AND status IN ('active', 'replaced')",
+            (story_id, action),
+        )
+
+    async def swap_active(self, old_id: int, new_id: int) -> None:
+        """Make `new_id` the active turn in place of `old_id`, atomically."""
+        await self.db.execute("BEGIN")
+        try:
+            await self.db.execute("UPDATE turns SET status = 'replaced' WHERE id = ?", (old_id,))
+            await self.db.execute("UPDATE turns SET status = 'active' WHERE id = ?", (new_id,))
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+
+    # -- lore ---------------------------------------------------------------------
+
+    async def upsert_lore(self, story_id: int, card: LoreCard) -> None:
+        await self.db.execute(
+            "INSERT INTO lore_cards (story_id, name, triggers, text) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (story_id, name) DO UPDATE SET triggers = excluded.triggers,"
+            " text = excluded.text",
+            (story_id, card.name, json.dumps(list(card.triggers)), card.text),
+        )
+
+    async def lore(self, story_id: int) -> list[LoreCard]:
+        rows = await self.db.execute_fetchall(
+            "SELECT * FROM lore_cards WHERE story_id = ? ORDER BY id", (story_id,)
+        )
+        return [
+            LoreCard(r["name"], tuple(json.loads(r["triggers"])), r["text"], id=r["id"])
+            for r in rows
+        ]
+
+    async def remove_lore(self, story_id: int, name: str) -> bool:
+        cursor = await self.db.execute(
+            "DELETE FROM lore_cards WHERE story_id = ? AND name = ? COLLATE NOCASE",
+            (story_id, name),
+        )
+        return cursor.rowcount > 0
+
+    # -- generations --------------------------------------------------------------
+
+    async def record_generation(
+        self,
+        *,
+        story_id: int | None,
+        channel: str | None,
+        prompt: str,
+        output: str,
+        raw_output: str,
+        params: dict[str, Any],
+        model_id: str,
+        adapter_id: str | None,
+        prompt_tokens: int,
+        output_tokens: int,
+        finish_reason: str,
+        latency_s: float,
+        ttft_s: float | None,
+    ) -> int:
+        cursor = await self.db.execute(
+            "INSERT INTO generations (story_id, channel, prompt, output, raw_output, params,"
+            " model_id, adapter_id, prompt_tokens, output_tokens, finish_reason, latency_s, ttft_s)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                story_id,
+                channel,
+                prompt,
+                output,
+                raw_output,
+                json.dumps(params),
+                model_id,
+                adapter_id,
+                prompt_tokens,
+                output_tokens,
+                finish_reason,
+                latency_s,
+                ttft_s,
+            ),
+        )
+        return cursor.lastrowid or 0
+
+    async def generation(self, generation_id: int) -> dict[str, Any] | None:
+        rows = await self.db.execute_fetchall(
+            "SELECT * FROM generations WHERE id = ?", (generation_id,)
+        )
+        if not rows:
+            return None
+        record = dict(rows[0])
+        record["params"] = json.loads(record["params"])
+        return record
+
+    # -- channel settings ---------------------------------------------------------
+
+    async def channel_settings(self, channel: str) -> tuple[str | None, dict[str, Any]]:
+        rows = await self.db.execute_fetchall(
+            "SELECT preset, sampling FROM channel_settings WHERE channel = ?", (channel,)
+        )
+        if not rows:
+            return None, {}
+        return rows[0]["preset"], json.loads(rows[0]["sampling"])
+
+    async def set_channel_settings(
+        self, channel: str, preset: str | None, sampling: dict[str, Any]
+    ) -> None:
+        await self.db.execute(
+            "INSERT INTO channel_settings (channel, preset, sampling) VALUES (?, ?, ?)"
+            " ON CONFLICT (channel) DO UPDATE SET preset = excluded.preset,"
+            " sampling = excluded.sampling,"
+            " updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+            (channel, preset, json.dumps(sampling)),
+        )
+
+
+def _story(row: aiosqlite.Row) -> Story:
+    return Story(
+        id=row["id"],
+        channel=row["channel"],
+        premise=row["premise"],
+        genre=row["genre"],
+        mode=row["mode"],
+        status=row["status"],
+        memory=row["memory"],
+        authors_note=row["authors_note"],
+        created_by=row["created_by"],
+        created_at=row["created_at"],
+        ended_at=row["ended_at"],
+    )
+
+
+def _turn(row: aiosqlite.Row) -> Turn:
+    return Turn(
+        id=row["id"],
+        story_id=row["story_id"],
+        position=row["position"],
+        action=row["action"],
+        kind=row["kind"],
+        author_id=row["author_id"],
+        author_name=row["author_name"],
+        text=row["text"],
+        status=row["status"],
+        generation_id=row["generation_id"],
+    )
