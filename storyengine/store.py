@@ -6,8 +6,11 @@ applied, in order, each in one transaction, and records them in `schema_migratio
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -49,9 +52,14 @@ def load_migrations() -> list[Migration]:
 
 
 class Store:
+    """One aiosqlite connection. Every write runs inside `transaction()`, which
+    serialises writers: coroutines share the connection, so one's open transaction
+    must never swallow another's statements."""
+
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -81,6 +89,21 @@ class Store:
             await self._db.close()
             self._db = None
 
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self.db.execute("COMMIT")
+
+    async def _write(self, sql: str, params: tuple[Any, ...] = ()) -> aiosqlite.Cursor:
+        async with self.transaction() as db:
+            return await db.execute(sql, params)
+
     # -- migrations ---------------------------------------------------------------
 
     async def migration_status(self) -> list[MigrationStatus]:
@@ -103,12 +126,13 @@ class Store:
                 + f"\n;INSERT INTO schema_migrations (version, name) VALUES "
                 f"({migration.version}, '{migration.name}');\nCOMMIT;"
             )
-            try:
-                await self.db.executescript(script)
-            except Exception:
-                if self.db.in_transaction:
-                    await self.db.execute("ROLLBACK")
-                raise
+            async with self._write_lock:
+                try:
+                    await self.db.executescript(script)
+                except Exception:
+                    if self.db.in_transaction:
+                        await self.db.execute("ROLLBACK")
+                    raise
             applied.append(migration)
         return applied
 
@@ -117,7 +141,7 @@ class Store:
     async def create_story(
         self, channel: str, premise: str, *, genre: str | None, mode: str, created_by: str | None
     ) -> Story:
-        cursor = await self.db.execute(
+        cursor = await self._write(
             "INSERT INTO stories (channel, premise, genre, mode, created_by)"
             " VALUES (?, ?, ?, ?, ?)",
             (channel, premise, genre, mode, created_by),
@@ -153,12 +177,12 @@ class Store:
         if not fields or not set(fields) <= allowed:
             raise ValueError(f"cannot update {sorted(fields)}")
         assignments = ", ".join(f"{k} = ?" for k in fields)
-        await self.db.execute(
+        await self._write(
             f"UPDATE stories SET {assignments} WHERE id = ?", (*fields.values(), story_id)
         )
 
     async def end_story(self, story_id: int) -> None:
-        await self.db.execute(
+        await self._write(
             "UPDATE stories SET status = 'ended', ended_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
             " WHERE id = ?",
             (story_id,),
@@ -188,27 +212,20 @@ class Store:
         """Append a turn. Positions are never reused (undone turns keep theirs); with
         `replacing`, the new turn takes that turn's place and the old one is marked
         replaced, in one transaction."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self.transaction() as db:
             if position is None:
-                rows = await self.db.execute_fetchall(
+                rows = await db.execute_fetchall(
                     "SELECT COALESCE(MAX(position), 0) + 1 FROM turns WHERE story_id = ?",
                     (story_id,),
                 )
                 position = int(rows[0][0])
             if replacing is not None:
-                await self.db.execute(
-                    "UPDATE turns SET status = 'replaced' WHERE id = ?", (replacing,)
-                )
-            cursor = await self.db.execute(
+                await db.execute("UPDATE turns SET status = 'replaced' WHERE id = ?", (replacing,))
+            cursor = await db.execute(
                 "INSERT INTO turns (story_id, position, action, kind, author_id, author_name,"
                 " text, generation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (story_id, position, action, kind, author_id, author_name, text, generation_id),
             )
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
         turn = await self.turn(cursor.lastrowid or 0)
         assert turn is not None
         return turn
@@ -235,7 +252,7 @@ class Store:
 
     async def undo_action(self, story_id: int, action: int) -> None:
         """Mark every turn of `action` undone, its retry alternatives included."""
-        await self.db.execute(
+        await self._write(
             "UPDATE turns SET status = 'undone' WHERE story_id = ? AND action = ?"
             " AND status IN ('active', 'replaced')",
             (story_id, action),
@@ -243,19 +260,14 @@ class Store:
 
     async def swap_active(self, old_id: int, new_id: int) -> None:
         """Make `new_id` the active turn in place of `old_id`, atomically."""
-        await self.db.execute("BEGIN")
-        try:
-            await self.db.execute("UPDATE turns SET status = 'replaced' WHERE id = ?", (old_id,))
-            await self.db.execute("UPDATE turns SET status = 'active' WHERE id = ?", (new_id,))
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
+        async with self.transaction() as db:
+            await db.execute("UPDATE turns SET status = 'replaced' WHERE id = ?", (old_id,))
+            await db.execute("UPDATE turns SET status = 'active' WHERE id = ?", (new_id,))
 
     # -- lore ---------------------------------------------------------------------
 
     async def upsert_lore(self, story_id: int, card: LoreCard) -> None:
-        await self.db.execute(
+        await self._write(
             "INSERT INTO lore_cards (story_id, name, triggers, text) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (story_id, name) DO UPDATE SET triggers = excluded.triggers,"
             " text = excluded.text",
@@ -272,7 +284,7 @@ class Store:
         ]
 
     async def remove_lore(self, story_id: int, name: str) -> bool:
-        cursor = await self.db.execute(
+        cursor = await self._write(
             "DELETE FROM lore_cards WHERE story_id = ? AND name = ? COLLATE NOCASE",
             (story_id, name),
         )
@@ -297,7 +309,7 @@ class Store:
         latency_s: float,
         ttft_s: float | None,
     ) -> int:
-        cursor = await self.db.execute(
+        cursor = await self._write(
             "INSERT INTO generations (story_id, channel, prompt, output, raw_output, params,"
             " model_id, adapter_id, prompt_tokens, output_tokens, finish_reason, latency_s, ttft_s)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -342,7 +354,7 @@ class Store:
     async def set_channel_settings(
         self, channel: str, preset: str | None, sampling: dict[str, Any]
     ) -> None:
-        await self.db.execute(
+        await self._write(
             "INSERT INTO channel_settings (channel, preset, sampling) VALUES (?, ?, ?)"
             " ON CONFLICT (channel) DO UPDATE SET preset = excluded.preset,"
             " sampling = excluded.sampling,"

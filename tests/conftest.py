@@ -1,0 +1,64 @@
+"""Shared fixtures: real models (the bundled one, and tiny random GPT-2s built in code),
+real SQLite files in temporary directories. Nothing is downloaded."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from storyengine.config import Settings, bundled_model_path
+from storyengine.modeling import LoadedModel, load_model
+
+
+def make_tiny_model(n_positions: int = 256, seed: int = 0) -> LoadedModel:
+    """A 2-layer random GPT-2 with the bundled tokenizer: instant, deterministic."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path(), local_files_only=True)
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    return LoadedModel(model, tokenizer, "test:tiny-gpt2", None, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> LoadedModel:
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> LoadedModel:
+    return load_model(Settings(device="cpu"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    # Short continuations keep the engine tests quick on two CPU cores.
+    from storyengine.sampling import SamplingParams
+
+    return Settings(
+        db_path=tmp_path / "stories.db",
+        device="cpu",
+        sampling=SamplingParams(max_new_tokens=32, seed=7),
+    )
+
+
+@pytest.fixture
+async def engine(settings: Settings, bundled_model: LoadedModel) -> AsyncIterator[object]:
+    from storyengine.engine import StoryEngine
+    from storyengine.generation import SequentialGenerator
+
+    async with StoryEngine(settings, generator=SequentialGenerator(bundled_model)) as engine:
+        yield engine

@@ -1,0 +1,72 @@
+import subprocess
+import sys
+
+import pytest
+
+from storyengine.config import BUNDLED_MODEL, Settings, bundled_model_path
+from storyengine.errors import ConfigError
+
+
+def test_defaults_use_the_bundled_model():
+    settings = Settings.from_env({})
+    assert settings.base_model == BUNDLED_MODEL
+    assert settings.model_path == str(bundled_model_path())
+    assert (bundled_model_path() / "model.safetensors").is_file()
+    assert settings.preset == "balanced"
+
+
+def test_environment_overrides_the_preset():
+    settings = Settings.from_env(
+        {
+            "STORY_PRESET": "gentle",
+            "STORY_TEMPERATURE": "0.3",
+            "STORY_MAX_NEW_TOKENS": "40",
+            "STORY_BLOCKLIST": "Grim, dark ",
+            "STORY_DB_PATH": "/tmp/x.db",
+        }
+    )
+    assert settings.sampling.temperature == 0.3
+    assert settings.sampling.max_new_tokens == 40
+    assert settings.sampling.top_p == 0.9  # from the gentle preset
+    assert settings.blocklist == ("grim", "dark")
+    assert str(settings.db_path) == "/tmp/x.db"
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"STORY_TEMPERATURE": "hot"}, "STORY_TEMPERATURE"),
+        ({"STORY_TEMPERATURE": "9"}, "STORY_TEMPERATURE"),
+        ({"STORY_TOP_K": "1.5"}, "STORY_TOP_K"),
+        ({"STORY_MAX_NEW_TOKENS": "0"}, "STORY_MAX_NEW_TOKENS"),
+        ({"STORY_PRESET": "spicy"}, "STORY_PRESET"),
+        ({"STORY_DEVICE": "tpu"}, "STORY_DEVICE"),
+        ({"STORY_DTYPE": "int3"}, "STORY_DTYPE"),
+        ({"STORY_ADAPTER": "/no/such/adapter"}, "STORY_ADAPTER"),
+        ({"STORY_MAX_INPUT_CHARS": "5"}, "STORY_MAX_INPUT_CHARS"),
+        ({"STORY_LOG_LEVEL": "LOUD"}, "STORY_LOG_LEVEL"),
+    ],
+)
+def test_bad_setting_names_the_variable(env, variable):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    message = str(info.value)
+    assert message.startswith(variable + ":")
+    assert "\n" not in message
+
+
+def test_cli_reports_a_bad_setting_in_one_line(tmp_path):
+    env = {"STORY_TEMPERATURE": "warm", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-m", "storyengine", "db", "status", "--db", str(tmp_path / "x.db")],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "storyengine: error: STORY_TEMPERATURE: expected a number, got 'warm'"
+    ]
+    assert "Traceback" not in result.stderr

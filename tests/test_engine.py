@@ -1,0 +1,195 @@
+import asyncio
+
+import pytest
+
+from storyengine.engine import StoryEngine
+from storyengine.errors import (
+    GenerationCancelled,
+    InvalidInput,
+    NoActiveStory,
+    NothingToRetry,
+    NothingToUndo,
+    StoryAlreadyRunning,
+)
+from storyengine.generation import SequentialGenerator
+from storyengine.records import Author
+
+ANN = Author("u1", "Ann")
+BEN = Author("u2", "Ben")
+PREMISE = "Once upon a time, a little fox lived at the edge of a big wood."
+
+
+async def test_a_whole_story(engine):
+    opening = await engine.start_story("c1", PREMISE, author=ANN, genre="fairy tale")
+    assert opening.text and opening.user_turn is None
+    result = await engine.continue_story("c1", BEN, "The fox found a shiny key under a rock.")
+    assert result.user_turn.text == "The fox found a shiny key under a rock."
+    assert result.user_turn.author_name == "Ben"
+    view = await engine.view("c1")
+    assert [t.kind for t in view.turns] == ["bot", "user", "bot"]
+    assert view.story.genre == "fairy tale"
+
+    # The generation record holds what the feedback loop will train on.
+    record = await engine.store.generation(result.generation_id)
+    assert record["output"] == result.text
+    assert record["prompt"].startswith("This is a fairy tale story.\n" + PREMISE)
+    assert "The fox found a shiny key under a rock.\n" in record["prompt"]
+    assert record["params"]["max_new_tokens"] == 32
+    assert record["model_id"] == "bundled:tinystories-gpt2"
+    assert record["latency_s"] > 0 and record["output_tokens"] > 0
+
+
+async def test_retry_keeps_a_stack_of_alternatives(engine):
+    await engine.start_story("c", PREMISE, author=ANN)
+    first = await engine.continue_story("c", ANN, "A bird sang.")
+    second = await engine.retry("c", seed=11)
+    third = await engine.retry("c", seed=12)
+    alternatives = await engine.alternatives("c")
+    assert [t.id for t in alternatives] == [first.turn.id, second.turn.id, third.turn.id]
+    assert [t.status for t in alternatives] == ["replaced", "replaced", "active"]
+    assert third.turn.position == first.turn.position
+    chosen = await engine.choose_alternative("c", 1)
+    assert chosen.text == first.text
+    view = await engine.view("c")
+    assert view.turns[-1].id == first.turn.id and view.turns[-2].text == "A bird sang."
+    with pytest.raises(InvalidInput):
+        await engine.choose_alternative("c", 9)
+    # Replaced text is kept in the database, not deleted.
+    assert (await engine.store.turn(second.turn.id)).status == "replaced"
+
+
+async def test_undo_removes_the_last_action_and_keeps_the_rows(engine):
+    opening = await engine.start_story("c", PREMISE, author=ANN)
+    result = await engine.continue_story("c", ANN, "It rained.")
+    removed = await engine.undo("c")
+    assert {t.id for t in removed} == {result.turn.id, result.user_turn.id}
+    assert [t.id for t in (await engine.view("c")).turns] == [opening.turn.id]
+    assert (await engine.store.turn(result.turn.id)).status == "undone"
+    await engine.undo("c")
+    with pytest.raises(NothingToUndo):
+        await engine.undo("c")
+    with pytest.raises(NothingToRetry):
+        await engine.retry("c")
+    # A new turn after undo does not collide with undone positions.
+    again = await engine.continue_story("c", ANN)
+    assert again.turn.position > result.turn.position
+
+
+async def test_operations_that_make_no_sense_are_refused(engine):
+    with pytest.raises(NoActiveStory):
+        await engine.continue_story("nowhere", ANN, "Hi.")
+    with pytest.raises(NoActiveStory):
+        await engine.undo("nowhere")
+    await engine.start_story("c", PREMISE, author=ANN)
+    with pytest.raises(StoryAlreadyRunning):
+        await engine.start_story("c", "Another.", author=ANN)
+    with pytest.raises(InvalidInput, match="limit"):
+        await engine.continue_story("c", ANN, "x" * 5000)
+    with pytest.raises(InvalidInput, match="mode"):
+        await engine.start_story("d", PREMISE, author=ANN, mode="chaos")
+    with pytest.raises(InvalidInput, match="preset"):
+        await engine.configure_channel("c", preset_name="spicy")
+
+
+async def test_notes_lore_recap_export_and_end(engine):
+    await engine.start_story("c", PREMISE, author=ANN)
+    await engine.set_memory("c", "The fox is called Rusty.")
+    await engine.set_authors_note("c", "The story is funny.")
+    await engine.add_lore("c", "Owl", "owl, hoot", "A wise old owl who lives in the oak.")
+    result = await engine.continue_story("c", ANN, "An owl flew down to say hello.")
+    prompt = (await engine.store.generation(result.generation_id))["prompt"]
+    assert "The fox is called Rusty." in prompt
+    assert "[Owl: A wise old owl who lives in the oak.]" in prompt
+    assert "[Author's note: The story is funny.]" in prompt
+
+    assert [c.name for c in await engine.lore("c")] == ["Owl"]
+    recap = await engine.recap("c")
+    assert recap.startswith("Story so far (3 turns): " + PREMISE)
+    markdown = await engine.export_markdown("c")
+    assert markdown.startswith("# Once upon a time")
+    assert "**Ann:** An owl flew down to say hello." in markdown
+    assert result.text in markdown
+    await engine.remove_lore("c", "owl")
+    assert await engine.lore("c") == []
+    ended = await engine.end_story("c")
+    assert ended.status == "ended"
+    with pytest.raises(NoActiveStory):
+        await engine.continue_story("c", ANN)
+    assert "**Ann:** An owl flew down" in await engine.export_markdown("c")  # still exportable
+    await engine.start_story("c", "A new tale begins here.", author=ANN)  # a new one may start
+
+
+async def test_user_control_tokens_and_mentions_cannot_leak(engine):
+    await engine.start_story("c", PREMISE, author=ANN)
+    result = await engine.continue_story("c", ANN, "<|endoftext|>@everyone look <@123>!")
+    assert "<|endoftext|>" not in result.user_turn.text
+    prompt = (await engine.store.generation(result.generation_id))["prompt"]
+    assert "<|endoftext|>" not in prompt
+    assert "@everyone" not in result.text
+
+
+async def test_channel_settings_apply_to_generation(engine):
+    params = await engine.configure_channel("c", preset_name="gentle", max_new_tokens=20)
+    assert params.temperature == 0.6 and params.max_new_tokens == 20
+    await engine.start_story("c", PREMISE, author=ANN)
+    result = await engine.continue_story("c", ANN)
+    record = await engine.store.generation(result.generation_id)
+    assert record["params"]["temperature"] == 0.6 and record["output_tokens"] <= 20
+    other = await engine.sampling_for("elsewhere")
+    assert other.temperature == engine.settings.sampling.temperature
+
+
+async def test_same_channel_is_serialised_other_channels_proceed(engine):
+    await engine.start_story("a", PREMISE, author=ANN)
+    await engine.start_story("b", PREMISE, author=BEN)
+    results = await asyncio.gather(
+        engine.continue_story("a", ANN, "One."),
+        engine.continue_story("a", BEN, "Two."),
+        engine.continue_story("b", BEN, "Three."),
+    )
+    turns = (await engine.view("a")).turns
+    # Each request's user line is followed directly by its own reply: never interleaved.
+    assert [t.kind for t in turns] == ["bot", "user", "bot", "user", "bot"]
+    assert turns[2].id in {r.turn.id for r in results[:2]}
+    assert len((await engine.view("b")).turns) == 3
+
+
+async def test_stop_cancels_the_generation_in_progress(settings, bundled_model):
+    engine = await StoryEngine(
+        settings.replace(sampling=settings.sampling.replace(max_new_tokens=400)),
+        generator=SequentialGenerator(bundled_model),
+    ).start()
+    story = await engine.store.create_story("c", PREMISE, genre=None, mode="solo", created_by="u")
+    progressed = asyncio.Event()
+
+    async def on_progress(_text):
+        progressed.set()
+
+    task = asyncio.create_task(engine.continue_story("c", ANN, "Go on.", on_progress=on_progress))
+    await asyncio.wait_for(progressed.wait(), 60)
+    assert engine.is_generating("c")
+    assert engine.stop("c") is True
+    with pytest.raises(GenerationCancelled):
+        await task
+    assert not engine.is_generating("c")
+    # The user's line is kept; the cancelled generation is recorded.
+    assert [t.text for t in await engine.store.active_turns(story.id)] == ["Go on."]
+    rows = await engine.store.db.execute_fetchall("SELECT finish_reason FROM generations")
+    assert [r[0] for r in rows] == ["cancelled"]
+    assert engine.stop("c") is False
+    await engine.close()
+
+
+async def test_restart_resumes_every_open_story(settings, bundled_model):
+    async with StoryEngine(settings, generator=SequentialGenerator(bundled_model)) as engine:
+        await engine.start_story("a", PREMISE, author=ANN)
+        await engine.start_story("b", "A dragon woke up.", author=BEN)
+        await engine.set_memory("b", "The dragon is shy.")
+        before = {c: await engine.view(c) for c in ("a", "b")}
+    async with StoryEngine(settings, generator=SequentialGenerator(bundled_model)) as engine:
+        assert {s.channel for s in await engine.open_stories()} == {"a", "b"}
+        for channel, view in before.items():
+            assert await engine.view(channel) == view
+        result = await engine.continue_story("b", BEN, "It sneezed.")
+        prompt = (await engine.store.generation(result.generation_id))["prompt"]
+        assert "The dragon is shy." in prompt and before["b"].turns[0].text in prompt

@@ -1,0 +1,81 @@
+import sqlite3
+
+import pytest
+
+from storyengine import store as store_module
+from storyengine.memory import LoreCard
+from storyengine.store import Migration, Store, load_migrations
+
+
+def test_migrations_are_numbered_and_shipped_in_the_package():
+    migrations = load_migrations()
+    assert migrations[0].version == 1 and migrations[0].name == "init"
+    assert [m.version for m in migrations] == sorted(m.version for m in migrations)
+
+
+async def test_migrations_apply_once_and_are_recorded(tmp_path):
+    path = tmp_path / "db.sqlite"
+    store = await Store(path).open(migrate=False)
+    assert all(s.applied_at is None for s in await store.migration_status())
+    applied = await store.migrate()
+    assert [m.version for m in applied] == [m.version for m in load_migrations()]
+    assert await store.migrate() == []
+    assert all(s.applied_at for s in await store.migration_status())
+    await store.close()
+    with sqlite3.connect(path) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"stories", "turns", "generations", "lore_cards", "schema_migrations"} <= tables
+
+
+async def test_a_failing_migration_is_rolled_back(tmp_path, monkeypatch):
+    good = load_migrations()
+    bad = Migration(999, "broken", "CREATE TABLE half_done (x INTEGER);\nTHIS IS NOT SQL;")
+    monkeypatch.setattr(store_module, "load_migrations", lambda: [*good, bad])
+    store = await Store(tmp_path / "db.sqlite").open(migrate=False)
+    with pytest.raises(sqlite3.OperationalError):
+        await store.migrate()
+    status = {s.version: s.applied_at for s in await store.migration_status()}
+    assert status[999] is None and status[1] is not None
+    rows = await store.db.execute_fetchall("SELECT name FROM sqlite_master WHERE name='half_done'")
+    assert rows == []
+    await store.close()
+
+
+async def test_one_active_story_per_channel_is_enforced_by_the_schema(tmp_path):
+    store = await Store(tmp_path / "db.sqlite").open()
+    await store.create_story("c1", "A", genre=None, mode="solo", created_by="u")
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.create_story("c1", "B", genre=None, mode="solo", created_by="u")
+    await store.create_story("c2", "C", genre=None, mode="solo", created_by="u")
+    await store.close()
+
+
+async def test_turns_lore_and_settings_survive_reopening(tmp_path):
+    path = tmp_path / "db.sqlite"
+    store = await Store(path).open()
+    story = await store.create_story(
+        "c", "Premise", genre="fable", mode="companion", created_by="u"
+    )
+    await store.add_turn(
+        story.id, action=1, kind="user", text="Hello.", author_id="u", author_name="Ann"
+    )
+    first = await store.add_turn(story.id, action=1, kind="bot", text="Once.")
+    await store.add_turn(
+        story.id, action=1, kind="bot", text="Twice.", position=first.position, replacing=first.id
+    )
+    await store.upsert_lore(story.id, LoreCard("Owl", ("owl",), "Wise."))
+    await store.set_channel_settings("c", "wild", {"temperature": 0.5})
+    await store.close()
+
+    store = await Store(path).open()
+    story2 = await store.active_story("c")
+    assert story2 == story
+    turns = await store.active_turns(story.id)
+    assert [t.text for t in turns] == ["Hello.", "Twice."]
+    assert [t.status for t in await store.alternatives(story.id, first.position)] == [
+        "replaced",
+        "active",
+    ]
+    assert [c.name for c in await store.lore(story.id)] == ["Owl"]
+    assert await store.channel_settings("c") == ("wild", {"temperature": 0.5})
+    await store.close()
