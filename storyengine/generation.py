@@ -31,6 +31,23 @@ log = logging.getLogger(__name__)
 
 FinishReason = Literal["eos", "length", "cancelled"]
 
+BASE_ADAPTER = "__base__"
+"""Adapter name that means "no adapter": the bare base model (peft's own spelling)."""
+
+
+def adapter_names_for(model: LoadedModel, adapter: str | None) -> str:
+    """The peft adapter name a request runs with: its own, else the model's active one,
+    else the base model."""
+    if not model.is_peft:
+        if adapter not in (None, BASE_ADAPTER):
+            raise ValueError(f"adapter {adapter!r} asked for, but the model has no adapters")
+        return BASE_ADAPTER
+    if adapter is None:
+        return str(model.model.active_adapter)
+    if adapter != BASE_ADAPTER and adapter not in model.model.peft_config:
+        raise ValueError(f"no adapter named {adapter!r} is loaded")
+    return adapter
+
 
 @dataclass
 class GenerationRequest:
@@ -210,6 +227,11 @@ def run_generate(model: LoadedModel, handle: GenerationHandle) -> GenerationOutp
 
     if params.seed is not None:
         torch.manual_seed(params.seed)
+    if model.is_peft:
+        kwargs_adapter = {"adapter_names": [adapter_names_for(model, request.adapter)]}
+    else:
+        adapter_names_for(model, request.adapter)  # validates
+        kwargs_adapter = {}
     input_ids = torch.tensor([request.prompt_ids], device=model.device)
     kwargs: dict[str, object] = {
         "max_new_tokens": params.max_new_tokens,
@@ -219,6 +241,7 @@ def run_generate(model: LoadedModel, handle: GenerationHandle) -> GenerationOutp
         "pad_token_id": model.pad_token_id,
         "eos_token_id": model.eos_token_id,
         "stopping_criteria": StoppingCriteriaList([_Cancel()]),
+        **kwargs_adapter,
     }
     if params.beam_search:
         kwargs.update(

@@ -32,6 +32,11 @@ class LoadedModel:
         return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
 
     @property
+    def is_peft(self) -> bool:
+        """True when the model carries LoRA adapters (a peft model)."""
+        return hasattr(self.model, "peft_config")
+
+    @property
     def eos_token_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
 

@@ -1,0 +1,450 @@
+"""Continuous batching: many channels' requests decoded together, one step at a time.
+
+Decoding one sequence is bound by reading the weights, so a batch of sequences costs
+little more per step than one. `BatchingGenerator` keeps a batch of running sequences
+with one shared, left-padded KV cache and, on a worker thread, repeats:
+
+    1. admit    waiting requests join between steps (fair across channels, within the
+                batch-size and tokens-in-flight bounds, a bounded number of prompt
+                tokens per step so prefill never stalls the running ones for long)
+    2. prefill  the newcomers' prompts in one forward pass; their caches are merged
+                into the batch
+    3. decode   one forward pass for every running sequence, each with its own
+                sampling parameters, seed, stop rules and LoRA adapter
+    4. retire   finished or cancelled sequences leave; the cache shrinks with them
+
+Why not transformers' own continuous batching (`generate_batch`,
+`ContinuousBatchingManager`)? It drops the repetition penalty, the no-repeat n-gram
+rule and min-new-tokens, has no per-request seed, and does not pass peft's per-row
+`adapter_names`; a story needs all of them. Beam search requests are served by a
+`SequentialGenerator` beside the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .generation import (
+    GenerationHandle,
+    GenerationOutput,
+    GenerationRequest,
+    SequentialGenerator,
+    adapter_names_for,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from .modeling import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int = 32
+    """Most sequences decoded together."""
+    max_tokens_in_flight: int = 32768
+    """Bound on the sum of (prompt + max new tokens) over running sequences: the KV
+    cache never holds more than this many positions."""
+    prefill_tokens_per_step: int = 1024
+    """Most prompt tokens prefilled between two decoding steps (at least one request
+    is always admitted when there is room)."""
+    stream_every: int = 1
+    """Publish streamed text every this many tokens."""
+
+
+@dataclass
+class _Sequence:
+    handle: GenerationHandle
+    prompt_len: int
+    max_new: int
+    adapter: str
+    generator: torch.Generator | None
+    tokens: list[int]
+    """Prompt and generated tokens (what the repetition rules look at)."""
+    new: list[int] = field(default_factory=list)
+    ngrams: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
+    first_token_at: float | None = None
+    finish: str | None = None
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.handle.request
+
+    @property
+    def cost(self) -> int:
+        return self.prompt_len + self.max_new
+
+
+class BatchingGenerator:
+    """A `Generator` that serves concurrent requests by continuous batching."""
+
+    def __init__(self, model: LoadedModel, config: SchedulerConfig | None = None) -> None:
+        self.model = model
+        self.config = config or SchedulerConfig()
+        self._beams = SequentialGenerator(model)  # beam search is not batched here
+        self._inbox: deque[GenerationHandle] = deque()
+        self._waiting: OrderedDict[str, deque[GenerationHandle]] = OrderedDict()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._running: list[_Sequence] = []
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._mask: torch.Tensor | None = None
+        self.steps = 0
+        self._thread = threading.Thread(target=self._work, name="story-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side (event loop) -------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        if request.params.beam_search:
+            return self._beams.submit(request)
+        handle = GenerationHandle(request, asyncio.get_running_loop())
+        with self._wake:
+            self._inbox.append(handle)
+            handle.queue_position = (
+                sum(len(q) for q in self._waiting.values()) + len(self._inbox) - 1
+            )
+            self._wake.notify()
+        return handle
+
+    async def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        await asyncio.to_thread(self._thread.join)
+        await self._beams.close()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # -- the worker thread --------------------------------------------------------
+
+    def _work(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while (
+                        not self._closed
+                        and not self._inbox
+                        and not self._running
+                        and not any(self._waiting.values())
+                    ):
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    while self._inbox:
+                        handle = self._inbox.popleft()
+                        self._waiting.setdefault(handle.request.channel, deque()).append(handle)
+                try:
+                    self._step()
+                except Exception as exc:  # a bug: fail every request rather than hang them
+                    log.exception("scheduler step failed")
+                    for seq in self._running:
+                        seq.handle._finish(exc)
+                    self._running, self._cache, self._mask = [], None, None
+        for seq in self._running:
+            seq.handle.cancel()
+            self._resolve(seq, "cancelled")
+        for queue in self._waiting.values():
+            for handle in queue:
+                handle.cancel()
+                handle._finish(_empty_output(handle, "cancelled"))
+
+    def _step(self) -> None:
+        self._drop_cancelled_waiting()
+        admitted = self._admit()
+        self._update_queue_positions()
+        if admitted:
+            self._prefill(admitted)
+        if self._running:
+            self._decode()
+        self.steps += 1
+
+    def _drop_cancelled_waiting(self) -> None:
+        for channel in list(self._waiting):
+            queue = self._waiting[channel]
+            for handle in [h for h in queue if h.cancelled]:
+                queue.remove(handle)
+                handle._finish(_empty_output(handle, "cancelled"))
+            if not queue:
+                del self._waiting[channel]
+
+    def _admit(self) -> list[_Sequence]:
+        """Take waiting requests round-robin over channels while there is room."""
+        cfg = self.config
+        in_flight = sum(s.cost for s in self._running)
+        prefill = 0
+        admitted: list[_Sequence] = []
+        while self._waiting and len(self._running) + len(admitted) < cfg.max_batch_size:
+            channel, queue = next(iter(self._waiting.items()))
+            seq = self._new_sequence(queue[0])
+            if admitted and (
+                in_flight + seq.cost > cfg.max_tokens_in_flight
+                or prefill + seq.prompt_len > cfg.prefill_tokens_per_step
+            ):
+                break
+            if not admitted and self._running and in_flight + seq.cost > cfg.max_tokens_in_flight:
+                break
+            queue.popleft()
+            # Rotate: this channel goes to the back of the line.
+            del self._waiting[channel]
+            if queue:
+                self._waiting[channel] = queue
+            admitted.append(seq)
+            in_flight += seq.cost
+            prefill += seq.prompt_len
+        return admitted
+
+    def _update_queue_positions(self) -> None:
+        queues = [list(q) for q in self._waiting.values()]
+        position = 0
+        depth = 0
+        while any(depth < len(q) for q in queues):
+            for q in queues:
+                if depth < len(q):
+                    q[depth].queue_position = position
+                    position += 1
+            depth += 1
+
+    def _new_sequence(self, handle: GenerationHandle) -> _Sequence:
+        import torch
+
+        request = handle.request
+        window = self.model.context_window
+        prompt = request.prompt_ids[-(window - 1) :]
+        max_new = max(1, min(request.params.max_new_tokens, window - len(prompt)))
+        generator = None
+        if request.params.seed is not None and not request.params.greedy:
+            generator = torch.Generator(device=self.model.device).manual_seed(request.params.seed)
+        seq = _Sequence(
+            handle=handle,
+            prompt_len=len(prompt),
+            max_new=max_new,
+            adapter=adapter_names_for(self.model, request.adapter),
+            generator=generator,
+            tokens=list(prompt),
+        )
+        n = request.params.no_repeat_ngram_size
+        if n > 0:
+            for i in range(len(prompt) - n + 1):
+                seq.ngrams.setdefault(tuple(prompt[i : i + n - 1]), set()).add(prompt[i + n - 1])
+        return seq
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        adapters: list[str],
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        from transformers import DynamicCache
+
+        kwargs: dict[str, Any] = {}
+        if self.model.is_peft:
+            kwargs["adapter_names"] = adapters
+        out = self.model.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=DynamicCache(ddp_cache_data=cache) if cache else DynamicCache(),
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        layers = out.past_key_values.layers
+        return out.logits[:, -1, :].float(), [(layer.keys, layer.values) for layer in layers]
+
+    def _prefill(self, admitted: list[_Sequence]) -> None:
+        import torch
+
+        device = self.model.device
+        length = max(s.prompt_len for s in admitted)
+        ids = torch.full((len(admitted), length), self.model.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(admitted), length), dtype=torch.long)
+        for row, seq in enumerate(admitted):
+            ids[row, length - seq.prompt_len :] = torch.tensor(seq.tokens)
+            mask[row, length - seq.prompt_len :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids, mask, positions, None, [s.adapter for s in admitted])
+        self._merge(admitted, cache, mask)
+        self._sample_and_advance(admitted, logits, offset=len(self._running) - len(admitted))
+
+    def _merge(
+        self,
+        admitted: list[_Sequence],
+        cache: list[tuple[torch.Tensor, torch.Tensor]],
+        mask: torch.Tensor,
+    ) -> None:
+        """Append the newcomers' caches to the batch, left-padding the shorter side."""
+        import torch.nn.functional as F
+
+        if self._cache is None or self._mask is None:
+            self._cache, self._mask = cache, mask
+            self._running = list(admitted)
+            return
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+
+        def pad(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
+            if extra == 0:
+                return t
+            pads = [0, 0] * (t.dim() - 1 - dim) + [extra, 0]
+            return F.pad(t, pads)
+
+        self._cache = [
+            (
+                torch.cat([pad(k0, width - old_len, 2), pad(k1, width - new_len, 2)]),
+                torch.cat([pad(v0, width - old_len, 2), pad(v1, width - new_len, 2)]),
+            )
+            for (k0, v0), (k1, v1) in zip(self._cache, cache, strict=True)
+        ]
+        self._mask = torch.cat([pad(self._mask, width - old_len, 1), pad(mask, width - new_len, 1)])
+        self._running.extend(admitted)
+
+    def _decode(self) -> None:
+        import torch
+
+        assert self._mask is not None
+        device = self.model.device
+        ids = torch.tensor([[s.tokens[-1]] for s in self._running], device=device)
+        positions = torch.tensor([[len(s.tokens) - 1] for s in self._running], device=device)
+        mask = torch.cat([self._mask, self._mask.new_ones((len(self._running), 1))], dim=1)
+        logits, self._cache = self._forward(
+            ids, mask, positions, self._cache, [s.adapter for s in self._running]
+        )
+        self._mask = mask
+        self._sample_and_advance(self._running, logits, offset=0)
+        self._retire()
+
+    def _sample_and_advance(self, seqs: list[_Sequence], logits: torch.Tensor, offset: int) -> None:
+        tokens = sample_next_tokens(seqs, logits, self.model.eos_token_id)
+        now = time.perf_counter()
+        eos = self.model.eos_token_id
+        for seq, token in zip(seqs, tokens, strict=True):
+            if seq.handle.cancelled:
+                seq.finish = "cancelled"
+                continue
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            if token == eos:
+                seq.finish = "eos"
+                continue
+            seq.tokens.append(token)
+            seq.new.append(token)
+            n = seq.request.params.no_repeat_ngram_size
+            if n > 0 and len(seq.tokens) >= n:
+                seq.ngrams.setdefault(tuple(seq.tokens[-n:-1]), set()).add(seq.tokens[-1])
+            if len(seq.new) >= seq.max_new:
+                seq.finish = "length"
+            if len(seq.new) % self.config.stream_every == 0 or seq.finish:
+                seq.handle._publish_text(self.model.decode(seq.new))
+        if offset:  # newcomers that finished on their first token leave with the rest
+            return
+
+    def _retire(self) -> None:
+        import torch
+
+        keep = [i for i, s in enumerate(self._running) if s.finish is None]
+        if len(keep) == len(self._running):
+            return
+        for seq in self._running:
+            if seq.finish is not None:
+                self._resolve(seq, seq.finish)
+        if not keep:
+            self._running, self._cache, self._mask = [], None, None
+            return
+        assert self._cache is not None and self._mask is not None
+        index = torch.tensor(keep, device=self._mask.device)
+        mask = self._mask.index_select(0, index)
+        # Drop leading columns that are padding for every remaining row.
+        start = int((mask.sum(0) > 0).nonzero()[0])
+        self._mask = mask[:, start:]
+        self._cache = [
+            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+            for k, v in self._cache
+        ]
+        self._running = [self._running[i] for i in keep]
+
+    def _resolve(self, seq: _Sequence, finish: str) -> None:
+        end = time.perf_counter()
+        handle = seq.handle
+        first = seq.first_token_at or end
+        handle._finish(
+            GenerationOutput(
+                token_ids=list(seq.new),
+                text=self.model.decode(seq.new),
+                finish_reason=finish,  # type: ignore[arg-type]
+                prompt_tokens=seq.prompt_len,
+                latency_s=end - handle.submitted_at,
+                ttft_s=first - handle.submitted_at,
+            )
+        )
+
+
+def _empty_output(handle: GenerationHandle, finish: str) -> GenerationOutput:
+    elapsed = time.perf_counter() - handle.submitted_at
+    return GenerationOutput([], "", finish, len(handle.request.prompt_ids), elapsed, None)  # type: ignore[arg-type]
+
+
+def sample_next_tokens(seqs: list[_Sequence], logits: torch.Tensor, eos: int) -> list[int]:
+    """Pick each row's next token with that row's own rules, in the order Hugging Face's
+    `generate` applies them: repetition penalty, no-repeat n-gram, min new tokens, then
+    (when sampling) temperature, top-k, top-p."""
+    import torch
+
+    rows = len(seqs)
+    device = logits.device
+    scores = logits.clone()
+    # Repetition penalty over every token seen so far (prompt included), as in HF.
+    penalties = torch.tensor([s.request.params.repetition_penalty for s in seqs], device=device)
+    if bool((penalties != 1.0).any()):
+        for row, seq in enumerate(seqs):
+            p = seq.request.params.repetition_penalty
+            if p == 1.0:
+                continue
+            seen = torch.tensor(sorted(set(seq.tokens)), device=device)
+            picked = scores[row, seen]
+            scores[row, seen] = torch.where(picked < 0, picked * p, picked / p)
+    for row, seq in enumerate(seqs):
+        n = seq.request.params.no_repeat_ngram_size
+        if n > 0 and len(seq.tokens) >= n - 1:
+            banned = seq.ngrams.get(tuple(seq.tokens[len(seq.tokens) - n + 1 :]))
+            if banned:
+                scores[row, list(banned)] = float("-inf")
+        if len(seq.new) < seq.request.min_new_tokens:
+            scores[row, eos] = float("-inf")
+
+    greedy = [s.request.params.temperature == 0.0 for s in seqs]
+    chosen = scores.argmax(dim=-1).tolist()
+    if all(greedy):
+        return chosen
+    temps = torch.tensor([s.request.params.temperature or 1.0 for s in seqs], device=device)
+    scaled = scores / temps.unsqueeze(1)
+    sorted_scores, sorted_idx = scaled.sort(dim=-1, descending=True)
+    vocab = scores.shape[-1]
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)
+    top_k = torch.tensor([s.request.params.top_k or vocab for s in seqs], device=device)
+    sorted_scores = sorted_scores.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
+    probs = sorted_scores.softmax(dim=-1)
+    top_p = torch.tensor([s.request.params.top_p for s in seqs], device=device)
+    before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
+    probs = probs.masked_fill((before >= top_p.unsqueeze(1)) & (ranks > 0), 0.0)
+    for row in range(rows):
+        if greedy[row]:
+            continue
+        pick = torch.multinomial(probs[row], 1, generator=seqs[row].generator)
+        chosen[row] = int(sorted_idx[row, pick])
+    return chosen
