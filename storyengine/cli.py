@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .config import Settings
-from .errors import StoryError
+from .errors import InvalidInput, StoryError
 from .records import Author
 from .sampling import PRESETS, SamplingParams, preset
 
@@ -67,6 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema: migrate or status")
     db.add_argument("action", choices=["migrate", "status"])
     db.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
+    bench = sub.add_parser("bench", help="benchmarks that print figures")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    serve = bench_sub.add_parser(
+        "serve", help="naive sequential generation vs the batching scheduler"
+    )
+    serve.add_argument(
+        "--model",
+        choices=["default", "gpt2-config"],
+        default="default",
+        help="bundled model, or GPT-2 small's architecture with random weights",
+    )
+    serve.add_argument("--concurrency", type=int, default=16, help="simulated channels")
+    serve.add_argument("--requests", type=int, default=64, help="requests in all")
+    serve.add_argument("--max-new-tokens", type=int, default=64)
+    serve.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    serve.add_argument(
+        "--max-batch-size", type=int, help="scheduler batch bound (default: concurrency)"
+    )
+    serve.add_argument("--json", type=Path, help="also write the figures to this file")
     return parser
 
 
@@ -115,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_chat(args, settings))
         if args.command == "db":
             return asyncio.run(_db(args, settings))
+        if args.command == "bench":
+            return asyncio.run(_bench(args))
     except StoryError as exc:  # ConfigError included: one line, no traceback
         print(f"storyengine: error: {exc}", file=sys.stderr)
         return 2
@@ -158,6 +179,23 @@ async def _generate(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await generator.close()
     print(narration.text)
+    return 0
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    from .bench import bench_serve
+
+    if args.concurrency < 1 or args.requests < 1 or not 1 <= args.max_new_tokens <= 512:
+        raise InvalidInput("--concurrency and --requests must be positive; --max-new-tokens 1..512")
+    await bench_serve(
+        model_kind=args.model,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        json_path=args.json,
+        max_batch_size=args.max_batch_size,
+    )
     return 0
 
 

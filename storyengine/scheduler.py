@@ -23,10 +23,12 @@ rule and min-new-tokens, has no per-request seed, and does not pass peft's per-r
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,8 @@ from .generation import (
     SequentialGenerator,
     adapter_names_for,
 )
+from .kvcache import GrowableCache
+from .multilora import MultiLoRA
 
 if TYPE_CHECKING:
     import torch
@@ -70,6 +74,8 @@ class _Sequence:
     tokens: list[int]
     """Prompt and generated tokens (what the repetition rules look at)."""
     new: list[int] = field(default_factory=list)
+    seen: torch.Tensor | None = None
+    """Distinct tokens so far, for the repetition penalty."""
     ngrams: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
     first_token_at: float | None = None
     finish: str | None = None
@@ -95,9 +101,14 @@ class BatchingGenerator:
         self._wake = threading.Condition()
         self._closed = False
         self._running: list[_Sequence] = []
-        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._cache: GrowableCache | None = None
         self._mask: torch.Tensor | None = None
         self.steps = 0
+        # transformers renamed `past_key_values` to `cache` (5.2x); accept either.
+        self._network = model.model.get_base_model() if model.is_peft else model.model
+        self._lora = MultiLoRA(model.model) if model.is_peft else None
+        params = inspect.signature(self._network.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._thread = threading.Thread(target=self._work, name="story-scheduler", daemon=True)
         self._thread.start()
 
@@ -167,8 +178,10 @@ class BatchingGenerator:
         self._update_queue_positions()
         if admitted:
             self._prefill(admitted)
+            self._retire()  # newcomers may finish on their first token
         if self._running:
             self._decode()
+            self._retire()
         self.steps += 1
 
     def _drop_cancelled_waiting(self) -> None:
@@ -234,6 +247,7 @@ class BatchingGenerator:
             adapter=adapter_names_for(self.model, request.adapter),
             generator=generator,
             tokens=list(prompt),
+            seen=torch.tensor(sorted(set(prompt)), device=self.model.device),
         )
         n = request.params.no_repeat_ngram_size
         if n > 0:
@@ -246,72 +260,86 @@ class BatchingGenerator:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
-        cache: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        cache: Any,
         adapters: list[str],
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        from transformers import DynamicCache
-
-        kwargs: dict[str, Any] = {}
-        if self.model.is_peft:
-            kwargs["adapter_names"] = adapters
-        out = self.model.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=DynamicCache(ddp_cache_data=cache) if cache else DynamicCache(),
-            use_cache=True,
-            logits_to_keep=1,
-            **kwargs,
-        )
-        layers = out.past_key_values.layers
-        return out.logits[:, -1, :].float(), [(layer.keys, layer.values) for layer in layers]
+    ) -> torch.Tensor:
+        """One forward pass; `cache` is extended in place. Returns the last logits."""
+        kwargs: dict[str, Any] = {self._cache_kwarg: cache}
+        with self._lora.rows(adapters) if self._lora else nullcontext():
+            out = self._network(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                logits_to_keep=1,
+                **kwargs,
+            )
+        return out.logits[:, -1, :].float()
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
+        """Prefill each newcomer on its own (no padding wasted on short prompts), then
+        merge them into the batch in one copy."""
         import torch
+        from transformers import DynamicCache
 
         device = self.model.device
+        logits, kvs = [], []
+        for seq in admitted:
+            ids = torch.tensor([seq.tokens], device=device)
+            cache = DynamicCache()
+            logits.append(
+                self._forward(
+                    ids,
+                    torch.ones_like(ids),
+                    torch.arange(seq.prompt_len, device=device).unsqueeze(0),
+                    cache,
+                    [seq.adapter],
+                )
+            )
+            kvs.append([(layer.keys, layer.values) for layer in cache.layers])
         length = max(s.prompt_len for s in admitted)
-        ids = torch.full((len(admitted), length), self.model.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(admitted), length), dtype=torch.long)
+        mask = torch.zeros((len(admitted), length), dtype=torch.long, device=device)
         for row, seq in enumerate(admitted):
-            ids[row, length - seq.prompt_len :] = torch.tensor(seq.tokens)
             mask[row, length - seq.prompt_len :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, None, [s.adapter for s in admitted])
-        self._merge(admitted, cache, mask)
-        self._sample_and_advance(admitted, logits, offset=len(self._running) - len(admitted))
+        kv = [
+            (
+                torch.cat(
+                    [_left_pad(kvs[row][layer][0], length, 2) for row in range(len(admitted))]
+                ),
+                torch.cat(
+                    [_left_pad(kvs[row][layer][1], length, 2) for row in range(len(admitted))]
+                ),
+            )
+            for layer in range(len(kvs[0]))
+        ]
+        self._merge(admitted, kv, mask)
+        self._sample_and_advance(admitted, torch.cat(logits))
 
     def _merge(
         self,
         admitted: list[_Sequence],
-        cache: list[tuple[torch.Tensor, torch.Tensor]],
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
         mask: torch.Tensor,
     ) -> None:
         """Append the newcomers' caches to the batch, left-padding the shorter side."""
-        import torch.nn.functional as F
+        import torch
 
         if self._cache is None or self._mask is None:
-            self._cache, self._mask = cache, mask
+            self._cache = GrowableCache.from_tensors(kv)
+            self._mask = mask
             self._running = list(admitted)
             return
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
-        width = max(old_len, new_len)
-
-        def pad(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
-            if extra == 0:
-                return t
-            pads = [0, 0] * (t.dim() - 1 - dim) + [extra, 0]
-            return F.pad(t, pads)
-
-        self._cache = [
-            (
-                torch.cat([pad(k0, width - old_len, 2), pad(k1, width - new_len, 2)]),
-                torch.cat([pad(v0, width - old_len, 2), pad(v1, width - new_len, 2)]),
-            )
-            for (k0, v0), (k1, v1) in zip(self._cache, cache, strict=True)
-        ]
-        self._mask = torch.cat([pad(self._mask, width - old_len, 1), pad(mask, width - new_len, 1)])
+        width = max(self._mask.shape[1], mask.shape[1])
+        self._cache.load(
+            [
+                (
+                    torch.cat([_left_pad(k0, width, 2), _left_pad(k1, width, 2)]),
+                    torch.cat([_left_pad(v0, width, 2), _left_pad(v1, width, 2)]),
+                )
+                for (k0, v0), (k1, v1) in zip(self._cache.tensors(), kv, strict=True)
+            ]
+        )
+        self._mask = torch.cat([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
         self._running.extend(admitted)
 
     def _decode(self) -> None:
@@ -322,14 +350,15 @@ class BatchingGenerator:
         ids = torch.tensor([[s.tokens[-1]] for s in self._running], device=device)
         positions = torch.tensor([[len(s.tokens) - 1] for s in self._running], device=device)
         mask = torch.cat([self._mask, self._mask.new_ones((len(self._running), 1))], dim=1)
-        logits, self._cache = self._forward(
+        logits = self._forward(
             ids, mask, positions, self._cache, [s.adapter for s in self._running]
         )
         self._mask = mask
-        self._sample_and_advance(self._running, logits, offset=0)
-        self._retire()
+        self._sample_and_advance(self._running, logits)
 
-    def _sample_and_advance(self, seqs: list[_Sequence], logits: torch.Tensor, offset: int) -> None:
+    def _sample_and_advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        import torch
+
         tokens = sample_next_tokens(seqs, logits, self.model.eos_token_id)
         now = time.perf_counter()
         eos = self.model.eos_token_id
@@ -342,6 +371,9 @@ class BatchingGenerator:
             if token == eos:
                 seq.finish = "eos"
                 continue
+            if token not in seq.tokens:
+                assert seq.seen is not None
+                seq.seen = torch.cat([seq.seen, seq.seen.new_tensor([token])])
             seq.tokens.append(token)
             seq.new.append(token)
             n = seq.request.params.no_repeat_ngram_size
@@ -351,8 +383,6 @@ class BatchingGenerator:
                 seq.finish = "length"
             if len(seq.new) % self.config.stream_every == 0 or seq.finish:
                 seq.handle._publish_text(self.model.decode(seq.new))
-        if offset:  # newcomers that finished on their first token leave with the rest
-            return
 
     def _retire(self) -> None:
         import torch
@@ -372,10 +402,12 @@ class BatchingGenerator:
         # Drop leading columns that are padding for every remaining row.
         start = int((mask.sum(0) > 0).nonzero()[0])
         self._mask = mask[:, start:]
-        self._cache = [
-            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-            for k, v in self._cache
-        ]
+        self._cache.load(
+            [
+                (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+                for k, v in self._cache.tensors()
+            ]
+        )
         self._running = [self._running[i] for i in keep]
 
     def _resolve(self, seq: _Sequence, finish: str) -> None:
@@ -394,6 +426,16 @@ class BatchingGenerator:
         )
 
 
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Pad `t` with zeros on the left of dimension `dim` up to `width`."""
+    import torch.nn.functional as F
+
+    extra = width - t.shape[dim]
+    if extra == 0:
+        return t
+    return F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [extra, 0])
+
+
 def _empty_output(handle: GenerationHandle, finish: str) -> GenerationOutput:
     elapsed = time.perf_counter() - handle.submitted_at
     return GenerationOutput([], "", finish, len(handle.request.prompt_ids), elapsed, None)  # type: ignore[arg-type]
@@ -405,19 +447,23 @@ def sample_next_tokens(seqs: list[_Sequence], logits: torch.Tensor, eos: int) ->
     (when sampling) temperature, top-k, top-p."""
     import torch
 
-    rows = len(seqs)
     device = logits.device
     scores = logits.clone()
     # Repetition penalty over every token seen so far (prompt included), as in HF.
-    penalties = torch.tensor([s.request.params.repetition_penalty for s in seqs], device=device)
-    if bool((penalties != 1.0).any()):
-        for row, seq in enumerate(seqs):
-            p = seq.request.params.repetition_penalty
-            if p == 1.0:
-                continue
-            seen = torch.tensor(sorted(set(seq.tokens)), device=device)
-            picked = scores[row, seen]
-            scores[row, seen] = torch.where(picked < 0, picked * p, picked / p)
+    penalised = [
+        (row, s) for row, s in enumerate(seqs) if s.request.params.repetition_penalty != 1.0
+    ]
+    if penalised:
+        cols = torch.cat([s.seen for _, s in penalised])  # type: ignore[misc]
+        rows_ = torch.cat([torch.full_like(s.seen, row) for row, s in penalised])  # type: ignore[arg-type]
+        penalty = torch.cat(
+            [
+                torch.full(s.seen.shape, s.request.params.repetition_penalty, device=device)  # type: ignore[union-attr]
+                for _, s in penalised
+            ]
+        )
+        picked = scores[rows_, cols]
+        scores[rows_, cols] = torch.where(picked < 0, picked * penalty, picked / penalty)
     for row, seq in enumerate(seqs):
         n = seq.request.params.no_repeat_ngram_size
         if n > 0 and len(seq.tokens) >= n - 1:
@@ -427,24 +473,42 @@ def sample_next_tokens(seqs: list[_Sequence], logits: torch.Tensor, eos: int) ->
         if len(seq.new) < seq.request.min_new_tokens:
             scores[row, eos] = float("-inf")
 
-    greedy = [s.request.params.temperature == 0.0 for s in seqs]
     chosen = scores.argmax(dim=-1).tolist()
-    if all(greedy):
-        return chosen
-    temps = torch.tensor([s.request.params.temperature or 1.0 for s in seqs], device=device)
-    scaled = scores / temps.unsqueeze(1)
-    sorted_scores, sorted_idx = scaled.sort(dim=-1, descending=True)
+    sampled = [row for row, s in enumerate(seqs) if s.request.params.temperature != 0.0]
+    # Rows with a top-k need only their best k sorted; the others need a full sort.
+    # Each group is handled in one batch.
+    for group in (
+        [r for r in sampled if seqs[r].request.params.top_k],
+        [r for r in sampled if not seqs[r].request.params.top_k],
+    ):
+        if group:
+            _sample_rows(seqs, scores, group, chosen)
+    return chosen
+
+
+def _sample_rows(
+    seqs: list[_Sequence], scores: torch.Tensor, group: list[int], chosen: list[int]
+) -> None:
+    import torch
+
+    device = scores.device
     vocab = scores.shape[-1]
-    ranks = torch.arange(vocab, device=device).unsqueeze(0)
-    top_k = torch.tensor([s.request.params.top_k or vocab for s in seqs], device=device)
+    params = [seqs[r].request.params for r in group]
+    index = torch.tensor(group, device=device)
+    temps = torch.tensor([p.temperature for p in params], device=device)
+    scaled = scores.index_select(0, index) / temps.unsqueeze(1)
+    ks = [p.top_k for p in params]
+    if all(ks):
+        sorted_scores, sorted_idx = scaled.topk(min(max(ks), vocab), dim=-1)
+    else:
+        sorted_scores, sorted_idx = scaled.sort(dim=-1, descending=True)
+    ranks = torch.arange(sorted_scores.shape[-1], device=device).unsqueeze(0)
+    top_k = torch.tensor([k or vocab for k in ks], device=device)
     sorted_scores = sorted_scores.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
     probs = sorted_scores.softmax(dim=-1)
-    top_p = torch.tensor([s.request.params.top_p for s in seqs], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
     before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
     probs = probs.masked_fill((before >= top_p.unsqueeze(1)) & (ranks > 0), 0.0)
-    for row in range(rows):
-        if greedy[row]:
-            continue
-        pick = torch.multinomial(probs[row], 1, generator=seqs[row].generator)
-        chosen[row] = int(sorted_idx[row, pick])
-    return chosen
+    for i, row in enumerate(group):
+        pick = torch.multinomial(probs[i], 1, generator=seqs[row].generator)
+        chosen[row] = int(sorted_idx[i, pick])

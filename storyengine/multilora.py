@@ -1,0 +1,105 @@
+"""Many LoRA adapters in one batch: each row of a batch with its own adapter.
+
+peft can mix adapters in one batch (`adapter_names=`), but it loops over the adapters
+in every LoRA layer, slicing the batch into sub-batches; on small models that Python
+work costs as much as the matrix work. Here each LoRA layer keeps all its adapters
+side by side, `A_all = [A_1 | A_2 | ...]` and `B_all = [s_1 B_1 ; s_2 B_2 ; ...]`, and
+one pass computes, for every row at once,
+
+    delta = ((x @ A_all) * row_mask) @ B_all
+
+where `row_mask` keeps only the columns of that row's adapter (all zero for the base
+model). Three matrix operations per layer, whatever the mix.
+
+The batched path is used only inside `MultiLoRA.rows(...)` on the thread that entered
+it; everywhere else (training, `generate`, other threads) the layers behave exactly as
+peft's own.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .generation import BASE_ADAPTER
+
+
+class MultiLoRA:
+    def __init__(self, peft_model: nn.Module) -> None:
+        self.model = peft_model
+        self._local = threading.local()
+        self._layers: list[nn.Module] = [
+            m for m in peft_model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+        ]
+        for layer in self._layers:
+            if not hasattr(layer, "_multilora_peft_forward"):
+                layer._multilora_peft_forward = layer.forward
+                layer.forward = types.MethodType(_make_forward(self), layer)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read every adapter's weights (after adapters are added, removed or trained)."""
+        with torch.no_grad():
+            for layer in self._layers:
+                names = [n for n in layer.lora_A if n not in layer.lora_variant]
+                a = [layer.lora_A[n].weight.t() for n in names]
+                b = [layer.lora_B[n].weight.t() * layer.scaling[n] for n in names]
+                spans, start = {}, 0
+                for name, block in zip(names, a, strict=True):
+                    spans[name] = (start, start + block.shape[1])
+                    start += block.shape[1]
+                layer._multilora_a = torch.cat(a, dim=1).contiguous() if a else None
+                layer._multilora_b = torch.cat(b, dim=0).contiguous() if b else None
+                layer._multilora_spans = spans
+        self._local.masks = {}
+
+    @contextmanager
+    def rows(self, adapter_names: Sequence[str]) -> Iterator[None]:
+        """Within this block, on this thread, row i of every batch uses adapter
+        `adapter_names[i]` (`BASE_ADAPTER` for none)."""
+        self._local.rows = list(adapter_names)
+        self._local.masks = {}
+        try:
+            yield
+        finally:
+            self._local.rows = None
+            self._local.masks = {}
+
+    def _row_mask(self, layer: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
+        spans: dict[str, tuple[int, int]] = layer._multilora_spans
+        key = (tuple(spans.items()), like.dtype, like.device)
+        masks: dict[Any, torch.Tensor | None] = self._local.masks
+        if key not in masks:
+            rows: list[str] = self._local.rows
+            if not any(name in spans for name in rows):
+                masks[key] = None
+            else:
+                width = layer._multilora_a.shape[1]
+                mask = torch.zeros((len(rows), 1, width), dtype=like.dtype, device=like.device)
+                for row, name in enumerate(rows):
+                    if name != BASE_ADAPTER and name in spans:
+                        lo, hi = spans[name]
+                        mask[row, 0, lo:hi] = 1
+                masks[key] = mask
+        return masks[key]
+
+
+def _make_forward(multi: MultiLoRA) -> Any:
+    def forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if getattr(multi._local, "rows", None) is None or layer._multilora_a is None:
+            return layer._multilora_peft_forward(x, *args, **kwargs)
+        result = layer.base_layer(x, *args, **kwargs)
+        mask = multi._row_mask(layer, result)
+        if mask is None:
+            return result
+        a = layer._multilora_a.to(x.dtype)
+        b = layer._multilora_b.to(x.dtype)
+        return result + ((x @ a) * mask) @ b
+
+    return forward
