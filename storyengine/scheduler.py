@@ -60,8 +60,8 @@ class SchedulerConfig:
     prefill_tokens_per_step: int = 1024
     """Most prompt tokens prefilled between two decoding steps (at least one request
     is always admitted when there is room)."""
-    stream_every: int = 1
-    """Publish streamed text every this many tokens."""
+    stream_every: int = 4
+    """Publish streamed text on the first token, then every this many tokens."""
 
 
 @dataclass
@@ -76,6 +76,7 @@ class _Sequence:
     new: list[int] = field(default_factory=list)
     seen: torch.Tensor | None = None
     """Distinct tokens so far, for the repetition penalty."""
+    seen_set: set[int] = field(default_factory=set)
     ngrams: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
     first_token_at: float | None = None
     finish: str | None = None
@@ -248,6 +249,7 @@ class BatchingGenerator:
             generator=generator,
             tokens=list(prompt),
             seen=torch.tensor(sorted(set(prompt)), device=self.model.device),
+            seen_set=set(prompt),
         )
         n = request.params.no_repeat_ngram_size
         if n > 0:
@@ -371,8 +373,9 @@ class BatchingGenerator:
             if token == eos:
                 seq.finish = "eos"
                 continue
-            if token not in seq.tokens:
+            if token not in seq.seen_set:
                 assert seq.seen is not None
+                seq.seen_set.add(token)
                 seq.seen = torch.cat([seq.seen, seq.seen.new_tensor([token])])
             seq.tokens.append(token)
             seq.new.append(token)
@@ -381,7 +384,7 @@ class BatchingGenerator:
                 seq.ngrams.setdefault(tuple(seq.tokens[-n:-1]), set()).add(seq.tokens[-1])
             if len(seq.new) >= seq.max_new:
                 seq.finish = "length"
-            if len(seq.new) % self.config.stream_every == 0 or seq.finish:
+            if (len(seq.new) - 1) % self.config.stream_every == 0 or seq.finish:
                 seq.handle._publish_text(self.model.decode(seq.new))
 
     def _retire(self) -> None:
