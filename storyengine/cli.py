@@ -151,10 +151,10 @@ def _configure_logging(level: str) -> None:
 
 
 def _load_generator(settings: Settings) -> Any:
-    from .generation import SequentialGenerator
     from .modeling import load_model
+    from .scheduler import BatchingGenerator
 
-    return SequentialGenerator(load_model(settings))
+    return BatchingGenerator(load_model(settings))
 
 
 async def _generate(args: argparse.Namespace, settings: Settings) -> int:

@@ -41,6 +41,8 @@ class Settings:
     max_input_chars: int = 1000
     blocklist: tuple[str, ...] = ()
     log_level: str = "WARNING"
+    max_batch_size: int = 16
+    max_tokens_in_flight: int = 32768
 
     @property
     def uses_bundled_model(self) -> bool:
@@ -104,6 +106,14 @@ class Settings:
             raise ConfigError(
                 f"STORY_ADAPTER: {adapter!r} is not a directory holding a LoRA adapter"
             )
+        max_batch = env.get("STORY_MAX_BATCH_SIZE", 16, int)
+        if not 1 <= max_batch <= 256:
+            raise ConfigError(f"STORY_MAX_BATCH_SIZE: must be 1..256, got {max_batch}")
+        max_in_flight = env.get("STORY_MAX_TOKENS_IN_FLIGHT", 32768, int)
+        if max_in_flight < 1024:
+            raise ConfigError(
+                f"STORY_MAX_TOKENS_IN_FLIGHT: must be at least 1024, got {max_in_flight}"
+            )
         blocklist = tuple(
             w.strip().lower() for w in env.get("STORY_BLOCKLIST", "", str).split(",") if w.strip()
         )
@@ -118,6 +128,8 @@ class Settings:
             max_input_chars=max_input,
             blocklist=blocklist,
             log_level=log_level,
+            max_batch_size=max_batch,
+            max_tokens_in_flight=max_in_flight,
         )
 
 

@@ -66,11 +66,17 @@ class StoryEngine:
     async def start(self) -> StoryEngine:
         await self.store.open()
         if self._generator is None:
-            from .generation import SequentialGenerator
             from .modeling import load_model
+            from .scheduler import BatchingGenerator, SchedulerConfig
 
             model = await asyncio.to_thread(load_model, self.settings)
-            self._generator = SequentialGenerator(model)
+            self._generator = BatchingGenerator(
+                model,
+                SchedulerConfig(
+                    max_batch_size=self.settings.max_batch_size,
+                    max_tokens_in_flight=self.settings.max_tokens_in_flight,
+                ),
+            )
         model = self._generator.model
         safety = SafetyFilter(
             max_input_chars=self.settings.max_input_chars,
@@ -125,6 +131,12 @@ class StoryEngine:
 
     def is_generating(self, channel: str) -> bool:
         return channel in self._in_flight
+
+    def queue_position(self, channel: str) -> int | None:
+        """How many requests are ahead of this channel's generation (0 once it is
+        being written), or None when the channel is not generating."""
+        handle = self._in_flight.get(channel)
+        return None if handle is None else handle.queue_position
 
     # -- sampling settings --------------------------------------------------------
 

@@ -33,6 +33,34 @@ def make_tiny_model(n_positions: int = 256, seed: int = 0) -> LoadedModel:
     return LoadedModel(model, tokenizer, "test:tiny-gpt2", None, torch.device("cpu"))
 
 
+def make_tiny_lora_model(seed: int = 0) -> LoadedModel:
+    """The tiny GPT-2 with two random (non-zero) LoRA adapters, "a" and "b"."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    loaded = make_tiny_model(seed=seed)
+    torch.manual_seed(seed + 1)
+    config = {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["c_attn", "c_proj", "c_fc"],
+        "fan_in_fan_out": True,
+        "init_lora_weights": False,
+    }
+    model = get_peft_model(loaded.model, LoraConfig(**config), adapter_name="a")
+    model.add_adapter("b", LoraConfig(**{**config, "r": 2}))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # large enough that each adapter changes the greedy text
+            param.data.normal_(0, 0.5)
+    model.eval()
+    return LoadedModel(model, loaded.tokenizer, "test:tiny-gpt2+lora", "a", loaded.device)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_model() -> LoadedModel:
+    return make_tiny_lora_model()
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> LoadedModel:
     return make_tiny_model()
