@@ -31,6 +31,19 @@ from .generation import BASE_ADAPTER
 
 
 class MultiLoRA:
+    """Use `MultiLoRA.attach(model)`: one instance per model, shared by every generator
+    that serves it (the layers' forward is rerouted once)."""
+
+    @classmethod
+    def attach(cls, peft_model: nn.Module) -> MultiLoRA:
+        existing = getattr(peft_model, "_multilora", None)
+        if isinstance(existing, cls):
+            existing.refresh()
+            return existing
+        multi = cls(peft_model)
+        peft_model._multilora = multi
+        return multi
+
     def __init__(self, peft_model: nn.Module) -> None:
         self.model = peft_model
         self._local = threading.local()
@@ -38,9 +51,10 @@ class MultiLoRA:
             m for m in peft_model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")
         ]
         for layer in self._layers:
-            if not hasattr(layer, "_multilora_peft_forward"):
-                layer._multilora_peft_forward = layer.forward
-                layer.forward = types.MethodType(_make_forward(self), layer)
+            if hasattr(layer, "_multilora_peft_forward"):
+                raise RuntimeError("a MultiLoRA is already attached; use MultiLoRA.attach")
+            layer._multilora_peft_forward = layer.forward
+            layer.forward = types.MethodType(_make_forward(self), layer)
         self.refresh()
 
     def refresh(self) -> None:

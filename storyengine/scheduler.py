@@ -107,7 +107,7 @@ class BatchingGenerator:
         self.steps = 0
         # transformers renamed `past_key_values` to `cache` (5.2x); accept either.
         self._network = model.model.get_base_model() if model.is_peft else model.model
-        self._lora = MultiLoRA(model.model) if model.is_peft else None
+        self._lora = MultiLoRA.attach(model.model) if model.is_peft else None
         params = inspect.signature(self._network.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._thread = threading.Thread(target=self._work, name="story-scheduler", daemon=True)

@@ -34,7 +34,7 @@ def make_tiny_model(n_positions: int = 256, seed: int = 0) -> LoadedModel:
 
 
 def make_tiny_lora_model(seed: int = 0) -> LoadedModel:
-    """The tiny GPT-2 with two random (non-zero) LoRA adapters, "a" and "b"."""
+    """The tiny GPT-2 with two random (non-zero) LoRA adapters, "fox" and "owl"."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -47,13 +47,13 @@ def make_tiny_lora_model(seed: int = 0) -> LoadedModel:
         "fan_in_fan_out": True,
         "init_lora_weights": False,
     }
-    model = get_peft_model(loaded.model, LoraConfig(**config), adapter_name="a")
-    model.add_adapter("b", LoraConfig(**{**config, "r": 2}))
+    model = get_peft_model(loaded.model, LoraConfig(**config), adapter_name="fox")
+    model.add_adapter("owl", LoraConfig(**{**config, "r": 2}))
     for name, param in model.named_parameters():
         if "lora_B" in name:  # large enough that each adapter changes the greedy text
             param.data.normal_(0, 0.5)
     model.eval()
-    return LoadedModel(model, loaded.tokenizer, "test:tiny-gpt2+lora", "a", loaded.device)
+    return LoadedModel(model, loaded.tokenizer, "test:tiny-gpt2+lora", "fox", loaded.device)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """The `storyengine` command as a user runs it: separate processes, real pipes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -143,3 +144,29 @@ def test_storyengine_imports_no_discord_and_needs_no_token(tmp_path):
         for line in source.read_text().splitlines():
             stripped = line.strip()
             assert not stripped.startswith(("import discord", "from discord")), f"{source}: {line}"
+
+
+def test_bench_serve_prints_and_writes_the_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "bench",
+        "serve",
+        "--concurrency",
+        "2",
+        "--requests",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "throughput ratio" in result.stdout and "scheduler" in result.stdout
+    figures = json.loads(out.read_text())
+    keys = {"tokens_per_s", "ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s"}
+    for side in ("baseline", "scheduler"):
+        assert keys <= figures[side].keys()
+        assert figures[side]["tokens"] == 4 * 6
+    assert figures["throughput_ratio"] > 0 and figures["peak_rss_mb"] > 0
+    assert figures["greedy_identical"] == "1/1"
