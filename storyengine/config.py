@@ -17,6 +17,13 @@ from typing import Any, TypeVar
 from .errors import ConfigError, InvalidInput
 from .sampling import DEFAULT_PRESET, SamplingParams, preset
 
+DEFAULT_REACTION_VALUES: tuple[tuple[str, float], ...] = (
+    ("👍", 1.0),
+    ("👎", -1.0),
+    ("❤️", 1.0),
+    ("⭐", 1.0),
+)
+
 BUNDLED_MODEL = "bundled"
 """`STORY_BASE_MODEL` value (the default) that selects the model shipped in the package."""
 
@@ -43,6 +50,8 @@ class Settings:
     log_level: str = "WARNING"
     max_batch_size: int = 16
     max_tokens_in_flight: int = 32768
+    turn_timeout_s: int = 600
+    reaction_values: tuple[tuple[str, float], ...] = DEFAULT_REACTION_VALUES
 
     @property
     def uses_bundled_model(self) -> bool:
@@ -114,6 +123,10 @@ class Settings:
             raise ConfigError(
                 f"STORY_MAX_TOKENS_IN_FLIGHT: must be at least 1024, got {max_in_flight}"
             )
+        turn_timeout = env.get("STORY_TURN_TIMEOUT", 600, int)
+        if not 30 <= turn_timeout <= 7 * 86400:
+            raise ConfigError(f"STORY_TURN_TIMEOUT: must be 30..604800 seconds, got {turn_timeout}")
+        reactions = _parse_reaction_values(env.get("STORY_REACTION_VALUES", "", str))
         blocklist = tuple(
             w.strip().lower() for w in env.get("STORY_BLOCKLIST", "", str).split(",") if w.strip()
         )
@@ -130,7 +143,28 @@ class Settings:
             log_level=log_level,
             max_batch_size=max_batch,
             max_tokens_in_flight=max_in_flight,
+            turn_timeout_s=turn_timeout,
+            reaction_values=reactions,
         )
+
+
+def _parse_reaction_values(raw: str) -> tuple[tuple[str, float], ...]:
+    """`👍=1,👎=-1,❤️=1` → pairs; empty → the defaults."""
+    if not raw.strip():
+        return DEFAULT_REACTION_VALUES
+    pairs = []
+    for item in raw.split(","):
+        emoji, sep, value = item.strip().partition("=")
+        try:
+            if not sep or not emoji.strip():
+                raise ValueError
+            pairs.append((emoji.strip(), float(value)))
+        except ValueError:
+            raise ConfigError(
+                f"STORY_REACTION_VALUES: expected EMOJI=NUMBER pairs separated by commas, "
+                f"got {item.strip()!r}"
+            ) from None
+    return tuple(pairs)
 
 
 _SAMPLING_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +21,23 @@ from .errors import (
     NoActiveStory,
     NothingToRetry,
     NothingToUndo,
+    NotYourTurn,
     StoryAlreadyRunning,
 )
 from .generation import GenerationHandle, GenerationOutput, Generator
 from .memory import ContextBudget, ContextBuilder, LoreCard, StoryMaterial
-from .narrator import Narrator, ProgressCallback
-from .records import MODES, Author, Story, Turn, TurnResult
+from .narrator import Narration, Narrator, ProgressCallback
+from .records import (
+    MODES,
+    Author,
+    ChoiceOption,
+    ChoiceSet,
+    ForgetReport,
+    Story,
+    Turn,
+    TurnResult,
+    TurnState,
+)
 from .render import render_markdown, render_recap
 from .safety import SafetyFilter
 from .sampling import SamplingParams, preset
@@ -33,6 +46,8 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 MAX_LORE_CARDS = 50
+BRIDGE_TOKENS = 40
+"""Round-robin: the storyteller's bridge between two players' lines is short."""
 MAX_NOTE_CHARS = 400
 
 
@@ -59,7 +74,9 @@ class StoryEngine:
         self._generator = generator
         self._narrator: Narrator | None = None
         self._locks: dict[str, asyncio.Lock] = {}
-        self._in_flight: dict[str, GenerationHandle] = {}
+        self._in_flight: dict[str, set[GenerationHandle]] = {}
+        self.clock: Callable[[], float] = time.time
+        """Wall clock for turn deadlines (tests replace it)."""
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -87,8 +104,9 @@ class StoryEngine:
         return self
 
     async def close(self) -> None:
-        for handle in self._in_flight.values():
-            handle.cancel()
+        for handles in self._in_flight.values():
+            for handle in handles:
+                handle.cancel()
         if self._generator is not None:
             await self._generator.close()
         await self.store.close()
@@ -135,8 +153,8 @@ class StoryEngine:
     def queue_position(self, channel: str) -> int | None:
         """How many requests are ahead of this channel's generation (0 once it is
         being written), or None when the channel is not generating."""
-        handle = self._in_flight.get(channel)
-        return None if handle is None else handle.queue_position
+        handles = self._in_flight.get(channel)
+        return min(h.queue_position for h in handles) if handles else None
 
     # -- sampling settings --------------------------------------------------------
 
@@ -194,6 +212,9 @@ class StoryEngine:
                 channel, premise, genre=genre, mode=mode, created_by=author.id
             )
             log.info("story %d started in %s", story.id, channel)
+            if mode == "round-robin":
+                await self.store.add_player(story.id, author.id, author.name)
+                await self._advance_turn(story, after_seat=None)
             action = await self.store.next_action(story.id)
             return await self._write_bot_turn(story, [], action, None, on_progress)
 
@@ -210,22 +231,36 @@ class StoryEngine:
         line = self.safety.clean_input(text or "", what="Your line", required=False)
         async with self._lock(channel):
             story = await self.active_story(channel)
-            turns = await self.store.active_turns(story.id)
-            action = await self.store.next_action(story.id)
-            user_turn = None
-            if line:
-                user_turn = await self.store.add_turn(
-                    story.id,
-                    action=action,
-                    kind="user",
-                    text=line,
-                    author_id=author.id,
-                    author_name=author.name,
-                )
-                turns.append(user_turn)
-            return await self._write_bot_turn(
+            seat = await self._require_turn(story, author) if story.mode == "round-robin" else None
+            if seat is not None:
+                # Between players' lines the storyteller writes a short bridge.
+                overrides.setdefault("max_new_tokens", BRIDGE_TOKENS)
+            await self.store.expire_open_choices(story.id)
+            turns, user_turn, action = await self._add_user_line(story, author, line)
+            result = await self._write_bot_turn(
                 story, turns, action, user_turn, on_progress, **overrides
             )
+            if seat is not None:
+                await self._advance_turn(story, after_seat=seat)
+            return result
+
+    async def _add_user_line(
+        self, story: Story, author: Author, line: str
+    ) -> tuple[list[Turn], Turn | None, int]:
+        turns = await self.store.active_turns(story.id)
+        action = await self.store.next_action(story.id)
+        user_turn = None
+        if line:
+            user_turn = await self.store.add_turn(
+                story.id,
+                action=action,
+                kind="user",
+                text=line,
+                author_id=author.id,
+                author_name=author.name,
+            )
+            turns.append(user_turn)
+        return turns, user_turn, action
 
     async def retry(
         self, channel: str, *, on_progress: ProgressCallback | None = None, **overrides: Any
@@ -364,11 +399,232 @@ class StoryEngine:
 
     def stop(self, channel: str) -> bool:
         """Cancel the channel's generation in progress. True if there was one."""
-        handle = self._in_flight.get(channel)
-        if handle is None:
+        handles = self._in_flight.get(channel)
+        if not handles:
             return False
-        handle.cancel()
+        for handle in handles:
+            handle.cancel()
         return True
+
+    # -- round-robin --------------------------------------------------------------
+
+    async def turn_state(self, channel: str) -> TurnState:
+        story = await self.active_story(channel)
+        return await self._turn_state(story)
+
+    async def join(self, channel: str, author: Author) -> TurnState:
+        """Take a seat in a round-robin story (at the end of the order)."""
+        async with self._lock(channel):
+            story = await self._round_robin_story(channel)
+            state = await self._turn_state(story)
+            if any(p.user_id == author.id for p in state.active_players):
+                raise InvalidInput("You are already in this game.")
+            await self.store.add_player(story.id, author.id, author.name)
+            if state.current is None:
+                await self._advance_turn(story, after_seat=None)
+            return await self._turn_state(story)
+
+    async def leave(self, channel: str, author: Author) -> TurnState:
+        async with self._lock(channel):
+            story = await self._round_robin_story(channel)
+            state = await self._turn_state(story)
+            seat = next((p.seat for p in state.active_players if p.user_id == author.id), None)
+            if seat is None:
+                raise InvalidInput("You are not in this game.")
+            await self.store.set_player_active(story.id, author.id, False)
+            if state.current is not None and state.current.seat == seat:
+                await self._advance_turn(story, after_seat=seat)
+            return await self._turn_state(story)
+
+    async def pass_turn(
+        self, channel: str, author: Author, *, moderator: bool = False
+    ) -> TurnState:
+        """The current player passes (or a moderator skips them)."""
+        async with self._lock(channel):
+            story = await self._round_robin_story(channel)
+            state = await self._turn_state(story)
+            if state.current is None:
+                raise InvalidInput("Nobody has the turn: join the game first.")
+            if state.current.user_id != author.id and not moderator:
+                raise NotYourTurn(
+                    f"It is {state.current.user_name}'s turn; only they or a moderator can pass it."
+                )
+            await self._advance_turn(story, after_seat=state.current.seat)
+            return await self._turn_state(story)
+
+    async def set_turn_timeout(self, channel: str, seconds: int) -> None:
+        if not 30 <= seconds <= 7 * 86400:
+            raise InvalidInput("The turn timeout must be between 30 seconds and 7 days.")
+        await self.store.set_turn_timeout(channel, seconds)
+
+    async def expire_turns(self) -> list[tuple[str, TurnState]]:
+        """Pass every round-robin turn whose deadline has gone by. Returns the channels
+        whose turn moved on, with their new state (the bot announces them). Deadlines are
+        stored, so turns missed while the process was down pass on the first call."""
+        moved = []
+        for channel in await self.store.overdue_turns(self.clock()):
+            async with self._lock(channel):
+                story = await self.store.active_story(channel)
+                if story is None:
+                    continue
+                state = await self._turn_state(story)
+                if state.deadline is None or state.deadline > self.clock():
+                    continue  # someone took the turn meanwhile
+                await self._advance_turn(
+                    story, after_seat=state.current.seat if state.current else None
+                )
+                moved.append((channel, await self._turn_state(story)))
+        return moved
+
+    async def _round_robin_story(self, channel: str) -> Story:
+        story = await self.active_story(channel)
+        if story.mode != "round-robin":
+            raise InvalidInput("This story is not a round-robin game.")
+        return story
+
+    async def _turn_state(self, story: Story) -> TurnState:
+        players = tuple(await self.store.players(story.id))
+        seat, deadline = await self.store.turn_pointer(story.id)
+        current = next((p for p in players if p.seat == seat and p.active), None)
+        return TurnState(story.id, players, current, deadline if current else None)
+
+    async def _require_turn(self, story: Story, author: Author) -> int:
+        state = await self._turn_state(story)
+        if state.current is None:
+            raise NotYourTurn("Nobody has the turn yet: join the game first.")
+        if state.current.user_id != author.id:
+            if not any(p.user_id == author.id for p in state.active_players):
+                raise NotYourTurn("Join the game first to add a line.")
+            raise NotYourTurn(f"It is {state.current.user_name}'s turn. Yours will come!")
+        return state.current.seat
+
+    async def _advance_turn(self, story: Story, *, after_seat: int | None) -> None:
+        """Give the turn to the next active player after `after_seat` (wrapping round),
+        with a fresh deadline; nobody if no one is left."""
+        active = [p for p in await self.store.players(story.id) if p.active]
+        if not active:
+            await self.store.set_turn(story.id, None, None)
+            return
+        later = [p for p in active if after_seat is None or p.seat > after_seat]
+        nxt = (later or active)[0]
+        timeout = await self.store.turn_timeout(story.channel) or self.settings.turn_timeout_s
+        await self.store.set_turn(story.id, nxt.seat, self.clock() + timeout)
+
+    # -- choices (companion mode) --------------------------------------------------
+
+    async def offer_choices(
+        self,
+        channel: str,
+        author: Author,
+        text: str | None = None,
+        *,
+        count: int = 3,
+        **overrides: Any,
+    ) -> ChoiceSet:
+        """Add the author's line and write `count` alternative continuations at once
+        (they are batched together); none joins the story until one is chosen."""
+        if not 2 <= count <= 4:
+            raise InvalidInput("Offer between 2 and 4 alternatives.")
+        line = self.safety.clean_input(text or "", what="Your line", required=False)
+        async with self._lock(channel):
+            story = await self.active_story(channel)
+            if story.mode == "round-robin":
+                await self._require_turn(story, author)
+            await self.store.expire_open_choices(story.id)
+            turns, user_turn, action = await self._add_user_line(story, author, line)
+            params = await self.sampling_for(channel, **overrides)
+            if params.beam_search or params.greedy:  # alternatives need sampling
+                params = self.settings.sampling.replace(max_new_tokens=params.max_new_tokens)
+            base_seed = params.seed if params.seed is not None else int(self.clock() * 1000) % 2**31
+            prompt = await self._prompt(story, turns, params)
+            results = await asyncio.gather(
+                *(
+                    self._narrate(
+                        story,
+                        prompt,
+                        params.replace(seed=base_seed + 7919 * i),
+                        echo_of=user_turn.text if user_turn else None,
+                    )
+                    for i in range(count)
+                )
+            )
+            generation_ids = [g for _, g in results]
+            choice_id = await self.store.create_choice(story.id, action, author.id, generation_ids)
+            options = tuple(ChoiceOption(i, g, n.text) for i, (n, g) in enumerate(results, 1))
+            return ChoiceSet(choice_id, story, user_turn, options)
+
+    async def choose(
+        self, channel: str, choice_id: int, position: int, author: Author
+    ) -> TurnResult:
+        """Make option `position` of an offered choice the story's turn; the choice is
+        recorded as a preference: the chosen continuation over each of the others."""
+        async with self._lock(channel):
+            story = await self.active_story(channel)
+            found = await self.store.choice(choice_id)
+            if found is None or found[0] != story.id:
+                raise InvalidInput("That choice does not belong to this story.")
+            _, action, status, generation_ids = found
+            if not 1 <= position <= len(generation_ids):
+                raise InvalidInput(f"Choose an option from 1 to {len(generation_ids)}.")
+            if status != "open" or not await self.store.close_choice(choice_id, "chosen"):
+                raise InvalidInput("That choice is closed: the story has moved on.")
+            chosen = generation_ids[position - 1]
+            record = await self.store.generation(chosen)
+            assert record is not None
+            turn = await self.store.add_turn(
+                story.id, action=action, kind="bot", text=record["output"], generation_id=chosen
+            )
+            if not await self.store.is_forgotten(author.id):
+                rejected = [g for g in generation_ids if g != chosen]
+                await self.store.add_preference_pairs(chosen, rejected, author.id, "choice")
+            turns = await self.store.active_turns(story.id)
+            user_turn = next((t for t in turns if t.action == action and t.kind == "user"), None)
+            return TurnResult(story, turn, user_turn, chosen, record["latency_s"])
+
+    # -- feedback -------------------------------------------------------------------
+
+    async def link_message(self, message_id: str, generation_id: int) -> None:
+        """Remember that a front end's message shows this generation (reactions on the
+        message are then feedback on it)."""
+        await self.store.link_message(message_id, generation_id)
+
+    async def record_reaction(
+        self, message_id: str, user_id: str, emoji: str, *, added: bool
+    ) -> bool:
+        """Record (or, with `added=False`, remove) one user's emoji on a story message:
+        one row per user and emoji. Returns False when the message carries no story
+        generation or the user asked to be forgotten."""
+        generation_id = await self.store.generation_for_message(message_id)
+        if generation_id is None or await self.store.is_forgotten(user_id):
+            return False
+        if added:
+            value = dict(self.settings.reaction_values).get(emoji, 0.0)
+            await self.store.set_feedback(generation_id, user_id, emoji, value)
+        else:
+            await self.store.delete_feedback(generation_id, user_id, emoji)
+        return True
+
+    # -- privacy --------------------------------------------------------------------
+
+    async def forget_user(self, user_id: str) -> ForgetReport:
+        """Delete the user's reactions and choices, anonymise their lines (kept in shared
+        stories, never trained on), take them out of round-robin games, and never record
+        their feedback again."""
+        for story in await self.store.active_stories():
+            if story.mode != "round-robin":
+                continue
+            async with self._lock(story.channel):
+                state = await self._turn_state(story)
+                if any(p.user_id == user_id for p in state.active_players):
+                    await self.store.set_player_active(story.id, user_id, False)
+                    if state.current is not None and state.current.user_id == user_id:
+                        await self._advance_turn(story, after_seat=state.current.seat)
+        feedback, pairs, turns = await self.store.forget_user(user_id)
+        return ForgetReport(feedback, pairs, turns)
+
+    async def export_user_data(self, user_id: str) -> dict[str, Any]:
+        """Everything stored that names the user, as plain data (for a JSON download)."""
+        return await self.store.user_data(user_id)
 
     # -- internals ----------------------------------------------------------------
 
@@ -401,28 +657,14 @@ class StoryEngine:
         replacing: Turn | None = None,
         **overrides: Any,
     ) -> TurnResult:
-        channel = story.channel
-        params = await self.sampling_for(channel, **overrides)
-        material = self._material(story, turns, await self.store.lore(story.id))
-        prompt = self._builder(params).build(material)
-        record = {"story_id": story.id, "channel": channel, "prompt": prompt.text}
-        try:
-            narration = await self.narrator.narrate(
-                prompt.text,
-                params,
-                channel=channel,
-                echo_of=user_turn.text if user_turn else None,
-                on_progress=on_progress,
-                on_handle=lambda h: self._in_flight.__setitem__(channel, h),  # type: ignore[arg-type]
-            )
-        except GenerationCancelled as cancelled:
-            if isinstance(cancelled.output, GenerationOutput):
-                await self._record(record, params, cancelled.output, shown="")
-            raise
-        finally:
-            self._in_flight.pop(channel, None)
-        generation_id = await self._record(
-            record, narration.params, narration.output, shown=narration.text
+        params = await self.sampling_for(story.channel, **overrides)
+        prompt = await self._prompt(story, turns, params)
+        narration, generation_id = await self._narrate(
+            story,
+            prompt,
+            params,
+            echo_of=user_turn.text if user_turn else None,
+            on_progress=on_progress,
         )
         turn = await self.store.add_turn(
             story.id,
@@ -434,6 +676,51 @@ class StoryEngine:
             replacing=replacing.id if replacing else None,
         )
         return TurnResult(story, turn, user_turn, generation_id, narration.output.latency_s)
+
+    async def _prompt(self, story: Story, turns: list[Turn], params: SamplingParams) -> str:
+        material = self._material(story, turns, await self.store.lore(story.id))
+        return self._builder(params).build(material).text
+
+    async def _narrate(
+        self,
+        story: Story,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        echo_of: str | None,
+        on_progress: ProgressCallback | None = None,
+    ) -> tuple[Narration, int]:
+        """Generate one continuation and record it (a cancelled one too)."""
+        channel = story.channel
+        record = {"story_id": story.id, "channel": channel, "prompt": prompt}
+        handles: list[GenerationHandle] = []
+
+        def track(handle: Any) -> None:
+            handles.append(handle)
+            self._in_flight.setdefault(channel, set()).add(handle)
+
+        try:
+            narration = await self.narrator.narrate(
+                prompt,
+                params,
+                channel=channel,
+                echo_of=echo_of,
+                on_progress=on_progress,
+                on_handle=track,
+            )
+        except GenerationCancelled as cancelled:
+            if isinstance(cancelled.output, GenerationOutput):
+                await self._record(record, params, cancelled.output, shown="")
+            raise
+        finally:
+            in_flight = self._in_flight.get(channel, set())
+            in_flight.difference_update(handles)
+            if not in_flight:
+                self._in_flight.pop(channel, None)
+        generation_id = await self._record(
+            record, narration.params, narration.output, shown=narration.text
+        )
+        return narration, generation_id
 
     async def _record(
         self,

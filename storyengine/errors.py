@@ -49,3 +49,7 @@ class GenerationCancelled(StoryError):
 
 class GenerationFailed(StoryError):
     pass
+
+
+class NotYourTurn(StoryError):
+    """Round-robin: someone other than the current player tried to add a line."""

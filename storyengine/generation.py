@@ -70,7 +70,7 @@ class GenerationOutput:
     ttft_s: float | None
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class GenerationHandle:
     """The caller's side of one request. Thread-safe where the worker touches it."""
 

@@ -59,3 +59,50 @@ class TurnResult:
     @property
     def text(self) -> str:
         return self.turn.text
+
+
+@dataclass(frozen=True)
+class Player:
+    user_id: str
+    user_name: str
+    seat: int
+    active: bool
+
+
+@dataclass(frozen=True)
+class TurnState:
+    """Round-robin state: the players in join order, whose turn it is, and until when."""
+
+    story_id: int
+    players: tuple[Player, ...]
+    current: Player | None
+    deadline: float | None
+    """Unix time at which the turn passes by itself."""
+
+    @property
+    def active_players(self) -> tuple[Player, ...]:
+        return tuple(p for p in self.players if p.active)
+
+
+@dataclass(frozen=True)
+class ChoiceOption:
+    position: int
+    generation_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ChoiceSet:
+    """Alternative continuations offered together; choosing one records a preference."""
+
+    id: int
+    story: Story
+    user_turn: Turn | None
+    options: tuple[ChoiceOption, ...]
+
+
+@dataclass(frozen=True)
+class ForgetReport:
+    feedback_deleted: int
+    preferences_deleted: int
+    turns_anonymised: int

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -19,7 +19,7 @@ from typing import Any
 import aiosqlite
 
 from .memory import LoreCard
-from .records import Story, Turn
+from .records import Player, Story, Turn
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -51,7 +51,218 @@ def load_migrations() -> list[Migration]:
     return found
 
 
-class Store:
+# -- the audience: round-robin, messages, feedback, choices, forgetting ---------------
+
+
+class AudienceStore:
+    """Queries for what the audience does; mixed into `Store`, which provides the
+    connection and the write transaction."""
+
+    db: aiosqlite.Connection
+    _write: Callable[..., Awaitable[aiosqlite.Cursor]]
+    transaction: Callable[[], Any]
+
+    async def players(self, story_id: int) -> list[Player]:
+        rows = await self.db.execute_fetchall(
+            "SELECT * FROM players WHERE story_id = ? ORDER BY seat", (story_id,)
+        )
+        return [Player(r["user_id"], r["user_name"], r["seat"], bool(r["active"])) for r in rows]
+
+    async def add_player(self, story_id: int, user_id: str, user_name: str) -> None:
+        """Seat a player at the end of the order (a returning player too)."""
+        async with self.transaction() as db:
+            rows = await db.execute_fetchall(
+                "SELECT COALESCE(MAX(seat), 0) + 1 FROM players WHERE story_id = ?", (story_id,)
+            )
+            await db.execute(
+                "INSERT INTO players (story_id, user_id, user_name, seat) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (story_id, user_id) DO UPDATE SET active = 1, seat = excluded.seat,"
+                " user_name = excluded.user_name",
+                (story_id, user_id, user_name, int(rows[0][0])),
+            )
+
+    async def set_player_active(self, story_id: int, user_id: str, active: bool) -> None:
+        await self._write(
+            "UPDATE players SET active = ? WHERE story_id = ? AND user_id = ?",
+            (int(active), story_id, user_id),
+        )
+
+    async def set_turn(self, story_id: int, seat: int | None, deadline: float | None) -> None:
+        await self._write(
+            "UPDATE stories SET current_seat = ?, turn_deadline = ? WHERE id = ?",
+            (seat, deadline, story_id),
+        )
+
+    async def turn_pointer(self, story_id: int) -> tuple[int | None, float | None]:
+        rows = await self.db.execute_fetchall(
+            "SELECT current_seat, turn_deadline FROM stories WHERE id = ?", (story_id,)
+        )
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
+
+    async def overdue_turns(self, now: float) -> list[str]:
+        rows = await self.db.execute_fetchall(
+            "SELECT channel FROM stories WHERE status = 'active' AND mode = 'round-robin'"
+            " AND turn_deadline IS NOT NULL AND turn_deadline <= ? ORDER BY turn_deadline",
+            (now,),
+        )
+        return [r[0] for r in rows]
+
+    async def turn_timeout(self, channel: str) -> int | None:
+        rows = await self.db.execute_fetchall(
+            "SELECT turn_timeout_s FROM channel_settings WHERE channel = ?", (channel,)
+        )
+        return rows[0][0] if rows else None
+
+    async def set_turn_timeout(self, channel: str, seconds: int) -> None:
+        await self._write(
+            "INSERT INTO channel_settings (channel, turn_timeout_s) VALUES (?, ?)"
+            " ON CONFLICT (channel) DO UPDATE SET turn_timeout_s = excluded.turn_timeout_s",
+            (channel, seconds),
+        )
+
+    async def link_message(self, message_id: str, generation_id: int) -> None:
+        await self._write(
+            "INSERT OR REPLACE INTO story_messages (message_id, generation_id) VALUES (?, ?)",
+            (message_id, generation_id),
+        )
+
+    async def generation_for_message(self, message_id: str) -> int | None:
+        rows = await self.db.execute_fetchall(
+            "SELECT generation_id FROM story_messages WHERE message_id = ?", (message_id,)
+        )
+        return rows[0][0] if rows else None
+
+    async def set_feedback(
+        self, generation_id: int, user_id: str, emoji: str, value: float
+    ) -> None:
+        await self._write(
+            "INSERT INTO feedback (generation_id, user_id, emoji, value) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (generation_id, user_id, emoji) DO UPDATE SET value = excluded.value",
+            (generation_id, user_id, emoji, value),
+        )
+
+    async def delete_feedback(self, generation_id: int, user_id: str, emoji: str) -> None:
+        await self._write(
+            "DELETE FROM feedback WHERE generation_id = ? AND user_id = ? AND emoji = ?",
+            (generation_id, user_id, emoji),
+        )
+
+    async def feedback(self, generation_id: int) -> list[tuple[str, str, float]]:
+        rows = await self.db.execute_fetchall(
+            "SELECT user_id, emoji, value FROM feedback WHERE generation_id = ? ORDER BY id",
+            (generation_id,),
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def create_choice(
+        self, story_id: int, action: int, user_id: str | None, generation_ids: list[int]
+    ) -> int:
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO choices (story_id, action, user_id) VALUES (?, ?, ?)",
+                (story_id, action, user_id),
+            )
+            choice_id = cursor.lastrowid or 0
+            await db.executemany(
+                "INSERT INTO choice_options (choice_id, position, generation_id) VALUES (?, ?, ?)",
+                [(choice_id, i, g) for i, g in enumerate(generation_ids, 1)],
+            )
+        return choice_id
+
+    async def choice(self, choice_id: int) -> tuple[int, int, str, list[int]] | None:
+        """(story_id, action, status, generation ids by position) of a choice."""
+        rows = await self.db.execute_fetchall(
+            "SELECT story_id, action, status FROM choices WHERE id = ?", (choice_id,)
+        )
+        if not rows:
+            return None
+        options = await self.db.execute_fetchall(
+            "SELECT generation_id FROM choice_options WHERE choice_id = ? ORDER BY position",
+            (choice_id,),
+        )
+        return rows[0][0], rows[0][1], rows[0][2], [o[0] for o in options]
+
+    async def close_choice(self, choice_id: int, status: str) -> bool:
+        """Close an open choice. False if it was not open (chosen already, or expired)."""
+        cursor = await self._write(
+            "UPDATE choices SET status = ? WHERE id = ? AND status = 'open'", (status, choice_id)
+        )
+        return cursor.rowcount > 0
+
+    async def expire_open_choices(self, story_id: int) -> None:
+        await self._write(
+            "UPDATE choices SET status = 'expired' WHERE story_id = ? AND status = 'open'",
+            (story_id,),
+        )
+
+    async def add_preference_pairs(
+        self, chosen: int, rejected: list[int], user_id: str | None, source: str
+    ) -> None:
+        async with self.transaction() as db:
+            await db.executemany(
+                "INSERT INTO preference_pairs (chosen_generation_id, rejected_generation_id,"
+                " user_id, source) VALUES (?, ?, ?, ?)",
+                [(chosen, r, user_id, source) for r in rejected],
+            )
+
+    async def preference_pairs(self) -> list[tuple[int, int, str | None, str]]:
+        rows = await self.db.execute_fetchall(
+            "SELECT chosen_generation_id, rejected_generation_id, user_id, source"
+            " FROM preference_pairs ORDER BY id"
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def is_forgotten(self, user_id: str) -> bool:
+        rows = await self.db.execute_fetchall(
+            "SELECT 1 FROM forgotten_users WHERE user_id = ?", (user_id,)
+        )
+        return bool(rows)
+
+    async def forget_user(self, user_id: str) -> tuple[int, int, int]:
+        """Delete the user's reactions and choices, anonymise their turns and exclude them
+        from training; remember the id so nothing of theirs is recorded again."""
+        async with self.transaction() as db:
+            feedback = await db.execute("DELETE FROM feedback WHERE user_id = ?", (user_id,))
+            pairs = await db.execute("DELETE FROM preference_pairs WHERE user_id = ?", (user_id,))
+            turns = await db.execute(
+                "UPDATE turns SET author_id = NULL, author_name = 'a former player',"
+                " train_excluded = 1 WHERE author_id = ?",
+                (user_id,),
+            )
+            await db.execute("UPDATE choices SET user_id = NULL WHERE user_id = ?", (user_id,))
+            await db.execute(
+                "UPDATE stories SET created_by = NULL WHERE created_by = ?", (user_id,)
+            )
+            await db.execute(
+                "UPDATE players SET user_name = 'a former player', active = 0 WHERE user_id = ?",
+                (user_id,),
+            )
+            await db.execute(
+                "INSERT OR IGNORE INTO forgotten_users (user_id) VALUES (?)", (user_id,)
+            )
+        return feedback.rowcount, pairs.rowcount, turns.rowcount
+
+    async def user_data(self, user_id: str) -> dict[str, Any]:
+        """Everything stored that names the user: their turns and reactions."""
+        turns = await self.db.execute_fetchall(
+            "SELECT s.channel, t.story_id, t.position, t.text, t.status, t.created_at"
+            " FROM turns t JOIN stories s ON s.id = t.story_id WHERE t.author_id = ?"
+            " ORDER BY t.id",
+            (user_id,),
+        )
+        reactions = await self.db.execute_fetchall(
+            "SELECT f.generation_id, g.output, f.emoji, f.value, f.created_at FROM feedback f"
+            " JOIN generations g ON g.id = f.generation_id WHERE f.user_id = ? ORDER BY f.id",
+            (user_id,),
+        )
+        return {
+            "user_id": user_id,
+            "turns": [dict(r) for r in turns],
+            "reactions": [dict(r) for r in reactions],
+        }
+
+
+class Store(AudienceStore):
     """One aiosqlite connection. Every write runs inside `transaction()`, which
     serialises writers: coroutines share the connection, so one's open transaction
     must never swallow another's statements."""
