@@ -42,6 +42,7 @@ from .render import render_markdown, render_recap
 from .safety import SafetyFilter
 from .sampling import SamplingParams, preset
 from .store import Store
+from .text import split_sentences
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,22 @@ class StoryEngine:
         self._narrator = Narrator(self._generator, safety)
         return self
 
-    async def close(self) -> None:
+    async def close(self, *, grace_s: float = 5.0) -> None:
+        """Stop: generations in progress are cancelled and recorded as such (within
+        `grace_s`), then the generator and the database are closed."""
         for handles in self._in_flight.values():
             for handle in handles:
                 handle.cancel()
+
+        async def drain() -> None:  # every channel's operation ends (and is recorded)
+            for lock in list(self._locks.values()):
+                async with lock:
+                    pass
+
+        try:
+            await asyncio.wait_for(drain(), grace_s)
+        except TimeoutError:
+            log.warning("closing with operations still running after %.0f s", grace_s)
         if self._generator is not None:
             await self._generator.close()
         await self.store.close()
@@ -406,6 +419,15 @@ class StoryEngine:
             handle.cancel()
         return True
 
+    async def suggest_premise(self, genre: str | None = None) -> str:
+        """A premise to start from: the storyteller's own first sentence of a new tale."""
+        genre = self.safety.clean_input(genre or "", what="The genre", required=False)[:40]
+        opening = f"Once upon a time, in a {genre} land," if genre else "Once upon a time,"
+        params = self.settings.sampling.replace(max_new_tokens=40, num_beams=1, temperature=0.9)
+        narration = await self.narrator.narrate(opening, params, channel="ideas")
+        first = split_sentences(narration.text)[:1]
+        return self.safety.clean_output(f"{opening} {first[0] if first else narration.text}")
+
     # -- round-robin --------------------------------------------------------------
 
     async def turn_state(self, channel: str) -> TurnState:
@@ -475,6 +497,13 @@ class StoryEngine:
                 )
                 moved.append((channel, await self._turn_state(story)))
         return moved
+
+    async def check_turn(self, channel: str, author: Author) -> None:
+        """Raise `NotYourTurn` (or `NoActiveStory`) unless `author` may add a line now:
+        lets a front end refuse politely before it starts any work."""
+        story = await self.active_story(channel)
+        if story.mode == "round-robin":
+            await self._require_turn(story, author)
 
     async def _round_robin_story(self, channel: str) -> Story:
         story = await self.active_story(channel)

@@ -1,0 +1,113 @@
+"""`StoryBot`: the discord.py client. Owns the engine; cogs do the rest."""
+
+from __future__ import annotations
+
+import logging
+
+import discord
+from discord import app_commands
+from discord.ext import commands, tasks
+
+from storyengine.engine import StoryEngine
+from storyengine.errors import StoryError
+
+from .settings import BotSettings
+
+log = logging.getLogger(__name__)
+
+
+def intents() -> discord.Intents:
+    """Only what the bot uses: guilds (channels, threads) and reactions. No message
+    content: everything goes through slash commands, buttons and reactions."""
+    wanted = discord.Intents.none()
+    wanted.guilds = True
+    wanted.guild_reactions = True
+    wanted.dm_reactions = True
+    return wanted
+
+
+class StoryBot(commands.Bot):
+    def __init__(self, *, engine: StoryEngine, settings: BotSettings) -> None:
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents(),
+            allowed_mentions=discord.AllowedMentions.none(),
+            help_command=None,
+        )
+        self.engine = engine
+        self.settings = settings
+        self.tree.on_error = self.on_app_command_error  # type: ignore[method-assign]
+
+    async def setup_hook(self) -> None:
+        from .cogs.feedback import FeedbackCog
+        from .cogs.story import StoryCog
+        from .views import ChoiceButton, ContinueButton, RetryButton
+
+        await self.engine.start()
+        await self.add_cog(StoryCog(self))
+        await self.add_cog(FeedbackCog(self))
+        # Buttons on story messages keep working after a restart.
+        self.add_dynamic_items(ContinueButton, RetryButton, ChoiceButton)
+        if self.settings.dev_guild_id:
+            guild = discord.Object(self.settings.dev_guild_id)
+            self.tree.copy_global_to(guild=guild)
+            await self.tree.sync(guild=guild)
+        else:
+            await self.tree.sync()
+        self.turn_clock.change_interval(seconds=self.settings.turn_check_s)
+        self.turn_clock.start()
+
+    async def close(self) -> None:
+        self.turn_clock.cancel()
+        await super().close()
+        await self.engine.close()
+
+    @tasks.loop(seconds=15)
+    async def turn_clock(self) -> None:
+        """Pass round-robin turns whose time ran out, and say so in the channel."""
+        from .render import describe_turn
+
+        try:
+            moved = await self.engine.expire_turns()
+        except Exception:
+            log.exception("checking turn deadlines failed")
+            return
+        for channel_id, state in moved:
+            channel = self.get_channel(int(channel_id))
+            if channel is None:
+                try:
+                    channel = await self.fetch_channel(int(channel_id))
+                except discord.HTTPException:
+                    continue
+            if isinstance(channel, discord.abc.Messageable):
+                await channel.send("⏰ Time is up: the turn passes. " + describe_turn(state))
+
+    @turn_clock.before_loop
+    async def _before_turn_clock(self) -> None:
+        await self.wait_until_ready()
+
+    async def on_app_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        await report_error(interaction, error)
+
+
+async def report_error(interaction: discord.Interaction, error: Exception) -> None:
+    """A short ephemeral message for the user; the full trace in the log for bugs."""
+    original = getattr(error, "original", error)
+    if isinstance(original, StoryError):
+        message = str(original)
+    elif isinstance(error, app_commands.CommandOnCooldown):
+        message = f"Easy there, storyteller! Try again in {error.retry_after:.0f} s."
+    elif isinstance(error, app_commands.CheckFailure):
+        message = str(error) or "You can't use that here."
+    else:
+        log.error("command failed", exc_info=original)
+        message = "Something went wrong on my side; it has been logged. Please try again."
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(message, ephemeral=True)
+        else:
+            await interaction.response.send_message(message, ephemeral=True)
+    except discord.HTTPException:
+        log.exception("could not report an error to the user")

@@ -1,0 +1,1 @@
+"""One cog per area: stories (slash commands and buttons) and reaction feedback."""

@@ -1,0 +1,473 @@
+"""`/story ...`: every story command, and the story buttons' actions.
+
+Handlers validate, call the engine, and render; the story logic lives in the engine.
+Anything that generates text defers first (Discord's 3-second deadline) and streams.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from storyengine.errors import InvalidInput, StoryError
+from storyengine.records import Author, Story
+from storyengine.text import split_message
+
+from ..client import report_error
+from ..publish import ChannelTarget, InteractionTarget, Publisher, add_feedback_reactions
+from ..render import HELP, PRIVACY, choice_message, describe_turn, quote_line, story_message
+from ..views import ConfirmView, choice_controls, story_controls
+
+if TYPE_CHECKING:
+    from ..client import StoryBot
+
+Mode = Literal["solo", "round-robin", "companion"]
+PresetName = Literal["balanced", "gentle", "wild", "focused"]
+
+
+class Cooldown(StoryError):
+    pass
+
+
+class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a story together"):
+    def __init__(self, bot: StoryBot) -> None:
+        self.bot = bot
+        self.engine = bot.engine
+        self._last_generation: dict[int, float] = {}
+        super().__init__()
+
+    # -- helpers ------------------------------------------------------------------
+
+    @staticmethod
+    def channel_of(interaction: discord.Interaction) -> str:
+        return str(interaction.channel_id)
+
+    @staticmethod
+    def author_of(interaction: discord.Interaction) -> Author:
+        return Author(str(interaction.user.id), interaction.user.display_name)
+
+    @staticmethod
+    def is_moderator(interaction: discord.Interaction) -> bool:
+        return bool(interaction.permissions.manage_messages)
+
+    def cooldown(self, interaction: discord.Interaction) -> None:
+        """Per-user pause between generating commands."""
+        now = time.monotonic()
+        wait = self.bot.settings.cooldown_s - (
+            now - self._last_generation.get(interaction.user.id, -1e9)
+        )
+        if wait > 0:
+            raise Cooldown(f"Easy there, storyteller! Try again in {wait:.0f} s.")
+        self._last_generation[interaction.user.id] = now
+
+    async def run_guarded(
+        self, interaction: discord.Interaction, action: Callable[..., Awaitable[None]], *args: Any
+    ) -> None:
+        """Run a button's action with the same error handling as a command."""
+        try:
+            await action(interaction, *args)
+        except Exception as exc:
+            await report_error(interaction, exc)
+
+    async def say(
+        self, interaction: discord.Interaction, text: str, *, ephemeral: bool = False
+    ) -> None:
+        """Reply with `text`, split over several messages if it is long."""
+        chunks = split_message(text) or ["…"]
+        if interaction.response.is_done():
+            await interaction.followup.send(chunks[0], ephemeral=ephemeral)
+        else:
+            await interaction.response.send_message(chunks[0], ephemeral=ephemeral)
+        for chunk in chunks[1:]:
+            await interaction.followup.send(chunk, ephemeral=ephemeral)
+
+    # -- starting -----------------------------------------------------------------
+
+    @app_commands.command(name="start", description="Open a story in this channel")
+    @app_commands.describe(
+        premise="How the story begins, e.g. 'Once upon a time, a little fox...'",
+        genre="fairy tale, mystery, adventure...",
+        mode="solo: anyone goes on · round-robin: take turns · companion: just you and me",
+        preset="storytelling style",
+    )
+    async def start(
+        self,
+        interaction: discord.Interaction,
+        premise: app_commands.Range[str, 1, 1000],
+        genre: app_commands.Range[str, 1, 40] | None = None,
+        mode: Mode = "solo",
+        preset: PresetName | None = None,
+    ) -> None:
+        self.cooldown(interaction)
+        await interaction.response.defer(thinking=True)
+        author = self.author_of(interaction)
+        if mode == "companion" and interaction.guild is not None:
+            await self._start_companion_thread(interaction, premise, genre, preset, author)
+            return
+        channel = self.channel_of(interaction)
+        if preset:
+            await self.engine.configure_channel(channel, preset_name=preset)
+        header = f"📖 **{premise}**"
+        with Publisher(self.bot, InteractionTarget(interaction), prefix=header + "\n\n") as pub:
+            result = await self.engine.start_story(
+                channel, premise, author=author, genre=genre, mode=mode, on_progress=pub.progress
+            )
+            view = None if mode == "companion" else story_controls()
+            await pub.finish(story_message(result.text, header=header), result.generation_id, view)
+        if mode == "round-robin":
+            await interaction.followup.send(
+                "🎲 Round-robin game: `/story join` to take a seat. "
+                + describe_turn(await self.engine.turn_state(channel))
+            )
+
+    async def _start_companion_thread(
+        self,
+        interaction: discord.Interaction,
+        premise: str,
+        genre: str | None,
+        preset: str | None,
+        author: Author,
+    ) -> None:
+        """Companion sessions in a server get a thread of their own."""
+        parent = interaction.channel
+        if not isinstance(parent, discord.TextChannel):
+            raise InvalidInput("Start a companion story in a text channel or in a DM with me.")
+        thread = await parent.create_thread(
+            name=premise[:90], type=discord.ChannelType.public_thread, auto_archive_duration=1440
+        )
+        await interaction.edit_original_response(
+            content=f"📖 Your story with me continues in {thread.mention}."
+        )
+        channel = str(thread.id)
+        if preset:
+            await self.engine.configure_channel(channel, preset_name=preset)
+        header = f"📖 **{premise}**"
+        with Publisher(self.bot, ChannelTarget(thread, thread.id), prefix=header + "\n\n") as pub:
+            result = await self.engine.start_story(
+                channel,
+                premise,
+                author=author,
+                genre=genre,
+                mode="companion",
+                on_progress=pub.progress,
+            )
+            await pub.finish(story_message(result.text, header=header), result.generation_id, None)
+        await thread.send(
+            "Write with `/story continue text:...` here; I'll offer you a few ways to go on."
+        )
+
+    # -- continuing ---------------------------------------------------------------
+
+    @app_commands.command(
+        name="continue", description="Add your line (optional) and let the storyteller go on"
+    )
+    @app_commands.describe(text="Your line of the story")
+    async def continue_(
+        self, interaction: discord.Interaction, text: app_commands.Range[str, 1, 1000] | None = None
+    ) -> None:
+        await self.do_continue(interaction, text)
+
+    async def do_continue(self, interaction: discord.Interaction, text: str | None) -> None:
+        channel, author = self.channel_of(interaction), self.author_of(interaction)
+        await self.engine.check_turn(channel, author)  # refuse before any work is shown
+        story = await self.engine.active_story(channel)
+        self.cooldown(interaction)
+        await interaction.response.defer(thinking=True)
+        if story.mode == "companion":
+            await self._offer_choices(interaction, story, author, text)
+            return
+        prefix = quote_line(author.name, text) + "\n\n" if text else ""
+        with Publisher(self.bot, InteractionTarget(interaction), prefix=prefix) as pub:
+            result = await self.engine.continue_story(
+                channel, author, text, on_progress=pub.progress
+            )
+            user_line = (author.name, result.user_turn.text) if result.user_turn else None
+            await pub.finish(
+                story_message(result.text, user_line=user_line),
+                result.generation_id,
+                story_controls(),
+            )
+        if story.mode == "round-robin":
+            await interaction.followup.send(describe_turn(await self.engine.turn_state(channel)))
+
+    async def _offer_choices(
+        self, interaction: discord.Interaction, story: Story, author: Author, text: str | None
+    ) -> None:
+        offer = await self.engine.offer_choices(story.channel, author, text, count=3)
+        await interaction.edit_original_response(
+            content=choice_message(offer, author.name),
+            view=choice_controls(offer.id, len(offer.options)),
+        )
+
+    async def do_choose(
+        self, interaction: discord.Interaction, choice_id: int, position: int
+    ) -> None:
+        channel, author = self.channel_of(interaction), self.author_of(interaction)
+        story = await self.engine.active_story(channel)
+        if story.created_by not in (None, author.id):
+            raise InvalidInput("Only the person this story is with can choose.")
+        result = await self.engine.choose(channel, choice_id, position, author)
+        user_line = (author.name, result.user_turn.text) if result.user_turn else None
+        await interaction.response.edit_message(
+            content=story_message(result.text, user_line=user_line)[:2000], view=None
+        )
+        message = await interaction.original_response()
+        await self.engine.link_message(str(message.id), result.generation_id)
+        await add_feedback_reactions(message)
+
+    @app_commands.command(name="retry", description="Write the storyteller's last turn again")
+    async def retry(self, interaction: discord.Interaction) -> None:
+        await self.do_retry(interaction)
+
+    async def do_retry(self, interaction: discord.Interaction) -> None:
+        channel = self.channel_of(interaction)
+        await self.engine.active_story(channel)
+        self.cooldown(interaction)
+        await interaction.response.defer(thinking=True)
+        with Publisher(self.bot, InteractionTarget(interaction), prefix="🔁 ") as pub:
+            result = await self.engine.retry(channel, on_progress=pub.progress)
+            await pub.finish(
+                story_message(result.text, header="🔁"), result.generation_id, story_controls()
+            )
+
+    @app_commands.command(name="undo", description="Take back the last turn (a line and its reply)")
+    async def undo(self, interaction: discord.Interaction) -> None:
+        removed = await self.engine.undo(self.channel_of(interaction))
+        await self.say(interaction, f"↩️ Undone: {len(removed)} turn(s).")
+
+    @app_commands.command(name="stop", description="Stop the storyteller while it is writing")
+    async def stop(self, interaction: discord.Interaction) -> None:
+        stopped = self.engine.stop(self.channel_of(interaction))
+        await self.say(
+            interaction,
+            "⏹️ Stopped." if stopped else "Nothing is being written right now.",
+            ephemeral=not stopped,
+        )
+
+    @app_commands.command(name="recap", description="The story so far, in brief")
+    async def recap(self, interaction: discord.Interaction) -> None:
+        await self.say(interaction, await self.engine.recap(self.channel_of(interaction)))
+
+    @app_commands.command(name="export", description="The story as a Markdown file")
+    async def export(self, interaction: discord.Interaction) -> None:
+        markdown = await self.engine.export_markdown(self.channel_of(interaction))
+        file = discord.File(io.BytesIO(markdown.encode("utf-8")), filename="story.md")
+        await interaction.response.send_message("📜 Here is the story so far.", file=file)
+
+    @app_commands.command(name="end", description="End the story in this channel")
+    async def end(self, interaction: discord.Interaction) -> None:
+        channel = self.channel_of(interaction)
+        story = await self.engine.active_story(channel)
+        if story.mode == "round-robin" and story.created_by not in (None, str(interaction.user.id)):
+            if not self.is_moderator(interaction):
+                raise InvalidInput("Only whoever started this game, or a moderator, can end it.")
+        await self.engine.end_story(channel)
+        await self.say(
+            interaction,
+            "🏁 The story has ended. `/story export` still works; `/story start` begins a new one.",
+        )
+
+    # -- notes ----------------------------------------------------------------------
+
+    @app_commands.command(
+        name="memory", description="Something the storyteller always keeps in mind"
+    )
+    @app_commands.describe(
+        text="e.g. 'The fox is called Rusty and is afraid of water.' Empty clears it."
+    )
+    async def memory(
+        self, interaction: discord.Interaction, text: app_commands.Range[str, 0, 1000] = ""
+    ) -> None:
+        await self.engine.set_memory(self.channel_of(interaction), text)
+        await self.say(interaction, "🧠 Memory set." if text else "🧠 Memory cleared.")
+
+    @app_commands.command(name="note", description="Author's note: steers the next turns")
+    @app_commands.describe(text="e.g. 'The mood turns spooky.' Empty clears it.")
+    async def note(
+        self, interaction: discord.Interaction, text: app_commands.Range[str, 0, 400] = ""
+    ) -> None:
+        await self.engine.set_authors_note(self.channel_of(interaction), text)
+        await self.say(interaction, "✒️ Author's note set." if text else "✒️ Author's note cleared.")
+
+    @app_commands.command(
+        name="lore", description="A character or place, recalled when its trigger words appear"
+    )
+    @app_commands.describe(
+        name="e.g. Rusty",
+        triggers="comma-separated words, e.g. 'rusty, fox'",
+        text="who or what it is",
+    )
+    async def lore(
+        self,
+        interaction: discord.Interaction,
+        name: app_commands.Range[str, 1, 60],
+        triggers: app_commands.Range[str, 1, 200],
+        text: app_commands.Range[str, 1, 400],
+    ) -> None:
+        card = await self.engine.add_lore(self.channel_of(interaction), name, triggers, text)
+        await self.say(
+            interaction,
+            f"📚 Lore card **{card.name}** saved (triggers: {', '.join(card.triggers)}).",
+        )
+
+    @app_commands.command(name="lore-list", description="List this story's lore cards")
+    async def lore_list(self, interaction: discord.Interaction) -> None:
+        cards = await self.engine.lore(self.channel_of(interaction))
+        lines = [f"**{c.name}** ({', '.join(c.triggers)}): {c.text}" for c in cards]
+        await self.say(
+            interaction,
+            "\n".join(lines) or "No lore cards yet: `/story lore` adds one.",
+            ephemeral=True,
+        )
+
+    @app_commands.command(name="lore-remove", description="Remove a lore card")
+    async def lore_remove(
+        self, interaction: discord.Interaction, name: app_commands.Range[str, 1, 60]
+    ) -> None:
+        await self.engine.remove_lore(self.channel_of(interaction), name)
+        await self.say(interaction, f"📚 Lore card **{name}** removed.")
+
+    @lore_remove.autocomplete("name")
+    async def _lore_names(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        try:
+            cards = await self.engine.lore(self.channel_of(interaction))
+        except StoryError:
+            return []
+        return [
+            app_commands.Choice(name=c.name, value=c.name)
+            for c in cards
+            if current.lower() in c.name.lower()
+        ][:25]
+
+    @app_commands.command(name="settings", description="This channel's storytelling style")
+    @app_commands.describe(
+        preset="a style preset (resets temperature and length)",
+        temperature="randomness, 0 (predictable) to 2 (wild)",
+        length="tokens per continuation (about 3/4 of a word each)",
+        turn_timeout="round-robin: seconds before an untaken turn passes",
+    )
+    async def settings(
+        self,
+        interaction: discord.Interaction,
+        preset: PresetName | None = None,
+        temperature: app_commands.Range[float, 0.0, 2.0] | None = None,
+        length: app_commands.Range[int, 16, 400] | None = None,
+        turn_timeout: app_commands.Range[int, 30, 86400] | None = None,
+    ) -> None:
+        channel = self.channel_of(interaction)
+        params = await self.engine.configure_channel(
+            channel, preset_name=preset, temperature=temperature, max_new_tokens=length
+        )
+        if turn_timeout is not None:
+            await self.engine.set_turn_timeout(channel, turn_timeout)
+        style = "beam search" if params.beam_search else f"temperature {params.temperature}"
+        await self.say(
+            interaction,
+            f"⚙️ {style}, length {params.max_new_tokens} tokens"
+            + (f", turns pass after {turn_timeout} s" if turn_timeout else "")
+            + ".",
+        )
+
+    # -- round-robin --------------------------------------------------------------
+
+    @app_commands.command(name="join", description="Take a seat in this round-robin game")
+    async def join(self, interaction: discord.Interaction) -> None:
+        state = await self.engine.join(self.channel_of(interaction), self.author_of(interaction))
+        await self.say(
+            interaction, f"🪑 {interaction.user.display_name} joins. " + describe_turn(state)
+        )
+
+    @app_commands.command(name="leave", description="Leave this round-robin game")
+    async def leave(self, interaction: discord.Interaction) -> None:
+        state = await self.engine.leave(self.channel_of(interaction), self.author_of(interaction))
+        await self.say(
+            interaction, f"👋 {interaction.user.display_name} leaves. " + describe_turn(state)
+        )
+
+    @app_commands.command(
+        name="pass", description="Pass your turn (moderators: skip the current player)"
+    )
+    async def pass_(self, interaction: discord.Interaction) -> None:
+        state = await self.engine.pass_turn(
+            self.channel_of(interaction),
+            self.author_of(interaction),
+            moderator=self.is_moderator(interaction),
+        )
+        await self.say(interaction, "⏭️ Turn passed. " + describe_turn(state))
+
+    @app_commands.command(name="turn", description="Whose turn it is, the order and the deadline")
+    async def turn(self, interaction: discord.Interaction) -> None:
+        await self.say(
+            interaction,
+            describe_turn(await self.engine.turn_state(self.channel_of(interaction))),
+            ephemeral=True,
+        )
+
+    # -- the rest -------------------------------------------------------------------
+
+    @app_commands.command(name="idea", description="Suggest a premise to start from")
+    async def idea(
+        self, interaction: discord.Interaction, genre: app_commands.Range[str, 1, 40] | None = None
+    ) -> None:
+        self.cooldown(interaction)
+        await interaction.response.defer(thinking=True)
+        premise = await self.engine.suggest_premise(genre)
+        await interaction.edit_original_response(
+            content=f"💡 {premise}\n\nStart it with `/story start premise:...`."
+        )
+
+    @app_commands.command(name="help", description="What the storyteller can do")
+    async def help(self, interaction: discord.Interaction) -> None:
+        await self.say(interaction, HELP, ephemeral=True)
+
+    @app_commands.command(name="privacy", description="What is stored about you, and why")
+    async def privacy(self, interaction: discord.Interaction) -> None:
+        await self.say(interaction, PRIVACY, ephemeral=True)
+
+    @app_commands.command(name="my-data", description="Download everything stored about you")
+    async def my_data(self, interaction: discord.Interaction) -> None:
+        data = await self.engine.export_user_data(str(interaction.user.id))
+        file = discord.File(
+            io.BytesIO(json.dumps(data, indent=2, ensure_ascii=False).encode()),
+            filename="my-taleweaver-data.json",
+        )
+        await interaction.response.send_message(
+            "Here is what I store about you.", file=file, ephemeral=True
+        )
+
+    @app_commands.command(
+        name="forget-me", description="Delete your feedback and keep your lines out of training"
+    )
+    async def forget_me(self, interaction: discord.Interaction) -> None:
+        view = ConfirmView(interaction.user.id)
+        await interaction.response.send_message(
+            "This deletes your reactions and choices, anonymises your lines in shared stories "
+            "(they stay in the story, without your name, and are never trained on) and stops "
+            "recording your feedback. It cannot be undone. Go ahead?",
+            view=view,
+            ephemeral=True,
+        )
+        await view.wait()
+        if view.interaction is None:  # timed out
+            await interaction.edit_original_response(content="Nothing was changed.", view=None)
+            return
+        if not view.confirmed:
+            await view.interaction.response.edit_message(content="Nothing was changed.", view=None)
+            return
+        report = await self.engine.forget_user(str(interaction.user.id))
+        await view.interaction.response.edit_message(
+            content=(
+                f"Done: {report.feedback_deleted} reaction(s) and {report.preferences_deleted} "
+                f"choice(s) deleted, {report.turns_anonymised} line(s) anonymised."
+            ),
+            view=None,
+        )

@@ -1,0 +1,127 @@
+"""Buttons. Story buttons are dynamic items: their state lives in the custom id, so
+they keep working after the bot restarts."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import discord
+
+if TYPE_CHECKING:
+    from .cogs.story import StoryCog
+
+
+def _cog(interaction: discord.Interaction) -> StoryCog:
+    cog = interaction.client.get_cog("StoryCog")  # type: ignore[attr-defined]
+    assert cog is not None
+    return cog  # type: ignore[return-value]
+
+
+class ContinueButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"tw:continue"):
+    def __init__(self) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Continue",
+                style=discord.ButtonStyle.primary,
+                custom_id="tw:continue",
+                emoji="▶️",
+            )
+        )
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: Any, match: re.Match[str]
+    ) -> ContinueButton:
+        return cls()
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _cog(interaction).run_guarded(interaction, _cog(interaction).do_continue, None)
+
+
+class RetryButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"tw:retry"):
+    def __init__(self) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Retry", style=discord.ButtonStyle.secondary, custom_id="tw:retry", emoji="🔁"
+            )
+        )
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: Any, match: re.Match[str]
+    ) -> RetryButton:
+        return cls()
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _cog(interaction).run_guarded(interaction, _cog(interaction).do_retry)
+
+
+class ChoiceButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"tw:choice:(?P<choice>\d+):(?P<position>\d)",
+):
+    def __init__(self, choice_id: int, position: int) -> None:
+        self.choice_id, self.position = choice_id, position
+        super().__init__(
+            discord.ui.Button(
+                label=str(position),
+                style=discord.ButtonStyle.success,
+                custom_id=f"tw:choice:{choice_id}:{position}",
+            )
+        )
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: Any, match: re.Match[str]
+    ) -> ChoiceButton:
+        return cls(int(match["choice"]), int(match["position"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _cog(interaction).run_guarded(
+            interaction, _cog(interaction).do_choose, self.choice_id, self.position
+        )
+
+
+def story_controls() -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    view.add_item(ContinueButton())
+    view.add_item(RetryButton())
+    return view
+
+
+def choice_controls(choice_id: int, count: int) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for position in range(1, count + 1):
+        view.add_item(ChoiceButton(choice_id, position))
+    return view
+
+
+class ConfirmView(discord.ui.View):
+    """Yes/no for one user; disables itself when answered or timed out."""
+
+    def __init__(self, user_id: int, *, timeout: float = 60.0) -> None:
+        super().__init__(timeout=timeout)
+        self.user_id = user_id
+        self.confirmed: bool | None = None
+        self.interaction: discord.Interaction | None = None
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if interaction.user.id != self.user_id:
+            await interaction.response.send_message("This question is not for you.", ephemeral=True)
+            return False
+        return True
+
+    async def _answer(self, interaction: discord.Interaction, confirmed: bool) -> None:
+        self.confirmed, self.interaction = confirmed, interaction
+        for item in self.children:
+            item.disabled = True  # type: ignore[attr-defined]
+        self.stop()
+
+    @discord.ui.button(label="Yes, forget me", style=discord.ButtonStyle.danger)
+    async def yes(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
+        await self._answer(interaction, True)
+
+    @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
+    async def no(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
+        await self._answer(interaction, False)
