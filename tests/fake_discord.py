@@ -1,0 +1,632 @@
+"""A local fake of Discord for end-to-end tests: an aiohttp server on 127.0.0.1 that
+speaks the gateway websocket (HELLO, IDENTIFY, READY, GUILD_CREATE, heartbeats,
+zlib-stream transport compression, dispatched events) and the REST routes the bot uses.
+
+The real discord.py client connects to it (tests point `Route.BASE` and
+`DiscordWebSocket.DEFAULT_GATEWAY` here). Every REST call is recorded, so tests assert
+what a user would see; an unknown route is answered 404 and recorded in `unexpected`,
+which the test fixture checks, so anything unplanned fails the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+import urllib.parse
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+GUILD_ID = 1000
+TEXT_CHANNEL = 2000
+OTHER_CHANNEL = 2001
+BOT_ID = 900
+MANAGE_MESSAGES = 1 << 13
+EVERYONE_PERMISSIONS = (
+    (1 << 10) | (1 << 11) | (1 << 6) | (1 << 14) | (1 << 15) | (1 << 31) | (1 << 35) | (1 << 38)
+)
+
+
+def user_json(user_id: int, name: str, *, bot: bool = False) -> dict[str, Any]:
+    return {
+        "id": str(user_id),
+        "username": name,
+        "global_name": name,
+        "discriminator": "0",
+        "avatar": None,
+        "bot": bot,
+        "public_flags": 0,
+    }
+
+
+@dataclass
+class FakeUser:
+    id: int
+    name: str
+    moderator: bool = False
+
+    def member(self) -> dict[str, Any]:
+        permissions = EVERYONE_PERMISSIONS | (MANAGE_MESSAGES if self.moderator else 0)
+        return {
+            "user": user_json(self.id, self.name),
+            "roles": [],
+            "joined_at": "2026-01-01T00:00:00+00:00",
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "permissions": str(permissions),
+            "nick": None,
+        }
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    body: Any
+    at: float
+
+
+@dataclass
+class InteractionRecord:
+    id: int
+    token: str
+    user: FakeUser
+    channel_id: int
+    dispatched_at: float
+    acked_at: float | None = None
+    callback_type: int | None = None
+    ephemeral: bool = False
+    original_id: int | None = None
+    """The reply: the message the callback created (or, for type 7, updated)."""
+    source_id: int | None = None
+    """For a button press: the message the button is on."""
+    followups: list[int] = field(default_factory=list)
+
+    @property
+    def ack_seconds(self) -> float | None:
+        return None if self.acked_at is None else self.acked_at - self.dispatched_at
+
+
+class FakeDiscord:
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.unexpected: list[str] = []
+        self.messages: dict[int, dict[str, Any]] = {}
+        self.reactions: list[tuple[int, str]] = []  # (message id, emoji) added by the bot
+        self.interactions: dict[int, InteractionRecord] = {}
+        self.by_token: dict[str, InteractionRecord] = {}
+        self.channels: dict[int, dict[str, Any]] = {
+            TEXT_CHANNEL: self._text_channel(TEXT_CHANNEL, "story-time"),
+            OTHER_CHANNEL: self._text_channel(OTHER_CHANNEL, "other"),
+        }
+        self.commands: list[dict[str, Any]] = []
+        self.ready = asyncio.Event()
+        self.identified = 0
+        self._ids = itertools.count(10**17)
+        self._ws: web.WebSocketResponse | None = None
+        self._compressor: Any = None
+        self._seq = 0
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # -- server ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._record])
+        app.router.add_get("/gateway", self._gateway)
+        r = app.router
+        r.add_get("/api/v10/users/@me", self._me)
+        r.add_get("/api/v10/oauth2/applications/@me", self._application)
+        r.add_put("/api/v10/applications/{app}/commands", self._sync)
+        r.add_put("/api/v10/applications/{app}/guilds/{guild}/commands", self._sync)
+        r.add_post("/api/v10/interactions/{id}/{token}/callback", self._callback)
+        r.add_get("/api/v10/webhooks/{app}/{token}/messages/@original", self._get_original)
+        r.add_patch("/api/v10/webhooks/{app}/{token}/messages/@original", self._edit_original)
+        r.add_delete("/api/v10/webhooks/{app}/{token}/messages/@original", self._delete_original)
+        r.add_post("/api/v10/webhooks/{app}/{token}", self._followup)
+        r.add_post("/api/v10/channels/{channel}/messages", self._channel_message)
+        r.add_patch("/api/v10/channels/{channel}/messages/{message}", self._edit_message)
+        r.add_put(
+            "/api/v10/channels/{channel}/messages/{message}/reactions/{emoji}/@me", self._react
+        )
+        r.add_post("/api/v10/channels/{channel}/threads", self._thread)
+        r.add_get("/api/v10/channels/{channel}", self._get_channel)
+        r.add_post("/api/v10/users/@me/channels", self._dm)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v10"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/gateway"
+
+    @web.middleware
+    async def _record(
+        self, request: web.Request, handler: Callable[..., Any]
+    ) -> web.StreamResponse:
+        if request.path != "/gateway":
+            body: Any = None
+            if request.content_type == "application/json":
+                raw = await request.read()
+                body = json.loads(raw) if raw else None
+            self.calls.append(Call(request.method, request.path, body, time.monotonic()))
+            if (
+                request.headers.get("Authorization") != "Bot " + TOKEN
+                and "/webhooks/" not in request.path
+                and "/interactions/" not in request.path
+            ):
+                self.unexpected.append(f"no bot token on {request.method} {request.path}")
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            self.unexpected.append(f"{request.method} {request.path}")
+            return _json({"message": "404: Not Found", "code": 0}, status=404)
+
+    # -- gateway --------------------------------------------------------------------
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        if request.query.get("compress") not in (None, "zlib-stream"):
+            self.unexpected.append(f"gateway compression {request.query.get('compress')}")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self._ws, self._seq = ws, 0
+        self._compressor = zlib.compressobj() if request.query.get("compress") else None
+        await self._send({"op": 10, "d": {"heartbeat_interval": 41250}, "s": None, "t": None})
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            payload = json.loads(msg.data)
+            if payload["op"] == 1:
+                await self._send({"op": 11, "d": None, "s": None, "t": None})
+            elif payload["op"] == 2:
+                self.identified += 1
+                if payload["d"].get("token") != TOKEN:
+                    self.unexpected.append("IDENTIFY with the wrong token")
+                await self.dispatch("READY", self._ready())
+                await self.dispatch("GUILD_CREATE", self._guild())
+            elif payload["op"] not in (3,):
+                self.unexpected.append(f"gateway op {payload['op']}")
+        return ws
+
+    async def _send(self, payload: dict[str, Any]) -> None:
+        assert self._ws is not None
+        data = json.dumps(payload).encode()
+        if self._compressor is None:
+            await self._ws.send_str(data.decode())
+        else:
+            await self._ws.send_bytes(
+                self._compressor.compress(data) + self._compressor.flush(zlib.Z_SYNC_FLUSH)
+            )
+
+    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        self._seq += 1
+        await self._send({"op": 0, "t": event, "s": self._seq, "d": data})
+
+    def _ready(self) -> dict[str, Any]:
+        return {
+            "v": 10,
+            "user": user_json(BOT_ID, "Taleweaver", bot=True),
+            "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
+            "session_id": "fake-session",
+            "resume_gateway_url": self.gateway_url,
+            "shard": [0, 1],
+            "application": {"id": str(BOT_ID), "flags": 0},
+            "private_channels": [],
+            "relationships": [],
+        }
+
+    def _guild(self) -> dict[str, Any]:
+        return {
+            "id": str(GUILD_ID),
+            "name": "Story Club",
+            "icon": None,
+            "owner_id": "101",
+            "unavailable": False,
+            "member_count": 5,
+            "large": False,
+            "features": [],
+            "joined_at": "2026-01-01T00:00:00+00:00",
+            "emojis": [],
+            "stickers": [],
+            "roles": [
+                {
+                    "id": str(GUILD_ID),
+                    "name": "@everyone",
+                    "permissions": str(EVERYONE_PERMISSIONS),
+                    "position": 0,
+                    "color": 0,
+                    "hoist": False,
+                    "managed": False,
+                    "mentionable": False,
+                }
+            ],
+            "members": [
+                {
+                    **FakeUser(BOT_ID, "Taleweaver").member(),
+                    "user": user_json(BOT_ID, "Taleweaver", bot=True),
+                }
+            ],
+            "channels": [c for c in self.channels.values() if c["type"] == 0],
+            "threads": [],
+            "presences": [],
+            "voice_states": [],
+            "stage_instances": [],
+            "guild_scheduled_events": [],
+            "premium_tier": 0,
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "mfa_level": 0,
+            "system_channel_flags": 0,
+            "preferred_locale": "en-US",
+            "nsfw_level": 0,
+        }
+
+    def _text_channel(self, channel_id: int, name: str) -> dict[str, Any]:
+        return {
+            "id": str(channel_id),
+            "type": 0,
+            "name": name,
+            "guild_id": str(GUILD_ID),
+            "position": 0,
+            "permission_overwrites": [],
+            "nsfw": False,
+            "parent_id": None,
+        }
+
+    # -- REST -----------------------------------------------------------------------
+
+    async def _me(self, request: web.Request) -> web.Response:
+        return _json(user_json(BOT_ID, "Taleweaver", bot=True))
+
+    async def _application(self, request: web.Request) -> web.Response:
+        return _json(
+            {
+                "id": str(BOT_ID),
+                "name": "Taleweaver",
+                "icon": None,
+                "description": "",
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "owner": user_json(101, "Ann"),
+                "verify_key": "0" * 64,
+                "flags": 0,
+                "team": None,
+                "summary": "",
+                "rpc_origins": [],
+            }
+        )
+
+    async def _sync(self, request: web.Request) -> web.Response:
+        commands = await request.json()
+        self.commands = [
+            {**c, "id": str(next(self._ids)), "application_id": str(BOT_ID), "version": "1"}
+            for c in commands
+        ]
+        self.ready.set()
+        return _json(self.commands)
+
+    async def _callback(self, request: web.Request) -> web.Response:
+        record = self.interactions[int(request.match_info["id"])]
+        if record.acked_at is not None:
+            return _json(
+                {"message": "Interaction has already been acknowledged.", "code": 40060}, status=400
+            )
+        payload, files = await _payload(request)
+        record.callback_type = payload["type"]
+        record.acked_at = time.monotonic()
+        data = payload.get("data") or {}
+        interaction = {"id": str(record.id), "type": 2}
+        resource: dict[str, Any] = {"type": payload["type"]}
+        if payload["type"] in (4, 5):  # a message (or a "thinking…" placeholder)
+            record.ephemeral = bool((data.get("flags") or 0) & 64)
+            message = self._new_message(
+                record.channel_id, data, files, flags=128 if payload["type"] == 5 else 0
+            )
+            record.original_id = int(message["id"])
+            interaction.update(
+                response_message_id=message["id"],
+                response_message_loading=payload["type"] == 5,
+                response_message_ephemeral=record.ephemeral,
+            )
+            resource["message"] = message
+        elif payload["type"] == 7:  # update the message the button is on
+            assert record.source_id is not None
+            message = self.messages[record.source_id]
+            record.original_id = record.source_id
+            self._apply_edit(message, data, files)
+            resource["message"] = message
+        return _json({"interaction": interaction, "resource": resource})
+
+    async def _get_original(self, request: web.Request) -> web.Response:
+        return _json(self.messages[self._original(request)])
+
+    async def _edit_original(self, request: web.Request) -> web.Response:
+        payload, files = await _payload(request)
+        message = self.messages[self._original(request)]
+        self._apply_edit(message, payload, files)
+        return _json(message)
+
+    async def _delete_original(self, request: web.Request) -> web.Response:
+        self.messages.pop(self._original(request))["deleted"] = True
+        return web.Response(status=204)
+
+    def _original(self, request: web.Request) -> int:
+        record = self.by_token[request.match_info["token"]]
+        if record.original_id is None:
+            raise web.HTTPNotFound()
+        return record.original_id
+
+    async def _followup(self, request: web.Request) -> web.Response:
+        record = self.by_token[request.match_info["token"]]
+        payload, files = await _payload(request)
+        message = self._new_message(record.channel_id, payload, files)
+        record.followups.append(int(message["id"]))
+        return _json(message)
+
+    async def _channel_message(self, request: web.Request) -> web.Response:
+        payload, files = await _payload(request)
+        return _json(self._new_message(int(request.match_info["channel"]), payload, files))
+
+    async def _edit_message(self, request: web.Request) -> web.Response:
+        payload, files = await _payload(request)
+        message = self.messages[int(request.match_info["message"])]
+        self._apply_edit(message, payload, files)
+        return _json(message)
+
+    async def _react(self, request: web.Request) -> web.Response:
+        message_id = int(request.match_info["message"])
+        if message_id not in self.messages:
+            raise web.HTTPNotFound()
+        self.reactions.append((message_id, urllib.parse.unquote(request.match_info["emoji"])))
+        return web.Response(status=204)
+
+    async def _thread(self, request: web.Request) -> web.Response:
+        payload = await request.json()
+        thread_id = next(self._ids)
+        thread = {
+            "id": str(thread_id),
+            "type": payload.get("type", 11),
+            "name": payload["name"],
+            "guild_id": str(GUILD_ID),
+            "parent_id": request.match_info["channel"],
+            "owner_id": str(BOT_ID),
+            "member_count": 1,
+            "message_count": 0,
+            "rate_limit_per_user": 0,
+            "flags": 0,
+            "thread_metadata": {
+                "archived": False,
+                "auto_archive_duration": payload.get("auto_archive_duration", 1440),
+                "archive_timestamp": "2026-01-01T00:00:00+00:00",
+                "locked": False,
+            },
+        }
+        self.channels[thread_id] = thread
+        await self.dispatch("THREAD_CREATE", {**thread, "newly_created": True})
+        return _json(thread)
+
+    async def _get_channel(self, request: web.Request) -> web.Response:
+        channel = self.channels.get(int(request.match_info["channel"]))
+        if channel is None:
+            raise web.HTTPNotFound()
+        return _json(channel)
+
+    async def _dm(self, request: web.Request) -> web.Response:
+        recipient = (await request.json())["recipient_id"]
+        channel_id = next(self._ids)
+        self.channels[channel_id] = {
+            "id": str(channel_id),
+            "type": 1,
+            "recipients": [user_json(int(recipient), "user")],
+        }
+        return _json(self.channels[channel_id])
+
+    # -- messages -------------------------------------------------------------------
+
+    def _new_message(
+        self, channel_id: int, data: dict[str, Any], files: list[dict[str, Any]], *, flags: int = 0
+    ) -> dict[str, Any]:
+        message_id = next(self._ids)
+        channel = self.channels.get(channel_id, {})
+        message = {
+            "id": str(message_id),
+            "channel_id": str(channel_id),
+            "author": user_json(BOT_ID, "Taleweaver", bot=True),
+            "content": data.get("content") or "",
+            "timestamp": "2026-01-01T00:00:00+00:00",
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "embeds": [],
+            "attachments": files,
+            "pinned": False,
+            "type": 0,
+            "flags": flags | (data.get("flags") or 0),
+            "components": data.get("components") or [],
+            "allowed_mentions": data.get("allowed_mentions"),
+        }
+        if "guild_id" in channel:
+            message["guild_id"] = channel["guild_id"]
+        self.messages[message_id] = message
+        return message
+
+    @staticmethod
+    def _apply_edit(
+        message: dict[str, Any], data: dict[str, Any], files: list[dict[str, Any]]
+    ) -> None:
+        for key in ("content", "components", "allowed_mentions"):
+            if key in data:
+                message[key] = (
+                    data[key] if data[key] is not None else ([] if key == "components" else "")
+                )
+        if files:
+            message["attachments"] = files
+        message["flags"] = message.get("flags", 0) & ~128  # no longer "thinking"
+        message["edited_timestamp"] = "2026-01-01T00:00:01+00:00"
+
+    # -- what the tests do ------------------------------------------------------------
+
+    def command_id(self) -> str:
+        return next(c["id"] for c in self.commands if c["name"] == "story")
+
+    async def slash(
+        self, user: FakeUser, channel_id: int, sub: str, **options: Any
+    ) -> InteractionRecord:
+        """`/story SUB option:value ...` typed by `user` in `channel_id`."""
+        kinds = {str: 3, int: 4, float: 10, bool: 5}
+        data = {
+            "id": self.command_id(),
+            "name": "story",
+            "type": 1,
+            "options": [
+                {
+                    "type": 1,
+                    "name": sub,
+                    "options": [
+                        {"type": kinds[type(v)], "name": k, "value": v} for k, v in options.items()
+                    ],
+                }
+            ],
+        }
+        return await self._interact(user, channel_id, 2, data)
+
+    async def press(self, user: FakeUser, message_id: int, custom_id: str) -> InteractionRecord:
+        """`user` presses the button `custom_id` on a message."""
+        message = self.messages[message_id]
+        return await self._interact(
+            user,
+            int(message["channel_id"]),
+            3,
+            {"custom_id": custom_id, "component_type": 2},
+            message=message,
+        )
+
+    async def _interact(
+        self,
+        user: FakeUser,
+        channel_id: int,
+        kind: int,
+        data: dict[str, Any],
+        *,
+        message: dict[str, Any] | None = None,
+    ) -> InteractionRecord:
+        interaction_id = next(self._ids)
+        token = f"token-{interaction_id}"
+        record = InteractionRecord(interaction_id, token, user, channel_id, time.monotonic())
+        self.interactions[interaction_id] = record
+        self.by_token[token] = record
+        channel = self.channels[channel_id]
+        payload: dict[str, Any] = {
+            "id": str(interaction_id),
+            "application_id": str(BOT_ID),
+            "type": kind,
+            "data": data,
+            "channel_id": str(channel_id),
+            "channel": channel,
+            "token": token,
+            "version": 1,
+            "locale": "en-US",
+            "app_permissions": str(EVERYONE_PERMISSIONS),
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": str(GUILD_ID)},
+            "context": 0,
+            "attachment_size_limit": 8 * 1024 * 1024,
+        }
+        if "guild_id" in channel:
+            payload.update(guild_id=str(GUILD_ID), guild_locale="en-US", member=user.member())
+        else:
+            payload["user"] = user_json(user.id, user.name)
+        if message is not None:
+            payload["message"] = message
+            record.source_id = int(message["id"])
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return record
+
+    async def react(
+        self, user: FakeUser, message_id: int, emoji: str, *, add: bool = True, bot: bool = False
+    ) -> None:
+        message = self.messages.get(message_id)
+        channel_id = int(message["channel_id"]) if message else TEXT_CHANNEL
+        data: dict[str, Any] = {
+            "user_id": str(user.id),
+            "channel_id": str(channel_id),
+            "message_id": str(message_id),
+            "guild_id": str(GUILD_ID),
+            "emoji": {"id": None, "name": emoji},
+            "type": 0,
+            "burst": False,
+        }
+        if add:
+            member = user.member()
+            member["user"]["bot"] = bot
+            data.update(member=member, message_author_id=str(BOT_ID), burst_colors=[])
+        await self.dispatch("MESSAGE_REACTION_ADD" if add else "MESSAGE_REACTION_REMOVE", data)
+
+    async def wait_for(self, condition: Callable[[], Any], seconds: float = 60.0) -> Any:
+        try:
+            async with asyncio.timeout(seconds):
+                while not (result := condition()):  # noqa: ASYNC110 - polling what the bot did
+                    await asyncio.sleep(0.02)
+                return result
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {condition}") from None
+
+    def bot_messages(self, channel_id: int) -> list[dict[str, Any]]:
+        return [m for m in self.messages.values() if int(m["channel_id"]) == channel_id]
+
+    def reactions_on(self, message_id: int) -> list[str]:
+        return [e for m, e in self.reactions if m == message_id]
+
+
+TOKEN = "MTAwMDAwMDAwMDAwMDAwMDAw.GabcDE.fake-token-for-tests-0123456789abcdef"
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    # discord.py checks the content type exactly: no charset suffix.
+    return web.Response(
+        body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"}
+    )
+
+
+async def _payload(request: web.Request) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The JSON payload of a request, and its files when it is multipart."""
+    if request.content_type.startswith("multipart/"):
+        form = await request.post()
+        payload = json.loads(form["payload_json"])  # type: ignore[arg-type]
+        files = []
+        for key, value in form.items():
+            if key.startswith("files["):
+                files.append(
+                    {
+                        "id": str(len(files)),
+                        "filename": value.filename,  # type: ignore[union-attr]
+                        "content": value.file.read().decode("utf-8"),  # type: ignore[union-attr]
+                        "size": 0,
+                        "url": "",
+                        "proxy_url": "",
+                    }
+                )
+        return payload, files
+    body = await request.read()  # cached: the recording middleware may have read it
+    return (json.loads(body), []) if body else ({}, [])
