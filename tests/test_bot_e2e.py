@@ -129,3 +129,176 @@ async def test_solo_story_start_continue_retry_undo_export(harness):
     assert attachment["filename"] == "story.md"
     assert attachment["content"].startswith("# Once upon a time, a little fox lived in a wood.")
     assert "The fox found a shiny key" not in attachment["content"]  # undone
+
+
+def replies_to(fake: FakeDiscord, record) -> list[str]:
+    ids = ([record.original_id] if record.original_id else []) + record.followups
+    return [fake.messages[i]["content"] for i in ids if i in fake.messages]
+
+
+async def said(fake: FakeDiscord, record, text: str) -> None:
+    await fake.wait_for(lambda: any(text in c for c in replies_to(fake, record)))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_round_robin_game_with_timeout_and_restart(harness):
+    fake = harness.fake
+    clock = Clock()
+    harness.env.engine.clock = clock
+    start = await fake.slash(
+        ANN,
+        TEXT_CHANNEL,
+        "start",
+        premise="Once upon a time, three friends found a map.",
+        mode="round-robin",
+    )
+    await finished(fake, start)
+    await said(fake, start, "It is **Ann**'s turn")
+    for user in (BEN, CAT):
+        join = await fake.slash(user, TEXT_CHANNEL, "join")
+        await said(fake, join, f"{user.name} joins")
+
+    # Out of turn: refused politely, only to Ben, before any work.
+    early = await fake.slash(BEN, TEXT_CHANNEL, "continue", text="Ben grabs the map.")
+    await said(fake, early, "It is Ann's turn")
+    assert early.ephemeral and early.callback_type == 4
+
+    line = await fake.slash(ANN, TEXT_CHANNEL, "continue", text="Ann unfolds the map.")
+    await finished(fake, line)
+    await said(fake, line, "It is **Ben**'s turn")
+
+    # Ben lets the time run out: the turn passes to Cat, and the channel is told.
+    before = len(fake.bot_messages(TEXT_CHANNEL))
+    clock.now += 601
+    await fake.wait_for(
+        lambda: any("Time is up" in m["content"] for m in fake.bot_messages(TEXT_CHANNEL)[before:])
+    )
+    notice = next(
+        m for m in fake.bot_messages(TEXT_CHANNEL)[before:] if "Time is up" in m["content"]
+    )
+    assert "It is **Cat**'s turn" in notice["content"]
+
+    # The bot restarts in the middle of the game: the game and its deadline resume.
+    await harness.stop()
+    env = await harness.start()
+    env.engine.clock = clock
+    turn = await fake.slash(ANN, TEXT_CHANNEL, "turn")
+    await said(fake, turn, "It is **Cat**'s turn")
+    assert "Order: Ann, Ben, Cat" in replies_to(fake, turn)[0]
+    clock.now += 601  # Cat's deadline was stored: it passes after the restart too
+    await fake.wait_for(
+        lambda: any(
+            "It is **Ann**'s turn" in m["content"] and "Time is up" in m["content"]
+            for m in fake.bot_messages(TEXT_CHANNEL)
+        )
+    )
+    skip = await fake.slash(MOD, TEXT_CHANNEL, "pass")  # a moderator skips Ann
+    await said(fake, skip, "It is **Ben**'s turn")
+    refused = await fake.slash(CAT, TEXT_CHANNEL, "pass")
+    await said(fake, refused, "only they or a moderator")
+    assert refused.ephemeral
+
+
+async def test_companion_session_in_a_thread_records_the_choice(harness):
+    fake = harness.fake
+    start = await fake.slash(
+        ANN,
+        TEXT_CHANNEL,
+        "start",
+        premise="Once upon a time, a girl and a dragon met.",
+        mode="companion",
+    )
+    await said(fake, start, "continues in <#")
+    thread_id = next(i for i, c in fake.channels.items() if c.get("type") == 11)
+    await fake.wait_for(lambda: len(fake.bot_messages(thread_id)) >= 2)
+    opening = fake.bot_messages(thread_id)[0]
+    assert opening["content"].startswith("📖 **Once upon a time, a girl and a dragon met.**")
+
+    offer = await fake.slash(ANN, thread_id, "continue", text="The girl asks the dragon its name.")
+    await said(fake, offer, "Choose how the story goes on")
+    message = fake.messages[offer.original_id]
+    buttons = [c["custom_id"] for row in message["components"] for c in row["components"]]
+    assert len(buttons) == 3 and all(b.startswith("tw:choice:") for b in buttons)
+
+    intruder = await fake.press(BEN, offer.original_id, buttons[1])
+    await said(fake, intruder, "Only the person this story is with")
+    choose = await fake.press(ANN, offer.original_id, buttons[1])
+    await fake.wait_for(lambda: fake.reactions_on(offer.original_id) == ["👍", "👎"])
+    assert choose.callback_type == 7 and message["components"] == []
+    pairs = await harness.env.engine.store.preference_pairs()
+    assert len(pairs) == 2 and {p[2:] for p in pairs} == {("101", "choice")}
+    view = await harness.env.engine.view(str(thread_id))
+    assert view.turns[-1].generation_id == pairs[0][0]  # the chosen one joined the story
+    assert view.turns[-1].text in message["content"]
+
+
+async def test_reactions_are_recorded_exactly(harness):
+    fake = harness.fake
+    engine = harness.env.engine
+    start = await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a cat sang.")
+    message = await finished(fake, start)
+    message_id = int(message["id"])
+    generation = await engine.store.generation_for_message(str(message_id))
+
+    await fake.react(ANN, message_id, "👍")
+    await fake.react(BEN, message_id, "👎")
+    await fake.react(BEN, message_id, "❤️")
+    await fake.react(CAT, message_id, "🎉")
+    await fake.react(FakeUser(555, "OtherBot"), message_id, "👍", bot=True)  # bots are ignored
+    await fake.react(ANN, 424242, "👍")  # not a story message: ignored
+
+    expected = sorted(
+        [("101", "👍", 1.0), ("102", "👎", -1.0), ("102", "❤️", 1.0), ("103", "🎉", 0.0)]
+    )
+    await _settle(engine, generation, expected)
+    await fake.react(BEN, message_id, "👎", add=False)
+    await _settle(
+        engine, generation, sorted([("101", "👍", 1.0), ("102", "❤️", 1.0), ("103", "🎉", 0.0)])
+    )
+    all_rows = await engine.store.db.execute_fetchall("SELECT COUNT(*) FROM feedback")
+    assert all_rows[0][0] == 3
+
+
+async def _settle(engine, generation, expected, seconds: float = 10.0) -> None:
+    async with asyncio.timeout(seconds):
+        while sorted(await engine.store.feedback(generation)) != expected:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def test_long_output_is_split_and_mentions_are_disabled(harness, monkeypatch):
+    fake = harness.fake
+    # The storyteller writes all 400 tokens (no early end), so the reply passes 2,000 characters.
+    monkeypatch.setattr("storyengine.narrator.MIN_NEW_TOKENS", 400)
+    start = await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a bird flew.")
+    await finished(fake, start)
+    settings = await fake.slash(ANN, TEXT_CHANNEL, "settings", length=400)
+    await said(fake, settings, "length 400 tokens")
+    long_line = ("@everyone look! <@123> The bird sang a very long song about the sea. " * 14)[
+        :1000
+    ]
+
+    # Meanwhile, another channel's command is answered at once.
+    cont = await fake.slash(BEN, TEXT_CHANNEL, "continue", text=long_line)
+    await fake.wait_for(lambda: cont.acked_at)
+    help_ = await fake.slash(CAT, 2001, "help")
+    await said(fake, help_, "Taleweaver")
+    assert help_.ack_seconds < 3.0
+
+    await fake.wait_for(lambda: cont.original_id and fake.reactions_on(cont.original_id), 120)
+    parts = [fake.messages[cont.original_id]] + [fake.messages[i] for i in cont.followups]
+    text = "\n\n".join(p["content"] for p in parts)
+    assert len(text) > 2000 and len(parts) >= 2
+    assert all(len(p["content"]) <= 2000 for p in parts)
+    assert "@everyone" not in text and "<@123>" not in text
+    for part in parts:
+        assert fake.reactions_on(int(part["id"])) == ["👍", "👎"]
+    for m in fake.messages.values():
+        if m["content"]:
+            assert m["allowed_mentions"] == {"parse": []}, m

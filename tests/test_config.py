@@ -70,3 +70,23 @@ def test_cli_reports_a_bad_setting_in_one_line(tmp_path):
         "storyengine: error: STORY_TEMPERATURE: expected a number, got 'warm'"
     ]
     assert "Traceback" not in result.stderr
+
+
+def test_env_example_lists_valid_settings():
+    """`.env.example` parses as it stands, and names every setting the code reads."""
+    import re
+    from pathlib import Path
+
+    from dotenv import dotenv_values
+
+    from bot.settings import BotSettings
+
+    root = Path(__file__).resolve().parents[1]
+    values = {k: v for k, v in dotenv_values(root / ".env.example").items() if v is not None}
+    Settings.from_env(values)
+    BotSettings.from_env(values)
+    sources = "\n".join(
+        p.read_text() for p in [*root.glob("storyengine/*.py"), *root.glob("bot/*.py")]
+    )
+    read = set(re.findall(r'"((?:STORY|BOT)_[A-Z_]+|DEV_GUILD_ID|DISCORD_TOKEN)"', sources))
+    assert read <= set(values) | {"DISCORD_TOKEN"}, read - set(values)

@@ -1,0 +1,69 @@
+"""`taleweaver-bot` as a user starts it: bad configuration ends it in one clear line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bot.__main__ import read_token
+from bot.settings import BotSettings
+from storyengine.errors import ConfigError
+
+GOOD = "MTAwMDAwMDAwMDAwMDAwMDAw.GabcDE.fake-token-for-tests-0123456789abcdef"
+
+
+def run_bot(env: dict[str, str], tmp_path) -> subprocess.CompletedProcess[str]:
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("DISCORD_TOKEN", "DEV_GUILD_ID")
+    }
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "bot"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        (
+            None,
+            "taleweaver-bot: error: DISCORD_TOKEN is not set (put it in .env or the environment)",
+        ),
+        (
+            "not-a-token-secret123",
+            "taleweaver-bot: error: DISCORD_TOKEN does not look like a bot token"
+            " (three dot-separated parts)",
+        ),
+    ],
+)
+def test_missing_or_malformed_token_is_one_line_and_exit_2(tmp_path, token, message):
+    result = run_bot({"DISCORD_TOKEN": token} if token else {}, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [message]
+    assert "Traceback" not in result.stderr
+    if token:
+        assert token not in result.stderr + result.stdout  # never printed
+
+
+def test_bad_bot_setting_names_the_variable(tmp_path):
+    result = run_bot({"DISCORD_TOKEN": GOOD, "DEV_GUILD_ID": "my-server"}, tmp_path)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == "taleweaver-bot: error: DEV_GUILD_ID: expected a server id (digits), got 'my-server'"
+    )
+    assert GOOD not in result.stderr
+
+
+def test_token_and_settings_parsing():
+    assert read_token({"DISCORD_TOKEN": f"  {GOOD} "}) == GOOD
+    settings = BotSettings.from_env({"DEV_GUILD_ID": "123", "BOT_COOLDOWN": "2.5"})
+    assert settings.dev_guild_id == 123 and settings.cooldown_s == 2.5
+    with pytest.raises(ConfigError, match="BOT_COOLDOWN"):
+        BotSettings.from_env({"BOT_COOLDOWN": "soon"})
