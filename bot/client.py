@@ -105,7 +105,10 @@ async def report_error(interaction: discord.Interaction, error: Exception) -> No
         log.error("command failed", exc_info=original)
         message = "Something went wrong on my side; it has been logged. Please try again."
     try:
-        if interaction.response.is_done():
+        if interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
+            # A public "thinking…" placeholder is waiting: it becomes the answer.
+            await interaction.edit_original_response(content=f"⚠️ {message}", view=None)
+        elif interaction.response.is_done():
             await interaction.followup.send(message, ephemeral=True)
         else:
             await interaction.response.send_message(message, ephemeral=True)

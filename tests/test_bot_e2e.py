@@ -302,3 +302,23 @@ async def test_long_output_is_split_and_mentions_are_disabled(harness, monkeypat
     for m in fake.messages.values():
         if m["content"]:
             assert m["allowed_mentions"] == {"parse": []}, m
+
+
+async def test_stop_ends_a_generation_and_says_so(harness, monkeypatch):
+    fake = harness.fake
+    monkeypatch.setattr("storyengine.narrator.MIN_NEW_TOKENS", 400)
+    start = await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a frog hopped.")
+    await finished(fake, start)
+    await said(fake, await fake.slash(ANN, TEXT_CHANNEL, "settings", length=400), "length 400")
+    cont = await fake.slash(BEN, TEXT_CHANNEL, "continue", text="The frog met a duck.")
+    await fake.wait_for(lambda: harness.env.engine.is_generating(str(TEXT_CHANNEL)))
+    stop = await fake.slash(CAT, TEXT_CHANNEL, "stop")
+    await said(fake, stop, "Stopped.")
+    await said(fake, cont, "⚠️ The storyteller was stopped before finishing.")
+    rows = await harness.env.engine.store.db.execute_fetchall(
+        "SELECT finish_reason FROM generations ORDER BY id DESC LIMIT 1"
+    )
+    assert rows[0][0] == "cancelled"
+    assert [t.text for t in (await harness.env.engine.view(str(TEXT_CHANNEL))).turns][-1] == (
+        "The frog met a duck."  # the line is kept
+    )
