@@ -40,7 +40,7 @@ from .records import (
 )
 from .render import render_markdown, render_recap
 from .safety import SafetyFilter
-from .sampling import SamplingParams, preset
+from .sampling import DEFAULT_PRESET, PRESETS, SamplingParams, preset
 from .store import Store
 from .text import split_sentences
 
@@ -563,7 +563,9 @@ class StoryEngine:
             turns, user_turn, action = await self._add_user_line(story, author, line)
             params = await self.sampling_for(channel, **overrides)
             if params.beam_search or params.greedy:  # alternatives need sampling
-                params = self.settings.sampling.replace(max_new_tokens=params.max_new_tokens)
+                params = PRESETS[DEFAULT_PRESET].params.replace(
+                    max_new_tokens=params.max_new_tokens
+                )
             base_seed = params.seed if params.seed is not None else int(self.clock() * 1000) % 2**31
             prompt = await self._prompt(story, turns, params)
             results = await asyncio.gather(

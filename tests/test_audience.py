@@ -187,3 +187,10 @@ def test_reaction_values_and_turn_timeout_settings():
         Settings.from_env({"STORY_REACTION_VALUES": "👍:1"})
     with pytest.raises(ConfigError, match="STORY_TURN_TIMEOUT"):
         Settings.from_env({"STORY_TURN_TIMEOUT": "5"})
+
+
+async def test_choices_are_sampled_even_when_the_channel_uses_beam_search(engine):
+    await engine.start_story("dm", PREMISE, author=ANN, mode="companion")
+    await engine.configure_channel("dm", preset_name="focused")
+    offered = await engine.offer_choices("dm", ANN, "Ann smiles.", count=2)
+    assert offered.options[0].text != offered.options[1].text
