@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema: migrate or status")
     db.add_argument("action", choices=["migrate", "status"])
     db.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
+    feedback = sub.add_parser("feedback", help="training data made from the audience's feedback")
+    feedback_sub = feedback.add_subparsers(dest="feedback", required=True, metavar="ACTION")
+    export = feedback_sub.add_parser("export", help="write preference pairs and labelled examples")
+    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    export.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
+
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     serve = bench_sub.add_parser(
@@ -134,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_chat(args, settings))
         if args.command == "db":
             return asyncio.run(_db(args, settings))
+        if args.command == "feedback":
+            return asyncio.run(_feedback_export(args, settings))
         if args.command == "bench":
             return asyncio.run(_bench(args))
     except StoryError as exc:  # ConfigError included: one line, no traceback
@@ -195,6 +204,29 @@ async def _bench(args: argparse.Namespace) -> int:
         device=args.device,
         json_path=args.json,
         max_batch_size=args.max_batch_size,
+    )
+    return 0
+
+
+async def _feedback_export(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from .feedback import build_datasets
+    from .store import Store
+
+    store = await Store(settings.db_path).open()
+    try:
+        datasets = await build_datasets(store)
+    finally:
+        await store.close()
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in datasets.rows())
+    if args.out:
+        await asyncio.to_thread(_write_text, str(args.out), lines)
+    else:
+        sys.stdout.write(lines)
+    print(
+        f"{len(datasets.pairs)} preference pairs, {len(datasets.examples)} labelled examples",
+        file=sys.stderr,
     )
     return 0
 

@@ -1,0 +1,191 @@
+"""From feedback in SQLite to training data.
+
+Two kinds of examples, each (prompt exactly as the model saw it, completion):
+
+* preference pairs, for DPO: a companion choice (the chosen continuation over each one
+  shown beside it); a retried continuation against its replacement when the
+  replacement then scored positive; two continuations of the same prompt whose net
+  scores differ by at least a margin;
+* labelled examples, for KTO: a continuation with a net positive (desirable) or net
+  negative (undesirable) score; zero and ties are left out.
+
+Votes are weighted so no one dominates: each user's votes in a round share at most
+`per_user_cap` votes of weight, and a user who votes the same way on everything (at
+least `uniform_voter_min_votes` times) counts for `uniform_voter_weight`. Lines of users
+who asked to be forgotten are never trained on: an example whose prompt holds one is
+dropped. Examples of one story stay on one side of the train/held-out split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from .store import Store
+
+Split = Literal["train", "heldout"]
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    pair_margin: float = 2.0
+    """Net-score difference that makes two continuations of one prompt a pair."""
+    per_user_cap: int = 20
+    """A user's votes together weigh at most this many votes."""
+    uniform_voter_min_votes: int = 10
+    uniform_voter_weight: float = 0.5
+    heldout_fraction: float = 0.2
+    seed: int = 0
+    """Changes which stories are held out."""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+    source: Literal["choice", "retry", "score"]
+    story_id: int
+    split: Split
+    chosen_generation_id: int
+    rejected_generation_id: int
+
+
+@dataclass(frozen=True)
+class LabelledExample:
+    prompt: str
+    completion: str
+    label: bool
+    score: float
+    story_id: int
+    split: Split
+    generation_id: int
+
+
+@dataclass
+class FeedbackDatasets:
+    pairs: list[PreferencePair] = field(default_factory=list)
+    examples: list[LabelledExample] = field(default_factory=list)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per example, pairs first."""
+        return [{"type": "pair", **asdict(p)} for p in self.pairs] + [
+            {"type": "kto", **asdict(e)} for e in self.examples
+        ]
+
+
+def story_split(story_id: int, config: DatasetConfig) -> Split:
+    digest = hashlib.sha256(f"{config.seed}:{story_id}".encode()).digest()
+    return "heldout" if digest[0] / 256 < config.heldout_fraction else "train"
+
+
+async def build_datasets(store: Store, config: DatasetConfig | None = None) -> FeedbackDatasets:
+    config = config or DatasetConfig()
+    db = store.db
+    generations = {
+        r["id"]: dict(r)
+        for r in await db.execute_fetchall(
+            "SELECT id, story_id, prompt, output FROM generations"
+            " WHERE story_id IS NOT NULL AND output != '' AND finish_reason != 'cancelled'"
+        )
+    }
+    excluded = defaultdict(list)
+    for r in await db.execute_fetchall("SELECT story_id, text FROM turns WHERE train_excluded = 1"):
+        excluded[r[0]].append(r[1])
+
+    def usable(generation_id: int) -> dict[str, Any] | None:
+        g = generations.get(generation_id)
+        if g is None or any(line in g["prompt"] for line in excluded[g["story_id"]]):
+            return None
+        return g
+
+    scores = await _net_scores(store, config)
+    out = FeedbackDatasets()
+
+    def add_pair(chosen_id: int, rejected_id: int, source: Any) -> None:
+        chosen, rejected = usable(chosen_id), usable(rejected_id)
+        if chosen is None or rejected is None or chosen["prompt"] != rejected["prompt"]:
+            return
+        if chosen["output"] == rejected["output"]:
+            return
+        out.pairs.append(
+            PreferencePair(
+                chosen["prompt"],
+                chosen["output"],
+                rejected["output"],
+                source,
+                chosen["story_id"],
+                story_split(chosen["story_id"], config),
+                chosen_id,
+                rejected_id,
+            )
+        )
+
+    seen: set[tuple[int, int]] = set()
+    for chosen_id, rejected_id, _, _ in await store.preference_pairs():
+        seen.add((chosen_id, rejected_id))
+        add_pair(chosen_id, rejected_id, "choice")
+
+    # A retry whose replacement the audience then liked: the replacement wins.
+    for r in await db.execute_fetchall(
+        "SELECT old.generation_id, new.generation_id FROM turns old JOIN turns new"
+        " ON new.story_id = old.story_id AND new.position = old.position AND new.id > old.id"
+        " WHERE old.kind = 'bot' AND new.kind = 'bot' AND old.status = 'replaced'"
+        " AND old.generation_id IS NOT NULL AND new.generation_id IS NOT NULL"
+    ):
+        old, new = r[0], r[1]
+        if scores.get(new, 0.0) > 0 and (new, old) not in seen:
+            seen.add((new, old))
+            add_pair(new, old, "retry")
+
+    # Two continuations of one prompt whose scores differ enough.
+    by_prompt: dict[str, list[int]] = defaultdict(list)
+    for gid, g in generations.items():
+        if gid in scores:
+            by_prompt[g["prompt"]].append(gid)
+    for ids in by_prompt.values():
+        for i, a in enumerate(ids):
+            for b in ids[i + 1 :]:
+                hi, lo = (a, b) if scores[a] >= scores[b] else (b, a)
+                if scores[hi] - scores[lo] >= config.pair_margin and (hi, lo) not in seen:
+                    seen.add((hi, lo))
+                    add_pair(hi, lo, "score")
+
+    for gid, score in sorted(scores.items()):
+        g = usable(gid)
+        if g is None or score == 0:
+            continue
+        out.examples.append(
+            LabelledExample(
+                g["prompt"],
+                g["output"],
+                score > 0,
+                score,
+                g["story_id"],
+                story_split(g["story_id"], config),
+                gid,
+            )
+        )
+    return out
+
+
+async def _net_scores(store: Store, config: DatasetConfig) -> dict[int, float]:
+    """Each generation's weighted sum of reaction values."""
+    rows = await store.db.execute_fetchall(
+        "SELECT f.generation_id, f.user_id, f.value FROM feedback f"
+        " WHERE f.value != 0 AND f.user_id NOT IN (SELECT user_id FROM forgotten_users)"
+    )
+    votes: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for generation_id, user_id, value in rows:
+        votes[user_id].append((generation_id, value))
+    scores: dict[int, float] = defaultdict(float)
+    for user_votes in votes.values():
+        weight = min(1.0, config.per_user_cap / len(user_votes))
+        signs = {v > 0 for _, v in user_votes}
+        if len(user_votes) >= config.uniform_voter_min_votes and len(signs) == 1:
+            weight *= config.uniform_voter_weight
+        for generation_id, value in user_votes:
+            scores[generation_id] += value * weight
+    return dict(scores)

@@ -1,0 +1,196 @@
+"""Training data from feedback: built from a real SQLite file, no model needed."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from storyengine.feedback import DatasetConfig, build_datasets, story_split
+from storyengine.store import Store
+
+
+class World:
+    """A story database written through the store, as the engine would."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.stories: dict[str, int] = {}
+
+    async def story(self, channel: str) -> int:
+        story = await self.store.create_story(
+            channel, "Premise.", genre=None, mode="solo", created_by="u"
+        )
+        self.stories[channel] = story.id
+        return story.id
+
+    async def generation(self, story_id: int, prompt: str, output: str) -> int:
+        return await self.store.record_generation(
+            story_id=story_id,
+            channel="c",
+            prompt=prompt,
+            output=output,
+            raw_output=output,
+            params={},
+            model_id="m",
+            adapter_id=None,
+            prompt_tokens=5,
+            output_tokens=5,
+            finish_reason="eos",
+            latency_s=0.1,
+            ttft_s=0.01,
+        )
+
+    async def vote(self, generation_id: int, user: str, value: float, emoji: str = "👍") -> None:
+        await self.store.set_feedback(generation_id, user, emoji, value)
+
+
+@pytest.fixture
+async def world(tmp_path):
+    store = await Store(tmp_path / "f.db").open()
+    yield World(store)
+    await store.close()
+
+
+async def test_choice_retry_and_score_pairs(world):
+    s = await world.story("a")
+    # A companion choice: option 1 chosen over options 2 and 3.
+    opts = [await world.generation(s, "P1", f"Option {i}.") for i in (1, 2, 3)]
+    await world.store.add_preference_pairs(opts[0], opts[1:], "u1", "choice")
+    # A retry whose replacement was then liked.
+    old = await world.generation(s, "P2", "The old one.")
+    new = await world.generation(s, "P2", "The new one.")
+    first = await world.store.add_turn(
+        s, action=1, kind="bot", text="The old one.", generation_id=old
+    )
+    await world.store.add_turn(
+        s,
+        action=1,
+        kind="bot",
+        text="The new one.",
+        generation_id=new,
+        position=first.position,
+        replacing=first.id,
+    )
+    await world.vote(new, "u2", 1)
+    # Two continuations of one prompt, two points apart.
+    good = await world.generation(s, "P3", "Loved.")
+    bad = await world.generation(s, "P3", "Hated.")
+    for user in ("u3", "u4"):
+        await world.vote(good, user, 1)
+    await world.vote(bad, "u3", -1, "👎")
+
+    data = await build_datasets(world.store, DatasetConfig(pair_margin=2.0))
+    got = {(p.source, p.chosen, p.rejected) for p in data.pairs}
+    assert got == {
+        ("choice", "Option 1.", "Option 2."),
+        ("choice", "Option 1.", "Option 3."),
+        ("retry", "The new one.", "The old one."),
+        ("score", "Loved.", "Hated."),
+    }
+    assert all(p.prompt in {"P1", "P2", "P3"} for p in data.pairs)
+    labels = {(e.completion, e.label) for e in data.examples}
+    assert labels == {("The new one.", True), ("Loved.", True), ("Hated.", False)}
+
+
+async def test_ties_are_left_out_and_one_user_cannot_dominate(world):
+    s = await world.story("a")
+    tied = await world.generation(s, "P", "Tied.")
+    await world.vote(tied, "u1", 1)
+    await world.vote(tied, "u2", -1, "👎")
+    # One eager user votes on 40 generations; another votes once.
+    eager = [await world.generation(s, f"Q{i}", f"Eager {i}.") for i in range(40)]
+    for i, g in enumerate(eager):
+        await world.vote(g, "eager", 1 if i % 2 else -1, "👍" if i % 2 else "👎")
+    data = await build_datasets(world.store, DatasetConfig(per_user_cap=20))
+    assert "Tied." not in {e.completion for e in data.examples}
+    weights = {abs(e.score) for e in data.examples}
+    assert weights == {0.5}  # 40 votes share the weight of 20
+
+
+async def test_uniform_voters_count_less(world):
+    s = await world.story("a")
+    gens = [await world.generation(s, f"P{i}", f"Text {i}.") for i in range(12)]
+    for g in gens:
+        await world.vote(g, "always-up", 1)
+    data = await build_datasets(
+        world.store, DatasetConfig(uniform_voter_min_votes=10, uniform_voter_weight=0.5)
+    )
+    assert {e.score for e in data.examples} == {0.5}
+
+
+async def test_forgotten_users_lines_and_votes_are_not_trained_on(world):
+    s = await world.story("a")
+    await world.store.add_turn(
+        s, action=1, kind="user", text="Secret line.", author_id="gone", author_name="G"
+    )
+    with_line = await world.generation(s, "Premise.\nSecret line.\n", "Reply.")
+    other = await world.generation(s, "Premise.\n", "Other.")
+    await world.vote(with_line, "u1", 1)
+    await world.vote(other, "gone", 1)
+    await world.vote(other, "u1", 1)
+    await world.store.forget_user("gone")
+    data = await build_datasets(world.store)
+    assert [(e.completion, e.score) for e in data.examples] == [("Other.", 1.0)]
+
+
+async def test_a_story_stays_on_one_side_of_the_split(world):
+    config = DatasetConfig(heldout_fraction=0.5, seed=3)
+    for n in range(12):
+        s = await world.story(f"c{n}")
+        for i in range(3):
+            g = await world.generation(s, f"P{n}-{i}", f"Text {n} {i}.")
+            await world.vote(g, f"u{n}{i}", 1)
+    data = await build_datasets(world.store, config)
+    sides: dict[int, set[str]] = {}
+    for e in data.examples:
+        sides.setdefault(e.story_id, set()).add(e.split)
+        assert e.split == story_split(e.story_id, config)
+    assert all(len(s) == 1 for s in sides.values())
+    assert {next(iter(s)) for s in sides.values()} == {"train", "heldout"}
+
+
+@pytest.mark.slow
+async def test_feedback_export_command_writes_jsonl(world, tmp_path):
+    s = await world.story("a")
+    g = await world.generation(s, "P", "Liked.")
+    await world.vote(g, "u1", 1)
+    out = tmp_path / "data.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STORY_")}
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "storyengine",
+            "feedback",
+            "export",
+            "--format",
+            "jsonl",
+            "--db",
+            str(world.store.path),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [
+        {
+            "type": "kto",
+            "prompt": "P",
+            "completion": "Liked.",
+            "label": True,
+            "score": 1.0,
+            "story_id": s,
+            "split": story_split(s, DatasetConfig()),
+            "generation_id": g,
+        }
+    ]
+    assert "0 preference pairs, 1 labelled examples" in result.stderr
