@@ -74,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="file to write (default: standard output)")
     export.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
 
+    adapters = sub.add_parser("adapters", help="the LoRA adapter registry")
+    adapters_sub = adapters.add_subparsers(dest="adapters", required=True, metavar="ACTION")
+    adapters_sub.add_parser("list", help="every version with its status and metrics")
+    promote = adapters_sub.add_parser("promote", help="serve VERSION from now on")
+    promote.add_argument("version", type=int, metavar="VERSION")
+    adapters_sub.add_parser("rollback", help="go back to the version served before")
+    for p in (adapters, *adapters_sub.choices.values()):
+        p.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
+        p.add_argument("--dir", type=Path, help="adapter directory (default: STORY_ADAPTER_DIR)")
+
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     serve = bench_sub.add_parser(
@@ -141,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_chat(args, settings))
         if args.command == "db":
             return asyncio.run(_db(args, settings))
+        if args.command == "adapters":
+            if getattr(args, "dir", None):
+                settings = settings.replace(adapter_dir=args.dir)
+            return asyncio.run(_adapters(args, settings))
         if args.command == "feedback":
             return asyncio.run(_feedback_export(args, settings))
         if args.command == "bench":
@@ -205,6 +219,35 @@ async def _bench(args: argparse.Namespace) -> int:
         json_path=args.json,
         max_batch_size=args.max_batch_size,
     )
+    return 0
+
+
+async def _adapters(args: argparse.Namespace, settings: Settings) -> int:
+    from .adapters import AdapterRegistry
+    from .store import Store
+
+    store = await Store(settings.db_path).open()
+    try:
+        registry = await AdapterRegistry(store, settings.adapter_dir).open()
+        if args.adapters == "promote":
+            promoted = await registry.promote(args.version)
+            print(f"promoted v{promoted.version}: a running bot serves it from its next story turn")
+        elif args.adapters == "rollback":
+            now = await registry.rollback()
+            print(f"rolled back: now serving {f'v{now.version}' if now else 'the base model'}")
+        else:
+            versions = await registry.list()
+            if not versions:
+                print("no adapters yet")
+            for v in versions:
+                metrics = " ".join(
+                    f"{k}={val}"
+                    for k, val in sorted(v.metrics.items())
+                    if isinstance(val, (int, float, str))
+                )
+                print(f"v{v.version:<4} {v.status:<9} {v.method:<6} {v.created_at}  {metrics}")
+    finally:
+        await store.close()
     return 0
 
 

@@ -41,6 +41,7 @@ class Settings:
     db_path: Path = Path("taleweaver.db")
     base_model: str = BUNDLED_MODEL
     adapter: str | None = None
+    adapter_dir: Path = Path("adapters")
     device: str = "auto"
     dtype: str = "auto"
     preset: str = DEFAULT_PRESET
@@ -134,6 +135,7 @@ class Settings:
             db_path=Path(env.get("STORY_DB_PATH", "taleweaver.db", str)),
             base_model=base_model,
             adapter=adapter,
+            adapter_dir=Path(env.get("STORY_ADAPTER_DIR", "adapters", str)),
             device=device,
             dtype=dtype,
             preset=preset_name.lower(),

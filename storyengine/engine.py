@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .adapters import AdapterRegistry
 from .config import Settings
 from .errors import (
     GenerationCancelled,
@@ -24,7 +25,7 @@ from .errors import (
     NotYourTurn,
     StoryAlreadyRunning,
 )
-from .generation import GenerationHandle, GenerationOutput, Generator
+from .generation import BASE_ADAPTER, GenerationHandle, GenerationOutput, Generator
 from .memory import ContextBudget, ContextBuilder, LoreCard, StoryMaterial
 from .narrator import Narration, Narrator, ProgressCallback
 from .records import (
@@ -75,6 +76,9 @@ class StoryEngine:
         self._generator = generator
         self._narrator: Narrator | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+        self.registry = AdapterRegistry(self.store, settings.adapter_dir)
+        self._serving: str | None = None
+        """The adapter being served (its registry name), None for the configured one."""
         self._in_flight: dict[str, set[GenerationHandle]] = {}
         self.clock: Callable[[], float] = time.time
         """Wall clock for turn deadlines (tests replace it)."""
@@ -102,7 +106,27 @@ class StoryEngine:
             special_tokens=model.tokenizer.all_special_tokens,
         )
         self._narrator = Narrator(self._generator, safety)
+        await self.registry.open()
+        await self.sync_adapter()
         return self
+
+    async def sync_adapter(self) -> str | None:
+        """Serve the registry's promoted adapter (or, with none promoted, the configured
+        one): a newly promoted version is loaded without a restart, generations in flight
+        finish on the old one. Called before every generation; cheap when nothing changed."""
+        promoted = await self.registry.promoted()
+        wanted = promoted.name if promoted else None
+        if wanted != self._serving:
+            assert self._generator is not None
+            if promoted is not None:
+                await self._generator.use_adapter(promoted.name, str(promoted.path))
+            else:
+                await self._generator.use_adapter(
+                    "default" if self.settings.adapter else BASE_ADAPTER
+                )
+            log.info("now serving adapter %s", wanted or self.settings.adapter or "none")
+            self._serving = wanted
+        return wanted
 
     async def close(self, *, grace_s: float = 5.0) -> None:
         """Stop: generations in progress are cancelled and recorded as such (within
@@ -723,6 +747,7 @@ class StoryEngine:
     ) -> tuple[Narration, int]:
         """Generate one continuation and record it (a cancelled one too)."""
         channel = story.channel
+        await self.sync_adapter()
         record = {"story_id": story.id, "channel": channel, "prompt": prompt}
         handles: list[GenerationHandle] = []
 
@@ -768,7 +793,7 @@ class StoryEngine:
             raw_output=output.text,
             params=params.to_dict(),
             model_id=model.model_id,
-            adapter_id=model.adapter_id,
+            adapter_id=None if output.adapter == BASE_ADAPTER else output.adapter,
             prompt_tokens=output.prompt_tokens,
             output_tokens=len(output.token_ids),
             finish_reason="cancelled"

@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -43,7 +43,7 @@ def adapter_names_for(model: LoadedModel, adapter: str | None) -> str:
             raise ValueError(f"adapter {adapter!r} asked for, but the model has no adapters")
         return BASE_ADAPTER
     if adapter is None:
-        return str(model.model.active_adapter)
+        return model.default_adapter or BASE_ADAPTER
     if adapter != BASE_ADAPTER and adapter not in model.model.peft_config:
         raise ValueError(f"no adapter named {adapter!r} is loaded")
     return adapter
@@ -68,6 +68,8 @@ class GenerationOutput:
     prompt_tokens: int
     latency_s: float
     ttft_s: float | None
+    adapter: str = BASE_ADAPTER
+    """The adapter the text was written with."""
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -151,6 +153,11 @@ class Generator(Protocol):
 
     def submit(self, request: GenerationRequest) -> GenerationHandle: ...
 
+    async def use_adapter(self, name: str | None, path: str | None = None) -> None:
+        """Make `name` (loaded from `path` if new; None: the base model) the default for
+        requests that arrive from now on; those in flight finish as they began."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -159,7 +166,7 @@ class SequentialGenerator:
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
-        self._jobs: queue.Queue[GenerationHandle | None] = queue.Queue()
+        self._jobs: queue.Queue[GenerationHandle | Callable[[], None] | None] = queue.Queue()
         self._pending: list[GenerationHandle] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="story-generator", daemon=True)
@@ -173,12 +180,20 @@ class SequentialGenerator:
         self._jobs.put(handle)
         return handle
 
+    async def use_adapter(self, name: str | None, path: str | None = None) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._jobs.put(_control_job(self.model, name, path, done))
+        await done
+
     async def close(self) -> None:
         self._jobs.put(None)
         await asyncio.to_thread(self._thread.join)
 
     def _work(self) -> None:
         while (handle := self._jobs.get()) is not None:
+            if not isinstance(handle, GenerationHandle):
+                handle()  # a control job, between two generations
+                continue
             with self._lock:
                 self._pending.remove(handle)
                 for i, waiting in enumerate(self._pending):
@@ -189,6 +204,28 @@ class SequentialGenerator:
             except Exception as exc:
                 log.exception("generation failed")
                 handle._finish(exc)
+
+
+def _control_job(
+    model: LoadedModel, name: str | None, path: str | None, done: asyncio.Future[None]
+) -> Callable[[], None]:
+    """A job for a worker thread: switch the default adapter, then resolve `done`."""
+    loop = done.get_loop()
+
+    def job() -> None:
+        try:
+            if name is not None and name != BASE_ADAPTER:
+                if path is not None:
+                    model.load_adapter(name, path)
+                elif not model.is_peft or name not in model.model.peft_config:
+                    raise ValueError(f"adapter {name!r} is not loaded and no path was given")
+            model.default_adapter = None if name == BASE_ADAPTER else name
+        except Exception as exc:
+            loop.call_soon_threadsafe(done.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(done.set_result, None)
+
+    return job
 
 
 def run_generate(model: LoadedModel, handle: GenerationHandle) -> GenerationOutput:
@@ -227,11 +264,8 @@ def run_generate(model: LoadedModel, handle: GenerationHandle) -> GenerationOutp
 
     if params.seed is not None:
         torch.manual_seed(params.seed)
-    if model.is_peft:
-        kwargs_adapter = {"adapter_names": [adapter_names_for(model, request.adapter)]}
-    else:
-        adapter_names_for(model, request.adapter)  # validates
-        kwargs_adapter = {}
+    adapter = adapter_names_for(model, request.adapter)
+    kwargs_adapter = {"adapter_names": [adapter]} if model.is_peft else {}
     input_ids = torch.tensor([request.prompt_ids], device=model.device)
     kwargs: dict[str, object] = {
         "max_new_tokens": params.max_new_tokens,
@@ -275,4 +309,5 @@ def run_generate(model: LoadedModel, handle: GenerationHandle) -> GenerationOutp
         prompt_tokens=prompt_len,
         latency_s=end - handle.submitted_at,
         ttft_s=ttft,
+        adapter=adapter,
     )

@@ -25,6 +25,24 @@ class LoadedModel:
     model_id: str
     adapter_id: str | None
     device: torch.device
+    default_adapter: str | None = None
+    """The adapter a request without one of its own runs with (None: the base model)."""
+
+    def __post_init__(self) -> None:
+        if self.default_adapter is None and self.is_peft:
+            self.default_adapter = str(self.model.active_adapter)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter (peft format) under `name`, wrapping the model with peft
+        the first time. Call it where no forward pass is running (a generator's worker)."""
+        from peft import PeftModel
+
+        if self.is_peft:
+            if name not in self.model.peft_config:
+                self.model.load_adapter(path, adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+        self.model.eval()
 
     @property
     def context_window(self) -> int:
@@ -102,7 +120,7 @@ def load_model(settings: Settings) -> LoadedModel:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, settings.adapter, adapter_name="default")
-        adapter_id = settings.adapter
+        adapter_id = "default"
     model.to(device)
     model.eval()
     log.info("loaded %s (adapter %s) on %s as %s", model_id, adapter_id, device, dtype)

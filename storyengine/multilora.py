@@ -47,18 +47,19 @@ class MultiLoRA:
     def __init__(self, peft_model: nn.Module) -> None:
         self.model = peft_model
         self._local = threading.local()
-        self._layers: list[nn.Module] = [
-            m for m in peft_model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")
-        ]
-        for layer in self._layers:
-            if hasattr(layer, "_multilora_peft_forward"):
-                raise RuntimeError("a MultiLoRA is already attached; use MultiLoRA.attach")
-            layer._multilora_peft_forward = layer.forward
-            layer.forward = types.MethodType(_make_forward(self), layer)
+        self._layers: list[nn.Module] = []
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read every adapter's weights (after adapters are added, removed or trained)."""
+        """Re-read every adapter's weights (after adapters are added, removed or trained),
+        rerouting any LoRA layer that is new."""
+        self._layers = [
+            m for m in self.model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+        ]
+        for layer in self._layers:
+            if not hasattr(layer, "_multilora_peft_forward"):
+                layer._multilora_peft_forward = layer.forward
+                layer.forward = types.MethodType(_make_forward(self), layer)
         with torch.no_grad():
             for layer in self._layers:
                 names = [n for n in layer.lora_A if n not in layer.lora_variant]

@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ from .generation import (
     GenerationOutput,
     GenerationRequest,
     SequentialGenerator,
+    _control_job,
     adapter_names_for,
 )
 from .kvcache import GrowableCache
@@ -106,8 +108,8 @@ class BatchingGenerator:
         self._mask: torch.Tensor | None = None
         self.steps = 0
         # transformers renamed `past_key_values` to `cache` (5.2x); accept either.
-        self._network = model.model.get_base_model() if model.is_peft else model.model
-        self._lora = MultiLoRA.attach(model.model) if model.is_peft else None
+        self._control: deque[Callable[[], None]] = deque()
+        self._attach_network()
         params = inspect.signature(self._network.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._thread = threading.Thread(target=self._work, name="story-scheduler", daemon=True)
@@ -126,6 +128,21 @@ class BatchingGenerator:
             )
             self._wake.notify()
         return handle
+
+    async def use_adapter(self, name: str | None, path: str | None = None) -> None:
+        """Switch the default adapter between two decoding steps: running sequences keep
+        the adapter they started with (it stays loaded), new ones get this one."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        job = _control_job(self.model, name, path, done)
+
+        def switch() -> None:
+            job()
+            self._attach_network()
+
+        with self._wake:
+            self._control.append(switch)
+            self._wake.notify()
+        await done
 
     async def close(self) -> None:
         with self._wake:
@@ -148,6 +165,7 @@ class BatchingGenerator:
                 with self._wake:
                     while (
                         not self._closed
+                        and not self._control
                         and not self._inbox
                         and not self._running
                         and not any(self._waiting.values())
@@ -173,7 +191,16 @@ class BatchingGenerator:
                 handle.cancel()
                 handle._finish(_empty_output(handle, "cancelled"))
 
+    def _attach_network(self) -> None:
+        """What forward passes call: the base network, with per-row LoRA when the model
+        has adapters (re-read after adapters change)."""
+        model = self.model
+        self._network = model.model.get_base_model() if model.is_peft else model.model
+        self._lora = MultiLoRA.attach(model.model) if model.is_peft else None
+
     def _step(self) -> None:
+        while self._control:
+            self._control.popleft()()
         self._drop_cancelled_waiting()
         admitted = self._admit()
         self._update_queue_positions()
@@ -425,6 +452,7 @@ class BatchingGenerator:
                 prompt_tokens=seq.prompt_len,
                 latency_s=end - handle.submitted_at,
                 ttft_s=first - handle.submitted_at,
+                adapter=seq.adapter,
             )
         )
 

@@ -42,7 +42,10 @@ class Harness:
 
     async def start(self, *, turn_check_s: float = 0.1) -> Env:
         settings = Settings(
-            db_path=self.db, device="cpu", sampling=SamplingParams(max_new_tokens=24, seed=3)
+            db_path=self.db,
+            adapter_dir=self.db.parent / "adapters",
+            device="cpu",
+            sampling=SamplingParams(max_new_tokens=24, seed=3),
         )
         engine = StoryEngine(settings, generator=BatchingGenerator(self.model))
         bot = StoryBot(

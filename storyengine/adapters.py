@@ -1,0 +1,195 @@
+"""The adapter registry: versioned LoRA adapters on disk, their status in SQLite.
+
+Each version is a directory `v0001/`, `v0002/`, ... under the registry's root, in peft's
+`save_pretrained` format (safetensors) with a `taleweaver.json` beside it (method,
+parent, metrics, data counts). A version is written into a hidden temporary directory
+and renamed into place, so a crash never leaves a half-written adapter where the
+registry looks; leftovers are swept on open. At most one version is *promoted*: the one
+the storyteller serves. Promoting retires the previous one; rollback brings back the
+last retired one (or the bare base model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import InvalidInput
+from .store import Store
+
+AdapterStatus = Literal["candidate", "promoted", "rejected", "retired"]
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    version: int
+    path: Path
+    status: AdapterStatus
+    parent_version: int | None
+    method: str
+    metrics: dict[str, Any]
+    data_counts: dict[str, Any]
+    created_at: str
+    promoted_at: str | None
+
+    @property
+    def name(self) -> str:
+        """The adapter's name when loaded for serving."""
+        return f"v{self.version}"
+
+
+class AdapterRegistry:
+    def __init__(self, store: Store, root: Path) -> None:
+        self.store = store
+        self.root = Path(root)
+
+    async def open(self) -> AdapterRegistry:
+        await asyncio.to_thread(self._sweep)
+        return self
+
+    def _sweep(self) -> None:
+        if not self.root.is_dir():
+            return
+        for leftover in self.root.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    async def register(
+        self,
+        save: Callable[[Path], None],
+        *,
+        method: str,
+        parent_version: int | None = None,
+        metrics: dict[str, Any] | None = None,
+        data_counts: dict[str, Any] | None = None,
+    ) -> AdapterVersion:
+        """Write a new candidate version: `save(directory)` writes the adapter files
+        (peft's `save_pretrained`), in a worker thread."""
+        rows = await self.store.db.execute_fetchall(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters"
+        )
+        version = int(rows[0][0])
+        final = self.root / f"v{version:04d}"
+        meta = {
+            "version": version,
+            "method": method,
+            "parent_version": parent_version,
+            "metrics": metrics or {},
+            "data_counts": data_counts or {},
+        }
+
+        def write() -> None:
+            tmp = self.root / f".tmp-v{version:04d}-{uuid.uuid4().hex}"
+            tmp.mkdir(parents=True)  # the root too, the first time
+            try:
+                save(tmp)
+                if not (tmp / "adapter_config.json").is_file():
+                    raise RuntimeError("the adapter was not saved in peft's format")
+                (tmp / "taleweaver.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+                os.replace(tmp, final)  # atomic on one filesystem
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+
+        await asyncio.to_thread(write)
+        await self.store._write(
+            "INSERT INTO adapters (version, path, parent_version, method, metrics, data_counts)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                version,
+                str(final),
+                parent_version,
+                method,
+                json.dumps(meta["metrics"]),
+                json.dumps(meta["data_counts"]),
+            ),
+        )
+        found = await self.get(version)
+        assert found is not None
+        return found
+
+    async def get(self, version: int) -> AdapterVersion | None:
+        rows = await self.store.db.execute_fetchall(
+            "SELECT * FROM adapters WHERE version = ?", (version,)
+        )
+        return _version(rows[0]) if rows else None
+
+    async def list(self) -> list[AdapterVersion]:
+        rows = await self.store.db.execute_fetchall("SELECT * FROM adapters ORDER BY version")
+        return [_version(r) for r in rows]
+
+    async def promoted(self) -> AdapterVersion | None:
+        rows = await self.store.db.execute_fetchall(
+            "SELECT * FROM adapters WHERE status = 'promoted'"
+        )
+        return _version(rows[0]) if rows else None
+
+    async def set_metrics(self, version: int, metrics: dict[str, Any]) -> None:
+        await self.store._write(
+            "UPDATE adapters SET metrics = ? WHERE version = ?", (json.dumps(metrics), version)
+        )
+
+    async def promote(self, version: int) -> AdapterVersion:
+        """Serve `version` from now on; the version served before is retired."""
+        target = await self.get(version)
+        if target is None:
+            raise InvalidInput(f"There is no adapter version {version}.")
+        if not (target.path / "adapter_config.json").is_file():
+            raise InvalidInput(f"Adapter version {version} is missing on disk ({target.path}).")
+        async with self.store.transaction() as db:
+            await db.execute("UPDATE adapters SET status = 'retired' WHERE status = 'promoted'")
+            await db.execute(
+                "UPDATE adapters SET status = 'promoted',"
+                " promoted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE version = ?",
+                (version,),
+            )
+        promoted = await self.get(version)
+        assert promoted is not None
+        return promoted
+
+    async def reject(self, version: int) -> None:
+        await self.store._write(
+            "UPDATE adapters SET status = 'rejected' WHERE version = ? AND status = 'candidate'",
+            (version,),
+        )
+
+    async def rollback(self) -> AdapterVersion | None:
+        """Retire the promoted version and serve the one promoted before it (the most
+        recently promoted retired one), or the bare base model if there is none."""
+        current = await self.promoted()
+        if current is None:
+            raise InvalidInput("No adapter is promoted: the base model is already being served.")
+        rows = await self.store.db.execute_fetchall(
+            "SELECT version FROM adapters WHERE status = 'retired' AND promoted_at IS NOT NULL"
+            " AND version != ? ORDER BY promoted_at DESC LIMIT 1",
+            (current.version,),
+        )
+        async with self.store.transaction() as db:
+            await db.execute(
+                "UPDATE adapters SET status = 'rejected' WHERE version = ?", (current.version,)
+            )
+            if rows:
+                await db.execute(
+                    "UPDATE adapters SET status = 'promoted' WHERE version = ?", (rows[0][0],)
+                )
+        return await self.promoted()
+
+
+def _version(row: Any) -> AdapterVersion:
+    return AdapterVersion(
+        version=row["version"],
+        path=Path(row["path"]),
+        status=row["status"],
+        parent_version=row["parent_version"],
+        method=row["method"],
+        metrics=json.loads(row["metrics"]),
+        data_counts=json.loads(row["data_counts"]),
+        created_at=row["created_at"],
+        promoted_at=row["promoted_at"],
+    )
