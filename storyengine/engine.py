@@ -79,6 +79,7 @@ class StoryEngine:
         self.registry = AdapterRegistry(self.store, settings.adapter_dir)
         self._serving: str | None = None
         """The adapter being served (its registry name), None for the configured one."""
+        self._adapter_lock = asyncio.Lock()
         self._in_flight: dict[str, set[GenerationHandle]] = {}
         self.clock: Callable[[], float] = time.time
         """Wall clock for turn deadlines (tests replace it)."""
