@@ -484,25 +484,31 @@ def sample_next_tokens(seqs: list[_Sequence], logits: torch.Tensor, eos: int) ->
     penalised = [
         (row, s) for row, s in enumerate(seqs) if s.request.params.repetition_penalty != 1.0
     ]
-    if penalised:
-        cols = torch.cat([s.seen for _, s in penalised])  # type: ignore[misc]
-        rows_ = torch.cat([torch.full_like(s.seen, row) for row, s in penalised])  # type: ignore[arg-type]
-        penalty = torch.cat(
-            [
-                torch.full(s.seen.shape, s.request.params.repetition_penalty, device=device)  # type: ignore[union-attr]
-                for _, s in penalised
-            ]
-        )
+    if penalised:  # one gather and one scatter for the whole batch
+        seen = [s.seen for _, s in penalised]
+        counts = torch.tensor([len(t) for t in seen], device=device)  # type: ignore[arg-type]
+        cols = torch.cat(seen)  # type: ignore[arg-type]
+        rows_ = torch.tensor([row for row, _ in penalised], device=device).repeat_interleave(counts)
+        penalty = torch.tensor(
+            [s.request.params.repetition_penalty for _, s in penalised], device=device
+        ).repeat_interleave(counts)
         picked = scores[rows_, cols]
         scores[rows_, cols] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    # Banned tokens (no-repeat n-grams, end of text before min_new_tokens): one scatter.
+    ban_rows: list[int] = []
+    ban_cols: list[int] = []
     for row, seq in enumerate(seqs):
         n = seq.request.params.no_repeat_ngram_size
         if n > 0 and len(seq.tokens) >= n - 1:
             banned = seq.ngrams.get(tuple(seq.tokens[len(seq.tokens) - n + 1 :]))
             if banned:
-                scores[row, list(banned)] = float("-inf")
+                ban_rows.extend([row] * len(banned))
+                ban_cols.extend(banned)
         if len(seq.new) < seq.request.min_new_tokens:
-            scores[row, eos] = float("-inf")
+            ban_rows.append(row)
+            ban_cols.append(eos)
+    if ban_rows:
+        scores[ban_rows, ban_cols] = float("-inf")
 
     chosen = scores.argmax(dim=-1).tolist()
     sampled = [row for row, s in enumerate(seqs) if s.request.params.temperature != 0.0]
