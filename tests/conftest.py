@@ -78,6 +78,7 @@ def settings(tmp_path: Path) -> Settings:
 
     return Settings(
         db_path=tmp_path / "stories.db",
+        adapter_dir=tmp_path / "adapters",
         device="cpu",
         sampling=SamplingParams(max_new_tokens=32, seed=7),
     )
