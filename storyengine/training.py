@@ -1,0 +1,182 @@
+"""One round of preference fine-tuning of the LoRA adapter, with TRL.
+
+The policy is the base model with the adapter being served (the promoted one), loaded
+as the trainable "default" adapter, or a fresh LoRA. The reference is chosen on purpose:
+TRL's DPO and KTO trainers, given a peft model that already has an adapter, copy it into
+a frozen "ref" adapter and score against that, so each round is anchored to the last
+good adapter rather than drifting from the bare base model. (With a fresh LoRA, whose
+B matrices start at zero, that copy *is* the base model.) The "ref" copy stays on the
+model after training; it is deleted before saving.
+
+Settings that TRL's defaults get wrong for small LoRA runs are set explicitly: the
+learning rate (TRL's 1e-6 is useless for LoRA), gradient checkpointing and bf16 (off on
+the CPU), the example order (KTO reads its dataset in order, so it is shuffled here), and
+the tokenizer (passed in, or TRL tries to load a processor by the model's name).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: Literal["kto", "dpo"] = "kto"
+    learning_rate: float = 1e-4
+    epochs: float = 1.0
+    beta: float = 0.1
+    batch_size: int = 8
+    lora_r: int = 16
+    lora_alpha: int = 32
+    target_modules: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
+    max_length: int = 1024
+    seed: int = 0
+    min_examples: int = 16
+    """Fewer examples than this (pairs for DPO) and the round does not train."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise ValueError(
+                "batch_size must be at least 2 (KTO needs more than one example a step)"
+            )
+        if not 0 < self.learning_rate < 1:
+            raise ValueError("learning_rate must be in (0, 1)")
+
+
+class NotEnoughData(Exception):
+    pass
+
+
+def prepare_policy(base_model: Any, start_adapter: Path | None, config: TrainConfig) -> Any:
+    """The model to train: the base with `start_adapter` (trainable, named "default"),
+    or with a fresh LoRA."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if start_adapter is not None:
+        return PeftModel.from_pretrained(
+            base_model, str(start_adapter), adapter_name="default", is_trainable=True
+        )
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        target_modules=list(config.target_modules),
+        fan_in_fan_out=True,  # GPT-2's Conv1D layers
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base_model, lora)
+
+
+def kto_weights(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """Desirable/undesirable weights that keep their weighted ratio within TRL's
+    guidance (between 1:1 and 4:3)."""
+    good = sum(1 for r in rows if r["label"])
+    bad = len(rows) - good
+    if not good or not bad:
+        raise NotEnoughData("KTO needs both liked and disliked examples")
+    ratio = good / bad  # weighted desirable : undesirable = ratio * wd / wu
+    if ratio < 1:
+        return 1.0 / ratio, 1.0  # too few desirable: weigh them up to 1:1
+    if ratio > 4 / 3:
+        return 1.0, ratio * 3 / 4  # too many: weigh the undesirable up to 4:3
+    return 1.0, 1.0
+
+
+def train_adapter(
+    policy: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    config: TrainConfig,
+    *,
+    callbacks: list[Any] | None = None,
+) -> dict[str, Any]:
+    """Train `policy` in place on `rows` (KTO: prompt/completion/label; DPO:
+    prompt/chosen/rejected). Returns the round's figures."""
+    import torch
+    from datasets import Dataset
+
+    if len(rows) < config.min_examples:
+        raise NotEnoughData(f"{len(rows)} examples; a round needs at least {config.min_examples}")
+    rows = list(rows)
+    random.Random(config.seed).shuffle(rows)  # KTO samples in order
+    on_cpu = not torch.cuda.is_available() or next(policy.parameters()).device.type == "cpu"
+    common: dict[str, Any] = {
+        "learning_rate": config.learning_rate,
+        "num_train_epochs": config.epochs,
+        "per_device_train_batch_size": config.batch_size,
+        "beta": config.beta,
+        "max_length": config.max_length,
+        "gradient_checkpointing": False,
+        "bf16": False,
+        "fp16": False,
+        "use_cpu": on_cpu,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_steps": 5,
+        "seed": config.seed,
+        "disable_tqdm": True,
+    }
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="taleweaver-train-") as scratch:
+        if config.method == "kto":
+            from trl import KTOConfig, KTOTrainer
+
+            desirable, undesirable = kto_weights(rows)
+            args = KTOConfig(
+                output_dir=scratch,
+                desirable_weight=desirable,
+                undesirable_weight=undesirable,
+                **common,
+            )
+            trainer: Any = KTOTrainer(
+                model=policy,
+                args=args,
+                train_dataset=Dataset.from_list(rows),
+                processing_class=tokenizer,
+                callbacks=callbacks,
+            )
+        else:
+            from trl import DPOConfig, DPOTrainer
+
+            args = DPOConfig(output_dir=scratch, **common)
+            trainer = DPOTrainer(
+                model=policy,
+                args=args,
+                train_dataset=Dataset.from_list(rows),
+                processing_class=tokenizer,
+                callbacks=callbacks,
+            )
+        result = trainer.train()
+    if "ref" in policy.peft_config:  # TRL's frozen copy of the starting adapter
+        policy.delete_adapter("ref")
+    policy.set_adapter("default")
+    policy.eval()
+    return {
+        "method": config.method,
+        "examples": len(rows),
+        "train_loss": float(result.training_loss),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def completion_logprob(model: Any, tokenizer: Any, prompt: str, completion: str) -> float:
+    """log p(completion | prompt) under `model`, summed over the completion's tokens."""
+    import torch
+
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    completion_ids = tokenizer(completion)["input_ids"]
+    ids = torch.tensor([prompt_ids + completion_ids], device=next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].float()
+    logprobs = logits.log_softmax(-1)
+    targets = ids[0, 1:]
+    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return float(picked[len(prompt_ids) - 1 :].sum())
