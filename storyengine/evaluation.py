@@ -1,0 +1,188 @@
+"""The evaluation gate: is a newly trained adapter better, and no worse where it matters?
+
+Measured on held-out data (stories on the held-out side of the split):
+* preference accuracy: how often a model's implicit reward, log p_model(y|x) minus
+  log p_base(y|x), ranks the chosen continuation over the rejected one, and a liked one
+  over a disliked one (ties count half); the candidate must beat the adapter it would
+  replace;
+* perplexity on held-out story text, against both the current adapter (at most
+  `max_ppl_increase` worse) and the bare base model (at most `max_ppl_vs_base` worse, so
+  drift cannot pile up round after round);
+* repetition (share of repeated 4-grams) and distinct-2 on sampled continuations, which
+  may not get worse by more than a bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from itertools import pairwise
+from typing import Any
+
+from .feedback import LabelledExample, PreferencePair
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_ppl_increase: float = 0.05
+    max_ppl_vs_base: float = 0.05
+    max_repeat4_increase: float = 0.02
+    max_distinct2_drop: float = 0.05
+    max_examples: int = 400
+    """At most this many held-out examples are scored (they cost a forward pass each)."""
+
+
+@dataclass(frozen=True)
+class GateReport:
+    passed: bool
+    reasons: tuple[str, ...]
+    preference_accuracy: float
+    current_preference_accuracy: float
+    perplexity: float
+    current_perplexity: float
+    base_perplexity: float
+    repeat4: float | None = None
+    current_repeat4: float | None = None
+    distinct2: float | None = None
+    current_distinct2: float | None = None
+    heldout_pairs: int = 0
+    heldout_examples: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _logprob(
+    model: Any, tokenizer: Any, prompt: str, completion: str, adapter: str | None
+) -> float:
+    from .training import completion_logprob
+
+    if adapter is None:
+        with model.disable_adapter():
+            return completion_logprob(model, tokenizer, prompt, completion)
+    model.set_adapter(adapter)
+    return completion_logprob(model, tokenizer, prompt, completion)
+
+
+def preference_accuracy(
+    model: Any,
+    tokenizer: Any,
+    adapter: str | None,
+    pairs: Sequence[PreferencePair],
+    examples: Sequence[LabelledExample],
+) -> float:
+    """Share of held-out preferences the adapter's implicit reward gets right (0.5 for
+    the base model itself, whose reward is zero everywhere)."""
+    cache: dict[tuple[str, str], float] = {}
+
+    def reward(prompt: str, text: str) -> float:
+        if adapter is None:
+            return 0.0
+        key = (prompt, text)
+        if key not in cache:
+            cache[key] = _logprob(model, tokenizer, prompt, text, adapter) - _logprob(
+                model, tokenizer, prompt, text, None
+            )
+        return cache[key]
+
+    scores: list[float] = []
+    for p in pairs:
+        a, b = reward(p.prompt, p.chosen), reward(p.prompt, p.rejected)
+        scores.append(1.0 if a > b else 0.5 if a == b else 0.0)
+    liked = [reward(e.prompt, e.completion) for e in examples if e.label]
+    disliked = [reward(e.prompt, e.completion) for e in examples if not e.label]
+    for a in liked:
+        for b in disliked:
+            scores.append(1.0 if a > b else 0.5 if a == b else 0.0)
+    return sum(scores) / len(scores) if scores else 0.5
+
+
+def perplexity(
+    model: Any, tokenizer: Any, adapter: str | None, texts: Sequence[str], max_tokens: int = 512
+) -> float:
+    import torch
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for text in texts:
+        ids = tokenizer(text)["input_ids"][:max_tokens]
+        if len(ids) < 2:
+            continue
+        batch = torch.tensor([ids], device=device)
+        with torch.no_grad():
+            if adapter is None:
+                with model.disable_adapter():
+                    logits = model(input_ids=batch).logits
+            else:
+                model.set_adapter(adapter)
+                logits = model(input_ids=batch).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[0, :-1].float(), batch[0, 1:], reduction="sum"
+        )
+        total += float(loss)
+        count += len(ids) - 1
+    return math.exp(total / count) if count else float("nan")
+
+
+def repetition(texts: Sequence[str]) -> tuple[float, float]:
+    """(share of 4-grams that repeat an earlier 4-gram of the same text, distinct-2
+    across all texts)."""
+    repeated = total4 = 0
+    bigrams: list[tuple[str, str]] = []
+    for text in texts:
+        words = text.lower().split()
+        grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+        total4 += len(grams)
+        repeated += len(grams) - len(set(grams))
+        bigrams.extend(pairwise(words))
+    repeat4 = repeated / total4 if total4 else 0.0
+    distinct2 = len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+    return repeat4, distinct2
+
+
+def decide(
+    config: GateConfig,
+    *,
+    accuracy: float,
+    current_accuracy: float,
+    ppl: float,
+    current_ppl: float,
+    base_ppl: float,
+    samples: tuple[Sequence[str], Sequence[str]] | None = None,
+    heldout_pairs: int = 0,
+    heldout_examples: int = 0,
+) -> GateReport:
+    reasons = []
+    if not accuracy > current_accuracy:
+        reasons.append(f"preference accuracy {accuracy:.3f} does not beat {current_accuracy:.3f}")
+    if ppl > current_ppl * (1 + config.max_ppl_increase):
+        reasons.append(
+            f"perplexity {ppl:.2f} is over {current_ppl:.2f} + {config.max_ppl_increase:.0%}"
+        )
+    if ppl > base_ppl * (1 + config.max_ppl_vs_base):
+        bound = f"{base_ppl:.2f} + {config.max_ppl_vs_base:.0%}"
+        reasons.append(f"perplexity {ppl:.2f} drifted past the base model's {bound}")
+    rep = cur_rep = dis = cur_dis = None
+    if samples is not None:
+        rep, dis = repetition(samples[0])
+        cur_rep, cur_dis = repetition(samples[1])
+        if rep > cur_rep + config.max_repeat4_increase:
+            reasons.append(f"repeated 4-grams rose from {cur_rep:.3f} to {rep:.3f}")
+        if dis < cur_dis - config.max_distinct2_drop:
+            reasons.append(f"distinct-2 fell from {cur_dis:.3f} to {dis:.3f}")
+    return GateReport(
+        passed=not reasons,
+        reasons=tuple(reasons),
+        preference_accuracy=accuracy,
+        current_preference_accuracy=current_accuracy,
+        perplexity=ppl,
+        current_perplexity=current_ppl,
+        base_perplexity=base_ppl,
+        repeat4=rep,
+        current_repeat4=cur_rep,
+        distinct2=dis,
+        current_distinct2=cur_dis,
+        heldout_pairs=heldout_pairs,
+        heldout_examples=heldout_examples,
+    )

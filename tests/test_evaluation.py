@@ -1,0 +1,88 @@
+"""The evaluation gate."""
+
+import copy
+
+import pytest
+
+from storyengine.evaluation import GateConfig, decide, perplexity, preference_accuracy, repetition
+from storyengine.feedback import LabelledExample, PreferencePair
+from storyengine.training import TrainConfig, prepare_policy, train_adapter
+
+STORY = (
+    "Once upon a time, there was a little girl named Lily. She loved to play in the park "
+    "with her red ball. One day, the ball rolled into the pond and a duck brought it back."
+)
+
+
+def test_repetition_and_distinct2():
+    repeat4, distinct2 = repetition(["a b c d a b c d", "x y z"])
+    assert repeat4 == pytest.approx(1 / 5)  # five 4-grams in the first text, one a repeat
+    assert distinct2 == pytest.approx(6 / 9)
+
+
+def test_decide_names_every_reason():
+    ok = decide(
+        GateConfig(), accuracy=0.7, current_accuracy=0.6, ppl=10.2, current_ppl=10.0, base_ppl=10.0
+    )
+    assert ok.passed and ok.reasons == ()
+    bad = decide(
+        GateConfig(),
+        accuracy=0.6,
+        current_accuracy=0.6,
+        ppl=11.0,
+        current_ppl=10.0,
+        base_ppl=10.0,
+        samples=(["a b c d a b c d"], ["a b c d e f g h"]),
+    )
+    assert not bad.passed
+    assert len(bad.reasons) == 5  # accuracy, ppl vs current, ppl vs base, repetition, distinct-2
+
+
+@pytest.mark.slow
+def test_gate_rejects_an_adapter_that_ruins_perplexity(bundled_model):
+    policy = prepare_policy(copy.deepcopy(bundled_model.model), None, TrainConfig())
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    tok = bundled_model.tokenizer
+    base = perplexity(policy, tok, None, [STORY])
+    ruined = perplexity(policy, tok, "default", [STORY])
+    assert base < 30 and ruined > 2 * base
+    report = decide(
+        GateConfig(),
+        accuracy=0.9,
+        current_accuracy=0.5,
+        ppl=ruined,
+        current_ppl=base,
+        base_ppl=base,
+    )
+    assert not report.passed and any("perplexity" in r for r in report.reasons)
+
+
+@pytest.mark.slow
+def test_preference_accuracy_rises_after_training(tiny_model):
+    liked, disliked = " the cat sat on the warm mat.", " the dog barked at the moon."
+    policy = prepare_policy(copy.deepcopy(tiny_model.model), None, TrainConfig())
+    train_rows = [{"prompt": f"Tale {i}:", "chosen": liked, "rejected": disliked} for i in range(8)]
+    heldout = [
+        PreferencePair(f"Other {i}:", liked, disliked, "choice", 1, "heldout", 0, 0)
+        for i in range(4)
+    ]
+    examples = [
+        LabelledExample(f"Other {i}:", text, label, 1.0, 1, "heldout", 0)
+        for i in range(3)
+        for text, label in ((liked, True), (disliked, False))
+    ]
+    tok = tiny_model.tokenizer
+    assert preference_accuracy(policy, tok, None, heldout, examples) == 0.5
+    config = TrainConfig(
+        method="dpo",
+        learning_rate=5e-3,
+        epochs=3,
+        batch_size=4,
+        lora_r=8,
+        max_length=64,
+        min_examples=4,
+    )
+    train_adapter(policy, tok, train_rows, config)
+    assert preference_accuracy(policy, tok, "default", heldout, examples) > 0.9
