@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -73,6 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["jsonl"], default="jsonl")
     export.add_argument("--out", type=Path, help="file to write (default: standard output)")
     export.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
+
+    train = sub.add_parser("train", help="fine-tune the LoRA adapter on the audience's feedback")
+    train_sub = train.add_subparsers(dest="train", required=True, metavar="ROUND")
+    round_ = train_sub.add_parser(
+        "round", help="one round: datasets, training, the gate, then promote or reject"
+    )
+    round_.add_argument(
+        "--method",
+        choices=["auto", "kto", "dpo"],
+        default="auto",
+        help="auto: DPO with enough preference pairs, else KTO",
+    )
+    round_.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    round_.add_argument("--epochs", type=float, default=1.0)
+    round_.add_argument("--min-examples", type=int, default=16)
+    round_.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
+    round_.add_argument("--dir", type=Path, help="adapter directory (default: STORY_ADAPTER_DIR)")
 
     adapters = sub.add_parser("adapters", help="the LoRA adapter registry")
     adapters_sub = adapters.add_subparsers(dest="adapters", required=True, metavar="ACTION")
@@ -151,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_chat(args, settings))
         if args.command == "db":
             return asyncio.run(_db(args, settings))
+        if args.command == "train":
+            if args.dir:
+                settings = settings.replace(adapter_dir=args.dir)
+            return asyncio.run(_train_round(args, settings))
         if args.command == "adapters":
             if getattr(args, "dir", None):
                 settings = settings.replace(adapter_dir=args.dir)
@@ -169,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":  # libraries' deprecation notices are not for the user
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -219,6 +244,32 @@ async def _bench(args: argparse.Namespace) -> int:
         json_path=args.json,
         max_batch_size=args.max_batch_size,
     )
+    return 0
+
+
+async def _train_round(args: argparse.Namespace, settings: Settings) -> int:
+    from .rounds import RoundConfig, run_round
+    from .training import TrainConfig
+
+    try:
+        train = TrainConfig(
+            learning_rate=args.lr, epochs=args.epochs, min_examples=args.min_examples
+        )
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    result = await run_round(
+        settings,
+        RoundConfig(method=args.method, train=train),
+        say=lambda line: print(line, flush=True),
+    )
+    if result.status == "promoted":
+        assert result.version is not None
+        print(f"promoted {result.version.name}")
+    elif result.status == "rejected":
+        assert result.version is not None
+        print(f"rejected {result.version.name}: {result.reason}")
+    else:
+        print(f"skipped: {result.reason}")
     return 0
 
 

@@ -1,0 +1,181 @@
+"""A learning round, end to end: feedback → datasets → train → gate → register →
+promote or reject. `storyengine train round` runs it in its own process.
+
+Crash safety: the adapter is registered only after training and evaluation, written
+atomically; the database is touched in short transactions; a run left 'running' by a
+killed process is marked failed by the next round. Killing a round therefore leaves the
+served adapter and the database as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from .adapters import AdapterRegistry, AdapterVersion
+from .config import Settings
+from .evaluation import GateConfig, decide, perplexity, preference_accuracy
+from .feedback import DatasetConfig, FeedbackDatasets, build_datasets
+from .store import Store
+from .training import TrainConfig, prepare_policy, train_adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    method: Literal["auto", "kto", "dpo"] = "auto"
+    """auto: DPO when there are enough pairs, else KTO."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    status: Literal["promoted", "rejected", "skipped"]
+    reason: str
+    version: AdapterVersion | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def choose_method(config: RoundConfig, data: FeedbackDatasets) -> tuple[str, list[dict[str, Any]]]:
+    pairs = [p for p in data.pairs if p.split == "train"]
+    examples = [e for e in data.examples if e.split == "train"]
+    method = config.method
+    if method == "auto":
+        method = "dpo" if len(pairs) >= config.train.min_examples else "kto"
+    if method == "dpo":
+        return "dpo", [
+            {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs
+        ]
+    return "kto", [
+        {"prompt": e.prompt, "completion": e.completion, "label": e.label} for e in examples
+    ]
+
+
+async def run_round(
+    settings: Settings, config: RoundConfig, *, say: Callable[[str], None] = print
+) -> RoundResult:
+    store = await Store(settings.db_path).open()
+    try:
+        registry = await AdapterRegistry(store, settings.adapter_dir).open()
+        await store._write(
+            "UPDATE training_runs SET status = 'failed', error = 'interrupted',"
+            " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE status = 'running'"
+        )
+        data = await build_datasets(store, config.data)
+        method, rows = choose_method(config, data)
+        cursor = await store._write("INSERT INTO training_runs (method) VALUES (?)", (method,))
+        run_id = cursor.lastrowid
+        try:
+            result = await _train_and_gate(settings, config, registry, data, method, rows, say)
+        except Exception as exc:
+            await store._write(
+                "UPDATE training_runs SET status = 'failed', error = ?,"
+                " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+                (str(exc)[:500], run_id),
+            )
+            raise
+        await store._write(
+            "UPDATE training_runs SET status = 'done', version = ?, error = ?,"
+            " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+            (result.version.version if result.version else None, result.reason or None, run_id),
+        )
+        return result
+    finally:
+        await store.close()
+
+
+async def _train_and_gate(
+    settings: Settings,
+    config: RoundConfig,
+    registry: AdapterRegistry,
+    data: FeedbackDatasets,
+    method: str,
+    rows: list[dict[str, Any]],
+    say: Callable[[str], None],
+) -> RoundResult:
+    from .modeling import load_model
+
+    heldout_pairs = [p for p in data.pairs if p.split == "heldout"][: config.gate.max_examples]
+    heldout_examples = [e for e in data.examples if e.split == "heldout"][
+        : config.gate.max_examples
+    ]
+    texts = list(
+        dict.fromkeys(
+            [p.prompt + p.chosen for p in heldout_pairs]
+            + [e.prompt + e.completion for e in heldout_examples]
+        )
+    )
+    counts = {
+        "method": method,
+        "train_rows": len(rows),
+        "heldout_pairs": len(heldout_pairs),
+        "heldout_examples": len(heldout_examples),
+    }
+    if len(rows) < config.train.min_examples:
+        return RoundResult("skipped", f"not enough feedback yet: {counts}")
+    if not texts:
+        return RoundResult("skipped", f"no held-out feedback to judge a new adapter on: {counts}")
+
+    current = await registry.promoted()
+    loaded = await asyncio.to_thread(load_model, settings.replace(adapter=None))
+    train = TrainConfig(**{**asdict(config.train), "method": method})
+    policy = prepare_policy(loaded.model, current.path if current else None, train)
+    say(
+        f"training {method} on {len(rows)} examples, starting from "
+        f"{current.name if current else 'a fresh adapter'}"
+    )
+    figures = await asyncio.to_thread(train_adapter, policy, loaded.tokenizer, rows, train)
+    say(f"trained in {figures['seconds']:.0f} s (loss {figures['train_loss']:.3f}); evaluating")
+    reference = None
+    if current is not None:  # the adapter being served, to compare against
+        policy.load_adapter(str(current.path), adapter_name="current")
+        reference = "current"
+    tok = loaded.tokenizer
+
+    def evaluate() -> dict[str, Any]:
+        return {
+            "accuracy": preference_accuracy(
+                policy, tok, "default", heldout_pairs, heldout_examples
+            ),
+            "current_accuracy": preference_accuracy(
+                policy, tok, reference, heldout_pairs, heldout_examples
+            ),
+            "ppl": perplexity(policy, tok, "default", texts),
+            "current_ppl": perplexity(policy, tok, reference, texts),
+            "base_ppl": perplexity(policy, tok, None, texts),
+        }
+
+    scores = await asyncio.to_thread(evaluate)
+    report = decide(
+        config.gate,
+        accuracy=scores["accuracy"],
+        current_accuracy=scores["current_accuracy"],
+        ppl=scores["ppl"],
+        current_ppl=scores["current_ppl"],
+        base_ppl=scores["base_ppl"],
+        heldout_pairs=len(heldout_pairs),
+        heldout_examples=len(heldout_examples),
+    )
+    metrics = {**report.to_dict(), "train": figures}
+    policy.set_adapter("default")
+    version = await registry.register(
+        lambda d: policy.save_pretrained(str(d), selected_adapters=["default"]),
+        method=method,
+        parent_version=current.version if current else None,
+        metrics=json.loads(json.dumps(metrics, default=str)),
+        data_counts=counts,
+    )
+    if report.passed:
+        version = await registry.promote(version.version)
+        return RoundResult("promoted", "", version, metrics)
+    await registry.reject(version.version)
+    return RoundResult(
+        "rejected", "; ".join(report.reasons), await registry.get(version.version), metrics
+    )

@@ -1,0 +1,117 @@
+"""A whole learning round on the bundled model, and what a killed round leaves behind."""
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+
+import pytest
+
+from storyengine.adapters import AdapterRegistry
+from storyengine.config import Settings
+from storyengine.rounds import RoundConfig, run_round
+from storyengine.store import Store
+from storyengine.training import TrainConfig
+
+pytestmark = pytest.mark.slow
+
+LIKED = "The little cat found a warm, sunny spot and purred happily."
+DISLIKED = "The dog barked and barked and barked at nothing at all."
+
+
+async def make_feedback(db, stories: int = 30) -> None:
+    store = await Store(db).open()
+    for n in range(stories):
+        story = await store.create_story(
+            f"c{n}", "Premise.", genre=None, mode="solo", created_by="u"
+        )
+        prompt = f"Once upon a time, in story number {n}, there was a garden.\n"
+        for text, value in ((LIKED, 1.0), (DISLIKED, -1.0)):
+            g = await store.record_generation(
+                story_id=story.id,
+                channel=f"c{n}",
+                prompt=prompt,
+                output=text,
+                raw_output=text,
+                params={},
+                model_id="m",
+                adapter_id=None,
+                prompt_tokens=10,
+                output_tokens=12,
+                finish_reason="eos",
+                latency_s=0.1,
+                ttft_s=0.01,
+            )
+            await store.set_feedback(g, f"user{n % 7}", "👍" if value > 0 else "👎", value)
+    await store.close()
+
+
+async def test_a_round_trains_gates_and_registers(tmp_path):
+    db = tmp_path / "s.db"
+    await make_feedback(db)
+    settings = Settings(db_path=db, adapter_dir=tmp_path / "adapters", device="cpu")
+    lines: list[str] = []
+    config = RoundConfig(
+        method="kto", train=TrainConfig(learning_rate=5e-4, batch_size=8, max_length=128)
+    )
+    result = await run_round(settings, config, say=lines.append)
+    assert result.status in {"promoted", "rejected"}, result
+    assert lines[0].startswith("training kto on") and "fresh adapter" in lines[0]
+    metrics = result.version.metrics
+    assert metrics["heldout_examples"] > 0 and metrics["perplexity"] > 0
+    assert metrics["train"]["examples"] + metrics["heldout_examples"] == 60
+    store = await Store(db).open()
+    registry = await AdapterRegistry(store, settings.adapter_dir).open()
+    versions = await registry.list()
+    assert [v.version for v in versions] == [1]
+    assert versions[0].status == ("promoted" if result.status == "promoted" else "rejected")
+    runs = await store.db.execute_fetchall("SELECT method, status, version FROM training_runs")
+    assert [tuple(r) for r in runs] == [("kto", "done", 1)]
+    await store.close()
+
+
+async def test_killing_a_round_leaves_the_served_adapter_and_database_intact(tmp_path):
+    db = tmp_path / "s.db"
+    await make_feedback(db)
+    adapters = tmp_path / "adapters"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STORY_")}
+    env.update(STORY_DB_PATH=str(db), STORY_ADAPTER_DIR=str(adapters), STORY_DEVICE="cpu")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "storyengine",
+        "train",
+        "round",
+        "--method",
+        "kto",
+        "--epochs",
+        "50",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+    )
+    line = ""
+    while not line.startswith("training kto"):  # past any warnings
+        line = (await process.stdout.readline()).decode()
+        assert line, "the round ended before training"
+    await asyncio.sleep(1.5)  # training has begun; 50 epochs take far longer
+    process.send_signal(signal.SIGKILL)
+    await process.wait()
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0] == 0
+        assert conn.execute("SELECT status FROM training_runs").fetchall() == [("running",)]
+        assert conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 60
+    assert not adapters.exists() or not any(p.name.startswith("v") for p in adapters.iterdir())
+
+    # The next round notes the interrupted one and works as usual.
+    settings = Settings(db_path=db, adapter_dir=adapters, device="cpu")
+    config = RoundConfig(method="kto", train=TrainConfig(max_length=128))
+    result = await run_round(settings, config, say=lambda _: None)
+    assert result.status in {"promoted", "rejected"}
+    with sqlite3.connect(db) as conn:
+        runs = conn.execute("SELECT status, error FROM training_runs ORDER BY id").fetchall()
+    assert runs == [("failed", "interrupted"), ("done", result.reason or None)]
