@@ -21,6 +21,7 @@ CREATE TABLE training_runs (
     method       TEXT NOT NULL,
     status       TEXT NOT NULL DEFAULT 'running' CHECK (status IN ('running', 'done', 'failed')),
     version      INTEGER REFERENCES adapters (version),
+    data_until   INTEGER,                 -- the newest generation id its training data had
     log_path     TEXT,
     error        TEXT,
     started_at   TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),

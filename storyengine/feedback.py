@@ -39,6 +39,9 @@ class DatasetConfig:
     heldout_fraction: float = 0.2
     seed: int = 0
     """Changes which stories are held out."""
+    train_after_generation: int = 0
+    """Training examples only from generations newer than this id (a round learns from
+    what came in since the last promoted round); held-out examples from all."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,9 @@ async def build_datasets(store: Store, config: DatasetConfig | None = None) -> F
             return
         if chosen["output"] == rejected["output"]:
             return
+        split = story_split(chosen["story_id"], config)
+        if split == "train" and max(chosen_id, rejected_id) <= config.train_after_generation:
+            return
         out.pairs.append(
             PreferencePair(
                 chosen["prompt"],
@@ -156,6 +162,9 @@ async def build_datasets(store: Store, config: DatasetConfig | None = None) -> F
     for gid, score in sorted(scores.items()):
         g = usable(gid)
         if g is None or score == 0:
+            continue
+        split = story_split(g["story_id"], config)
+        if split == "train" and gid <= config.train_after_generation:
             continue
         out.examples.append(
             LabelledExample(

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from .adapters import AdapterRegistry, AdapterVersion
@@ -43,6 +43,14 @@ class RoundResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def heldout_stories() -> list[str]:
+    """Stories the bundled model never saw (shipped in the package), for perplexity."""
+    from importlib import resources
+
+    text = resources.files("storyengine").joinpath("data/heldout_stories.txt").read_text("utf-8")
+    return [s.strip() for s in text.split("<|endoftext|>") if s.strip()]
+
+
 def choose_method(config: RoundConfig, data: FeedbackDatasets) -> tuple[str, list[dict[str, Any]]]:
     pairs = [p for p in data.pairs if p.split == "train"]
     examples = [e for e in data.examples if e.split == "train"]
@@ -68,7 +76,13 @@ async def run_round(
             "UPDATE training_runs SET status = 'failed', error = 'interrupted',"
             " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE status = 'running'"
         )
-        data = await build_datasets(store, config.data)
+        rows_ = await store.db.execute_fetchall(
+            "SELECT COALESCE(MAX(r.data_until), 0) FROM training_runs r"
+            " JOIN adapters a ON a.version = r.version WHERE a.status IN ('promoted', 'retired')"
+        )
+        newest = await store.db.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM generations")
+        data_config = replace(config.data, train_after_generation=int(rows_[0][0]))
+        data = await build_datasets(store, data_config)
         method, rows = choose_method(config, data)
         cursor = await store._write("INSERT INTO training_runs (method) VALUES (?)", (method,))
         run_id = cursor.lastrowid
@@ -82,9 +96,14 @@ async def run_round(
             )
             raise
         await store._write(
-            "UPDATE training_runs SET status = 'done', version = ?, error = ?,"
+            "UPDATE training_runs SET status = 'done', version = ?, error = ?, data_until = ?,"
             " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
-            (result.version.version if result.version else None, result.reason or None, run_id),
+            (
+                result.version.version if result.version else None,
+                result.reason or None,
+                int(newest[0][0]),
+                run_id,
+            ),
         )
         return result
     finally:
@@ -106,12 +125,7 @@ async def _train_and_gate(
     heldout_examples = [e for e in data.examples if e.split == "heldout"][
         : config.gate.max_examples
     ]
-    texts = list(
-        dict.fromkeys(
-            [p.prompt + p.chosen for p in heldout_pairs]
-            + [e.prompt + e.completion for e in heldout_examples]
-        )
-    )
+    texts = heldout_stories()
     counts = {
         "method": method,
         "train_rows": len(rows),
@@ -120,7 +134,7 @@ async def _train_and_gate(
     }
     if len(rows) < config.train.min_examples:
         return RoundResult("skipped", f"not enough feedback yet: {counts}")
-    if not texts:
+    if not heldout_pairs and not heldout_examples:
         return RoundResult("skipped", f"no held-out feedback to judge a new adapter on: {counts}")
 
     current = await registry.promoted()

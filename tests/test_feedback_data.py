@@ -194,3 +194,16 @@ async def test_feedback_export_command_writes_jsonl(world, tmp_path):
         }
     ]
     assert "0 preference pairs, 1 labelled examples" in result.stderr
+
+
+async def test_training_examples_can_be_limited_to_new_feedback(world):
+    config = DatasetConfig(heldout_fraction=0.0)
+    s = await world.story("a")
+    old = await world.generation(s, "P1", "Old.")
+    new = await world.generation(s, "P2", "New.")
+    await world.vote(old, "u1", 1)
+    await world.vote(new, "u1", 1)
+    from dataclasses import replace
+
+    data = await build_datasets(world.store, replace(config, train_after_generation=old))
+    assert [e.completion for e in data.examples] == ["New."]
