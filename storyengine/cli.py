@@ -121,6 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch-size", type=int, help="scheduler batch bound (default: concurrency)"
     )
     serve.add_argument("--json", type=Path, help="also write the figures to this file")
+    learning = bench_sub.add_parser(
+        "learning", help="simulated audience: rounds of generate, react, train, gate, promote"
+    )
+    learning.add_argument("--rounds", type=int, default=3)
+    learning.add_argument(
+        "--taste",
+        default="storyengine.audience:likes_animals",
+        help="MODULE:FUNCTION(continuation, *, prompt) -> True/False/None",
+    )
+    learning.add_argument("--reactions", type=int, default=200, help="reactions per round")
+    learning.add_argument(
+        "--eval-samples", type=int, default=200, help="continuations per approval measurement"
+    )
+    learning.add_argument("--max-new-tokens", type=int, default=64)
+    learning.add_argument("--lr", type=float, default=1e-4)
+    learning.add_argument("--epochs", type=float, default=1.0)
+    learning.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    learning.add_argument("--json", type=Path, help="also write the figures to this file")
     return parser
 
 
@@ -231,6 +249,24 @@ async def _generate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _bench(args: argparse.Namespace) -> int:
+    if args.bench == "learning":
+        from .bench_learning import LearningBenchConfig, bench_learning
+
+        try:
+            config = LearningBenchConfig(
+                rounds=args.rounds,
+                reactions=args.reactions,
+                eval_samples=args.eval_samples,
+                max_new_tokens=args.max_new_tokens,
+                learning_rate=args.lr,
+                epochs=args.epochs,
+            )
+            await bench_learning(
+                taste_spec=args.taste, config=config, device=args.device, json_path=args.json
+            )
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        return 0
     from .bench import bench_serve
 
     if args.concurrency < 1 or args.requests < 1 or not 1 <= args.max_new_tokens <= 512:

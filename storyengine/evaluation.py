@@ -15,7 +15,8 @@ Measured on held-out data (stories on the held-out side of the split):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from itertools import pairwise
 from typing import Any
@@ -53,16 +54,27 @@ class GateReport:
         return asdict(self)
 
 
+@contextmanager
+def using(model: Any, adapter: str | None) -> Iterator[Any]:
+    """`model` with `adapter` active (None: the bare base model; a model without
+    adapters is used as it is)."""
+    if not hasattr(model, "peft_config"):
+        yield model
+    elif adapter is None:
+        with model.disable_adapter():
+            yield model
+    else:
+        model.set_adapter(adapter)
+        yield model
+
+
 def _logprob(
     model: Any, tokenizer: Any, prompt: str, completion: str, adapter: str | None
 ) -> float:
     from .training import completion_logprob
 
-    if adapter is None:
-        with model.disable_adapter():
-            return completion_logprob(model, tokenizer, prompt, completion)
-    model.set_adapter(adapter)
-    return completion_logprob(model, tokenizer, prompt, completion)
+    with using(model, adapter):
+        return completion_logprob(model, tokenizer, prompt, completion)
 
 
 def preference_accuracy(
@@ -110,13 +122,8 @@ def perplexity(
         if len(ids) < 2:
             continue
         batch = torch.tensor([ids], device=device)
-        with torch.no_grad():
-            if adapter is None:
-                with model.disable_adapter():
-                    logits = model(input_ids=batch).logits
-            else:
-                model.set_adapter(adapter)
-                logits = model(input_ids=batch).logits
+        with torch.no_grad(), using(model, adapter):
+            logits = model(input_ids=batch).logits
         loss = torch.nn.functional.cross_entropy(
             logits[0, :-1].float(), batch[0, 1:], reduction="sum"
         )

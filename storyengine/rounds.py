@@ -145,7 +145,9 @@ async def _train_and_gate(
         f"training {method} on {len(rows)} examples, starting from "
         f"{current.name if current else 'a fresh adapter'}"
     )
-    figures = await asyncio.to_thread(train_adapter, policy, loaded.tokenizer, rows, train)
+    figures = await asyncio.to_thread(
+        lambda: train_adapter(policy, loaded.tokenizer, rows, train, progress=say)
+    )
     say(f"trained in {figures['seconds']:.0f} s (loss {figures['train_loss']:.3f}); evaluating")
     reference = None
     if current is not None:  # the adapter being served, to compare against

@@ -20,6 +20,7 @@ import logging
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -97,11 +98,24 @@ def train_adapter(
     config: TrainConfig,
     *,
     callbacks: list[Any] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train `policy` in place on `rows` (KTO: prompt/completion/label; DPO:
-    prompt/chosen/rejected). Returns the round's figures."""
+    prompt/chosen/rejected), reporting each logged step to `progress`. Returns the
+    round's figures."""
+    import datasets
     import torch
     from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
+
+    datasets.disable_progress_bars()
+
+    class Progress(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if progress is not None and logs and "loss" in logs:
+                progress(
+                    f"step {state.global_step}/{state.max_steps}: loss {float(logs['loss']):.4f}"
+                )
 
     if len(rows) < config.min_examples:
         raise NotEnoughData(f"{len(rows)} examples; a round needs at least {config.min_examples}")
@@ -154,6 +168,8 @@ def train_adapter(
                 processing_class=tokenizer,
                 callbacks=callbacks,
             )
+        trainer.remove_callback(PrinterCallback)  # progress goes through `progress`
+        trainer.add_callback(Progress())
         result = trainer.train()
     if "ref" in policy.peft_config:  # TRL's frozen copy of the starting adapter
         policy.delete_adapter("ref")
