@@ -15,13 +15,13 @@ Measured on held-out data (stories on the held-out side of the split):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from itertools import pairwise
 from typing import Any
 
 from .feedback import LabelledExample, PreferencePair
+from .training import adapter_kwargs, evaluating
 
 
 @dataclass(frozen=True)
@@ -54,27 +54,12 @@ class GateReport:
         return asdict(self)
 
 
-@contextmanager
-def using(model: Any, adapter: str | None) -> Iterator[Any]:
-    """`model` with `adapter` active (None: the bare base model; a model without
-    adapters is used as it is)."""
-    if not hasattr(model, "peft_config"):
-        yield model
-    elif adapter is None:
-        with model.disable_adapter():
-            yield model
-    else:
-        model.set_adapter(adapter)
-        yield model
-
-
 def _logprob(
     model: Any, tokenizer: Any, prompt: str, completion: str, adapter: str | None
 ) -> float:
     from .training import completion_logprob
 
-    with using(model, adapter):
-        return completion_logprob(model, tokenizer, prompt, completion)
+    return completion_logprob(model, tokenizer, prompt, completion, adapter=adapter)
 
 
 def preference_accuracy(
@@ -122,8 +107,8 @@ def perplexity(
         if len(ids) < 2:
             continue
         batch = torch.tensor([ids], device=device)
-        with torch.no_grad(), using(model, adapter):
-            logits = model(input_ids=batch).logits
+        with torch.no_grad(), evaluating(model):
+            logits = model(input_ids=batch, **adapter_kwargs(model, adapter)).logits
         loss = torch.nn.functional.cross_entropy(
             logits[0, :-1].float(), batch[0, 1:], reduction="sum"
         )

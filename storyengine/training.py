@@ -20,7 +20,8 @@ import logging
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -183,15 +184,38 @@ def train_adapter(
     }
 
 
-def completion_logprob(model: Any, tokenizer: Any, prompt: str, completion: str) -> float:
-    """log p(completion | prompt) under `model`, summed over the completion's tokens."""
+def adapter_kwargs(model: Any, adapter: str | None) -> dict[str, Any]:
+    """Forward-pass arguments that run a peft model with `adapter` (None: the bare base
+    model), per call: no global adapter switch, so it is safe beside a serving thread."""
+    if not hasattr(model, "peft_config"):
+        return {}
+    return {"adapter_names": [adapter or "__base__"]}
+
+
+@contextmanager
+def evaluating(model: Any) -> Iterator[Any]:
+    """`model` in eval mode for the block (peft's per-call adapters require it)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def completion_logprob(
+    model: Any, tokenizer: Any, prompt: str, completion: str, *, adapter: str | None = "default"
+) -> float:
+    """log p(completion | prompt) under `model` (with `adapter`), summed over the
+    completion's tokens."""
     import torch
 
     prompt_ids = tokenizer(prompt)["input_ids"]
     completion_ids = tokenizer(completion)["input_ids"]
     ids = torch.tensor([prompt_ids + completion_ids], device=next(model.parameters()).device)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, :-1].float()
+        with evaluating(model):
+            logits = model(input_ids=ids, **adapter_kwargs(model, adapter)).logits[0, :-1].float()
     logprobs = logits.log_softmax(-1)
     targets = ids[0, 1:]
     picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
