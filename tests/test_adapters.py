@@ -145,3 +145,28 @@ async def asyncio_to_thread(fn, *args):
     import asyncio
 
     return await asyncio.to_thread(fn, *args)
+
+
+async def test_a_served_adapter_can_be_evaluated_beside_serving(tiny_model, tmp_path):
+    """Adapters loaded by the serving thread are inference tensors: evaluation must run
+    them per call, not by switching the model's active adapter (which raised)."""
+    from storyengine.evaluation import perplexity
+    from storyengine.generation import GenerationRequest
+    from storyengine.sampling import SamplingParams
+
+    model = copy.copy(tiny_model)
+    model.model = copy.deepcopy(tiny_model.model)
+    lora_saver(tiny_model.model, 3)(tmp_path / "v1")
+    generator = BatchingGenerator(model)
+    await generator.use_adapter("v1", str(tmp_path / "v1"))
+    request = GenerationRequest(
+        model.encode("Once"), SamplingParams(max_new_tokens=4, temperature=0.0)
+    )
+    assert (await generator.submit(request).result()).adapter == "v1"
+    text = ["Once upon a time there was a cat."]
+    served, base = (
+        perplexity(model.model, model.tokenizer, "v1", text),
+        perplexity(model.model, model.tokenizer, None, text),
+    )
+    assert served != base
+    await generator.close()
