@@ -69,8 +69,11 @@ def preference_accuracy(
     pairs: Sequence[PreferencePair],
     examples: Sequence[LabelledExample],
 ) -> float:
-    """Share of held-out preferences the adapter's implicit reward gets right (0.5 for
-    the base model itself, whose reward is zero everywhere)."""
+    """Share of held-out preferences the adapter's implicit reward gets right: the
+    chosen continuation of a pair above the rejected one, a liked continuation above
+    zero and a disliked one below (ties count half, so the base model itself, whose
+    reward is zero everywhere, scores 0.5). Per example and balanced across the three
+    kinds, so it stays meaningful when nearly all reactions go one way."""
     cache: dict[tuple[str, str], float] = {}
 
     def reward(prompt: str, text: str) -> float:
@@ -83,16 +86,19 @@ def preference_accuracy(
             )
         return cache[key]
 
-    scores: list[float] = []
-    for p in pairs:
-        a, b = reward(p.prompt, p.chosen), reward(p.prompt, p.rejected)
-        scores.append(1.0 if a > b else 0.5 if a == b else 0.0)
-    liked = [reward(e.prompt, e.completion) for e in examples if e.label]
-    disliked = [reward(e.prompt, e.completion) for e in examples if not e.label]
-    for a in liked:
-        for b in disliked:
-            scores.append(1.0 if a > b else 0.5 if a == b else 0.0)
-    return sum(scores) / len(scores) if scores else 0.5
+    def right(value: float) -> float:
+        return 1.0 if value > 0 else 0.5 if value == 0 else 0.0
+
+    groups = [
+        # the chosen one of a pair should earn more reward than the rejected one
+        [right(reward(p.prompt, p.chosen) - reward(p.prompt, p.rejected)) for p in pairs],
+        [right(reward(e.prompt, e.completion)) for e in examples if e.label],  # above zero
+        [right(-reward(e.prompt, e.completion)) for e in examples if not e.label],  # below
+    ]
+    # Balanced: each kind counts the same, so pushing everything down cannot win when
+    # nearly all reactions are 👎.
+    present = [sum(g) / len(g) for g in groups if g]
+    return sum(present) / len(present) if present else 0.5
 
 
 def perplexity(

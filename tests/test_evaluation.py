@@ -86,3 +86,19 @@ def test_preference_accuracy_rises_after_training(tiny_model):
     )
     train_adapter(policy, tok, train_rows, config)
     assert preference_accuracy(policy, tok, "default", heldout, examples) > 0.9
+
+
+def test_preference_accuracy_is_balanced_when_reactions_are_one_sided(tiny_model):
+    """An adapter that only lowers everything cannot win when nearly all votes are 👎."""
+    policy = prepare_policy(copy.deepcopy(tiny_model.model), None, TrainConfig())
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.3)
+    tok = tiny_model.tokenizer
+    examples = [
+        LabelledExample("P:", " some text here.", i == 0, 1.0, 1, "heldout", 0) for i in range(20)
+    ]
+    accuracy = preference_accuracy(policy, tok, "default", [], examples)
+    # 19 disliked and 1 liked with the same text: whatever the adapter does to that
+    # text, it is right on one class only, so balanced accuracy stays at 0.5.
+    assert accuracy == 0.5
