@@ -23,6 +23,7 @@ from typing import Any
 from .audience import Taste, load_taste
 from .config import Settings
 from .evaluation import perplexity, repetition
+from .feedback import DatasetConfig
 from .records import Author
 from .rounds import RoundConfig, heldout_stories, run_round
 from .sampling import SamplingParams
@@ -73,7 +74,7 @@ class LearningBenchConfig:
     max_new_tokens: int = 64
     learning_rate: float = 1e-4
     epochs: float = 1.0
-    method: str = "kto"
+    method: str = "auto"
     seed: int = 0
 
 
@@ -117,6 +118,7 @@ async def bench_learning(
         )
         round_config = RoundConfig(
             method=config.method,  # type: ignore[arg-type]
+            data=DatasetConfig(seed=config.seed),
             train=TrainConfig(
                 learning_rate=config.learning_rate, epochs=config.epochs, seed=config.seed
             ),
@@ -127,8 +129,10 @@ async def bench_learning(
                 started = time.perf_counter()
                 row: dict[str, Any] = {"round": round_no, "promoted": False}
                 if round_no > 0:
-                    batch = [next(train_prompts) for _ in range(config.reactions)]
-                    shown = await _openings(engine, batch, f"train{round_no}")
+                    # Two openings per prompt, as retries show them: the audience's
+                    # verdicts on both make preference pairs as well as single labels.
+                    batch = [next(train_prompts) for _ in range(config.reactions // 2)]
+                    shown = await _openings(engine, batch * 2, f"train{round_no}")
                     for i, (prompt, generation_id, text) in enumerate(shown):
                         verdict = taste(text, prompt=prompt)
                         if verdict is None:
