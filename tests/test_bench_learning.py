@@ -1,0 +1,61 @@
+"""`storyengine bench learning`, run small: the loop runs end to end and reports."""
+
+import asyncio
+import json
+import os
+import sys
+
+import pytest
+
+from storyengine.audience import likes_animals, likes_cheerful, load_taste
+from storyengine.bench_learning import story_prompts
+
+
+def test_tastes_and_prompts():
+    assert likes_animals("The little cat ran home.", prompt="p") is True
+    assert likes_animals("Tom went home.", prompt="p") is False
+    assert likes_animals("go go go go go go go go go", prompt="p") is False  # repetitive
+    assert likes_animals("", prompt="p") is None
+    assert likes_cheerful("She smiled.", prompt="p") is True
+    assert load_taste("storyengine.audience:likes_cheerful") is likes_cheerful
+    with pytest.raises(ValueError):
+        load_taste("storyengine.audience")
+    prompts = story_prompts()
+    assert len(prompts) == len(set(prompts)) > 500
+    assert not any(likes_animals(p) for p in prompts)  # the prompts name no animal
+
+
+@pytest.mark.slow
+async def test_bench_learning_runs_a_round_and_writes_json(tmp_path):
+    out = tmp_path / "learning.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STORY_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "storyengine",
+        "bench",
+        "learning",
+        "--rounds",
+        "1",
+        "--reactions",
+        "40",
+        "--eval-samples",
+        "16",
+        "--max-new-tokens",
+        "24",
+        "--json",
+        str(out),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert "approval" in stdout.decode()
+    rounds = json.loads(out.read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    for r in rounds:
+        assert {"approval", "perplexity", "distinct2", "repeat4", "promoted", "seconds"} <= r.keys()
+        assert 0.0 <= r["approval"] <= 1.0 and r["perplexity"] > 1.0
+    assert rounds[0]["promoted"] is False
