@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-samples", type=int, default=200, help="continuations per approval measurement"
     )
     learning.add_argument("--max-new-tokens", type=int, default=64)
+    learning.add_argument("--method", choices=["auto", "kto", "dpo"], default="auto")
     learning.add_argument("--lr", type=float, default=1e-4)
     learning.add_argument("--epochs", type=float, default=1.0)
     learning.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -258,6 +259,7 @@ async def _bench(args: argparse.Namespace) -> int:
                 reactions=args.reactions,
                 eval_samples=args.eval_samples,
                 max_new_tokens=args.max_new_tokens,
+                method=args.method,
                 learning_rate=args.lr,
                 epochs=args.epochs,
             )
