@@ -72,9 +72,9 @@ class LearningBenchConfig:
     eval_samples: int = 200
     """Continuations on fresh prompts per approval measurement."""
     max_new_tokens: int = 64
-    learning_rate: float = 1e-4
-    epochs: float = 1.0
-    method: str = "auto"
+    learning_rate: float = 3e-4
+    epochs: float = 2.0
+    method: str = "dpo"
     seed: int = 0
 
 

@@ -135,9 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-samples", type=int, default=200, help="continuations per approval measurement"
     )
     learning.add_argument("--max-new-tokens", type=int, default=64)
-    learning.add_argument("--method", choices=["auto", "kto", "dpo"], default="auto")
-    learning.add_argument("--lr", type=float, default=1e-4)
-    learning.add_argument("--epochs", type=float, default=1.0)
+    # Defaults found on this CPU: DPO on the pairs at 3e-4 for 2 epochs learned the taste
+    # (+20 points in 3 rounds, perplexity +3 %); KTO at 1e-4 barely moved, at 3e-4 it
+    # overshot perplexity and the gate rejected it.
+    learning.add_argument("--method", choices=["auto", "kto", "dpo"], default="dpo")
+    learning.add_argument("--lr", type=float, default=3e-4)
+    learning.add_argument("--epochs", type=float, default=2.0)
     learning.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     learning.add_argument("--json", type=Path, help="also write the figures to this file")
     return parser
