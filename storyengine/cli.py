@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
 
     chat = sub.add_parser("chat", help="tell a story interactively (reads stdin; pipes work)")
-    chat.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
+    _add_storage_args(chat)
     chat.add_argument(
         "--channel", default="terminal", help="story channel name (default: terminal)"
     )
@@ -67,13 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database schema: migrate or status")
     db.add_argument("action", choices=["migrate", "status"])
-    db.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
+    _add_storage_args(db)
     feedback = sub.add_parser("feedback", help="training data made from the audience's feedback")
     feedback_sub = feedback.add_subparsers(dest="feedback", required=True, metavar="ACTION")
     export = feedback_sub.add_parser("export", help="write preference pairs and labelled examples")
     export.add_argument("--format", choices=["jsonl"], default="jsonl")
     export.add_argument("--out", type=Path, help="file to write (default: standard output)")
-    export.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
+    _add_storage_args(export)
 
     train = sub.add_parser("train", help="fine-tune the LoRA adapter on the audience's feedback")
     train_sub = train.add_subparsers(dest="train", required=True, metavar="ROUND")
@@ -89,8 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     round_.add_argument("--lr", type=float, default=1e-4, help="learning rate")
     round_.add_argument("--epochs", type=float, default=1.0)
     round_.add_argument("--min-examples", type=int, default=16)
-    round_.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
-    round_.add_argument("--dir", type=Path, help="adapter directory (default: STORY_ADAPTER_DIR)")
+    _add_storage_args(round_, adapters=True)
 
     adapters = sub.add_parser("adapters", help="the LoRA adapter registry")
     adapters_sub = adapters.add_subparsers(dest="adapters", required=True, metavar="ACTION")
@@ -98,9 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     promote = adapters_sub.add_parser("promote", help="serve VERSION from now on")
     promote.add_argument("version", type=int, metavar="VERSION")
     adapters_sub.add_parser("rollback", help="go back to the version served before")
-    for p in (adapters, *adapters_sub.choices.values()):
-        p.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
-        p.add_argument("--dir", type=Path, help="adapter directory (default: STORY_ADAPTER_DIR)")
+    for action in adapters_sub.choices.values():  # on the actions only: a parent's
+        _add_storage_args(action, adapters=True)  # option would be reset by them
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -146,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_storage_args(parser: argparse.ArgumentParser, *, adapters: bool = False) -> None:
+    parser.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
+    if adapters:
+        parser.add_argument(
+            "--dir", type=Path, help="adapter directory (default: STORY_ADAPTER_DIR)"
+        )
+
+
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument(
@@ -185,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _configure_logging(settings.log_level)
         if getattr(args, "db", None):
             settings = settings.replace(db_path=args.db)
+        if getattr(args, "dir", None):
+            settings = settings.replace(adapter_dir=args.dir)
         if args.command == "generate":
             return asyncio.run(_generate(args, settings))
         if args.command == "chat":
@@ -192,12 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "db":
             return asyncio.run(_db(args, settings))
         if args.command == "train":
-            if args.dir:
-                settings = settings.replace(adapter_dir=args.dir)
             return asyncio.run(_train_round(args, settings))
         if args.command == "adapters":
-            if getattr(args, "dir", None):
-                settings = settings.replace(adapter_dir=args.dir)
             return asyncio.run(_adapters(args, settings))
         if args.command == "feedback":
             return asyncio.run(_feedback_export(args, settings))

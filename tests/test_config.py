@@ -90,3 +90,17 @@ def test_env_example_lists_valid_settings():
     )
     read = set(re.findall(r'"((?:STORY|BOT)_[A-Z_]+|DEV_GUILD_ID|DISCORD_TOKEN)"', sources))
     assert read <= set(values) | {"DISCORD_TOKEN"}, read - set(values)
+
+
+def test_storage_options_are_never_silently_dropped():
+    """`--db`/`--dir` live on the commands that use them; one given before a subcommand
+    is refused instead of being reset to the default by the subcommand."""
+    from storyengine.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["adapters", "list", "--db", "x.db", "--dir", "ads"])
+    assert (str(args.db), str(args.dir)) == ("x.db", "ads")
+    args = parser.parse_args(["train", "round", "--db", "x.db", "--dir", "ads"])
+    assert (str(args.db), str(args.dir)) == ("x.db", "ads")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["adapters", "--db", "x.db", "list"])
