@@ -8,6 +8,7 @@ All state lives in SQLite, so a restarted engine resumes every open story as it 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -369,7 +370,7 @@ class StoryEngine:
         async with self._lock(channel):
             story = await self.active_story(channel)
             material = self._material(story, [], [])
-            material = StoryMaterial(**{**material.__dict__, field: cleaned})
+            material = dataclasses.replace(material, **{field: cleaned})
             self._builder(await self.sampling_for(channel)).check_fits(material)
             await self.store.update_story(story.id, **{field: cleaned})
             return await self.active_story(channel)

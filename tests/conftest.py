@@ -56,6 +56,25 @@ def make_tiny_lora_model(seed: int = 0) -> LoadedModel:
     return LoadedModel(model, loaded.tokenizer, "test:tiny-gpt2+lora", "fox", loaded.device)
 
 
+async def record_text(store, story_id: int, prompt: str, output: str) -> int:
+    """A generation record as the engine writes one, for tests that need only its text."""
+    return await store.record_generation(
+        story_id=story_id,
+        channel="c",
+        prompt=prompt,
+        output=output,
+        raw_output=output,
+        params={},
+        model_id="m",
+        adapter_id=None,
+        prompt_tokens=5,
+        output_tokens=5,
+        finish_reason="eos",
+        latency_s=0.1,
+        ttft_s=0.01,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_lora_model() -> LoadedModel:
     return make_tiny_lora_model()

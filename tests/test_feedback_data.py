@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import record_text
 
 from storyengine.feedback import DatasetConfig, build_datasets, story_split
 from storyengine.store import Store
@@ -27,21 +28,7 @@ class World:
         return story.id
 
     async def generation(self, story_id: int, prompt: str, output: str) -> int:
-        return await self.store.record_generation(
-            story_id=story_id,
-            channel="c",
-            prompt=prompt,
-            output=output,
-            raw_output=output,
-            params={},
-            model_id="m",
-            adapter_id=None,
-            prompt_tokens=5,
-            output_tokens=5,
-            finish_reason="eos",
-            latency_s=0.1,
-            ttft_s=0.01,
-        )
+        return await record_text(self.store, story_id, prompt, output)
 
     async def vote(self, generation_id: int, user: str, value: float, emoji: str = "👍") -> None:
         await self.store.set_feedback(generation_id, user, emoji, value)

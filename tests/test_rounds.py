@@ -7,6 +7,7 @@ import sqlite3
 import sys
 
 import pytest
+from conftest import record_text
 
 from storyengine.adapters import AdapterRegistry
 from storyengine.config import Settings
@@ -28,21 +29,7 @@ async def make_feedback(db, stories: int = 30) -> None:
         )
         prompt = f"Once upon a time, in story number {n}, there was a garden.\n"
         for text, value in ((LIKED, 1.0), (DISLIKED, -1.0)):
-            g = await store.record_generation(
-                story_id=story.id,
-                channel=f"c{n}",
-                prompt=prompt,
-                output=text,
-                raw_output=text,
-                params={},
-                model_id="m",
-                adapter_id=None,
-                prompt_tokens=10,
-                output_tokens=12,
-                finish_reason="eos",
-                latency_s=0.1,
-                ttft_s=0.01,
-            )
+            g = await record_text(store, story.id, prompt, text)
             await store.set_feedback(g, f"user{n % 7}", "👍" if value > 0 else "👎", value)
     await store.close()
 
