@@ -52,6 +52,9 @@ MAX_LORE_CARDS = 50
 BRIDGE_TOKENS = 40
 """Round-robin: the storyteller's bridge between two players' lines is short."""
 MAX_NOTE_CHARS = 400
+DIRECT_MESSAGES = "dm"
+"""The community of stories told in private messages: no one can switch its learning on,
+so they are never trained on."""
 
 
 @dataclass(frozen=True)
@@ -236,9 +239,13 @@ class StoryEngine:
         author: Author,
         genre: str | None = None,
         mode: str = "solo",
+        community: str | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> TurnResult:
-        """Open a story in `channel` and write its opening."""
+        """Open a story in `channel` and write its opening. `community` is where the
+        story is told (a server's id, or DIRECT_MESSAGES); its learning switch decides
+        whether the story is trained on. None: the operator's own story (CLI, library),
+        always trainable."""
         if mode not in MODES:
             raise InvalidInput(f"Unknown mode {mode!r}. Choose one of: {', '.join(MODES)}.")
         premise = self.safety.clean_input(premise, what="The premise")
@@ -248,7 +255,12 @@ class StoryEngine:
                 raise StoryAlreadyRunning(channel)
             self._builder(SamplingParams()).check_fits(StoryMaterial(premise, (), genre))
             story = await self.store.create_story(
-                channel, premise, genre=genre, mode=mode, created_by=author.id
+                channel,
+                premise,
+                genre=genre,
+                mode=mode,
+                created_by=author.id,
+                community=community,
             )
             log.info("story %d started in %s", story.id, channel)
             if mode == "round-robin":
@@ -660,6 +672,22 @@ class StoryEngine:
         else:
             await self.store.delete_feedback(generation_id, user_id, emoji)
         return True
+
+    # -- learning switch and statistics ----------------------------------------------
+
+    async def set_learning(self, community: str, enabled: bool, *, by: str | None) -> None:
+        """Switch training on a community's stories and reactions on or off (off until
+        someone switches it on). Off also leaves out what was collected while it was on."""
+        if community == DIRECT_MESSAGES:
+            raise InvalidInput("Private sessions are never trained on.")
+        await self.store.set_learning(community, enabled, by)
+
+    async def learning_enabled(self, community: str) -> bool:
+        return await self.store.learning_enabled(community)
+
+    async def feedback_stats(self, community: str | None = None) -> list[dict[str, Any]]:
+        """Per adapter version: generations shown, reactions, approval rate."""
+        return await self.store.feedback_stats(community)
 
     # -- privacy --------------------------------------------------------------------
 

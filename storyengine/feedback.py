@@ -13,7 +13,9 @@ Votes are weighted so no one dominates: each user's votes in a round share at mo
 `per_user_cap` votes of weight, and a user who votes the same way on everything (at
 least `uniform_voter_min_votes` times) counts for `uniform_voter_weight`. Lines of users
 who asked to be forgotten are never trained on: an example whose prompt holds one is
-dropped. Examples of one story stay on one side of the train/held-out split.
+dropped. Only stories whose community has learning switched on (or that were told
+outside any community) are used. Examples of one story stay on one side of the
+train/held-out split.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from .store import Store
+from .store import TRAINABLE_STORY, Store
 
 Split = Literal["train", "heldout"]
 
@@ -90,8 +92,9 @@ async def build_datasets(store: Store, config: DatasetConfig | None = None) -> F
     generations = {
         r["id"]: dict(r)
         for r in await db.execute_fetchall(
-            "SELECT id, story_id, prompt, output FROM generations"
-            " WHERE story_id IS NOT NULL AND output != '' AND finish_reason != 'cancelled'"
+            "SELECT g.id, g.story_id, g.prompt, g.output FROM generations g"
+            " JOIN stories s ON s.id = g.story_id"
+            f" WHERE g.output != '' AND g.finish_reason != 'cancelled' AND {TRAINABLE_STORY}"
         )
     }
     excluded = defaultdict(list)

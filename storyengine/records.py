@@ -28,6 +28,7 @@ class Story:
     memory: str
     authors_note: str
     created_by: str | None
+    community: str | None
     created_at: str
     ended_at: str | None
 

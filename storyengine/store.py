@@ -261,6 +261,68 @@ class AudienceStore:
             "reactions": [dict(r) for r in reactions],
         }
 
+    # -- learning: opt-in per community, and what feedback came in ----------------
+
+    async def learning_enabled(self, community: str) -> bool:
+        rows = await self.db.execute_fetchall(
+            "SELECT learning FROM communities WHERE id = ?", (community,)
+        )
+        return bool(rows and rows[0][0])
+
+    async def set_learning(self, community: str, enabled: bool, updated_by: str | None) -> None:
+        await self._write(
+            "INSERT INTO communities (id, learning, updated_by) VALUES (?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET learning = excluded.learning,"
+            " updated_by = excluded.updated_by,"
+            " updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+            (community, int(enabled), updated_by),
+        )
+
+    async def trainable_story_ids(self) -> set[int]:
+        """Stories that may be trained on: told outside any community (the operator's
+        own, through the CLI or the library), or in a community whose learning is on."""
+        rows = await self.db.execute_fetchall(f"SELECT s.id FROM stories s WHERE {TRAINABLE_STORY}")
+        return {r[0] for r in rows}
+
+    async def new_feedback_count(self, since: str | None) -> int:
+        """Reactions (non-neutral) and companion choices on trainable stories recorded
+        after `since` (a timestamp as the database writes them; None: ever)."""
+        since = since or ""
+        rows = await self.db.execute_fetchall(
+            "SELECT (SELECT COUNT(*) FROM feedback f JOIN generations g ON g.id = f.generation_id"
+            f" JOIN stories s ON s.id = g.story_id WHERE f.value != 0 AND f.created_at > ?"
+            f" AND {TRAINABLE_STORY})"
+            " + (SELECT COUNT(*) FROM choices c JOIN stories s ON s.id = c.story_id"
+            f" WHERE c.status = 'chosen' AND c.created_at > ? AND {TRAINABLE_STORY})",
+            (since, since),
+        )
+        return int(rows[0][0])
+
+    async def feedback_stats(self, community: str | None) -> list[dict[str, Any]]:
+        """Per adapter version (None: the base model): the generations shown, how many
+        got a reaction, 👍-style and 👎-style votes, and the approval rate
+        liked / (liked + disliked). Limited to one community's stories when given."""
+        where, params = ("WHERE s.community = ?", (community,)) if community else ("", ())
+        rows = await self.db.execute_fetchall(
+            "SELECT g.adapter_id AS adapter, COUNT(DISTINCT g.id) AS generations,"
+            " COUNT(DISTINCT f.generation_id) AS reacted,"
+            " COALESCE(SUM(f.value > 0), 0) AS liked, COALESCE(SUM(f.value < 0), 0) AS disliked"
+            " FROM generations g JOIN stories s ON s.id = g.story_id"
+            f" LEFT JOIN feedback f ON f.generation_id = g.id {where}"
+            " GROUP BY g.adapter_id ORDER BY MIN(g.id)",
+            params,
+        )
+        out = []
+        for r in rows:
+            votes = r["liked"] + r["disliked"]
+            out.append({**dict(r), "approval": r["liked"] / votes if votes else None})
+        return out
+
+
+TRAINABLE_STORY = (
+    "(s.community IS NULL OR s.community IN (SELECT id FROM communities WHERE learning = 1))"
+)
+
 
 class Store(AudienceStore):
     """One aiosqlite connection. Every write runs inside `transaction()`, which
@@ -350,12 +412,19 @@ class Store(AudienceStore):
     # -- stories ------------------------------------------------------------------
 
     async def create_story(
-        self, channel: str, premise: str, *, genre: str | None, mode: str, created_by: str | None
+        self,
+        channel: str,
+        premise: str,
+        *,
+        genre: str | None,
+        mode: str,
+        created_by: str | None,
+        community: str | None = None,
     ) -> Story:
         cursor = await self._write(
-            "INSERT INTO stories (channel, premise, genre, mode, created_by)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (channel, premise, genre, mode, created_by),
+            "INSERT INTO stories (channel, premise, genre, mode, created_by, community)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (channel, premise, genre, mode, created_by, community),
         )
         story = await self.story(cursor.lastrowid or 0)
         assert story is not None
@@ -585,6 +654,7 @@ def _story(row: aiosqlite.Row) -> Story:
         memory=row["memory"],
         authors_note=row["authors_note"],
         created_by=row["created_by"],
+        community=row["community"],
         created_at=row["created_at"],
         ended_at=row["ended_at"],
     )

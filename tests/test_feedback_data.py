@@ -20,9 +20,9 @@ class World:
         self.store = store
         self.stories: dict[str, int] = {}
 
-    async def story(self, channel: str) -> int:
+    async def story(self, channel: str, community: str | None = None) -> int:
         story = await self.store.create_story(
-            channel, "Premise.", genre=None, mode="solo", created_by="u"
+            channel, "Premise.", genre=None, mode="solo", created_by="u", community=community
         )
         self.stories[channel] = story.id
         return story.id
@@ -194,3 +194,76 @@ async def test_training_examples_can_be_limited_to_new_feedback(world):
 
     data = await build_datasets(world.store, replace(config, train_after_generation=old))
     assert [e.completion for e in data.examples] == ["New."]
+
+
+async def test_only_communities_that_switched_learning_on_are_trained_on(world):
+    """Learning is opt-in: a server's stories are left out until it is switched on,
+    and again once it is switched off; private sessions never count; the operator's
+    own stories (no community) always do."""
+    outputs = {}
+    for channel, community in [
+        ("local", None),
+        ("guild-a", "111"),
+        ("guild-b", "222"),
+        ("dm", "dm"),
+    ]:
+        s = await world.story(channel, community)
+        g = await world.generation(s, f"P {channel}", f"Liked in {channel}.")
+        await world.vote(g, "u1", 1)
+        outputs[channel] = f"Liked in {channel}."
+
+    async def trained_on() -> set[str]:
+        data = await build_datasets(world.store, DatasetConfig(heldout_fraction=0.0))
+        return {e.completion for e in data.examples}
+
+    assert await trained_on() == {outputs["local"]}
+    assert await world.store.new_feedback_count(None) == 1
+    await world.store.set_learning("111", True, "admin")
+    assert await trained_on() == {outputs["local"], outputs["guild-a"]}
+    assert await world.store.new_feedback_count(None) == 2
+    await world.store.set_learning("111", False, "admin")
+    await world.store.set_learning("222", True, "admin")
+    assert await trained_on() == {outputs["local"], outputs["guild-b"]}
+    assert await world.store.learning_enabled("222")
+    assert not await world.store.learning_enabled("111")
+
+
+async def test_new_feedback_counts_reactions_and_choices_after_a_time(world):
+    s = await world.story("a")
+    g1 = await world.generation(s, "P", "One.")
+    g2 = await world.generation(s, "P", "Two.")
+    await world.vote(g1, "u1", 1)
+    await world.vote(g1, "u2", 0, "🤔")  # neutral: not feedback to learn from
+    assert await world.store.new_feedback_count(None) == 1
+    rows = await world.store.db.execute_fetchall("SELECT MAX(created_at) FROM feedback")
+    since = rows[0][0]
+    assert await world.store.new_feedback_count(since) == 0
+    await asyncio.sleep(0.01)  # the database's clock has millisecond steps
+    await world.vote(g2, "u1", -1, "👎")
+    choice = await world.store.create_choice(s, 1, "u1", [g1, g2])
+    await world.store.close_choice(choice, "chosen")
+    assert await world.store.new_feedback_count(since) == 2
+
+
+async def test_feedback_stats_per_adapter_version_and_community(world):
+    a = await world.story("a", "111")
+    b = await world.story("b", "222")
+    base = await world.generation(a, "P", "Base.")
+    tuned = await world.store.record_generation(
+        story_id=a, channel="a", prompt="P", output="Tuned.", raw_output="Tuned.", params={},
+        model_id="m", adapter_id="v0001", prompt_tokens=1, output_tokens=1,
+        finish_reason="eos", latency_s=0.1, ttft_s=0.1,
+    )  # fmt: skip
+    elsewhere = await world.generation(b, "P", "Elsewhere.")
+    await world.vote(base, "u1", -1, "👎")
+    await world.vote(tuned, "u1", 1)
+    await world.vote(tuned, "u2", 1)
+    await world.vote(tuned, "u3", -1, "👎")
+    await world.vote(elsewhere, "u1", 1)
+    stats = {r["adapter"]: r for r in await world.store.feedback_stats("111")}
+    assert stats[None]["liked"] == 0 and stats[None]["disliked"] == 1
+    assert stats[None]["approval"] == 0.0
+    assert stats["v0001"]["liked"] == 2 and stats["v0001"]["disliked"] == 1
+    assert stats["v0001"]["approval"] == pytest.approx(2 / 3)
+    everywhere = {r["adapter"]: r for r in await world.store.feedback_stats(None)}
+    assert everywhere[None]["liked"] == 1 and everywhere[None]["generations"] == 2

@@ -1,0 +1,16 @@
+-- Learning is opt-in per community. A story remembers the community it was told in (a
+-- Discord server's id, 'dm' for a direct-message session, NULL for a story told through
+-- the CLI or the library by the operator); the datasets train on a community's stories
+-- only while its learning is on.
+
+ALTER TABLE stories ADD COLUMN community TEXT;
+CREATE INDEX stories_community ON stories (community);
+
+CREATE TABLE communities (
+    id          TEXT PRIMARY KEY,
+    learning    INTEGER NOT NULL DEFAULT 0,   -- 1: its stories and reactions may be trained on
+    updated_by  TEXT,
+    updated_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+
+CREATE INDEX feedback_created ON feedback (created_at);
