@@ -72,8 +72,9 @@ class LearningBenchConfig:
     eval_samples: int = 200
     """Continuations on fresh prompts per approval measurement."""
     max_new_tokens: int = 64
-    learning_rate: float = 3e-4
-    epochs: float = 2.0
+    learning_rate: float | None = None
+    """None: the method's default."""
+    epochs: float | None = None
     method: str = "dpo"
     seed: int = 0
 
@@ -143,9 +144,7 @@ async def bench_learning(
                         await engine.record_reaction(
                             message, f"sim-user-{i % 50}", emoji, added=True
                         )
-                    result = await run_round(
-                        settings, round_config, say=lambda line: print("  " + line, file=sys.stderr)
-                    )
+                    result = await run_round(settings, round_config, say=_progress)
                     row["promoted"] = result.status == "promoted"
                     row["gate"] = result.reason or result.status
                     if result.version is not None:

@@ -21,6 +21,7 @@ from itertools import pairwise
 from typing import Any
 
 from .feedback import LabelledExample, PreferencePair
+from .sampling import SamplingParams
 from .training import adapter_kwargs, evaluating
 
 
@@ -32,6 +33,9 @@ class GateConfig:
     max_distinct2_drop: float = 0.05
     max_examples: int = 400
     """At most this many held-out examples are scored (they cost a forward pass each)."""
+    samples: int = 32
+    """Continuations sampled from each adapter for repetition and distinct-2 (0: skip)."""
+    sample_tokens: int = 64
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,64 @@ def perplexity(
         total += float(loss)
         count += len(ids) - 1
     return math.exp(total / count) if count else float("nan")
+
+
+def sample_continuations(
+    model: Any,
+    tokenizer: Any,
+    adapter: str | None,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    *,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_prompt_tokens: int = 256,
+) -> list[str]:
+    """One sampled continuation per prompt, in batches (prompts left-padded, each cut
+    to its last `max_prompt_tokens`), with the storyteller's sampling parameters."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = [
+            tokenizer(p)["input_ids"][-max_prompt_tokens:]
+            for p in prompts[start : start + batch_size]
+        ]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+        mask = torch.tensor(
+            [[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device
+        )
+        sampling: dict[str, Any] = {"do_sample": False}
+        if not params.greedy:
+            sampling = {
+                "do_sample": True,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": params.top_k,
+            }
+        kwargs = adapter_kwargs(model, adapter)
+        if kwargs:
+            kwargs["adapter_names"] = kwargs["adapter_names"] * len(batch)
+        with torch.no_grad(), evaluating(model):
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                repetition_penalty=params.repetition_penalty,
+                no_repeat_ngram_size=params.no_repeat_ngram_size,
+                max_new_tokens=params.max_new_tokens,
+                pad_token_id=pad,
+                **sampling,
+                **kwargs,
+            )
+        for row in generated[:, width:].tolist():
+            if pad in row:
+                row = row[: row.index(pad)]
+            out.append(tokenizer.decode(row, skip_special_tokens=True))
+    return out
 
 
 def repetition(texts: Sequence[str]) -> tuple[float, float]:

@@ -13,14 +13,28 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .adapters import AdapterRegistry, AdapterVersion
 from .config import Settings
-from .evaluation import GateConfig, decide, perplexity, preference_accuracy
-from .feedback import DatasetConfig, FeedbackDatasets, build_datasets
+from .evaluation import (
+    GateConfig,
+    decide,
+    perplexity,
+    preference_accuracy,
+    sample_continuations,
+)
+from .feedback import (
+    DatasetConfig,
+    FeedbackDatasets,
+    LabelledExample,
+    PreferencePair,
+    build_datasets,
+)
+from .sampling import SamplingParams
 from .store import Store
+from .text import split_sentences
 from .training import TrainConfig, prepare_policy, train_adapter
 
 log = logging.getLogger(__name__)
@@ -49,6 +63,16 @@ def heldout_stories() -> list[str]:
 
     text = resources.files("storyengine").joinpath("data/heldout_stories.txt").read_text("utf-8")
     return [s.strip() for s in text.split("<|endoftext|>") if s.strip()]
+
+
+def gate_prompts(
+    pairs: list[PreferencePair], examples: list[LabelledExample], stories: list[str], n: int
+) -> list[str]:
+    """Prompts to sample from for the gate's repetition figures: the held-out feedback's
+    prompts (what the audience was shown), topped up with openings of held-out stories."""
+    prompts = list(dict.fromkeys([p.prompt for p in pairs] + [e.prompt for e in examples]))
+    openings = [" ".join(split_sentences(story)[:2]) for story in stories]
+    return (prompts + [o for o in openings if o])[:n]
 
 
 def choose_method(config: RoundConfig, data: FeedbackDatasets) -> tuple[str, list[dict[str, Any]]]:
@@ -139,11 +163,11 @@ async def _train_and_gate(
 
     current = await registry.promoted()
     loaded = await asyncio.to_thread(load_model, settings.replace(adapter=None))
-    train = TrainConfig(**{**asdict(config.train), "method": method})
+    train = replace(config.train, method=method).resolved()  # type: ignore[arg-type]
     policy = prepare_policy(loaded.model, current.path if current else None, train)
     say(
-        f"training {method} on {len(rows)} examples, starting from "
-        f"{current.name if current else 'a fresh adapter'}"
+        f"training {method} on {len(rows)} examples (lr {train.learning_rate:g}, "
+        f"{train.epochs:g} epochs), starting from {current.name if current else 'a fresh adapter'}"
     )
     figures = await asyncio.to_thread(
         lambda: train_adapter(policy, loaded.tokenizer, rows, train, progress=say)
@@ -169,6 +193,19 @@ async def _train_and_gate(
         }
 
     scores = await asyncio.to_thread(evaluate)
+    samples = None
+    if config.gate.samples:
+        say(f"sampling {config.gate.samples} continuations from each adapter")
+        prompts = gate_prompts(heldout_pairs, heldout_examples, texts, config.gate.samples)
+        params = SamplingParams(max_new_tokens=config.gate.sample_tokens)
+
+        def sample(adapter: str | None) -> list[str]:
+            return sample_continuations(policy, tok, adapter, prompts, params, seed=train.seed)
+
+        samples = (
+            await asyncio.to_thread(sample, "default"),
+            await asyncio.to_thread(sample, reference),
+        )
     report = decide(
         config.gate,
         accuracy=scores["accuracy"],
@@ -176,6 +213,7 @@ async def _train_and_gate(
         ppl=scores["ppl"],
         current_ppl=scores["current_ppl"],
         base_ppl=scores["base_ppl"],
+        samples=samples,
         heldout_pairs=len(heldout_pairs),
         heldout_examples=len(heldout_examples),
     )

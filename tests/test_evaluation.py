@@ -4,8 +4,16 @@ import copy
 
 import pytest
 
-from storyengine.evaluation import GateConfig, decide, perplexity, preference_accuracy, repetition
+from storyengine.evaluation import (
+    GateConfig,
+    decide,
+    perplexity,
+    preference_accuracy,
+    repetition,
+    sample_continuations,
+)
 from storyengine.feedback import LabelledExample, PreferencePair
+from storyengine.sampling import SamplingParams
 from storyengine.training import TrainConfig, prepare_policy, train_adapter
 
 STORY = (
@@ -102,3 +110,17 @@ def test_preference_accuracy_is_balanced_when_reactions_are_one_sided(tiny_model
     # 19 disliked and 1 liked with the same text: whatever the adapter does to that
     # text, it is right on one class only, so balanced accuracy stays at 0.5.
     assert accuracy == 0.5
+
+
+def test_sampled_continuations_are_per_adapter_and_batch_independent(tiny_lora_model):
+    """The gate's samples: each prompt's continuation is what that adapter writes alone
+    (left padding in a batch changes nothing), and the adapter matters."""
+    model, tok = tiny_lora_model.model, tiny_lora_model.tokenizer
+    prompts = ["Once upon a time", "The cat sat on the warm mat and looked at the birds", "Hi"]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    batched = sample_continuations(model, tok, "fox", prompts, greedy)
+    alone = [sample_continuations(model, tok, "fox", [p], greedy)[0] for p in prompts]
+    assert batched == alone
+    assert all(batched)
+    base = sample_continuations(model, tok, None, prompts, greedy)
+    assert base != batched

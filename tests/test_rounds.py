@@ -48,6 +48,11 @@ async def test_a_round_trains_gates_and_registers(tmp_path):
     metrics = result.version.metrics
     assert metrics["heldout_examples"] > 0 and metrics["perplexity"] > 0
     assert metrics["train"]["examples"] + metrics["heldout_examples"] == 60
+    # The gate sampled from both adapters and compared their repetition.
+    assert any(line.startswith("sampling 32 continuations") for line in lines)
+    for key in ("repeat4", "current_repeat4", "distinct2", "current_distinct2"):
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["distinct2"] > 0.2  # real text, not an empty sample
     store = await Store(db).open()
     registry = await AdapterRegistry(store, settings.adapter_dir).open()
     versions = await registry.list()
