@@ -53,3 +53,8 @@ class GenerationFailed(StoryError):
 
 class NotYourTurn(StoryError):
     """Round-robin: someone other than the current player tried to add a line."""
+
+
+class TrainingBusy(StoryError):
+    def __init__(self) -> None:
+        super().__init__("A training round is already running. Wait for it to finish.")

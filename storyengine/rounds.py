@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from .adapters import AdapterRegistry, AdapterVersion
 from .config import Settings
+from .errors import TrainingBusy
 from .evaluation import (
     GateConfig,
     decide,
@@ -90,12 +93,41 @@ def choose_method(config: RoundConfig, data: FeedbackDatasets) -> tuple[str, lis
     ]
 
 
+@contextmanager
+def round_lock(adapter_dir: Path) -> Iterator[None]:
+    """Hold the adapter directory's round lock: one round at a time, whichever process
+    starts it. The operating system drops the lock when its holder dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        yield
+        return
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    with (adapter_dir / ".round.lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainingBusy() from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 async def run_round(
     settings: Settings, config: RoundConfig, *, say: Callable[[str], None] = print
+) -> RoundResult:
+    with round_lock(settings.adapter_dir):
+        return await _run_round(settings, config, say)
+
+
+async def _run_round(
+    settings: Settings, config: RoundConfig, say: Callable[[str], None]
 ) -> RoundResult:
     store = await Store(settings.db_path).open()
     try:
         registry = await AdapterRegistry(store, settings.adapter_dir).open()
+        # Holding the lock, any run still marked running was killed.
         await store._write(
             "UPDATE training_runs SET status = 'failed', error = 'interrupted',"
             " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE status = 'running'"

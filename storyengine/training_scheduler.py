@@ -1,0 +1,210 @@
+"""When to train, and the training round as a child process.
+
+A front end (the bot) owns one `TrainingScheduler`. Every so often it calls
+`maybe_start()`: when at least `min_new_feedback` reactions and choices came in on
+trainable stories since the last round started, and `interval_s` has passed since then,
+it starts `storyengine train round` as a subprocess. An admin can `start()` one at any
+time. At most one runs at a time: here, and across processes by the round's own lock
+file (see `rounds.round_lock`).
+
+The round runs in its own process so that training never shares the serving process's
+event loop, threads or memory; it gets a lower CPU priority than serving. Its output is
+kept in a log file under the adapter directory, and its last line is the progress shown
+to admins. When a round promotes an adapter, the engine notices before its next
+generation (`StoryEngine.sync_adapter`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .config import Settings
+from .errors import TrainingBusy
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY")
+"""Environment variables whose names hold one of these never reach the trainer."""
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    min_new_feedback: int = 50
+    """Reactions and choices since the last round that make a new one worth it."""
+    interval_s: float | None = 6 * 3600
+    """Least time between two automatic rounds; None: no automatic rounds."""
+
+
+@dataclass
+class TrainingJob:
+    """One round's child process, as the front end sees it."""
+
+    reason: str
+    log_path: Path
+    started_at: float
+    process: asyncio.subprocess.Process | None = None
+    last_line: str = "starting"
+    finished_at: float | None = None
+    returncode: int | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def running(self) -> bool:
+        return not self.done.is_set()
+
+    @property
+    def outcome(self) -> str:
+        """The round's verdict (promoted / rejected / skipped …), or why it failed."""
+        if self.running:
+            return f"running: {self.last_line}"
+        if self.returncode == 0:
+            return self.last_line
+        return f"failed (exit code {self.returncode}): {self.last_line}"
+
+
+def child_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The parent's environment without secrets (the bot's token has no business in a
+    trainer's environment, or in a crash dump of it)."""
+    environ = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in environ.items() if not any(m in k.upper() for m in SECRET_MARKERS)}
+
+
+def parse_db_time(value: str) -> float:
+    """A timestamp as the database writes it (UTC, ISO 8601) as a unix time."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).replace(tzinfo=UTC).timestamp()
+
+
+class TrainingScheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        schedule: TrainingSchedule,
+        *,
+        command: Sequence[str] | None = None,
+        clock: Callable[[], float] = time.time,
+        nice: int = 10,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.schedule = schedule
+        self.command = list(command) if command is not None else self.default_command()
+        self.clock = clock
+        self.nice = nice
+        self.job: TrainingJob | None = None
+        """The running round, or the last one this process started."""
+        self._watch: asyncio.Task[None] | None = None
+
+    def default_command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "storyengine",
+            "train",
+            "round",
+            "--db",
+            str(self.settings.db_path),
+            "--dir",
+            str(self.settings.adapter_dir),
+        ]
+
+    @property
+    def running(self) -> bool:
+        return self.job is not None and self.job.running
+
+    async def last_round_started(self) -> float | None:
+        """When the newest training round (of any process) started, as unix time."""
+        rows = await self.store.db.execute_fetchall("SELECT MAX(started_at) FROM training_runs")
+        return parse_db_time(rows[0][0]) if rows[0][0] else None
+
+    async def new_feedback(self) -> int:
+        rows = await self.store.db.execute_fetchall("SELECT MAX(started_at) FROM training_runs")
+        return await self.store.new_feedback_count(rows[0][0])
+
+    async def due(self) -> str | None:
+        """Why an automatic round should start now, or None."""
+        if self.schedule.interval_s is None or self.running:
+            return None
+        new = await self.new_feedback()
+        if new < self.schedule.min_new_feedback:
+            return None
+        last = await self.last_round_started()
+        if last is not None and self.clock() - last < self.schedule.interval_s:
+            return None
+        return f"{new} new reactions and choices"
+
+    async def maybe_start(self) -> TrainingJob | None:
+        reason = await self.due()
+        return await self.start(reason) if reason else None
+
+    async def start(self, reason: str) -> TrainingJob:
+        """Start a round now (raises TrainingBusy if one is running)."""
+        if self.running:
+            raise TrainingBusy()
+        logs = self.settings.adapter_dir / "logs"
+        await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        job = TrainingJob(reason, logs / f"round-{stamp}.log", self.clock())
+        self.job = job
+        try:
+            job.process = await asyncio.create_subprocess_exec(
+                *self.command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=child_environment(),
+            )
+        except OSError as exc:
+            job.last_line, job.returncode = f"could not start: {exc}", -1
+            job.finished_at = self.clock()
+            job.done.set()
+            log.error("could not start a training round: %s", exc)
+            return job
+        with contextlib.suppress(OSError, AttributeError):  # serving comes first
+            os.setpriority(os.PRIO_PROCESS, job.process.pid, self.nice)
+        log.info("training round started (%s), log %s", reason, job.log_path)
+        self._watch = asyncio.create_task(self._follow(job), name="training-round")
+        return job
+
+    async def _follow(self, job: TrainingJob) -> None:
+        assert job.process is not None and job.process.stdout is not None
+        with job.log_path.open("ab") as log_file:
+            async for raw in job.process.stdout:
+                log_file.write(raw)
+                log_file.flush()
+                line = raw.decode("utf-8", "replace").strip()
+                if line and not line.startswith(("Warning", " ")) and "Warning:" not in line:
+                    job.last_line = line[:300]
+        job.returncode = await job.process.wait()
+        job.finished_at = self.clock()
+        job.done.set()
+        log.info("training round finished: %s", job.outcome)
+
+    async def wait(self) -> TrainingJob | None:
+        if self.job is not None:
+            await self.job.done.wait()
+        return self.job
+
+    async def close(self, grace_s: float = 10.0) -> None:
+        """Stop a running round (it leaves the served adapter and the database intact)."""
+        job = self.job
+        if job is None or not job.running or job.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            job.process.terminate()
+        try:
+            await asyncio.wait_for(job.done.wait(), grace_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                job.process.kill()
+            await job.done.wait()

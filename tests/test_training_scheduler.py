@@ -1,0 +1,139 @@
+"""When a training round starts, and the round as a child process."""
+
+import asyncio
+import sys
+
+import pytest
+from conftest import record_text
+
+from storyengine.config import Settings
+from storyengine.errors import TrainingBusy
+from storyengine.rounds import RoundConfig, round_lock, run_round
+from storyengine.store import Store
+from storyengine.training_scheduler import (
+    TrainingSchedule,
+    TrainingScheduler,
+    child_environment,
+    parse_db_time,
+)
+
+
+@pytest.fixture
+async def store(tmp_path):
+    store = await Store(tmp_path / "s.db").open()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return Settings(db_path=tmp_path / "s.db", adapter_dir=tmp_path / "adapters", device="cpu")
+
+
+async def add_votes(store: Store, n: int, community: str | None = None) -> None:
+    story = await store.create_story(
+        f"c{community}", "P.", genre=None, mode="solo", created_by="u", community=community
+    )
+    for i in range(n):
+        g = await record_text(store, story.id, "Prompt", f"Text {i}.")
+        await store.set_feedback(g, f"user{i}", "👍", 1.0)
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+async def test_a_round_is_due_after_enough_feedback_and_time(store, settings):
+    now = [parse_db_time("2026-01-01T00:00:00.000Z")]
+    scheduler = TrainingScheduler(
+        settings,
+        store,
+        TrainingSchedule(min_new_feedback=3, interval_s=3600),
+        clock=lambda: now[0],
+    )
+    assert await scheduler.due() is None
+    await add_votes(store, 3, community="guild")  # learning is off there: not counted
+    assert await scheduler.due() is None
+    await store.set_learning("guild", True, "admin")
+    assert await scheduler.due() == "3 new reactions and choices"
+
+    # A round started at 'now': nothing is due until the interval has passed, and
+    # only feedback that came after it counts.
+    await store._write(
+        "INSERT INTO training_runs (method, status, started_at) VALUES ('dpo', 'done', ?)",
+        ("2026-01-01T00:00:00.000Z",),
+    )
+    assert await scheduler.new_feedback() == 3  # those votes are newer than 2026-01-01
+    now[0] += 1800
+    assert await scheduler.due() is None
+    now[0] += 1801
+    assert await scheduler.due() == "3 new reactions and choices"
+
+    off = TrainingScheduler(settings, store, TrainingSchedule(min_new_feedback=1, interval_s=None))
+    assert await off.due() is None
+
+
+async def test_the_child_runs_once_at_a_time_and_its_last_line_is_the_outcome(store, settings):
+    scheduler = TrainingScheduler(
+        settings,
+        store,
+        TrainingSchedule(),
+        command=python(
+            "import sys, time, warnings\n"
+            "print('training dpo on 20 examples', flush=True)\n"
+            "warnings.warn('noise')\n"
+            "time.sleep(0.5)\n"
+            "print('promoted v0001')\n"
+        ),
+    )
+    job = await scheduler.start("admin asked")
+    assert scheduler.running and job.running
+    with pytest.raises(TrainingBusy):
+        await scheduler.start("again")
+    await scheduler.wait()
+    assert not scheduler.running
+    assert job.returncode == 0 and job.outcome == "promoted v0001"
+    logged = job.log_path.read_text()
+    assert "training dpo on 20 examples" in logged and "UserWarning: noise" in logged
+    assert job.log_path.parent == settings.adapter_dir / "logs"
+
+
+async def test_a_failing_child_is_reported_and_closing_stops_a_running_one(store, settings):
+    failing = TrainingScheduler(
+        settings, store, TrainingSchedule(), command=python("raise SystemExit('no disk left')")
+    )
+    job = await failing.start("test")
+    await failing.wait()
+    assert job.outcome == "failed (exit code 1): no disk left"
+
+    slow = TrainingScheduler(
+        settings, store, TrainingSchedule(), command=python("import time; time.sleep(60)")
+    )
+    job = await slow.start("test")
+    await asyncio.wait_for(slow.close(grace_s=5), 10)
+    assert not job.running and job.returncode != 0
+
+
+def test_secrets_do_not_reach_the_trainer():
+    env = child_environment(
+        {"DISCORD_TOKEN": "x", "HF_TOKEN": "y", "MY_API_KEY": "z", "STORY_DB_PATH": "a.db"}
+    )
+    assert env == {"STORY_DB_PATH": "a.db"}
+
+
+async def test_the_real_round_runs_as_a_child_and_skips_without_feedback(store, settings):
+    scheduler = TrainingScheduler(settings, store, TrainingSchedule())
+    job = await scheduler.start("test")
+    await asyncio.wait_for(scheduler.wait(), 120)
+    assert job.returncode == 0, job.log_path.read_text()
+    assert job.outcome.startswith("skipped: not enough feedback yet")
+    runs = await store.db.execute_fetchall("SELECT status FROM training_runs")
+    assert [r[0] for r in runs] == ["done"]
+
+
+async def test_only_one_round_holds_the_adapter_directory(settings):
+    with round_lock(settings.adapter_dir):
+        with pytest.raises(TrainingBusy):
+            await run_round(settings, RoundConfig(), say=lambda line: None)
+    with round_lock(settings.adapter_dir):  # released: can be taken again
+        pass
