@@ -10,6 +10,7 @@ from discord.ext import commands, tasks
 
 from storyengine.engine import StoryEngine
 from storyengine.errors import StoryError
+from storyengine.training_scheduler import TrainingSchedule, TrainingScheduler
 
 from .settings import BotSettings
 
@@ -36,9 +37,15 @@ class StoryBot(commands.Bot):
         )
         self.engine = engine
         self.settings = settings
+        self.training = TrainingScheduler(
+            engine.settings,
+            engine.store,
+            TrainingSchedule(settings.train_min_new_feedback, settings.train_interval_s),
+        )
         self.tree.on_error = self.on_app_command_error  # type: ignore[method-assign]
 
     async def setup_hook(self) -> None:
+        from .cogs.admin import AdminCog
         from .cogs.feedback import FeedbackCog
         from .cogs.story import StoryCog
         from .views import ChoiceButton, ContinueButton, RetryButton
@@ -46,6 +53,7 @@ class StoryBot(commands.Bot):
         await self.engine.start()
         await self.add_cog(StoryCog(self))
         await self.add_cog(FeedbackCog(self))
+        await self.add_cog(AdminCog(self))
         # Buttons on story messages keep working after a restart.
         self.add_dynamic_items(ContinueButton, RetryButton, ChoiceButton)
         if self.settings.dev_guild_id:
@@ -56,11 +64,24 @@ class StoryBot(commands.Bot):
             await self.tree.sync()
         self.turn_clock.change_interval(seconds=self.settings.turn_check_s)
         self.turn_clock.start()
+        if self.settings.train_interval_s is not None:
+            self.training_clock.change_interval(seconds=self.settings.train_check_s)
+            self.training_clock.start()
 
     async def close(self) -> None:
         self.turn_clock.cancel()
+        self.training_clock.cancel()
+        await self.training.close()
         await super().close()
         await self.engine.close()
+
+    @tasks.loop(seconds=60)
+    async def training_clock(self) -> None:
+        """Start a training round when enough new feedback and time have come."""
+        try:
+            await self.training.maybe_start()
+        except Exception:
+            log.exception("checking the training schedule failed")
 
     @tasks.loop(seconds=15)
     async def turn_clock(self) -> None:

@@ -44,6 +44,23 @@ class AdapterVersion:
         """The adapter's name when loaded for serving."""
         return f"v{self.version}"
 
+    def summary(self) -> str:
+        """One line: version, status, method, date and the gate's main figures."""
+        m = self.metrics
+        parts = [f"v{self.version}", self.status, self.method, self.created_at[:16]]
+        if "preference_accuracy" in m:
+            parts.append(
+                f"accuracy {m['preference_accuracy']:.2f}"
+                f" (was {m['current_preference_accuracy']:.2f})"
+            )
+        if "perplexity" in m:
+            parts.append(f"ppl {m['perplexity']:.2f} (base {m['base_perplexity']:.2f})")
+        if m.get("distinct2") is not None:
+            parts.append(f"distinct-2 {m['distinct2']:.2f}")
+        if m.get("reasons"):
+            parts.append("rejected for: " + "; ".join(m["reasons"]))
+        return " · ".join(parts)
+
 
 class AdapterRegistry:
     def __init__(self, store: Store, root: Path) -> None:

@@ -335,12 +335,7 @@ async def _adapters(args: argparse.Namespace, settings: Settings) -> int:
             if not versions:
                 print("no adapters yet")
             for v in versions:
-                metrics = " ".join(
-                    f"{k}={val}"
-                    for k, val in sorted(v.metrics.items())
-                    if isinstance(val, (int, float, str))
-                )
-                print(f"v{v.version:<4} {v.status:<9} {v.method:<6} {v.created_at}  {metrics}")
+                print(v.summary())
     finally:
         await store.close()
     return 0

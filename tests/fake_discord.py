@@ -27,6 +27,7 @@ TEXT_CHANNEL = 2000
 OTHER_CHANNEL = 2001
 BOT_ID = 900
 MANAGE_MESSAGES = 1 << 13
+MANAGE_GUILD = 1 << 5
 EVERYONE_PERMISSIONS = (
     (1 << 10) | (1 << 11) | (1 << 6) | (1 << 14) | (1 << 15) | (1 << 31) | (1 << 35) | (1 << 38)
 )
@@ -49,9 +50,11 @@ class FakeUser:
     id: int
     name: str
     moderator: bool = False
+    admin: bool = False
 
     def member(self) -> dict[str, Any]:
         permissions = EVERYONE_PERMISSIONS | (MANAGE_MESSAGES if self.moderator else 0)
+        permissions |= MANAGE_GUILD if self.admin else 0
         return {
             "user": user_json(self.id, self.name),
             "roles": [],
@@ -487,17 +490,17 @@ class FakeDiscord:
 
     # -- what the tests do ------------------------------------------------------------
 
-    def command_id(self) -> str:
-        return next(c["id"] for c in self.commands if c["name"] == "story")
+    def command_id(self, group: str = "story") -> str:
+        return next(c["id"] for c in self.commands if c["name"] == group)
 
     async def slash(
-        self, user: FakeUser, channel_id: int, sub: str, **options: Any
+        self, user: FakeUser, channel_id: int, sub: str, *, group: str = "story", **options: Any
     ) -> InteractionRecord:
-        """`/story SUB option:value ...` typed by `user` in `channel_id`."""
+        """`/GROUP SUB option:value ...` typed by `user` in `channel_id`."""
         kinds = {str: 3, int: 4, float: 10, bool: 5}
         data = {
-            "id": self.command_id(),
-            "name": "story",
+            "id": self.command_id(group),
+            "name": group,
             "type": 1,
             "options": [
                 {

@@ -10,7 +10,7 @@ import discord
 import pytest
 import yarl
 from discord.gateway import DiscordWebSocket
-from fake_discord import TEXT_CHANNEL, TOKEN, FakeDiscord, FakeUser
+from fake_discord import GUILD_ID, TEXT_CHANNEL, TOKEN, FakeDiscord, FakeUser
 
 from bot.client import StoryBot
 from bot.settings import BotSettings
@@ -25,6 +25,7 @@ ANN = FakeUser(101, "Ann")
 BEN = FakeUser(102, "Ben")
 CAT = FakeUser(103, "Cat")
 MOD = FakeUser(104, "Mo", moderator=True)
+ADMIN = FakeUser(105, "Ada", admin=True)
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Harness:
         self.fake, self.db, self.model = fake, db, model
         self.env: Env | None = None
 
-    async def start(self, *, turn_check_s: float = 0.1) -> Env:
+    async def start(self, *, turn_check_s: float = 0.1, **bot_settings) -> Env:
         settings = Settings(
             db_path=self.db,
             adapter_dir=self.db.parent / "adapters",
@@ -50,7 +51,9 @@ class Harness:
         engine = StoryEngine(settings, generator=BatchingGenerator(self.model))
         bot = StoryBot(
             engine=engine,
-            settings=BotSettings(cooldown_s=0.0, edit_interval_s=0.2, turn_check_s=turn_check_s),
+            settings=BotSettings(
+                cooldown_s=0.0, edit_interval_s=0.2, turn_check_s=turn_check_s, **bot_settings
+            ),
         )
         self.fake.ready.clear()
         task = asyncio.create_task(bot.start(TOKEN))
@@ -96,7 +99,7 @@ async def finished(fake: FakeDiscord, record) -> dict:
 
 async def test_solo_story_start_continue_retry_undo_export(harness):
     fake = harness.fake
-    assert {c["name"] for c in fake.commands} == {"story"}
+    assert {c["name"] for c in fake.commands} == {"story", "storyadmin"}
     start = await fake.slash(
         ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a little fox lived in a wood."
     )
@@ -325,3 +328,80 @@ async def test_stop_ends_a_generation_and_says_so(harness, monkeypatch):
     assert [t.text for t in (await harness.env.engine.view(str(TEXT_CHANNEL))).turns][-1] == (
         "The frog met a duck."  # the line is kept
     )
+
+
+async def test_storyadmin_learning_stats_adapters_train_and_rollback(harness):
+    fake, engine = harness.fake, harness.env.engine
+    admin_command = next(c for c in fake.commands if c["name"] == "storyadmin")
+    assert int(admin_command["default_member_permissions"]) == 1 << 5  # Manage Server
+    assert admin_command["contexts"] == [0]  # servers only, never in DMs
+
+    refused = await fake.slash(ANN, TEXT_CHANNEL, "stats", group="storyadmin")
+    await said(fake, refused, "Manage Server")
+    assert refused.ephemeral
+
+    # Learning is off until an admin switches it on; stories know their server.
+    start = await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a frog sang.")
+    await finished(fake, start)
+    story = await engine.active_story(str(TEXT_CHANNEL))
+    assert story.community == str(GUILD_ID)
+    status = await fake.slash(ADMIN, TEXT_CHANNEL, "learning", group="storyadmin")
+    await said(fake, status, "Learning is **off** here")
+    on = await fake.slash(ADMIN, TEXT_CHANNEL, "learning", group="storyadmin", state="on")
+    await said(fake, on, "Learning is **on** here")
+    assert on.ephemeral and await engine.learning_enabled(str(GUILD_ID))
+
+    message_id = int(fake.messages[start.original_id]["id"])
+    generation = await engine.store.generation_for_message(str(message_id))
+    await fake.react(BEN, message_id, "👍")
+    await _settle(engine, generation, [("102", "👍", 1.0)])
+    stats = await fake.slash(ADMIN, TEXT_CHANNEL, "stats", group="storyadmin")
+    await said(fake, stats, "approval")
+    text = replies_to(fake, stats)[0]
+    assert "**Learning** on · **serving** the base model" in text
+    assert "**New feedback** since the last round (all learning servers): 1" in text
+    # one continuation shown, one with a reaction, 1 👍, 0 👎: 100 % approval
+    row = next(line for line in text.splitlines() if line.startswith("base"))
+    assert row.split() == ["base", "1", "1", "1", "0", "100%"]
+
+    adapters = await fake.slash(ADMIN, TEXT_CHANNEL, "adapters", group="storyadmin")
+    await said(fake, adapters, "No adapter trained yet")
+    rollback = await fake.slash(ADMIN, TEXT_CHANNEL, "rollback", group="storyadmin")
+    await said(fake, rollback, "base model is already being served")
+
+    # A real round in a child process: one reaction is not enough to train on.
+    train = await fake.slash(ADMIN, TEXT_CHANNEL, "train", group="storyadmin")
+    await said(fake, train, "Training round finished: skipped: not enough feedback yet")
+    assert train.ephemeral
+    runs = await engine.store.db.execute_fetchall("SELECT status FROM training_runs")
+    assert [r[0] for r in runs] == ["done"]
+
+
+async def test_training_the_shared_adapter_can_be_kept_to_the_owners_servers(harness):
+    await harness.stop()
+    await harness.start(admin_guild_ids=frozenset({GUILD_ID + 1}))
+    fake = harness.fake
+    train = await fake.slash(ADMIN, TEXT_CHANNEL, "train", group="storyadmin")
+    await said(fake, train, "only the bot owner's servers can train or roll it back")
+    learning = await fake.slash(ADMIN, TEXT_CHANNEL, "learning", group="storyadmin", state="on")
+    await said(fake, learning, "Learning is **on** here")  # a server's own switch
+    assert harness.env.bot.training.job is None
+
+
+async def test_a_round_starts_by_itself_once_enough_feedback_came_in(harness):
+    await harness.stop()
+    env = await harness.start(train_min_new_feedback=1, train_interval_s=60.0, train_check_s=0.1)
+    fake = harness.fake
+    start = await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a bee hummed.")
+    message = await finished(fake, start)
+    await fake.react(BEN, int(message["id"]), "👍")
+    await asyncio.sleep(0.5)
+    assert env.bot.training.job is None  # learning is off in this server: nothing counts
+    on = await fake.slash(ADMIN, TEXT_CHANNEL, "learning", group="storyadmin", state="on")
+    await said(fake, on, "Learning is **on** here")
+    await fake.wait_for(lambda: env.bot.training.job is not None)
+    job = await asyncio.wait_for(env.bot.training.wait(), 120)
+    assert job.reason == "1 new reactions and choices"
+    assert job.outcome.startswith("skipped: not enough feedback yet")
+    await asyncio.sleep(0.5)  # the interval has not passed: no second round
+    assert env.bot.training.job is job

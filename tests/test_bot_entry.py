@@ -67,3 +67,24 @@ def test_token_and_settings_parsing():
     assert settings.dev_guild_id == 123 and settings.cooldown_s == 2.5
     with pytest.raises(ConfigError, match="BOT_COOLDOWN"):
         BotSettings.from_env({"BOT_COOLDOWN": "soon"})
+
+
+def test_training_schedule_settings():
+    default = BotSettings.from_env({})
+    assert default.train_interval_s == 6 * 3600 and default.train_min_new_feedback == 50
+    assert default.admin_guild_ids == frozenset()
+    settings = BotSettings.from_env(
+        {"TRAIN_INTERVAL": "30m", "TRAIN_MIN_NEW_FEEDBACK": "20", "BOT_ADMIN_GUILDS": "1, 22"}
+    )
+    assert settings.train_interval_s == 1800 and settings.train_min_new_feedback == 20
+    assert settings.admin_guild_ids == {1, 22}
+    assert BotSettings.from_env({"TRAIN_INTERVAL": "2d"}).train_interval_s == 2 * 86400
+    assert BotSettings.from_env({"TRAIN_INTERVAL": "7200"}).train_interval_s == 7200
+    assert BotSettings.from_env({"TRAIN_INTERVAL": "off"}).train_interval_s is None
+    for bad in ("soon", "10s", "-1h"):
+        with pytest.raises(ConfigError, match="TRAIN_INTERVAL"):
+            BotSettings.from_env({"TRAIN_INTERVAL": bad})
+    with pytest.raises(ConfigError, match="BOT_ADMIN_GUILDS"):
+        BotSettings.from_env({"BOT_ADMIN_GUILDS": "my-server"})
+    with pytest.raises(ConfigError, match="TRAIN_MIN_NEW_FEEDBACK"):
+        BotSettings.from_env({"TRAIN_MIN_NEW_FEEDBACK": "0"})

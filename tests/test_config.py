@@ -88,7 +88,7 @@ def test_env_example_lists_valid_settings():
     sources = "\n".join(
         p.read_text() for p in [*root.glob("storyengine/*.py"), *root.glob("bot/*.py")]
     )
-    read = set(re.findall(r'"((?:STORY|BOT)_[A-Z_]+|DEV_GUILD_ID|DISCORD_TOKEN)"', sources))
+    read = set(re.findall(r'"((?:STORY|BOT|TRAIN)_[A-Z_]+|DEV_GUILD_ID|DISCORD_TOKEN)"', sources))
     assert read <= set(values) | {"DISCORD_TOKEN"}, read - set(values)
 
 

@@ -16,6 +16,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from storyengine.engine import DIRECT_MESSAGES
 from storyengine.errors import InvalidInput, StoryError
 from storyengine.records import Author, Story
 from storyengine.text import split_message
@@ -48,6 +49,12 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     @staticmethod
     def channel_of(interaction: discord.Interaction) -> str:
         return str(interaction.channel_id)
+
+    @staticmethod
+    def community_of(interaction: discord.Interaction) -> str:
+        """The server a story is told in (its learning switch applies), or the private
+        community of direct messages, which is never trained on."""
+        return str(interaction.guild_id) if interaction.guild_id else DIRECT_MESSAGES
 
     @staticmethod
     def author_of(interaction: discord.Interaction) -> Author:
@@ -117,7 +124,13 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         header = f"📖 **{premise}**"
         with Publisher(self.bot, InteractionTarget(interaction), prefix=header + "\n\n") as pub:
             result = await self.engine.start_story(
-                channel, premise, author=author, genre=genre, mode=mode, on_progress=pub.progress
+                channel,
+                premise,
+                author=author,
+                genre=genre,
+                mode=mode,
+                community=self.community_of(interaction),
+                on_progress=pub.progress,
             )
             view = None if mode == "companion" else story_controls()
             await pub.finish(story_message(result.text, header=header), result.generation_id, view)
@@ -156,6 +169,7 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
                 author=author,
                 genre=genre,
                 mode="companion",
+                community=self.community_of(interaction),
                 on_progress=pub.progress,
             )
             await pub.finish(story_message(result.text, header=header), result.generation_id, None)

@@ -1,0 +1,175 @@
+"""`/storyadmin ...`: the learning loop, for a server's admins (Manage Server).
+
+Learning is per server and off by default: `/storyadmin learning on` lets this
+server's stories and reactions train the storyteller. The adapter is shared by every
+server the bot is in, so training and rollback can be limited to the admins of some
+servers (BOT_ADMIN_GUILDS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from storyengine.text import split_message
+
+if TYPE_CHECKING:
+    from ..client import StoryBot
+
+TRAIN_WATCH_S = 14 * 60
+"""How long `/storyadmin train` keeps its reply up to date (an interaction's token
+lasts 15 minutes); the round itself goes on regardless."""
+
+
+class AdminOnly(app_commands.CheckFailure):
+    pass
+
+
+@app_commands.guild_only()
+@app_commands.default_permissions(manage_guild=True)
+class AdminCog(
+    commands.GroupCog,
+    group_name="storyadmin",
+    group_description="The storyteller's learning (Manage Server)",
+):
+    def __init__(self, bot: StoryBot) -> None:
+        self.bot = bot
+        self.engine = bot.engine
+        super().__init__()
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        # Discord hides the commands from others by default, but a server can change
+        # that in its settings; the permission is checked here as well.
+        if not interaction.permissions.manage_guild:
+            raise AdminOnly("Only members with the Manage Server permission can do that.")
+        return True
+
+    def check_shared_adapter(self, interaction: discord.Interaction) -> None:
+        allowed = self.bot.settings.admin_guild_ids
+        if allowed and interaction.guild_id not in allowed:
+            raise AdminOnly(
+                "The storyteller is shared with other servers; only the bot owner's "
+                "servers can train or roll it back."
+            )
+
+    async def reply(self, interaction: discord.Interaction, text: str) -> None:
+        chunks = split_message(text) or ["…"]
+        if interaction.response.is_done():
+            await interaction.followup.send(chunks[0], ephemeral=True)
+        else:
+            await interaction.response.send_message(chunks[0], ephemeral=True)
+        for chunk in chunks[1:]:
+            await interaction.followup.send(chunk, ephemeral=True)
+
+    @app_commands.command(
+        name="learning", description="Let this server's stories train the storyteller, or not"
+    )
+    @app_commands.describe(state="on: train on this server's stories and reactions; off: don't")
+    async def learning(
+        self, interaction: discord.Interaction, state: Literal["on", "off"] | None = None
+    ) -> None:
+        community = str(interaction.guild_id)
+        if state is not None:
+            await self.engine.set_learning(community, state == "on", by=str(interaction.user.id))
+        enabled = await self.engine.learning_enabled(community)
+        if enabled:
+            text = (
+                "🧠 Learning is **on** here: this server's stories and reactions help "
+                "train the storyteller. Members can opt out with `/story forget-me`."
+            )
+        else:
+            text = (
+                "Learning is **off** here: nothing from this server is trained on. "
+                "`/storyadmin learning on` to change that."
+            )
+        await self.reply(interaction, text)
+
+    @app_commands.command(name="stats", description="Feedback and approval per adapter version")
+    async def stats(self, interaction: discord.Interaction) -> None:
+        community = str(interaction.guild_id)
+        rows = await self.engine.feedback_stats(community)
+        serving = await self.engine.registry.promoted()
+        lines = [
+            f"**Learning** {'on' if await self.engine.learning_enabled(community) else 'off'}"
+            f" · **serving** {serving.name if serving else 'the base model'}",
+            f"**New feedback** since the last round (all learning servers): "
+            f"{await self.bot.training.new_feedback()}",
+            f"**Training** {self.training_state()}",
+        ]
+        if rows:
+            table = [f"{'adapter':<9}{'stories':>8}{'reacted':>8}{'👍':>6}{'👎':>6}  approval"]
+            for r in rows:
+                approval = f"{r['approval']:.0%}" if r["approval"] is not None else "–"
+                table.append(
+                    f"{r['adapter'] or 'base':<9}{r['generations']:>8}{r['reacted']:>8}"
+                    f"{r['liked']:>6}{r['disliked']:>6}  {approval}"
+                )
+            lines.append("```\n" + "\n".join(table) + "\n```")
+        else:
+            lines.append("No story continuations in this server yet.")
+        await self.reply(interaction, "\n".join(lines))
+
+    def training_state(self) -> str:
+        job = self.bot.training.job
+        schedule = self.bot.training.schedule
+        auto = (
+            f"automatic after {schedule.min_new_feedback} new reactions, at most every "
+            f"{schedule.interval_s / 3600:g} h"
+            if schedule.interval_s
+            else "automatic rounds off"
+        )
+        if job is None:
+            return f"idle ({auto})"
+        return f"{job.outcome} ({auto})"
+
+    @app_commands.command(name="adapters", description="Adapter versions and their gate reports")
+    async def adapters(self, interaction: discord.Interaction) -> None:
+        versions = await self.engine.registry.list()
+        if not versions:
+            await self.reply(interaction, "No adapter trained yet: the base model tells stories.")
+            return
+        shown = versions[-15:]
+        lines = [v.summary() for v in reversed(shown)]
+        more = f"\n…and {len(versions) - len(shown)} older" if len(versions) > len(shown) else ""
+        await self.reply(interaction, "\n".join(f"• {line}" for line in lines) + more)
+
+    @app_commands.command(name="rollback", description="Serve the adapter version before this one")
+    async def rollback(self, interaction: discord.Interaction) -> None:
+        self.check_shared_adapter(interaction)
+        before = await self.engine.registry.promoted()
+        now = await self.engine.registry.rollback()
+        await self.engine.sync_adapter()
+        await self.reply(
+            interaction,
+            f"↩️ Rolled back from {before.name if before else 'the base model'}: now serving "
+            f"{now.name if now else 'the base model'}.",
+        )
+
+    @app_commands.command(name="train", description="Start a training round now")
+    async def train(self, interaction: discord.Interaction) -> None:
+        self.check_shared_adapter(interaction)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        job = await self.bot.training.start(f"asked by {interaction.user.id}")
+        started = time.monotonic()
+        shown = ""
+        while job.running and time.monotonic() - started < TRAIN_WATCH_S:
+            text = f"🏋️ Training round running: {job.last_line}"
+            if text != shown:
+                await interaction.edit_original_response(content=text)
+                shown = text
+            try:
+                await asyncio.wait_for(job.done.wait(), self.bot.settings.edit_interval_s)
+            except TimeoutError:
+                pass
+        if job.running:
+            await interaction.edit_original_response(
+                content=f"🏋️ Still training ({job.last_line}). "
+                "`/storyadmin stats` shows how it ends."
+            )
+            return
+        await interaction.edit_original_response(content=f"Training round finished: {job.outcome}")
