@@ -57,8 +57,11 @@ class AdapterVersion:
             parts.append(f"ppl {m['perplexity']:.2f} (base {m['base_perplexity']:.2f})")
         if m.get("distinct2") is not None:
             parts.append(f"distinct-2 {m['distinct2']:.2f}")
+        if "corpus_ppl" in m:
+            parts.append(f"corpus ppl {m['corpus_ppl_before']:.2f} → {m['corpus_ppl']:.2f}")
+            parts.append(f"stories ppl {m['stories_ppl']:.2f} (base {m['base_stories_ppl']:.2f})")
         if m.get("reasons"):
-            parts.append("rejected for: " + "; ".join(m["reasons"]))
+            parts.append("gate: " + "; ".join(m["reasons"]))
         return " · ".join(parts)
 
 

@@ -90,6 +90,32 @@ def build_parser() -> argparse.ArgumentParser:
     round_.add_argument("--epochs", type=float, help="(default: DPO 2, KTO 1)")
     round_.add_argument("--min-examples", type=int, default=16)
     _add_storage_args(round_, adapters=True)
+    sft = train_sub.add_parser(
+        "sft", help="adapt a LoRA to a story corpus (domain fine-tuning); registers a candidate"
+    )
+    sft.add_argument(
+        "--corpus",
+        type=Path,
+        required=True,
+        metavar="FILE_OR_DIR",
+        help="a UTF-8 text file, or a folder of .txt files; stories separated by <|endoftext|>",
+    )
+    sft.add_argument("--lr", type=float, default=2e-4, help="learning rate (default: 2e-4)")
+    sft.add_argument("--epochs", type=float, default=1.0)
+    sft.add_argument("--max-steps", type=int, help="stop after this many steps (big corpora)")
+    sft.add_argument("--max-length", type=int, default=256, help="tokens per training window")
+    sft.add_argument("--batch-size", type=int, default=8)
+    sft.add_argument(
+        "--from-promoted",
+        action="store_true",
+        help="start from the promoted adapter (default: a fresh LoRA)",
+    )
+    sft.add_argument(
+        "--promote",
+        action="store_true",
+        help="serve the new adapter if its held-out corpus perplexity improved",
+    )
+    _add_storage_args(sft, adapters=True)
 
     adapters = sub.add_parser("adapters", help="the LoRA adapter registry")
     adapters_sub = adapters.add_subparsers(dest="adapters", required=True, metavar="ACTION")
@@ -198,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_chat(args, settings))
         if args.command == "db":
             return asyncio.run(_db(args, settings))
+        if args.command == "train" and args.train == "sft":
+            return asyncio.run(_train_sft(args, settings))
         if args.command == "train":
             return asyncio.run(_train_round(args, settings))
         if args.command == "adapters":
@@ -288,6 +316,30 @@ async def _bench(args: argparse.Namespace) -> int:
         json_path=args.json,
         max_batch_size=args.max_batch_size,
     )
+    return 0
+
+
+async def _train_sft(args: argparse.Namespace, settings: Settings) -> int:
+    from .sft import CorpusTrainConfig, run_sft
+
+    config = CorpusTrainConfig(
+        learning_rate=args.lr,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        from_promoted=args.from_promoted,
+        promote=args.promote,
+    )
+    version, promoted, report = await run_sft(
+        settings, args.corpus, config, say=lambda line: print(line, flush=True)
+    )
+    if promoted:
+        print(f"promoted v{version}")
+    elif report["passed"]:
+        print(f"registered v{version} as a candidate: `storyengine adapters promote {version}`")
+    else:
+        print(f"registered v{version} as a candidate: {'; '.join(report['reasons'])}")
     return 0
 
 

@@ -170,3 +170,15 @@ def test_bench_serve_prints_and_writes_the_figures(tmp_path):
         assert figures[side]["tokens"] == 4 * 6
     assert figures["throughput_ratio"] > 0 and figures["peak_rss_mb"] > 0
     assert figures["greedy_identical"] == "1/1"
+
+
+def test_train_sft_says_what_is_wrong_with_its_input(tmp_path):
+    missing = run_cli("train", "sft", "--corpus", "nowhere", "--db", "x.db", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        "storyengine: error: nowhere: no such file or folder"
+    ]
+    (tmp_path / "c.txt").write_text("A story.")
+    bad = run_cli("train", "sft", "--corpus", "c.txt", "--lr", "5", cwd=tmp_path)
+    assert bad.returncode == 2 and "--lr must be in (0, 1)" in bad.stderr
+    assert "Traceback" not in missing.stderr + bad.stderr
