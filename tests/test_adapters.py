@@ -118,7 +118,14 @@ async def test_a_promoted_adapter_is_served_without_restart_and_rollback_restore
 
 @pytest.mark.slow
 async def test_adapters_command(registry, tiny_model, tmp_path):
-    await registry.register(lora_saver(tiny_model.model, 1), method="kto", metrics={"ppl": 10.5})
+    report = {
+        "preference_accuracy": 0.7,
+        "current_preference_accuracy": 0.5,
+        "perplexity": 9.5,
+        "base_perplexity": 9.2,
+        "reasons": [],
+    }
+    await registry.register(lora_saver(tiny_model.model, 1), method="kto", metrics=report)
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORY_")}
     base = [sys.executable, "-m", "storyengine", "adapters"]
     where = ["--db", str(registry.store.path), "--dir", str(registry.root)]
@@ -129,7 +136,8 @@ async def test_adapters_command(registry, tiny_model, tmp_path):
         )
 
     listed = await asyncio_to_thread(run, "list")
-    assert "v1" in listed.stdout and "candidate" in listed.stdout and "ppl=10.5" in listed.stdout
+    assert listed.stdout.startswith("v1 · candidate · kto · ")
+    assert "accuracy 0.70 (was 0.50) · ppl 9.50 (base 9.20)" in listed.stdout
     promoted = await asyncio_to_thread(run, "promote", "1")
     assert promoted.returncode == 0 and "promoted v1" in promoted.stdout
     rolled = await asyncio_to_thread(run, "rollback")
