@@ -490,6 +490,16 @@ class FakeDiscord:
 
     # -- what the tests do ------------------------------------------------------------
 
+    def dm_channel(self, user: FakeUser) -> int:
+        """A direct-message channel between `user` and the bot."""
+        channel_id = next(self._ids)
+        self.channels[channel_id] = {
+            "id": str(channel_id),
+            "type": 1,
+            "recipients": [user_json(user.id, user.name)],
+        }
+        return channel_id
+
     def command_id(self, group: str = "story") -> str:
         return next(c["id"] for c in self.commands if c["name"] == group)
 

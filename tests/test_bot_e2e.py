@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from bot.client import StoryBot
 from bot.settings import BotSettings
 from storyengine.config import Settings
 from storyengine.engine import StoryEngine
+from storyengine.feedback import build_datasets
 from storyengine.sampling import SamplingParams
 from storyengine.scheduler import BatchingGenerator
 
@@ -405,3 +407,49 @@ async def test_a_round_starts_by_itself_once_enough_feedback_came_in(harness):
     assert job.outcome.startswith("skipped: not enough feedback yet")
     await asyncio.sleep(0.5)  # the interval has not passed: no second round
     assert env.bot.training.job is job
+
+
+async def test_companion_in_a_dm_then_my_data_and_forget_me(harness):
+    """A private session: never trainable; the person downloads their data, then has
+    it forgotten, through the same commands as in a server."""
+    fake, engine = harness.fake, harness.env.engine
+    dm = fake.dm_channel(ANN)
+    start = await fake.slash(
+        ANN, dm, "start", premise="Once upon a time, a boy met a whale.", mode="companion"
+    )
+    await finished(fake, start)
+    story = await engine.active_story(str(dm))
+    assert story.mode == "companion" and story.community == "dm"
+    offer = await fake.slash(ANN, dm, "continue", text="The boy waves at the whale.")
+    await said(fake, offer, "Choose how the story goes on")
+    buttons = [
+        c["custom_id"]
+        for row in fake.messages[offer.original_id]["components"]
+        for c in row["components"]
+    ]
+    await fake.press(ANN, offer.original_id, buttons[0])
+    await fake.wait_for(lambda: fake.reactions_on(offer.original_id) == ["👍", "👎"])
+    assert len(await engine.store.preference_pairs()) == 2
+    data = await build_datasets(engine.store)
+    assert data.pairs == [] and data.examples == []  # a DM is never trained on
+
+    mine = await fake.slash(ANN, dm, "my-data")
+    await fake.wait_for(lambda: mine.original_id)
+    attachment = fake.messages[mine.original_id]["attachments"][0]
+    assert attachment["filename"] == "my-taleweaver-data.json"
+    exported = json.loads(attachment["content"])
+    assert exported["user_id"] == str(ANN.id)
+    assert "The boy waves at the whale." in [t["text"] for t in exported["turns"]]
+
+    forget = await fake.slash(ANN, dm, "forget-me")
+    await said(fake, forget, "It cannot be undone. Go ahead?")
+    confirm = fake.messages[forget.original_id]
+    yes = confirm["components"][0]["components"][0]
+    assert yes["label"] == "Yes, forget me"
+    await fake.press(ANN, forget.original_id, yes["custom_id"])
+    await fake.wait_for(lambda: confirm["content"].startswith("Done:"))
+    assert "2 choice(s) deleted" in confirm["content"] and confirm["components"] == []
+    assert await engine.store.is_forgotten(str(ANN.id))
+    assert await engine.store.preference_pairs() == []
+    after = await engine.export_user_data(str(ANN.id))
+    assert after["turns"] == [] and after["reactions"] == []
