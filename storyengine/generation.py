@@ -200,7 +200,9 @@ class SequentialGenerator:
                     waiting.queue_position = i
             handle.queue_position = 0
             try:
-                handle._finish(run_generate(self.model, handle))
+                with self.model.mutation_lock:
+                    output = run_generate(self.model, handle)
+                handle._finish(output)
             except Exception as exc:
                 log.exception("generation failed")
                 handle._finish(exc)
@@ -214,12 +216,13 @@ def _control_job(
 
     def job() -> None:
         try:
-            if name is not None and name != BASE_ADAPTER:
-                if path is not None:
-                    model.load_adapter(name, path)
-                elif not model.is_peft or name not in model.model.peft_config:
-                    raise ValueError(f"adapter {name!r} is not loaded and no path was given")
-            model.default_adapter = None if name == BASE_ADAPTER else name
+            with model.mutation_lock:
+                if name is not None and name != BASE_ADAPTER:
+                    if path is not None:
+                        model.load_adapter(name, path)
+                    elif not model.is_peft or name not in model.model.peft_config:
+                        raise ValueError(f"adapter {name!r} is not loaded and no path was given")
+                model.default_adapter = None if name == BASE_ADAPTER else name
         except Exception as exc:
             loop.call_soon_threadsafe(done.set_exception, exc)
         else:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings
@@ -27,6 +28,10 @@ class LoadedModel:
     device: torch.device
     default_adapter: str | None = None
     """The adapter a request without one of its own runs with (None: the base model)."""
+    mutation_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Held while adapters are loaded or deleted, and by a generation that runs outside
+    the thread doing that (beam search beside the batch), so neither sees the other's
+    half-changed model."""
 
     def __post_init__(self) -> None:
         if self.default_adapter is None and self.is_peft:
@@ -43,6 +48,11 @@ class LoadedModel:
         else:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
         self.model.eval()
+
+    def delete_adapter(self, name: str) -> None:
+        """Unload an adapter no request uses any more (same rules as `load_adapter`)."""
+        if self.is_peft and name in self.model.peft_config and len(self.model.peft_config) > 1:
+            self.model.delete_adapter(name)
 
     @property
     def context_window(self) -> int:

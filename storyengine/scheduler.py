@@ -109,6 +109,10 @@ class BatchingGenerator:
         self.steps = 0
         # transformers renamed `past_key_values` to `cache` (5.2x); accept either.
         self._control: deque[Callable[[], None]] = deque()
+        self._loaded: set[str] = set()
+        """Adapters `use_adapter` loaded from disk (registry versions)."""
+        self._retiring: set[str] = set()
+        """Loaded adapters no longer the default: unloaded once no sequence uses them."""
         self._attach_network()
         params = inspect.signature(self._network.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -136,7 +140,14 @@ class BatchingGenerator:
         job = _control_job(self.model, name, path, done)
 
         def switch() -> None:
+            before = self.model.default_adapter
             job()
+            now = self.model.default_adapter
+            if now == name and path is not None:
+                self._loaded.add(name)
+            self._retiring.discard(now or "")
+            if before in self._loaded and before != now:
+                self._retiring.add(before)
             self._attach_network()
 
         with self._wake:
@@ -210,7 +221,25 @@ class BatchingGenerator:
         if self._running:
             self._decode()
             self._retire()
+        if self._retiring:
+            self._unload_retired()
         self.steps += 1
+
+    def _unload_retired(self) -> None:
+        """Unload the adapters that stopped being the default once nothing running or
+        waiting uses them, so a long-lived server does not keep every version."""
+        in_use = {s.adapter for s in self._running}
+        in_use |= {h.request.adapter for q in self._waiting.values() for h in q}
+        gone = self._retiring - in_use
+        if not gone:
+            return
+        with self.model.mutation_lock:
+            for name in gone:
+                self.model.delete_adapter(name)
+        self._retiring -= gone
+        self._loaded -= gone
+        self._attach_network()
+        log.info("unloaded adapters no longer served: %s", ", ".join(sorted(gone)))
 
     def _drop_cancelled_waiting(self) -> None:
         for channel in list(self._waiting):
@@ -229,7 +258,13 @@ class BatchingGenerator:
         admitted: list[_Sequence] = []
         while self._waiting and len(self._running) + len(admitted) < cfg.max_batch_size:
             channel, queue = next(iter(self._waiting.items()))
-            seq = self._new_sequence(queue[0])
+            try:
+                seq = self._new_sequence(queue[0])
+            except ValueError as exc:  # e.g. an adapter that is not loaded: this one fails
+                queue.popleft()._finish(exc)
+                if not queue:
+                    del self._waiting[channel]
+                continue
             if admitted and (
                 in_flight + seq.cost > cfg.max_tokens_in_flight
                 or prefill + seq.prompt_len > cfg.prefill_tokens_per_step

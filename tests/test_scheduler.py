@@ -248,3 +248,47 @@ async def test_beam_search_is_served_beside_the_batch(tiny_model):
     expected = (await baseline_outputs(tiny_model, [request]))[0]
     assert (await scheduler.submit(request).result()).token_ids == expected
     await scheduler.close()
+
+
+async def test_an_adapter_that_is_not_loaded_fails_only_its_own_request(tiny_lora_model):
+    scheduler = BatchingGenerator(tiny_lora_model)
+    ids = tiny_lora_model.encode(TEXT[:60])
+    good = scheduler.submit(GenerationRequest(ids, greedy(20), channel="a"))
+    bad = scheduler.submit(GenerationRequest(ids, greedy(5), channel="b", adapter="nope"))
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        await bad.result()
+    assert len((await good.result()).token_ids) == 20
+    await scheduler.close()
+
+
+async def test_a_replaced_adapter_is_unloaded_once_nothing_uses_it(tmp_path):
+    """Hot-swapping registry versions does not keep every version loaded; a sequence
+    still writing with the old one finishes on it first."""
+    from conftest import make_tiny_lora_model
+
+    model = make_tiny_lora_model()  # its own copy: adapters are loaded and unloaded
+    for name in ("fox", "owl"):
+        model.model.save_pretrained(str(tmp_path / name), selected_adapters=[name])
+    scheduler = BatchingGenerator(model)
+    ids = model.encode(TEXT[:40])
+    await scheduler.use_adapter("v1", str(tmp_path / "fox" / "fox"))
+    long_on_v1 = scheduler.submit(GenerationRequest(ids, greedy(60), channel="a"))
+    while scheduler.running == 0:  # noqa: ASYNC110 (the worker thread has no event)
+        await asyncio.sleep(0.005)
+    await scheduler.use_adapter("v2", str(tmp_path / "owl" / "owl"))
+    assert "v1" in model.model.peft_config  # still writing
+    on_v2 = await scheduler.submit(GenerationRequest(ids, greedy(5), channel="b")).result()
+    assert on_v2.adapter == "v2"
+    first = await long_on_v1.result()
+    assert first.adapter == "v1" and len(first.token_ids) == 60
+    await scheduler.submit(GenerationRequest(ids, greedy(2), channel="c")).result()
+    assert "v1" not in model.model.peft_config
+    assert {"fox", "owl", "v2"} <= set(model.model.peft_config)  # not loaded from disk: kept
+    await scheduler.use_adapter(BASE_ADAPTER)
+    await scheduler.submit(GenerationRequest(ids, greedy(2), channel="c")).result()
+    assert "v2" not in model.model.peft_config
+    # Loaded again when promoted again (a rollback), and it writes as before.
+    await scheduler.use_adapter("v1", str(tmp_path / "fox" / "fox"))
+    again = await scheduler.submit(GenerationRequest(ids, greedy(60), channel="a")).result()
+    assert again.token_ids == first.token_ids
+    await scheduler.close()
