@@ -73,10 +73,11 @@ class TrainingJob:
 
 
 def child_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The parent's environment without secrets (the bot's token has no business in a
-    trainer's environment, or in a crash dump of it)."""
+    """The parent's environment with secrets blanked (the bot's token has no business in
+    a trainer's environment, or in a crash dump of it). Blanked, not removed: the child
+    reads `.env` too, and an empty variable keeps `.env` from filling it in again."""
     environ = dict(os.environ if environ is None else environ)
-    return {k: v for k, v in environ.items() if not any(m in k.upper() for m in SECRET_MARKERS)}
+    return {k: "" if any(m in k.upper() for m in SECRET_MARKERS) else v for k, v in environ.items()}
 
 
 def parse_db_time(value: str) -> float:

@@ -118,7 +118,29 @@ def test_secrets_do_not_reach_the_trainer():
     env = child_environment(
         {"DISCORD_TOKEN": "x", "HF_TOKEN": "y", "MY_API_KEY": "z", "STORY_DB_PATH": "a.db"}
     )
-    assert env == {"STORY_DB_PATH": "a.db"}
+    assert env == {"DISCORD_TOKEN": "", "HF_TOKEN": "", "MY_API_KEY": "", "STORY_DB_PATH": "a.db"}
+
+
+async def test_the_child_does_not_read_the_token_back_from_dotenv(
+    store, settings, tmp_path, monkeypatch
+):
+    """The bot loaded `.env` into its environment; the child, started in the same
+    directory, loads `.env` as well, and must still not see the token."""
+    (tmp_path / ".env").write_text("DISCORD_TOKEN=secret-from-dotenv\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DISCORD_TOKEN", "secret-from-dotenv")
+    scheduler = TrainingScheduler(
+        settings,
+        store,
+        TrainingSchedule(),
+        command=python(
+            "import os; from dotenv import load_dotenv; load_dotenv(override=False);"
+            " print('token=' + repr(os.environ.get('DISCORD_TOKEN')))"
+        ),
+    )
+    job = await scheduler.start("test")
+    await scheduler.wait()
+    assert job.outcome == "token=''"
 
 
 async def test_the_real_round_runs_as_a_child_and_skips_without_feedback(store, settings):
