@@ -561,6 +561,7 @@ def sample_next_tokens(seqs: list[_Sequence], logits: torch.Tensor, eos: int) ->
 def _sample_rows(
     seqs: list[_Sequence], scores: torch.Tensor, group: list[int], chosen: list[int]
 ) -> None:
+    """Sample the rows in `group` (all with a top-k, or all without) in one batch."""
     import torch
 
     device = scores.device
@@ -569,18 +570,62 @@ def _sample_rows(
     index = torch.tensor(group, device=device)
     temps = torch.tensor([p.temperature for p in params], device=device)
     scaled = scores.index_select(0, index) / temps.unsqueeze(1)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
     ks = [p.top_k for p in params]
     if all(ks):
-        sorted_scores, sorted_idx = scaled.topk(min(max(ks), vocab), dim=-1)
-    else:
-        sorted_scores, sorted_idx = scaled.sort(dim=-1, descending=True)
-    ranks = torch.arange(sorted_scores.shape[-1], device=device).unsqueeze(0)
-    top_k = torch.tensor([k or vocab for k in ks], device=device)
-    sorted_scores = sorted_scores.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
-    probs = sorted_scores.softmax(dim=-1)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
+        probs, ids = _nucleus(scaled.topk(min(max(ks), vocab), dim=-1), ks, top_p, None)
+        for i, row in enumerate(group):
+            _pick(seqs, row, probs[i], ids[i], chosen)
+        return
+    # Without a top-k the nucleus nearly always lies inside the best thousand tokens:
+    # rank only those (a full sort of the vocabulary costs several times more), and rank
+    # the whole vocabulary only for a row whose nucleus reaches past them.
+    full = scaled.logsumexp(dim=-1, keepdim=True)
+    candidates = scaled.topk(min(NUCLEUS_CANDIDATES, vocab), dim=-1)
+    probs, ids = _nucleus(candidates, ks, top_p, full)
+    short = ((candidates.values - full).exp().sum(dim=-1) < top_p).nonzero().flatten().tolist()
+    for i, row in enumerate(group):
+        if i not in short:
+            _pick(seqs, row, probs[i], ids[i], chosen)
+    if short:
+        rows = torch.tensor(short, device=device)
+        ranked = scaled.index_select(0, rows).sort(dim=-1, descending=True)
+        probs, ids = _nucleus(ranked, [0] * len(short), top_p[rows], full[rows])
+        for j, i in enumerate(short):
+            _pick(seqs, group[i], probs[j], ids[j], chosen)
+
+
+NUCLEUS_CANDIDATES = 1024
+"""With the bundled model at temperature 1.1 and top-p 0.98, the nucleus fits in the
+best 1,024 tokens at about 92 % of positions (in the best 256 at 66 %)."""
+
+
+def _nucleus(
+    ranked: tuple[torch.Tensor, torch.Tensor],
+    ks: list[int],
+    top_p: torch.Tensor,
+    logsumexp: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities of the best-ranked tokens after top-k and top-p (unnormalised),
+    with their token ids. `logsumexp` of the whole row normalises when the ranked
+    tokens are only the best few (no top-k); None: softmax over the ranked ones."""
+    import torch
+
+    scores, idx = ranked
+    ranks = torch.arange(scores.shape[-1], device=scores.device).unsqueeze(0)
+    vocab_cut = torch.tensor([k or scores.shape[-1] for k in ks], device=scores.device)
+    scores = scores.masked_fill(ranks >= vocab_cut.unsqueeze(1), float("-inf"))
+    probs = scores.softmax(dim=-1) if logsumexp is None else (scores - logsumexp).exp()
     before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
     probs = probs.masked_fill((before >= top_p.unsqueeze(1)) & (ranks > 0), 0.0)
-    for i, row in enumerate(group):
-        pick = torch.multinomial(probs[i], 1, generator=seqs[row].generator)
-        chosen[row] = int(sorted_idx[i, pick])
+    return probs, idx
+
+
+def _pick(
+    seqs: list[_Sequence], row: int, probs: torch.Tensor, idx: torch.Tensor, chosen: list[int]
+) -> None:
+    import torch
+
+    kept = int(torch.count_nonzero(probs))  # the nucleus is a prefix of the ranking
+    pick = torch.multinomial(probs[:kept], 1, generator=seqs[row].generator)
+    chosen[row] = int(idx[pick])

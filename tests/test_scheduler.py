@@ -292,3 +292,42 @@ async def test_a_replaced_adapter_is_unloaded_once_nothing_uses_it(tmp_path):
     again = await scheduler.submit(GenerationRequest(ids, greedy(60), channel="a")).result()
     assert again.token_ids == first.token_ids
     await scheduler.close()
+
+
+def _dense(probs: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    out = torch.zeros(probs.shape[0], vocab)
+    return out.scatter(1, ids, probs)
+
+
+def test_the_nucleus_from_the_best_few_tokens_equals_the_full_sort():
+    """Top-p without top-k ranks only the best NUCLEUS_CANDIDATES tokens: the kept
+    tokens and their probabilities are those a sort of the whole vocabulary gives."""
+    from storyengine.scheduler import NUCLEUS_CANDIDATES, _nucleus
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 8192) * 6  # peaked enough for the nucleus to fit
+    top_p = torch.tensor([0.5, 0.8, 0.9, 0.95, 0.98, 0.99])
+    lse = scores.logsumexp(-1, keepdim=True)
+    covered = (scores.topk(NUCLEUS_CANDIDATES).values - lse).exp().sum(-1)
+    assert (covered >= top_p).all()
+    fast = _nucleus(scores.topk(NUCLEUS_CANDIDATES, dim=-1), [0] * 6, top_p, lse)
+    slow = _nucleus(scores.sort(dim=-1, descending=True), [0] * 6, top_p, lse)
+    assert torch.allclose(_dense(*fast, 8192), _dense(*slow, 8192), atol=1e-7)
+
+
+def test_a_nucleus_wider_than_the_candidates_samples_from_the_whole_vocabulary():
+    from types import SimpleNamespace
+
+    from storyengine.scheduler import NUCLEUS_CANDIDATES, _sample_rows
+
+    params = SamplingParams(temperature=1.0, top_p=0.98, top_k=0)
+    seq = SimpleNamespace(
+        request=SimpleNamespace(params=params), generator=torch.Generator().manual_seed(1)
+    )
+    scores = -torch.arange(8192, dtype=torch.float32).unsqueeze(0) * 1e-4  # rank = token id
+    picks = []
+    for _ in range(40):
+        chosen = [0]
+        _sample_rows([seq], scores, [0], chosen)
+        picks.append(chosen[0])
+    assert max(picks) > NUCLEUS_CANDIDATES  # from past the candidates: the full sort ran
