@@ -4,6 +4,10 @@
 -- only while its learning is on.
 
 ALTER TABLE stories ADD COLUMN community TEXT;
+-- Stories told before this migration in a Discord channel (a channel id is all digits)
+-- came from a server or a DM that never had the chance to opt in: they get a community
+-- no one can switch on, so they are never trained on.
+UPDATE stories SET community = 'before-opt-in' WHERE channel != '' AND channel NOT GLOB '*[^0-9]*';
 CREATE INDEX stories_community ON stories (community);
 
 CREATE TABLE communities (

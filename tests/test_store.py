@@ -79,3 +79,41 @@ async def test_turns_lore_and_settings_survive_reopening(tmp_path):
     assert [c.name for c in await store.lore(story.id)] == ["Owl"]
     assert await store.channel_settings("c") == ("wild", {"temperature": 0.5})
     await store.close()
+
+
+async def test_stories_from_before_the_opt_in_are_never_trained_on(tmp_path, monkeypatch):
+    """Migration 0004: a Discord story (channel id of digits) told before learning
+    became opt-in is kept out of training; the operator's own (CLI) stories are not."""
+    import storyengine.store as store_module
+    from storyengine.feedback import build_datasets
+
+    every = load_migrations()
+    monkeypatch.setattr(store_module, "load_migrations", lambda: every[:3])
+    store = await Store(tmp_path / "old.db").open()
+    for channel in ("123456789012345678", "terminal"):
+        story = await store.db.execute(
+            "INSERT INTO stories (channel, premise) VALUES (?, 'P.')", (channel,)
+        )
+        generation = await store.db.execute(
+            "INSERT INTO generations (story_id, channel, prompt, output, raw_output, params,"
+            " model_id, prompt_tokens, output_tokens, finish_reason, latency_s)"
+            " VALUES (?, ?, 'Prompt', ?, '', '{}', 'm', 1, 1, 'eos', 0.1)",
+            (story.lastrowid, channel, f"Told in {channel}."),
+        )
+        await store.db.execute(
+            "INSERT INTO feedback (generation_id, user_id, emoji, value) VALUES (?, 'u', '👍', 1)",
+            (generation.lastrowid,),
+        )
+    await store.db.commit()
+    await store.close()
+
+    monkeypatch.setattr(store_module, "load_migrations", lambda: every)
+    store = await Store(tmp_path / "old.db").open()
+    rows = await store.db.execute_fetchall("SELECT channel, community FROM stories ORDER BY id")
+    assert [tuple(r) for r in rows] == [
+        ("123456789012345678", "before-opt-in"),
+        ("terminal", None),
+    ]
+    data = await build_datasets(store)
+    assert [e.completion for e in data.examples] == ["Told in terminal."]
+    await store.close()

@@ -102,7 +102,7 @@ class AdminCog(
             f"**Training** {self.training_state()}",
         ]
         if rows:
-            table = [f"{'adapter':<9}{'stories':>8}{'reacted':>8}{'👍':>6}{'👎':>6}  approval"]
+            table = [f"{'adapter':<9}{'shown':>8}{'reacted':>8}{'👍':>6}{'👎':>6}  approval"]
             for r in rows:
                 approval = f"{r['approval']:.0%}" if r["approval"] is not None else "–"
                 table.append(
