@@ -16,12 +16,13 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import InvalidInput
+from .errors import InvalidInput, TrainingBusy
 from .store import Store
 
 AdapterStatus = Literal["candidate", "promoted", "rejected", "retired"]
@@ -65,6 +66,27 @@ class AdapterVersion:
         return " · ".join(parts)
 
 
+@contextmanager
+def round_lock(adapter_dir: Path) -> Iterator[None]:
+    """Hold the adapter directory's round lock: one round at a time, whichever process
+    starts it. The operating system drops the lock when its holder dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        yield
+        return
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    with (adapter_dir / ".round.lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainingBusy() from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class AdapterRegistry:
     def __init__(self, store: Store, root: Path) -> None:
         self.store = store
@@ -75,10 +97,16 @@ class AdapterRegistry:
         return self
 
     def _sweep(self) -> None:
+        """Remove what a killed writer left behind, unless a round is running (its
+        temporary directory is not a leftover)."""
         if not self.root.is_dir():
             return
-        for leftover in self.root.glob(".tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        try:
+            with round_lock(self.root):
+                for leftover in self.root.glob(".tmp-*"):
+                    shutil.rmtree(leftover, ignore_errors=True)
+        except TrainingBusy:
+            pass
 
     async def register(
         self,

@@ -12,15 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
-from .adapters import AdapterRegistry, AdapterVersion
+from .adapters import AdapterRegistry, AdapterVersion, round_lock
 from .config import Settings
-from .errors import TrainingBusy
 from .evaluation import (
     GateConfig,
     decide,
@@ -91,27 +88,6 @@ def choose_method(config: RoundConfig, data: FeedbackDatasets) -> tuple[str, lis
     return "kto", [
         {"prompt": e.prompt, "completion": e.completion, "label": e.label} for e in examples
     ]
-
-
-@contextmanager
-def round_lock(adapter_dir: Path) -> Iterator[None]:
-    """Hold the adapter directory's round lock: one round at a time, whichever process
-    starts it. The operating system drops the lock when its holder dies."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock
-        yield
-        return
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    with (adapter_dir / ".round.lock").open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TrainingBusy() from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 async def run_round(

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from storyengine.adapters import AdapterRegistry
+from storyengine.adapters import AdapterRegistry, round_lock
 from storyengine.engine import StoryEngine
 from storyengine.errors import InvalidInput
 from storyengine.records import Author
@@ -60,6 +60,9 @@ async def test_versions_are_written_atomically(registry, tiny_model):
     assert [p.name for p in registry.root.iterdir()] == []  # nothing half-written in place
 
     (registry.root / ".tmp-v0009-crashed").mkdir()  # as a killed trainer would leave it
+    with round_lock(registry.root):  # a round is running: it may be writing that one
+        await registry.open()
+    assert (registry.root / ".tmp-v0009-crashed").exists()
     await registry.open()
     assert not (registry.root / ".tmp-v0009-crashed").exists()
 
