@@ -137,3 +137,14 @@ async def add_feedback_reactions(message: discord.Message) -> None:
         except discord.HTTPException:  # missing permission: feedback still works by hand
             log.warning("could not add %s to message %s", emoji, message.id)
             return
+
+
+async def reply(interaction: discord.Interaction, text: str, *, ephemeral: bool = False) -> None:
+    """Answer an interaction with `text`, split over several messages if it is long."""
+    chunks = split_message(text) or ["…"]
+    if interaction.response.is_done():
+        await interaction.followup.send(chunks[0], ephemeral=ephemeral)
+    else:
+        await interaction.response.send_message(chunks[0], ephemeral=ephemeral)
+    for chunk in chunks[1:]:
+        await interaction.followup.send(chunk, ephemeral=ephemeral)

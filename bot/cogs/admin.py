@@ -16,7 +16,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from storyengine.text import split_message
+from ..publish import reply
 
 if TYPE_CHECKING:
     from ..client import StoryBot
@@ -58,13 +58,7 @@ class AdminCog(
             )
 
     async def reply(self, interaction: discord.Interaction, text: str) -> None:
-        chunks = split_message(text) or ["…"]
-        if interaction.response.is_done():
-            await interaction.followup.send(chunks[0], ephemeral=True)
-        else:
-            await interaction.response.send_message(chunks[0], ephemeral=True)
-        for chunk in chunks[1:]:
-            await interaction.followup.send(chunk, ephemeral=True)
+        await reply(interaction, text, ephemeral=True)  # admin answers are private
 
     @app_commands.command(
         name="learning", description="Let this server's stories train the storyteller, or not"

@@ -19,10 +19,15 @@ from discord.ext import commands
 from storyengine.engine import DIRECT_MESSAGES
 from storyengine.errors import InvalidInput, StoryError
 from storyengine.records import Author, Story
-from storyengine.text import split_message
 
 from ..client import report_error
-from ..publish import ChannelTarget, InteractionTarget, Publisher, add_feedback_reactions
+from ..publish import (
+    ChannelTarget,
+    InteractionTarget,
+    Publisher,
+    add_feedback_reactions,
+    reply,
+)
 from ..render import HELP, PRIVACY, choice_message, describe_turn, quote_line, story_message
 from ..views import ConfirmView, choice_controls, story_controls
 
@@ -87,13 +92,7 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         self, interaction: discord.Interaction, text: str, *, ephemeral: bool = False
     ) -> None:
         """Reply with `text`, split over several messages if it is long."""
-        chunks = split_message(text) or ["…"]
-        if interaction.response.is_done():
-            await interaction.followup.send(chunks[0], ephemeral=ephemeral)
-        else:
-            await interaction.response.send_message(chunks[0], ephemeral=ephemeral)
-        for chunk in chunks[1:]:
-            await interaction.followup.send(chunk, ephemeral=ephemeral)
+        await reply(interaction, text, ephemeral=ephemeral)
 
     # -- starting -----------------------------------------------------------------
 
