@@ -300,6 +300,8 @@ async def test_long_output_is_split_and_mentions_are_disabled(harness, monkeypat
     assert help_.ack_seconds < 3.0
 
     await fake.wait_for(lambda: cont.original_id and fake.reactions_on(cont.original_id), 120)
+    # Every part gets its reactions, one message after another: wait for the last one.
+    await fake.wait_for(lambda: all(fake.reactions_on(i) == ["👍", "👎"] for i in cont.followups))
     parts = [fake.messages[cont.original_id]] + [fake.messages[i] for i in cont.followups]
     text = "\n\n".join(p["content"] for p in parts)
     assert len(text) > 2000 and len(parts) >= 2
