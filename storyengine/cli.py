@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     learning.add_argument("--method", choices=["auto", "kto", "dpo"], default="dpo")
     learning.add_argument("--lr", type=float, help="learning rate (default: DPO 3e-4, KTO 1e-4)")
     learning.add_argument("--epochs", type=float, help="(default: DPO 2, KTO 1)")
+    learning.add_argument(
+        "--seed", type=int, default=0, help="changes the prompts, the split and the training"
+    )
     learning.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     learning.add_argument("--json", type=Path, help="also write the figures to this file")
     return parser
@@ -296,6 +299,7 @@ async def _bench(args: argparse.Namespace) -> int:
                 method=args.method,
                 learning_rate=args.lr,
                 epochs=args.epochs,
+                seed=args.seed,
             )
             await bench_learning(
                 taste_spec=args.taste, config=config, device=args.device, json_path=args.json

@@ -143,46 +143,69 @@ def sample_continuations(
     import torch
 
     device = next(model.parameters()).device
-    pad = tokenizer.eos_token_id
-    torch.manual_seed(seed)
     out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = [
-            tokenizer(p)["input_ids"][-max_prompt_tokens:]
-            for p in prompts[start : start + batch_size]
-        ]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
-        mask = torch.tensor(
-            [[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device
-        )
-        sampling: dict[str, Any] = {"do_sample": False}
-        if not params.greedy:
-            sampling = {
-                "do_sample": True,
-                "temperature": params.temperature,
-                "top_p": params.top_p,
-                "top_k": params.top_k,
-            }
-        kwargs = adapter_kwargs(model, adapter)
-        if kwargs:
-            kwargs["adapter_names"] = kwargs["adapter_names"] * len(batch)
-        with torch.no_grad(), evaluating(model):
-            generated = model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                repetition_penalty=params.repetition_penalty,
-                no_repeat_ngram_size=params.no_repeat_ngram_size,
-                max_new_tokens=params.max_new_tokens,
-                pad_token_id=pad,
-                **sampling,
-                **kwargs,
+    # Seeded, without touching the caller's random state (a serving engine may share it).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            out.extend(
+                _sample_batch(
+                    model,
+                    tokenizer,
+                    adapter,
+                    prompts[start : start + batch_size],
+                    params,
+                    max_prompt_tokens,
+                )
             )
-        for row in generated[:, width:].tolist():
-            if pad in row:
-                row = row[: row.index(pad)]
-            out.append(tokenizer.decode(row, skip_special_tokens=True))
     return out
+
+
+def _sample_batch(
+    model: Any,
+    tokenizer: Any,
+    adapter: str | None,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    max_prompt_tokens: int,
+) -> list[str]:
+    """One batch of `sample_continuations`."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.eos_token_id
+    texts: list[str] = []
+    batch = [tokenizer(p)["input_ids"][-max_prompt_tokens:] for p in prompts]
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+    sampling: dict[str, Any] = {"do_sample": False}
+    if not params.greedy:
+        sampling = {
+            "do_sample": True,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+        }
+    kwargs = adapter_kwargs(model, adapter)
+    if kwargs:
+        kwargs["adapter_names"] = kwargs["adapter_names"] * len(batch)
+    with torch.no_grad(), evaluating(model):
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            repetition_penalty=params.repetition_penalty,
+            no_repeat_ngram_size=params.no_repeat_ngram_size,
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=pad,
+            **sampling,
+            **kwargs,
+        )
+    for row in generated[:, width:].tolist():
+        if pad in row:
+            row = row[: row.index(pad)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
 
 
 def repetition(texts: Sequence[str]) -> tuple[float, float]:

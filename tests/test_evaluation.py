@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+import torch
 
 from storyengine.evaluation import (
     GateConfig,
@@ -124,3 +125,15 @@ def test_sampled_continuations_are_per_adapter_and_batch_independent(tiny_lora_m
     assert all(batched)
     base = sample_continuations(model, tok, None, prompts, greedy)
     assert base != batched
+
+
+def test_sampling_for_the_gate_leaves_the_callers_random_state_alone(tiny_lora_model):
+    model, tok = tiny_lora_model.model, tiny_lora_model.tokenizer
+    params = SamplingParams(max_new_tokens=6)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = sample_continuations(model, tok, "fox", ["Once upon a time"] * 3, params, seed=5)
+    assert torch.equal(torch.rand(3), expected)  # as if nothing had been drawn
+    again = sample_continuations(model, tok, "fox", ["Once upon a time"] * 3, params, seed=5)
+    assert again == first  # and seeded on its own
