@@ -101,8 +101,11 @@ def _approval(taste: Taste, samples: list[tuple[str, int, str]]) -> tuple[float,
 async def bench_learning(
     *, taste_spec: str, config: LearningBenchConfig, device: str, json_path: Path | None
 ) -> dict[str, Any]:
+    import torch
+
     from .engine import StoryEngine
 
+    torch.manual_seed(config.seed)  # the unseeded generations draw from this
     taste = load_taste(taste_spec)
     prompts = story_prompts(config.seed)
     eval_prompts = prompts[: config.eval_samples]
