@@ -3,7 +3,7 @@
 transformers' `DynamicLayer` concatenates each step's keys and values onto the cache,
 which copies the whole cache on every decoding step. `GrowableLayer` keeps buffers with
 spare room and writes each step into them; the batch is only copied when sequences join
-or leave (`load`).
+or leave (`assemble`, one copy of everything, straight into the new buffers).
 """
 
 from __future__ import annotations
@@ -31,6 +31,26 @@ class GrowableLayer(DynamicLayer):
         self._v[:, :, :length] = values
         self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
 
+    def assemble(self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> None:
+        """New contents in one copy: the parts' rows stacked in order, each part
+        right-aligned to `width` positions (zeros before it), with room to grow."""
+        first = parts[0][0]
+        rows = sum(k.shape[0] for k, _ in parts)
+        shape = (rows, first.shape[1], width + self.headroom, first.shape[-1])
+        self.device = first.device
+        self.is_initialized = True
+        self._k, self._v = first.new_empty(shape), first.new_empty(shape)
+        row = 0
+        for k, v in parts:
+            n, pad = k.shape[0], width - k.shape[-2]
+            if pad:
+                self._k[row : row + n, :, :pad].zero_()
+                self._v[row : row + n, :, :pad].zero_()
+            self._k[row : row + n, :, pad:width] = k
+            self._v[row : row + n, :, pad:width] = v
+            row += n
+        self.keys, self.values = self._k[:, :, :width], self._v[:, :, :width]
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,18 +72,13 @@ class GrowableCache(DynamicCache):
     def __init__(self) -> None:
         Cache.__init__(self, layer_class_to_replicate=GrowableLayer)
 
-    @classmethod
-    def from_tensors(cls, kv: KV) -> GrowableCache:
-        cache = cls()
-        cache.load(kv)
-        return cache
-
-    def load(self, kv: KV) -> None:
-        """Replace every layer's contents (used when the batch's rows change)."""
-        while len(self.layers) < len(kv):
+    def assemble(self, parts: list[KV], width: int) -> None:
+        """Per layer, `parts[layer]` becomes its contents (see `GrowableLayer.assemble`):
+        sequences join or leave the batch with one copy of the cache."""
+        while len(self.layers) < len(parts):
             self.layers.append(GrowableLayer())
-        for layer, (k, v) in zip(self.layers, kv, strict=True):
-            layer.load(k, v)
+        for layer, layer_parts in zip(self.layers, parts, strict=True):
+            layer.assemble(layer_parts, width)
 
     def tensors(self) -> KV:
         return [(layer.keys, layer.values) for layer in self.layers]

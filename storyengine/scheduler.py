@@ -342,7 +342,7 @@ class BatchingGenerator:
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
         """Prefill each newcomer on its own (no padding wasted on short prompts), then
-        merge them into the batch in one copy."""
+        merge them into the batch."""
         import torch
         from transformers import DynamicCache
 
@@ -361,49 +361,33 @@ class BatchingGenerator:
                 )
             )
             kvs.append([(layer.keys, layer.values) for layer in cache.layers])
-        length = max(s.prompt_len for s in admitted)
-        mask = torch.zeros((len(admitted), length), dtype=torch.long, device=device)
-        for row, seq in enumerate(admitted):
-            mask[row, length - seq.prompt_len :] = 1
-        kv = [
-            (
-                torch.cat(
-                    [_left_pad(kvs[row][layer][0], length, 2) for row in range(len(admitted))]
-                ),
-                torch.cat(
-                    [_left_pad(kvs[row][layer][1], length, 2) for row in range(len(admitted))]
-                ),
-            )
-            for layer in range(len(kvs[0]))
-        ]
-        self._merge(admitted, kv, mask)
+        self._merge(admitted, kvs)
         self._sample_and_advance(admitted, torch.cat(logits))
 
     def _merge(
-        self,
-        admitted: list[_Sequence],
-        kv: list[tuple[torch.Tensor, torch.Tensor]],
-        mask: torch.Tensor,
+        self, admitted: list[_Sequence], kvs: list[list[tuple[torch.Tensor, torch.Tensor]]]
     ) -> None:
-        """Append the newcomers' caches to the batch, left-padding the shorter side."""
+        """Append the newcomers (their caches, one per newcomer and layer) to the batch:
+        every row is right-aligned to the widest, in one copy."""
         import torch
 
-        if self._cache is None or self._mask is None:
-            self._cache = GrowableCache.from_tensors(kv)
-            self._mask = mask
-            self._running = list(admitted)
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        self._cache.load(
-            [
-                (
-                    torch.cat([_left_pad(k0, width, 2), _left_pad(k1, width, 2)]),
-                    torch.cat([_left_pad(v0, width, 2), _left_pad(v1, width, 2)]),
-                )
-                for (k0, v0), (k1, v1) in zip(self._cache.tensors(), kv, strict=True)
-            ]
-        )
-        self._mask = torch.cat([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
+        old_width = self._mask.shape[1] if self._mask is not None else 0
+        width = max([old_width, *(s.prompt_len for s in admitted)])
+        old = self._cache.tensors() if self._cache is not None else []
+        parts = [
+            ([old[layer]] if old else []) + [kv[layer] for kv in kvs]
+            for layer in range(len(kvs[0]))
+        ]
+        if self._cache is None:
+            self._cache = GrowableCache()
+        self._cache.assemble(parts, width)
+        rows = len(self._running) + len(admitted)
+        mask = torch.zeros((rows, width), dtype=torch.long, device=self.model.device)
+        if self._mask is not None:
+            mask[: len(self._running), width - old_width :] = self._mask
+        for row, seq in enumerate(admitted, start=len(self._running)):
+            mask[row, width - seq.prompt_len :] = 1
+        self._mask = mask
         self._running.extend(admitted)
 
     def _decode(self) -> None:
@@ -467,11 +451,13 @@ class BatchingGenerator:
         # Drop leading columns that are padding for every remaining row.
         start = int((mask.sum(0) > 0).nonzero()[0])
         self._mask = mask[:, start:]
-        self._cache.load(
+        runs = _runs(keep)  # the kept rows, as slices: views, copied once by assemble
+        self._cache.assemble(
             [
-                (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+                [(k[a:b, :, start:], v[a:b, :, start:]) for a, b in runs]
                 for k, v in self._cache.tensors()
-            ]
+            ],
+            self._mask.shape[1],
         )
         self._running = [self._running[i] for i in keep]
 
@@ -492,14 +478,15 @@ class BatchingGenerator:
         )
 
 
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """Pad `t` with zeros on the left of dimension `dim` up to `width`."""
-    import torch.nn.functional as F
-
-    extra = width - t.shape[dim]
-    if extra == 0:
-        return t
-    return F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [extra, 0])
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted row numbers as [start, end) runs of consecutive rows."""
+    runs: list[tuple[int, int]] = []
+    for row in rows:
+        if runs and runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], row + 1)
+        else:
+            runs.append((row, row + 1))
+    return runs
 
 
 def _empty_output(handle: GenerationHandle, finish: str) -> GenerationOutput:
