@@ -64,9 +64,6 @@ def story_prompts(seed: int = 0) -> list[str]:
     return prompts
 
 
-OPENINGS_PER_PROMPT = 4
-
-
 @dataclass(frozen=True)
 class LearningBenchConfig:
     rounds: int = 3
@@ -136,13 +133,10 @@ async def bench_learning(
                 started = time.perf_counter()
                 row: dict[str, Any] = {"round": round_no, "promoted": False}
                 if round_no > 0:
-                    # Several openings per prompt, as retries and companion choices
-                    # show them: verdicts that differ make preference pairs as well as
-                    # single labels. (With two, a strict taste that likes one opening in
-                    # ten made about a dozen pairs a round, too few to train on.)
-                    count = config.reactions // OPENINGS_PER_PROMPT
-                    batch = [next(train_prompts) for _ in range(count)]
-                    shown = await _openings(engine, batch * OPENINGS_PER_PROMPT, f"train{round_no}")
+                    # Two openings per prompt, as retries show them: the audience's
+                    # verdicts on both make preference pairs as well as single labels.
+                    batch = [next(train_prompts) for _ in range(config.reactions // 2)]
+                    shown = await _openings(engine, batch * 2, f"train{round_no}")
                     for i, (prompt, generation_id, text) in enumerate(shown):
                         verdict = taste(text, prompt=prompt)
                         if verdict is None:
