@@ -32,11 +32,8 @@ Split = Literal["train", "heldout"]
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    pair_margin: float = 1.0
-    """Net-score difference that makes two continuations of one prompt a pair: one
-    full vote. (Two votes was too strict: a 👎 from someone who dislikes everything
-    counts half, so against a 👍 it made 1.5 and no pair; with a strict taste most
-    pairs were lost that way.)"""
+    pair_margin: float = 2.0
+    """Net-score difference that makes two continuations of one prompt a pair."""
     per_user_cap: int = 20
     """A user's votes together weigh at most this many votes."""
     uniform_voter_min_votes: int = 10

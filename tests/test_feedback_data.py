@@ -267,20 +267,3 @@ async def test_feedback_stats_per_adapter_version_and_community(world):
     assert stats["v0001"]["approval"] == pytest.approx(2 / 3)
     everywhere = {r["adapter"]: r for r in await world.store.feedback_stats(None)}
     assert everywhere[None]["liked"] == 1 and everywhere[None]["generations"] == 2
-
-
-async def test_a_like_against_a_strict_users_dislike_is_still_a_pair(world):
-    """Someone who dislikes nearly everything counts half; their 👎 on one
-    continuation against someone's 👍 on the other is still a preference."""
-    s = await world.story("a")
-    strict = "grumpy"
-    for i in range(12):  # a uniform voter: every vote a 👎
-        g = await world.generation(s, f"Other {i}", f"Meh {i}.")
-        await world.vote(g, strict, -1, "👎")
-    liked = await world.generation(s, "P", "The fox danced.")
-    disliked = await world.generation(s, "P", "Nothing happened.")
-    await world.vote(liked, "fan", 1)
-    await world.vote(disliked, strict, -1, "👎")  # weighs 0.5: the scores differ by 1.5
-    data = await build_datasets(world.store)
-    pairs = {(p.chosen, p.rejected) for p in data.pairs if p.source == "score"}
-    assert pairs == {("The fox danced.", "Nothing happened.")}
