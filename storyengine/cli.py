@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-samples", type=int, default=200, help="continuations per approval measurement"
     )
     learning.add_argument("--max-new-tokens", type=int, default=64)
-    # DPO by default: on this CPU it learned the taste (+20 points in 3 rounds, perplexity
-    # +3 %); the learning rate and epochs default to the method's (training.METHOD_DEFAULTS).
+    # DPO by default: on this CPU it learned the animals taste (+19 and +20 points in 3
+    # rounds) in some runs, not all (see the closing notes); lr and epochs: METHOD_DEFAULTS.
     learning.add_argument("--method", choices=["auto", "kto", "dpo"], default="dpo")
     learning.add_argument("--lr", type=float, help="learning rate (default: DPO 3e-4, KTO 1e-4)")
     learning.add_argument("--epochs", type=float, help="(default: DPO 2, KTO 1)")

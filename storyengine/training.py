@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 METHOD_DEFAULTS = {"dpo": (3e-4, 2.0), "kto": (1e-4, 1.0)}
 """(learning rate, epochs) per method, as found on the bundled model: DPO on the
 audience's pairs at 3e-4 for 2 epochs learned a taste in three rounds within the
-perplexity bound; KTO at 1e-4 for one epoch learned more slowly, and at 3e-4 it overshot
-perplexity."""
+perplexity bound (in some runs: with few pairs a round, it depends on the draw); KTO at
+1e-4 for one epoch learned more slowly, and at 3e-4 it overshot perplexity."""
 
 
 @dataclass(frozen=True)
