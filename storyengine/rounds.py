@@ -103,11 +103,7 @@ async def _run_round(
     store = await Store(settings.db_path).open()
     try:
         registry = await AdapterRegistry(store, settings.adapter_dir).open()
-        # Holding the lock, any run still marked running was killed.
-        await store._write(
-            "UPDATE training_runs SET status = 'failed', error = 'interrupted',"
-            " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE status = 'running'"
-        )
+        await store.interrupt_training_runs()  # we hold the lock: such runs were killed
         rows_ = await store.db.execute_fetchall(
             "SELECT COALESCE(MAX(r.data_until), 0) FROM training_runs r"
             " JOIN adapters a ON a.version = r.version WHERE a.status IN ('promoted', 'retired')"
@@ -116,26 +112,17 @@ async def _run_round(
         data_config = replace(config.data, train_after_generation=int(rows_[0][0]))
         data = await build_datasets(store, data_config)
         method, rows = choose_method(config, data)
-        cursor = await store._write("INSERT INTO training_runs (method) VALUES (?)", (method,))
-        run_id = cursor.lastrowid
+        run_id = await store.start_training_run(method)
         try:
             result = await _train_and_gate(settings, config, registry, data, method, rows, say)
         except Exception as exc:
-            await store._write(
-                "UPDATE training_runs SET status = 'failed', error = ?,"
-                " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
-                (str(exc)[:500], run_id),
-            )
+            await store.fail_training_run(run_id, str(exc))
             raise
-        await store._write(
-            "UPDATE training_runs SET status = 'done', version = ?, error = ?, data_until = ?,"
-            " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
-            (
-                result.version.version if result.version else None,
-                result.reason or None,
-                int(newest[0][0]),
-                run_id,
-            ),
+        await store.finish_training_run(
+            run_id,
+            version=result.version.version if result.version else None,
+            error=result.reason or None,
+            data_until=int(newest[0][0]),
         )
         return result
     finally:

@@ -32,7 +32,7 @@ from .errors import InvalidInput
 from .evaluation import perplexity
 from .rounds import heldout_stories, round_lock
 from .store import Store
-from .training import TrainConfig, prepare_policy
+from .training import TrainConfig, prepare_policy, progress_callback, runs_on_cpu
 
 log = logging.getLogger(__name__)
 
@@ -138,21 +138,11 @@ def train_on_windows(
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
     import datasets
-    import torch
     from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     datasets.disable_progress_bars()
-
-    class Progress(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                progress(
-                    f"step {state.global_step}/{state.max_steps}: loss {float(logs['loss']):.4f}"
-                )
-
-    on_cpu = not torch.cuda.is_available() or next(policy.parameters()).device.type == "cpu"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="taleweaver-sft-") as scratch:
         args = SFTConfig(
@@ -166,7 +156,7 @@ def train_on_windows(
             gradient_checkpointing=False,
             bf16=False,
             fp16=False,
-            use_cpu=on_cpu,
+            use_cpu=runs_on_cpu(policy),
             report_to=[],
             save_strategy="no",
             logging_steps=10,
@@ -180,7 +170,7 @@ def train_on_windows(
             processing_class=tokenizer,
         )
         trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(Progress())
+        trainer.add_callback(progress_callback(progress))
         result = trainer.train()
     policy.eval()
     return {
@@ -231,8 +221,7 @@ async def _run_sft(
     lora = TrainConfig(seed=config.seed)
     policy = prepare_policy(loaded.model, start.path if start else None, lora)
     stories = heldout_stories()
-    cursor = await store._write("INSERT INTO training_runs (method) VALUES ('sft')")
-    run_id = cursor.lastrowid
+    run_id = await store.start_training_run("sft")
     try:
 
         def before() -> dict[str, float]:
@@ -278,15 +267,7 @@ async def _run_sft(
             await registry.promote(version.version)
             promoted = True
     except BaseException as exc:
-        await store._write(
-            "UPDATE training_runs SET status = 'failed', error = ?,"
-            " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
-            (str(exc)[:500] or type(exc).__name__, run_id),
-        )
+        await store.fail_training_run(run_id, str(exc) or type(exc).__name__)
         raise
-    await store._write(
-        "UPDATE training_runs SET status = 'done', version = ?,"
-        " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
-        (version.version, run_id),
-    )
+    await store.finish_training_run(run_id, version=version.version)
     return version.version, promoted, report

@@ -318,6 +318,46 @@ class AudienceStore:
             out.append({**dict(r), "approval": r["liked"] / votes if votes else None})
         return out
 
+    # -- training runs ------------------------------------------------------------
+
+    async def interrupt_training_runs(self) -> None:
+        """Mark runs still 'running' as failed: call it holding the round lock, when
+        any such run was killed."""
+        await self._write(
+            "UPDATE training_runs SET status = 'failed', error = 'interrupted',"
+            " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE status = 'running'"
+        )
+
+    async def start_training_run(self, method: str) -> int:
+        cursor = await self._write("INSERT INTO training_runs (method) VALUES (?)", (method,))
+        return int(cursor.lastrowid or 0)
+
+    async def fail_training_run(self, run_id: int, error: str) -> None:
+        await self._write(
+            "UPDATE training_runs SET status = 'failed', error = ?,"
+            " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+            (error[:500], run_id),
+        )
+
+    async def finish_training_run(
+        self,
+        run_id: int,
+        *,
+        version: int | None,
+        error: str | None = None,
+        data_until: int | None = None,
+    ) -> None:
+        await self._write(
+            "UPDATE training_runs SET status = 'done', version = ?, error = ?, data_until = ?,"
+            " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+            (version, error, data_until, run_id),
+        )
+
+    async def last_training_start(self) -> str | None:
+        """When the newest training run started (as the database writes times)."""
+        rows = await self.db.execute_fetchall("SELECT MAX(started_at) FROM training_runs")
+        return rows[0][0]
+
 
 TRAINABLE_STORY = (
     "(s.community IS NULL OR s.community IN (SELECT id FROM communities WHERE learning = 1))"

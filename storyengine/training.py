@@ -124,25 +124,16 @@ def train_adapter(
     prompt/chosen/rejected), reporting each logged step to `progress`. Returns the
     round's figures."""
     import datasets
-    import torch
     from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback
 
     datasets.disable_progress_bars()
-
-    class Progress(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if progress is not None and logs and "loss" in logs:
-                progress(
-                    f"step {state.global_step}/{state.max_steps}: loss {float(logs['loss']):.4f}"
-                )
 
     if len(rows) < config.min_examples:
         raise NotEnoughData(f"{len(rows)} examples; a round needs at least {config.min_examples}")
     config = config.resolved()
     rows = list(rows)
     random.Random(config.seed).shuffle(rows)  # KTO samples in order
-    on_cpu = not torch.cuda.is_available() or next(policy.parameters()).device.type == "cpu"
     common: dict[str, Any] = {
         "learning_rate": config.learning_rate,
         "num_train_epochs": config.epochs,
@@ -152,7 +143,7 @@ def train_adapter(
         "gradient_checkpointing": False,
         "bf16": False,
         "fp16": False,
-        "use_cpu": on_cpu,
+        "use_cpu": runs_on_cpu(policy),
         "report_to": [],
         "save_strategy": "no",
         "logging_steps": 5,
@@ -190,7 +181,8 @@ def train_adapter(
                 callbacks=callbacks,
             )
         trainer.remove_callback(PrinterCallback)  # progress goes through `progress`
-        trainer.add_callback(Progress())
+        if progress is not None:
+            trainer.add_callback(progress_callback(progress))
         result = trainer.train()
     if "ref" in policy.peft_config:  # TRL's frozen copy of the starting adapter
         policy.delete_adapter("ref")
@@ -202,6 +194,27 @@ def train_adapter(
         "train_loss": float(result.training_loss),
         "seconds": time.perf_counter() - started,
     }
+
+
+def progress_callback(progress: Callable[[str], None]) -> Any:
+    """A trainer callback that reports each logged step's loss to `progress` (in place of
+    transformers' printer)."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                progress(
+                    f"step {state.global_step}/{state.max_steps}: loss {float(logs['loss']):.4f}"
+                )
+
+    return Progress()
+
+
+def runs_on_cpu(policy: Any) -> bool:
+    import torch
+
+    return not torch.cuda.is_available() or next(policy.parameters()).device.type == "cpu"
 
 
 def adapter_kwargs(model: Any, adapter: str | None) -> dict[str, Any]:

@@ -123,24 +123,19 @@ class TrainingScheduler:
     def running(self) -> bool:
         return self.job is not None and self.job.running
 
-    async def last_round_started(self) -> float | None:
-        """When the newest training round (of any process) started, as unix time."""
-        rows = await self.store.db.execute_fetchall("SELECT MAX(started_at) FROM training_runs")
-        return parse_db_time(rows[0][0]) if rows[0][0] else None
-
     async def new_feedback(self) -> int:
-        rows = await self.store.db.execute_fetchall("SELECT MAX(started_at) FROM training_runs")
-        return await self.store.new_feedback_count(rows[0][0])
+        """Reactions and choices since the newest training round (of any process)."""
+        return await self.store.new_feedback_count(await self.store.last_training_start())
 
     async def due(self) -> str | None:
         """Why an automatic round should start now, or None."""
         if self.schedule.interval_s is None or self.running:
             return None
-        new = await self.new_feedback()
+        last = await self.store.last_training_start()
+        new = await self.store.new_feedback_count(last)
         if new < self.schedule.min_new_feedback:
             return None
-        last = await self.last_round_started()
-        if last is not None and self.clock() - last < self.schedule.interval_s:
+        if last is not None and self.clock() - parse_db_time(last) < self.schedule.interval_s:
             return None
         return f"{new} new reactions and choices"
 
