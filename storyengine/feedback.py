@@ -9,9 +9,13 @@ Two kinds of examples, each (prompt exactly as the model saw it, completion):
 * labelled examples, for KTO: a continuation with a net positive (desirable) or net
   negative (undesirable) score; zero and ties are left out.
 
-Votes are weighted so no one dominates: each user's votes in a round share at most
-`per_user_cap` votes of weight, and a user who votes the same way on everything (at
-least `uniform_voter_min_votes` times) counts for `uniform_voter_weight`. Lines of users
+Votes are weighted so no one dominates: each user's votes in a round (on the
+generations between two training rounds) share at most `per_user_cap` votes of weight,
+and a user who votes the same way on everything counts for `uniform_voter_weight`: at
+least `uniform_voter_min_votes` votes, all one way, which an honest voter who likes
+what the rest of the audience likes would cast with a probability under
+`uniform_voter_p` (so in a community that dislikes most of what it sees, a run of 👎 is
+not suspicious; a run of 👍 is). Lines of users
 who asked to be forgotten are never trained on: an example whose prompt holds one is
 dropped. Only stories whose community has learning switched on (or that were told
 outside any community) are used. Examples of one story stay on one side of the
@@ -21,6 +25,7 @@ train/held-out split.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -32,11 +37,13 @@ Split = Literal["train", "heldout"]
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    pair_margin: float = 2.0
-    """Net-score difference that makes two continuations of one prompt a pair."""
+    pair_margin: float = 1.0
+    """Two continuations of one prompt make a pair when one scored net positive, the
+    other net negative, and their scores differ by at least this much."""
     per_user_cap: int = 20
-    """A user's votes together weigh at most this many votes."""
+    """A user's votes in one round together weigh at most this many votes."""
     uniform_voter_min_votes: int = 10
+    uniform_voter_p: float = 0.01
     uniform_voter_weight: float = 0.5
     heldout_fraction: float = 0.2
     seed: int = 0
@@ -158,7 +165,9 @@ async def build_datasets(store: Store, config: DatasetConfig | None = None) -> F
         for i, a in enumerate(ids):
             for b in ids[i + 1 :]:
                 hi, lo = (a, b) if scores[a] >= scores[b] else (b, a)
-                if scores[hi] - scores[lo] >= config.pair_margin and (hi, lo) not in seen:
+                if scores[hi] <= 0 or scores[lo] >= 0 or (hi, lo) in seen:
+                    continue
+                if scores[hi] - scores[lo] >= config.pair_margin:
                     seen.add((hi, lo))
                     add_pair(hi, lo, "score")
 
@@ -189,15 +198,42 @@ async def _net_scores(store: Store, config: DatasetConfig) -> dict[int, float]:
         "SELECT f.generation_id, f.user_id, f.value FROM feedback f"
         " WHERE f.value != 0 AND f.user_id NOT IN (SELECT user_id FROM forgotten_users)"
     )
+    # Rounds are the spans of generations between two training rounds' data.
+    bounds = sorted(
+        r[0]
+        for r in await store.db.execute_fetchall(
+            "SELECT DISTINCT data_until FROM training_runs WHERE data_until IS NOT NULL"
+        )
+    )
     votes: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for generation_id, user_id, value in rows:
         votes[user_id].append((generation_id, value))
+    ups = sum(1 for _, _, value in rows if value > 0)
     scores: dict[int, float] = defaultdict(float)
     for user_votes in votes.values():
-        weight = min(1.0, config.per_user_cap / len(user_votes))
-        signs = {v > 0 for _, v in user_votes}
-        if len(user_votes) >= config.uniform_voter_min_votes and len(signs) == 1:
-            weight *= config.uniform_voter_weight
+        weight = (
+            config.uniform_voter_weight if _uniform(user_votes, ups, len(rows), config) else 1.0
+        )
+        per_round: dict[int, list[tuple[int, float]]] = defaultdict(list)
         for generation_id, value in user_votes:
-            scores[generation_id] += value * weight
+            per_round[bisect_left(bounds, generation_id)].append((generation_id, value))
+        for round_votes in per_round.values():
+            capped = weight * min(1.0, config.per_user_cap / len(round_votes))
+            for generation_id, value in round_votes:
+                scores[generation_id] += value * capped
     return dict(scores)
+
+
+def _uniform(
+    user_votes: list[tuple[int, float]], ups: int, total: int, config: DatasetConfig
+) -> bool:
+    """Does this user vote the same way on everything, more than an honest voter with
+    the rest of the audience's taste plausibly would?"""
+    n = len(user_votes)
+    own_ups = sum(1 for _, v in user_votes if v > 0)
+    if n < config.uniform_voter_min_votes or own_ups not in (0, n):
+        return False
+    # The others' rate of 👍 (smoothed: with no one else, an even chance).
+    rate = (ups - own_ups + 1) / (total - n + 2)
+    chance = rate**n if own_ups else (1 - rate) ** n
+    return chance < config.uniform_voter_p

@@ -97,6 +97,64 @@ async def test_ties_are_left_out_and_one_user_cannot_dominate(world):
     assert weights == {0.5}  # 40 votes share the weight of 20
 
 
+async def test_the_cap_is_per_round(world):
+    """40 votes split 20 and 20 by a training round each weigh a whole vote; 60 in one
+    round share the weight of 20."""
+    s = await world.story("a")
+    first = [await world.generation(s, f"Q{i}", f"First {i}.") for i in range(20)]
+    run = await world.store.start_training_run("dpo")
+    await world.store.finish_training_run(run, version=None, error=None, data_until=first[-1])
+    second = [await world.generation(s, f"R{i}", f"Second {i}.") for i in range(20)]
+    for i, g in enumerate(first + second):
+        await world.vote(g, "eager", 1 if i % 2 else -1, "👍" if i % 2 else "👎")
+    data = await build_datasets(world.store, DatasetConfig(per_user_cap=20))
+    assert {abs(e.score) for e in data.examples} == {1.0}
+    third = [await world.generation(s, f"S{i}", f"Third {i}.") for i in range(40)]
+    for i, g in enumerate(third):
+        await world.vote(g, "eager", 1 if i % 2 else -1, "👍" if i % 2 else "👎")
+    data = await build_datasets(world.store, DatasetConfig(per_user_cap=20))
+    weights = {e.completion.split()[0]: abs(e.score) for e in data.examples}
+    assert weights == {"First": 1.0, "Second": pytest.approx(1 / 3), "Third": pytest.approx(1 / 3)}
+
+
+async def test_a_run_of_dislikes_is_not_suspicious_where_most_is_disliked(world):
+    """Uniform voting is judged against the rest of the audience: where nine in ten
+    continuations are disliked, twelve 👎 in a row are what an honest voter casts; twelve
+    👍 in a row are not."""
+    s = await world.story("a")
+    gens = [await world.generation(s, f"P{i}", f"Text {i}.") for i in range(100)]
+    for i, g in enumerate(gens):  # the audience: one like in ten
+        await world.vote(g, f"voter{i % 7}", 1 if i % 10 == 0 else -1, "👍")
+    honest = [await world.generation(s, f"H{i}", f"Honest {i}.") for i in range(12)]
+    for g in honest:
+        await world.vote(g, "grump", -1, "👎")
+    shill = [await world.generation(s, f"S{i}", f"Shill {i}.") for i in range(12)]
+    for g in shill:
+        await world.vote(g, "shill", 1)
+    config = DatasetConfig(uniform_voter_min_votes=10, uniform_voter_weight=0.5)
+    data = await build_datasets(world.store, config)
+    scores = {e.completion.split()[0]: e.score for e in data.examples}
+    assert scores["Honest"] == -1.0
+    assert scores["Shill"] == 0.5
+
+
+async def test_score_pairs_need_one_liked_and_one_disliked(world):
+    s = await world.story("a")
+    loved = await world.generation(s, "P", "Loved.")
+    liked = await world.generation(s, "P", "Liked.")
+    hated = await world.generation(s, "P", "Hated.")
+    for user in ("u1", "u2", "u3"):
+        await world.vote(loved, user, 1)
+    await world.vote(liked, "u1", 1)
+    await world.vote(hated, "u2", -1, "👎")
+    data = await build_datasets(world.store, DatasetConfig(pair_margin=1.0))
+    # Loved (+3) over Liked (+1) differs by two votes, but both were liked.
+    assert {(p.chosen, p.rejected) for p in data.pairs} == {
+        ("Loved.", "Hated."),
+        ("Liked.", "Hated."),
+    }
+
+
 async def test_uniform_voters_count_less(world):
     s = await world.story("a")
     gens = [await world.generation(s, f"P{i}", f"Text {i}.") for i in range(12)]
