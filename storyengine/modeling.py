@@ -135,3 +135,10 @@ def load_model(settings: Settings) -> LoadedModel:
     model.eval()
     log.info("loaded %s (adapter %s) on %s as %s", model_id, adapter_id, device, dtype)
     return LoadedModel(model, tokenizer, model_id, adapter_id, device)
+
+
+def load_for_training(settings: Settings) -> LoadedModel:
+    """The base model alone, for a trainer: in float32 (half-precision weights would
+    train without loss scaling), unless bfloat16 was asked for."""
+    dtype = "bfloat16" if settings.dtype == "bfloat16" else "float32"
+    return load_model(settings.replace(adapter=None, dtype=dtype))

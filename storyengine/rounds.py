@@ -138,7 +138,7 @@ async def _train_and_gate(
     rows: list[dict[str, Any]],
     say: Callable[[str], None],
 ) -> RoundResult:
-    from .modeling import load_model
+    from .modeling import load_for_training
 
     heldout_pairs = [p for p in data.pairs if p.split == "heldout"][: config.gate.max_examples]
     heldout_examples = [e for e in data.examples if e.split == "heldout"][
@@ -157,7 +157,7 @@ async def _train_and_gate(
         return RoundResult("skipped", f"no held-out feedback to judge a new adapter on: {counts}")
 
     current = await registry.promoted()
-    loaded = await asyncio.to_thread(load_model, settings.replace(adapter=None))
+    loaded = await asyncio.to_thread(load_for_training, settings)
     train = replace(config.train, method=method).resolved()  # type: ignore[arg-type]
     policy = prepare_policy(loaded.model, current.path if current else None, train)
     say(

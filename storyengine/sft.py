@@ -209,11 +209,11 @@ async def _run_sft(
     config: CorpusTrainConfig,
     say: Callable[[str], None],
 ) -> tuple[int, bool, dict[str, Any]]:
-    from .modeling import load_model
+    from .modeling import load_for_training
 
     registry = await AdapterRegistry(store, settings.adapter_dir).open()
     start = await registry.promoted() if config.from_promoted else None
-    loaded = await asyncio.to_thread(load_model, settings.replace(adapter=None))
+    loaded = await asyncio.to_thread(load_for_training, settings)
     tok = loaded.tokenizer
     train, heldout = await asyncio.to_thread(split_corpus, texts, tok, config)
     if not train:

@@ -111,3 +111,15 @@ def test_kto_weights_and_minimums():
         kto_weights(rows(10, 0))
     with pytest.raises(ValueError):
         TrainConfig(batch_size=1)
+
+
+@pytest.mark.parametrize(("asked", "trained"), [("float16", "float32"), ("bfloat16", "bfloat16")])
+def test_training_loads_the_base_model_in_a_precision_it_can_train_in(asked, trained):
+    """The serving default on a GPU is float16, whose weights train badly without loss
+    scaling: a round loads float32 instead (bfloat16, when asked for, is kept)."""
+    from storyengine.config import Settings
+    from storyengine.modeling import load_for_training
+
+    loaded = load_for_training(Settings(device="cpu", dtype=asked, adapter="some-adapter"))
+    assert next(loaded.model.parameters()).dtype == getattr(torch, trained)
+    assert not hasattr(loaded.model, "peft_config")  # the base alone: the round adds LoRA
