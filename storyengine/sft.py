@@ -212,6 +212,7 @@ async def _run_sft(
     from .modeling import load_for_training
 
     registry = await AdapterRegistry(store, settings.adapter_dir).open()
+    await store.interrupt_training_runs()  # we hold the lock: such runs were killed
     start = await registry.promoted() if config.from_promoted else None
     loaded = await asyncio.to_thread(load_for_training, settings)
     tok = loaded.tokenizer

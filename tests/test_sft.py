@@ -60,6 +60,9 @@ def test_windows_and_the_held_out_split(bundled_model):
 async def test_sft_lowers_corpus_perplexity_and_registers_a_candidate(tmp_path):
     write_corpus(tmp_path / "corpus")
     settings = Settings(db_path=tmp_path / "s.db", adapter_dir=tmp_path / "adapters", device="cpu")
+    store = await Store(settings.db_path).open()
+    killed = await store.start_training_run("dpo")  # a round killed before this one
+    await store.close()
     config = CorpusTrainConfig(
         learning_rate=1e-3, max_steps=12, max_length=64, batch_size=4, heldout_fraction=0.2
     )
@@ -76,8 +79,13 @@ async def test_sft_lowers_corpus_perplexity_and_registers_a_candidate(tmp_path):
     assert v.status == "candidate" and v.method == "sft" and v.metrics["train"]["steps"] == 12
     assert (v.path / "adapter_model.safetensors").is_file()
     assert "corpus ppl" in v.summary()
-    runs = await store.db.execute_fetchall("SELECT method, status, version FROM training_runs")
-    assert [tuple(r) for r in runs] == [("sft", "done", version)]
+    runs = await store.db.execute_fetchall(
+        "SELECT id, method, status, version, error FROM training_runs ORDER BY id"
+    )
+    assert [tuple(r) for r in runs] == [
+        (killed, "dpo", "failed", None, "interrupted"),
+        (killed + 1, "sft", "done", version, None),
+    ]
     await store.close()
 
     # --promote serves it, continuing from the promoted adapter.
