@@ -123,7 +123,11 @@ async def build_datasets(store: Store, config: DatasetConfig | None = None) -> F
             return
         if chosen["output"] == rejected["output"]:
             return
-        split = story_split(chosen["story_id"], config)
+        # A pair whose continuations come from two stories (the same opening shown in
+        # two channels) is held out when either story is, so no held-out continuation
+        # is ever trained on.
+        sides = {story_split(chosen["story_id"], config), story_split(rejected["story_id"], config)}
+        split: Split = "heldout" if "heldout" in sides else "train"
         if split == "train" and max(chosen_id, rejected_id) <= config.train_after_generation:
             return
         out.pairs.append(
@@ -133,7 +137,7 @@ async def build_datasets(store: Store, config: DatasetConfig | None = None) -> F
                 rejected["output"],
                 source,
                 chosen["story_id"],
-                story_split(chosen["story_id"], config),
+                split,
                 chosen_id,
                 rejected_id,
             )

@@ -325,3 +325,28 @@ async def test_feedback_stats_per_adapter_version_and_community(world):
     assert stats["v0001"]["approval"] == pytest.approx(2 / 3)
     everywhere = {r["adapter"]: r for r in await world.store.feedback_stats(None)}
     assert everywhere[None]["liked"] == 1 and everywhere[None]["generations"] == 2
+
+
+async def test_a_pair_across_two_stories_is_held_out_if_either_story_is(world):
+    config = DatasetConfig(heldout_fraction=0.5, seed=3)
+    stories = [await world.story(f"c{n}") for n in range(12)]
+    sides = {s: story_split(s, config) for s in stories}
+    train = [s for s in stories if sides[s] == "train"]
+    held = [s for s in stories if sides[s] == "heldout"]
+    assert train and held
+    for chosen_story, rejected_story in [(train[0], held[0]), (held[1], train[1])]:
+        good = await world.generation(chosen_story, f"Same opening {chosen_story}.", "Liked.")
+        bad = await world.generation(rejected_story, f"Same opening {chosen_story}.", "Not.")
+        await world.vote(good, "u1", 1)
+        await world.vote(bad, "u2", -1, "👎")
+    good = await world.generation(train[0], "Both train.", "Liked.")
+    bad = await world.generation(train[1], "Both train.", "Not.")
+    await world.vote(good, "u1", 1)
+    await world.vote(bad, "u2", -1, "👎")
+    data = await build_datasets(world.store, config)
+    splits = {p.prompt: p.split for p in data.pairs}
+    assert splits == {
+        f"Same opening {train[0]}.": "heldout",
+        f"Same opening {held[1]}.": "heldout",
+        "Both train.": "train",
+    }
