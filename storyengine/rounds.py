@@ -35,7 +35,7 @@ from .feedback import (
 from .sampling import SamplingParams
 from .store import Store
 from .text import split_sentences
-from .training import TrainConfig, prepare_policy, train_adapter
+from .training import DriftGuard, TrainConfig, prepare_policy, train_adapter
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,11 @@ class RoundConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     data: DatasetConfig = field(default_factory=DatasetConfig)
+    drift_guard: float | None = 0.6
+    """Training stops once perplexity on held-out stories has used this share of the
+    gate's perplexity bounds (against the base model and the adapter the round started
+    from), keeping the weights of the last check under it. It measures half of the
+    held-out stories and the gate the other half. None: train the whole schedule."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,20 @@ def gate_prompts(
     prompts = list(dict.fromkeys([p.prompt for p in pairs] + [e.prompt for e in examples]))
     openings = [" ".join(split_sentences(story)[:2]) for story in stories]
     return (prompts + [o for o in openings if o])[:n]
+
+
+def drift_guard(
+    policy: Any, tokenizer: Any, texts: list[str], gate: GateConfig, share: float
+) -> DriftGuard:
+    """A guard that stops training once perplexity on `texts` has used `share` of the
+    gate's bounds against the base model and against the adapter training starts from
+    (the policy's "default" adapter, before training)."""
+    base = perplexity(policy, tokenizer, None, texts)
+    start = perplexity(policy, tokenizer, "default", texts)
+    limit = min(
+        base * (1 + share * gate.max_ppl_vs_base), start * (1 + share * gate.max_ppl_increase)
+    )
+    return DriftGuard(lambda: perplexity(policy, tokenizer, "default", texts), limit, every=1)
 
 
 def choose_method(config: RoundConfig, data: FeedbackDatasets) -> tuple[str, list[dict[str, Any]]]:
@@ -145,6 +164,7 @@ async def _train_and_gate(
         : config.gate.max_examples
     ]
     texts = heldout_stories()
+    gate_texts, guard_texts = texts[::2], texts[1::2]
     counts = {
         "method": method,
         "train_rows": len(rows),
@@ -160,19 +180,31 @@ async def _train_and_gate(
     loaded = await asyncio.to_thread(load_for_training, settings)
     train = replace(config.train, method=method).resolved()  # type: ignore[arg-type]
     policy = prepare_policy(loaded.model, current.path if current else None, train)
+    tok = loaded.tokenizer
+    guard = None
+    if config.drift_guard:
+        guard = await asyncio.to_thread(
+            drift_guard, policy, tok, guard_texts, config.gate, config.drift_guard
+        )
     say(
         f"training {method} on {len(rows)} examples (lr {train.learning_rate:g}, "
         f"{train.epochs:g} epochs), starting from {current.name if current else 'a fresh adapter'}"
+        + (f"; stops if held-out perplexity passes {guard.limit:.2f}" if guard else "")
     )
     figures = await asyncio.to_thread(
-        lambda: train_adapter(policy, loaded.tokenizer, rows, train, progress=say)
+        lambda: train_adapter(policy, tok, rows, train, progress=say, guard=guard)
     )
-    say(f"trained in {figures['seconds']:.0f} s (loss {figures['train_loss']:.3f}); evaluating")
+    stopped = ""
+    if guard is not None and guard.stopped_at is not None:
+        stopped = f", stopped by the drift guard: kept step {guard.stopped_at}"
+    say(
+        f"trained in {figures['seconds']:.0f} s (loss {figures['train_loss']:.3f}{stopped}); "
+        "evaluating"
+    )
     reference = None
     if current is not None:  # the adapter being served, to compare against
         policy.load_adapter(str(current.path), adapter_name="current")
         reference = "current"
-    tok = loaded.tokenizer
 
     def evaluate() -> dict[str, Any]:
         return {
@@ -182,9 +214,9 @@ async def _train_and_gate(
             "current_accuracy": preference_accuracy(
                 policy, tok, reference, heldout_pairs, heldout_examples
             ),
-            "ppl": perplexity(policy, tok, "default", texts),
-            "current_ppl": perplexity(policy, tok, reference, texts),
-            "base_ppl": perplexity(policy, tok, None, texts),
+            "ppl": perplexity(policy, tok, "default", gate_texts),
+            "current_ppl": perplexity(policy, tok, reference, gate_texts),
+            "base_ppl": perplexity(policy, tok, None, gate_texts),
         }
 
     scores = await asyncio.to_thread(evaluate)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from storyengine.training import (
+    DriftGuard,
     NotEnoughData,
     TrainConfig,
     completion_logprob,
@@ -58,6 +59,20 @@ def test_dpo_round_prefers_the_chosen(fresh):
     assert report["examples"] == 8 and list(policy.peft_config) == ["default"]
 
 
+def test_an_sft_weight_holds_up_the_likelihood_of_the_chosen(tiny_model):
+    """DPO alone may lower the chosen continuation's likelihood along with the rejected
+    one's; with `sft_weight` the chosen one ends up more likely than without it."""
+    rows = [{"prompt": p, "chosen": LIKED, "rejected": DISLIKED} for p in PROMPTS]
+
+    def chosen_logprob(sft_weight: float) -> float:
+        config = TrainConfig(method="dpo", sft_weight=sft_weight, **CONFIG)
+        policy = prepare_policy(copy.deepcopy(tiny_model.model), None, config)
+        train_adapter(policy, tiny_model.tokenizer, rows, config)
+        return sum(completion_logprob(policy, tiny_model.tokenizer, p, LIKED) for p in PROMPTS)
+
+    assert chosen_logprob(1.0) > chosen_logprob(0.0) + 1.0
+
+
 def test_kto_round_moves_toward_the_liked(fresh):
     model, tokenizer = fresh
     policy = prepare_policy(model, None, TrainConfig(**CONFIG))
@@ -67,6 +82,40 @@ def test_kto_round_moves_toward_the_liked(fresh):
     ]
     train_adapter(policy, tokenizer, rows, TrainConfig(**CONFIG))
     assert margin(policy, tokenizer) > before + 1.0
+
+
+def test_the_drift_guard_stops_training_and_keeps_the_weights_of_its_last_good_check(fresh):
+    """The guard measures every `every` steps; past its limit it puts back the adapter
+    weights of the check before and ends training there."""
+    model, tokenizer = fresh
+    config = TrainConfig(method="dpo", **CONFIG)  # 8 pairs, batch 4, 3 epochs: 6 steps
+    policy = prepare_policy(model, None, config)
+
+    def drift() -> float:  # how far the fresh LoRA (B = 0) has moved
+        return sum(float(p.detach().norm()) for n, p in policy.named_parameters() if "lora_B" in n)
+
+    def measure() -> float:  # the real drift for two checks, then past any limit
+        return drift() if len(guard.checks) < 2 else float("inf")
+
+    guard = DriftGuard(measure, limit=1e9, every=1)
+    rows = [{"prompt": p, "chosen": LIKED, "rejected": DISLIKED} for p in PROMPTS]
+    report = train_adapter(policy, tokenizer, rows, config, guard=guard)
+    assert [step for step, _ in guard.checks] == [1, 2, 3]
+    assert report["steps"] == 3 and guard.stopped_at == 2
+    assert 0 < guard.checks[0][1] < guard.checks[1][1]
+    assert drift() == pytest.approx(guard.checks[1][1])  # step 2's weights, not step 3's
+    assert report["guard"]["stopped_at"] == 2
+
+
+def test_without_tripping_the_guard_checks_the_last_steps_too(fresh):
+    model, tokenizer = fresh
+    config = TrainConfig(method="dpo", **CONFIG)
+    policy = prepare_policy(model, None, config)
+    guard = DriftGuard(lambda: 0.0, limit=1.0, every=4)
+    rows = [{"prompt": p, "chosen": LIKED, "rejected": DISLIKED} for p in PROMPTS]
+    report = train_adapter(policy, tokenizer, rows, config, guard=guard)
+    assert report["steps"] == 6 and guard.stopped_at is None
+    assert [step for step, _ in guard.checks] == [4, 6]
 
 
 def test_the_reference_is_the_adapter_the_round_started_from(fresh, tmp_path):
