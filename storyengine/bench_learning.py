@@ -69,6 +69,11 @@ class LearningBenchConfig:
     rounds: int = 3
     reactions: int = 200
     """Continuations the audience reacts to in each round."""
+    openings: int = 2
+    """Openings shown per prompt (as retries show them): the audience's verdicts on
+    them make preference pairs as well as single labels. (Four made three times the
+    pairs from the same reactions, but rounds on them overshot the perplexity bound or
+    failed the gate's preference accuracy.)"""
     eval_samples: int = 200
     """Continuations on fresh prompts per approval measurement."""
     max_new_tokens: int = 64
@@ -77,6 +82,14 @@ class LearningBenchConfig:
     epochs: float | None = None
     method: str = "dpo"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ValueError("--rounds must be 0 or more")
+        if not 1 <= self.openings <= self.reactions:
+            raise ValueError("--openings must be at least 1 and at most --reactions")
+        if self.eval_samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("--eval-samples and --max-new-tokens must be at least 1")
 
 
 async def _openings(engine: Any, prompts: list[str], tag: str) -> list[tuple[str, int, str]]:
@@ -133,10 +146,11 @@ async def bench_learning(
                 started = time.perf_counter()
                 row: dict[str, Any] = {"round": round_no, "promoted": False}
                 if round_no > 0:
-                    # Two openings per prompt, as retries show them: the audience's
-                    # verdicts on both make preference pairs as well as single labels.
-                    batch = [next(train_prompts) for _ in range(config.reactions // 2)]
-                    shown = await _openings(engine, batch * 2, f"train{round_no}")
+                    # Several openings per prompt, as retries show them: the audience's
+                    # verdicts on them make preference pairs as well as single labels.
+                    n = config.reactions // config.openings
+                    batch = [next(train_prompts) for _ in range(n)]
+                    shown = await _openings(engine, batch * config.openings, f"train{round_no}")
                     for i, (prompt, generation_id, text) in enumerate(shown):
                         verdict = taste(text, prompt=prompt)
                         if verdict is None:

@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     learning.add_argument("--reactions", type=int, default=200, help="reactions per round")
     learning.add_argument(
+        "--openings", type=int, default=2, help="openings shown per prompt (as retries show them)"
+    )
+    learning.add_argument(
         "--eval-samples", type=int, default=200, help="continuations per approval measurement"
     )
     learning.add_argument("--max-new-tokens", type=int, default=64)
@@ -294,6 +297,7 @@ async def _bench(args: argparse.Namespace) -> int:
             config = LearningBenchConfig(
                 rounds=args.rounds,
                 reactions=args.reactions,
+                openings=args.openings,
                 eval_samples=args.eval_samples,
                 max_new_tokens=args.max_new_tokens,
                 method=args.method,

@@ -182,3 +182,11 @@ def test_train_sft_says_what_is_wrong_with_its_input(tmp_path):
     bad = run_cli("train", "sft", "--corpus", "c.txt", "--lr", "5", cwd=tmp_path)
     assert bad.returncode == 2 and "--lr must be in (0, 1)" in bad.stderr
     assert "Traceback" not in missing.stderr + bad.stderr
+
+
+def test_bench_learning_says_what_is_wrong_with_its_options(tmp_path):
+    bad = run_cli("bench", "learning", "--reactions", "3", "--openings", "4", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "storyengine: error: --openings must be at least 1 and at most --reactions"
+    ]
