@@ -194,6 +194,13 @@ async def _train_and_gate(
     figures = await asyncio.to_thread(
         lambda: train_adapter(policy, tok, rows, train, progress=say, guard=guard)
     )
+    if guard is not None and guard.stopped_at == 0:
+        return RoundResult(
+            "skipped",
+            "no room left under the perplexity bounds: the drift guard stopped training "
+            f"at its first check (held-out perplexity {guard.checks[-1][1]:.2f}, "
+            f"limit {guard.limit:.2f})",
+        )
     stopped = ""
     if guard is not None and guard.stopped_at is not None:
         stopped = f", stopped by the drift guard: kept step {guard.stopped_at}"

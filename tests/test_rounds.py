@@ -45,7 +45,10 @@ async def test_a_round_trains_gates_and_registers(tmp_path):
     result = await run_round(settings, config, say=lines.append)
     assert result.status in {"promoted", "rejected"}, result
     assert lines[0].startswith("training kto on") and "fresh adapter" in lines[0]
+    assert "stops if held-out perplexity passes" in lines[0]
     metrics = result.version.metrics
+    guard = metrics["train"]["guard"]
+    assert guard["checks"] and all(value > 1 for _, value in guard["checks"])
     assert metrics["heldout_examples"] > 0 and metrics["perplexity"] > 0
     assert metrics["train"]["examples"] + metrics["heldout_examples"] == 60
     # The gate sampled from both adapters and compared their repetition.
@@ -60,6 +63,25 @@ async def test_a_round_trains_gates_and_registers(tmp_path):
     assert versions[0].status == ("promoted" if result.status == "promoted" else "rejected")
     runs = await store.db.execute_fetchall("SELECT method, status, version FROM training_runs")
     assert [tuple(r) for r in runs] == [("kto", "done", 1)]
+    await store.close()
+
+
+async def test_a_round_with_no_room_under_the_perplexity_bounds_is_skipped(tmp_path):
+    """When the drift guard trips at its first check, nothing was learned: the round
+    says so and registers no version, instead of gating a copy of the served adapter."""
+    db = tmp_path / "s.db"
+    await make_feedback(db, stories=20)
+    settings = Settings(db_path=db, adapter_dir=tmp_path / "adapters", device="cpu")
+    config = RoundConfig(
+        method="dpo",
+        train=TrainConfig(learning_rate=5e-3, batch_size=4, max_length=128),
+        drift_guard=1e-9,  # any step is too far
+    )
+    result = await run_round(settings, config, say=print)
+    assert result.status == "skipped" and result.version is None
+    assert "no room left under the perplexity bounds" in result.reason
+    store = await Store(db).open()
+    assert await store.db.execute_fetchall("SELECT * FROM adapters") == []
     await store.close()
 
 
