@@ -47,12 +47,19 @@ def test_decide_names_every_reason():
     assert len(bad.reasons) == 5  # accuracy, ppl vs current, ppl vs base, repetition, distinct-2
 
 
-@pytest.mark.slow
-def test_gate_rejects_an_adapter_that_ruins_perplexity(bundled_model):
-    policy = prepare_policy(copy.deepcopy(bundled_model.model), None, TrainConfig())
+def scrambled(model, std: float):
+    """`model` with a fresh LoRA whose B matrices are random: an adapter that changes the
+    model at random."""
+    policy = prepare_policy(copy.deepcopy(model), None, TrainConfig())
     for name, param in policy.named_parameters():
         if "lora_B" in name:
-            param.data.normal_(0, 0.5)
+            param.data.normal_(0, std)
+    return policy
+
+
+@pytest.mark.slow
+def test_gate_rejects_an_adapter_that_ruins_perplexity(bundled_model):
+    policy = scrambled(bundled_model.model, 0.5)
     tok = bundled_model.tokenizer
     base = perplexity(policy, tok, None, [STORY])
     ruined = perplexity(policy, tok, "default", [STORY])
@@ -99,10 +106,7 @@ def test_preference_accuracy_rises_after_training(tiny_model):
 
 def test_preference_accuracy_is_balanced_when_reactions_are_one_sided(tiny_model):
     """An adapter that only lowers everything cannot win when nearly all votes are 👎."""
-    policy = prepare_policy(copy.deepcopy(tiny_model.model), None, TrainConfig())
-    for name, param in policy.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.3)
+    policy = scrambled(tiny_model.model, 0.3)
     tok = tiny_model.tokenizer
     examples = [
         LabelledExample("P:", " some text here.", i == 0, 1.0, 1, "heldout", 0) for i in range(20)
