@@ -52,6 +52,9 @@ class RoundConfig:
     gate's perplexity bounds (against the base model and the adapter the round started
     from), keeping the weights of the last check under it. It measures half of the
     held-out stories and the gate the other half. None: train the whole schedule."""
+    guard_retries: int = 2
+    """When the guard stops training at its first check, train again at half the learning
+    rate, at most this many times: late rounds, close to the bounds, take smaller steps."""
 
 
 @dataclass(frozen=True)
@@ -191,9 +194,16 @@ async def _train_and_gate(
         f"{train.epochs:g} epochs), starting from {current.name if current else 'a fresh adapter'}"
         + (f"; stops if held-out perplexity passes {guard.limit:.2f}" if guard else "")
     )
-    figures = await asyncio.to_thread(
-        lambda: train_adapter(policy, tok, rows, train, progress=say, guard=guard)
-    )
+    for retry in range(config.guard_retries + 1):
+        figures = await asyncio.to_thread(
+            train_adapter, policy, tok, rows, train, progress=say, guard=guard
+        )
+        if guard is None or guard.stopped_at != 0 or retry == config.guard_retries:
+            break
+        # The first steps already went too far: smaller ones may still fit.
+        train = replace(train, learning_rate=train.learning_rate / 2)
+        guard = replace(guard, checks=[], stopped_at=None)
+        say(f"the first step went past the limit; training again at lr {train.learning_rate:g}")
     if guard is not None and guard.stopped_at == 0:
         return RoundResult(
             "skipped",

@@ -67,8 +67,9 @@ async def test_a_round_trains_gates_and_registers(tmp_path):
 
 
 async def test_a_round_with_no_room_under_the_perplexity_bounds_is_skipped(tmp_path):
-    """When the drift guard trips at its first check, nothing was learned: the round
-    says so and registers no version, instead of gating a copy of the served adapter."""
+    """When the drift guard trips at its first check, even at a quarter of the learning
+    rate, nothing was learned: the round says so and registers no version, instead of
+    gating a copy of the served adapter."""
     db = tmp_path / "s.db"
     await make_feedback(db, stories=20)
     settings = Settings(db_path=db, adapter_dir=tmp_path / "adapters", device="cpu")
@@ -77,9 +78,13 @@ async def test_a_round_with_no_room_under_the_perplexity_bounds_is_skipped(tmp_p
         train=TrainConfig(learning_rate=5e-3, batch_size=4, max_length=128),
         drift_guard=1e-9,  # any step is too far
     )
-    result = await run_round(settings, config, say=print)
+    lines: list[str] = []
+    result = await run_round(settings, config, say=lines.append)
     assert result.status == "skipped" and result.version is None
     assert "no room left under the perplexity bounds" in result.reason
+    # Twice again at half the learning rate before giving up.
+    retries = [line for line in lines if line.startswith("the first step went past")]
+    assert [line.rsplit(" ", 1)[1] for line in retries] == ["0.0025", "0.00125"]
     store = await Store(db).open()
     assert await store.db.execute_fetchall("SELECT * FROM adapters") == []
     await store.close()
