@@ -56,6 +56,12 @@ class RoundConfig:
     """When the guard stops training at its first check, train again at half the learning
     rate, at most this many times: late rounds, close to the bounds, take smaller steps."""
 
+    def __post_init__(self) -> None:
+        if self.drift_guard is not None and not 0 < self.drift_guard <= 1:
+            raise ValueError("drift_guard must be in (0, 1], or None")
+        if self.guard_retries < 0:
+            raise ValueError("guard_retries must be 0 or more")
+
 
 @dataclass(frozen=True)
 class RoundResult:

@@ -263,6 +263,7 @@ def train_adapter(
     figures = {
         "method": config.method,
         "examples": len(rows),
+        "learning_rate": config.learning_rate,
         "steps": steps,
         "train_loss": float(result.training_loss),
         "seconds": time.perf_counter() - started,

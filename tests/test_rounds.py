@@ -134,3 +134,10 @@ async def test_killing_a_round_leaves_the_served_adapter_and_database_intact(tmp
     with sqlite3.connect(db) as conn:
         runs = conn.execute("SELECT status, error FROM training_runs ORDER BY id").fetchall()
     assert runs == [("failed", "interrupted"), ("done", result.reason or None)]
+
+
+def test_round_config_says_what_is_wrong():
+    with pytest.raises(ValueError, match="drift_guard"):
+        RoundConfig(drift_guard=0.0)
+    with pytest.raises(ValueError, match="guard_retries"):
+        RoundConfig(guard_retries=-1)

@@ -115,6 +115,7 @@ def test_without_tripping_the_guard_checks_the_last_steps_too(fresh):
     rows = [{"prompt": p, "chosen": LIKED, "rejected": DISLIKED} for p in PROMPTS]
     report = train_adapter(policy, tokenizer, rows, config, guard=guard)
     assert report["steps"] == 6 and guard.stopped_at is None
+    assert report["learning_rate"] == CONFIG["learning_rate"]
     assert [step for step, _ in guard.checks] == [4, 6]
 
 
