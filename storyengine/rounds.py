@@ -144,7 +144,7 @@ async def _run_round(
         try:
             result = await _train_and_gate(settings, config, registry, data, method, rows, say)
         except Exception as exc:
-            await store.fail_training_run(run_id, str(exc))
+            await store.fail_training_run(run_id, exc)
             raise
         await store.finish_training_run(
             run_id,

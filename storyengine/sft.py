@@ -268,7 +268,7 @@ async def _run_sft(
             await registry.promote(version.version)
             promoted = True
     except BaseException as exc:
-        await store.fail_training_run(run_id, str(exc) or type(exc).__name__)
+        await store.fail_training_run(run_id, exc)
         raise
     await store.finish_training_run(run_id, version=version.version)
     return version.version, promoted, report

@@ -332,11 +332,12 @@ class AudienceStore:
         cursor = await self._write("INSERT INTO training_runs (method) VALUES (?)", (method,))
         return int(cursor.lastrowid or 0)
 
-    async def fail_training_run(self, run_id: int, error: str) -> None:
+    async def fail_training_run(self, run_id: int, exc: BaseException) -> None:
+        """Record what stopped the run: its message, or its type when it has none."""
         await self._write(
             "UPDATE training_runs SET status = 'failed', error = ?,"
             " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
-            (error[:500], run_id),
+            ((str(exc) or type(exc).__name__)[:500], run_id),
         )
 
     async def finish_training_run(

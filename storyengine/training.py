@@ -108,10 +108,10 @@ class DriftGuard:
         from transformers import TrainerCallback
 
         guard = self
-        trainable = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+        trainable = [p for p in policy.parameters() if p.requires_grad]
 
         def snapshot() -> list[Any]:
-            return [p.detach().clone() for _, p in trainable]
+            return [p.detach().clone() for p in trainable]
 
         class Guard(TrainerCallback):
             def __init__(self) -> None:
@@ -125,7 +125,7 @@ class DriftGuard:
                     self.kept, self.kept_step = snapshot(), step
                     return False
                 with torch.no_grad():
-                    for (_, p), saved in zip(trainable, self.kept, strict=True):
+                    for p, saved in zip(trainable, self.kept, strict=True):
                         p.copy_(saved)
                 guard.stopped_at = self.kept_step
                 return True

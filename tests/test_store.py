@@ -117,3 +117,17 @@ async def test_stories_from_before_the_opt_in_are_never_trained_on(tmp_path, mon
     data = await build_datasets(store)
     assert [e.completion for e in data.examples] == ["Told in terminal."]
     await store.close()
+
+
+async def test_a_failed_training_run_records_its_error_or_else_its_type(tmp_path):
+    store = await Store(tmp_path / "s.db").open()
+    with_message = await store.start_training_run("dpo")
+    without = await store.start_training_run("sft")
+    await store.fail_training_run(with_message, RuntimeError("out of memory"))
+    await store.fail_training_run(without, KeyboardInterrupt())
+    rows = await store.db.execute_fetchall("SELECT status, error FROM training_runs ORDER BY id")
+    assert [tuple(r) for r in rows] == [
+        ("failed", "out of memory"),
+        ("failed", "KeyboardInterrupt"),
+    ]
+    await store.close()
