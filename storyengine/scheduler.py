@@ -13,6 +13,10 @@ with one shared, left-padded KV cache and, on a worker thread, repeats:
                 sampling parameters, seed, stop rules and LoRA adapter
     4. retire   finished or cancelled sequences leave; the cache shrinks with them
 
+The batch's rows stay sorted longest first, so that on a CPU each decoding step's
+attention reads the cache by groups of rows of like length rather than over the whole
+left-padded width (`grouped_attention`).
+
 Why not transformers' own continuous batching (`generate_batch`,
 `ContinuousBatchingManager`)? It drops the repetition penalty, the no-repeat n-gram
 rule and min-new-tokens, has no per-request seed, and does not pass peft's per-row
@@ -33,6 +37,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import grouped_attention
 from .generation import (
     GenerationHandle,
     GenerationOutput,
@@ -106,6 +111,9 @@ class BatchingGenerator:
         self._running: list[_Sequence] = []
         self._cache: GrowableCache | None = None
         self._mask: torch.Tensor | None = None
+        """1 where a row's cache holds a token; each row is zeros, then ones."""
+        self._groups: list[grouped_attention.RowGroup] | None = None
+        """How decoding attention reads the rows (None: all rows over the whole width)."""
         self.steps = 0
         # transformers renamed `past_key_values` to `cache` (5.2x); accept either.
         self._control: deque[Callable[[], None]] = deque()
@@ -193,7 +201,7 @@ class BatchingGenerator:
                     log.exception("scheduler step failed")
                     for seq in self._running:
                         seq.handle._finish(exc)
-                    self._running, self._cache, self._mask = [], None, None
+                    self._running, self._cache, self._mask, self._groups = [], None, None, None
         for seq in self._running:
             seq.handle.cancel()
             self._resolve(seq, "cancelled")
@@ -208,6 +216,9 @@ class BatchingGenerator:
         model = self.model
         self._network = model.model.get_base_model() if model.is_peft else model.model
         self._lora = MultiLoRA.attach(model.model) if model.is_peft else None
+        # Grouped reads pay off where attention is bound by memory reads and calls are
+        # cheap: on the CPU. On a GPU each group would cost kernel launches per layer.
+        self._grouping = model.device.type == "cpu" and grouped_attention.install(self._network)
 
     def _step(self) -> None:
         while self._control:
@@ -326,10 +337,14 @@ class BatchingGenerator:
         position_ids: torch.Tensor,
         cache: Any,
         adapters: list[str],
+        groups: list[grouped_attention.RowGroup] | None = None,
     ) -> torch.Tensor:
         """One forward pass; `cache` is extended in place. Returns the last logits."""
         kwargs: dict[str, Any] = {self._cache_kwarg: cache}
-        with self._lora.rows(adapters) if self._lora else nullcontext():
+        with (
+            self._lora.rows(adapters) if self._lora else nullcontext(),
+            grouped_attention.grouped_rows(groups) if groups else nullcontext(),
+        ):
             out = self._network(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -367,28 +382,55 @@ class BatchingGenerator:
     def _merge(
         self, admitted: list[_Sequence], kvs: list[list[tuple[torch.Tensor, torch.Tensor]]]
     ) -> None:
-        """Append the newcomers (their caches, one per newcomer and layer) to the batch:
-        every row is right-aligned to the widest, in one copy."""
+        """Add the newcomers (their caches, one per newcomer and layer) to the batch in one
+        copy: every row right-aligned to the widest, rows sorted longest first."""
         import torch
 
-        old_width = self._mask.shape[1] if self._mask is not None else 0
-        width = max([old_width, *(s.prompt_len for s in admitted)])
+        old_lengths = self._mask.sum(1).tolist() if self._mask is not None else []
+        # (length, None, old row) or (length, newcomer, 0); stable: old rows first on ties.
+        rows = sorted(
+            [(length, None, row) for row, length in enumerate(old_lengths)]
+            + [(seq.prompt_len, i, 0) for i, seq in enumerate(admitted)],
+            key=lambda r: -r[0],
+        )
+        pieces: list[tuple[int | None, int, int]] = []  # consecutive old rows: one slice
+        for _, newcomer, row in rows:
+            if newcomer is None and pieces and pieces[-1][0] is None and pieces[-1][2] == row:
+                pieces[-1] = (None, pieces[-1][1], row + 1)
+            else:
+                pieces.append((newcomer, row, row + 1))
         old = self._cache.tensors() if self._cache is not None else []
         parts = [
-            ([old[layer]] if old else []) + [kv[layer] for kv in kvs]
+            [
+                (old[layer][0][a:b], old[layer][1][a:b])
+                if newcomer is None
+                else kvs[newcomer][layer]
+                for newcomer, a, b in pieces
+            ]
             for layer in range(len(kvs[0]))
         ]
+        old_width = self._mask.shape[1] if self._mask is not None else 0
+        width = max(old_width, rows[0][0])
         if self._cache is None:
             self._cache = GrowableCache()
         self._cache.assemble(parts, width)
-        rows = len(self._running) + len(admitted)
-        mask = torch.zeros((rows, width), dtype=torch.long, device=self.model.device)
-        if self._mask is not None:
-            mask[: len(self._running), width - old_width :] = self._mask
-        for row, seq in enumerate(admitted, start=len(self._running)):
-            mask[row, width - seq.prompt_len :] = 1
-        self._mask = mask
-        self._running.extend(admitted)
+        lengths = torch.tensor([r[0] for r in rows], device=self.model.device)
+        columns = torch.arange(width, device=self.model.device)
+        self._mask = (columns >= width - lengths.unsqueeze(1)).long()
+        self._running = [
+            self._running[row] if newcomer is None else admitted[newcomer]
+            for _, newcomer, row in rows
+        ]
+        self._plan_groups()
+
+    def _plan_groups(self) -> None:
+        """Group the rows for decoding attention (after the batch changed: between
+        changes every row grows by one token a step, so the groups' columns hold)."""
+        if not self._grouping or self._mask is None:
+            self._groups = None
+            return
+        lengths = [int(n) for n in self._mask.sum(1).tolist()]
+        self._groups = grouped_attention.plan_groups(lengths, self._mask.shape[1])
 
     def _decode(self) -> None:
         import torch
@@ -398,8 +440,15 @@ class BatchingGenerator:
         ids = torch.tensor([[s.tokens[-1]] for s in self._running], device=device)
         positions = torch.tensor([[len(s.tokens) - 1] for s in self._running], device=device)
         mask = torch.cat([self._mask, self._mask.new_ones((len(self._running), 1))], dim=1)
+        # Grouped attention slices a 4-D mask (transformers passes one through as it is).
+        model_mask = mask.bool()[:, None, None, :] if self._groups else mask
         logits = self._forward(
-            ids, mask, positions, self._cache, [s.adapter for s in self._running]
+            ids,
+            model_mask,
+            positions,
+            self._cache,
+            [s.adapter for s in self._running],
+            self._groups,
         )
         self._mask = mask
         self._sample_and_advance(self._running, logits)
@@ -443,7 +492,7 @@ class BatchingGenerator:
             if seq.finish is not None:
                 self._resolve(seq, seq.finish)
         if not keep:
-            self._running, self._cache, self._mask = [], None, None
+            self._running, self._cache, self._mask, self._groups = [], None, None, None
             return
         assert self._cache is not None and self._mask is not None
         index = torch.tensor(keep, device=self._mask.device)
@@ -460,6 +509,7 @@ class BatchingGenerator:
             self._mask.shape[1],
         )
         self._running = [self._running[i] for i in keep]
+        self._plan_groups()
 
     def _resolve(self, seq: _Sequence, finish: str) -> None:
         end = time.perf_counter()
