@@ -104,6 +104,20 @@ def attention(
         )
     if attention_mask is None or attention_mask.dim() != 4:
         raise ValueError("grouped attention needs the 4-D mask the scheduler builds")
+    output = attend(query, key, value, attention_mask, groups, scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    groups: list[RowGroup],
+    scale: float | None,
+) -> torch.Tensor:
+    """SDPA for one query token per row ([rows, heads, 1, head_dim]), each group of rows
+    reading the cache from its own first column. `mask` is 4-D, True where a row attends."""
     outputs = []
     for g in groups:
         rows = slice(g.start, g.stop)
@@ -112,12 +126,11 @@ def attention(
                 query[rows],
                 key[rows, :, g.column :],
                 value[rows, :, g.column :],
-                attn_mask=attention_mask[rows, :, :, g.column :] if g.masked else None,
-                scale=scaling,
+                attn_mask=mask[rows, :, :, g.column :] if g.masked else None,
+                scale=scale,
             )
         )
-    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-    return output.transpose(1, 2).contiguous(), None
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def install(model: nn.Module) -> bool:

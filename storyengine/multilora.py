@@ -86,9 +86,26 @@ class MultiLoRA:
             self._local.rows = None
             self._local.masks = {}
 
+    def add_delta(self, layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """`result` (the base layer's output for `x`) plus each row's own adapter's delta.
+        Only within `rows(...)`, on its thread; rows are `x`'s first dimension."""
+        if layer._multilora_a is None:
+            return result
+        mask = self._row_mask(layer, result)
+        if mask is None:
+            return result
+        a = layer._multilora_a.to(x.dtype)
+        b = layer._multilora_b.to(x.dtype)
+        return result + ((x @ a) * mask) @ b
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The LoRA layers, rerouted."""
+        return self._layers
+
     def _row_mask(self, layer: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
         spans: dict[str, tuple[int, int]] = layer._multilora_spans
-        key = (tuple(spans.items()), like.dtype, like.device)
+        key = (tuple(spans.items()), like.dtype, like.device, like.dim())
         masks: dict[Any, torch.Tensor | None] = self._local.masks
         if key not in masks:
             rows: list[str] = self._local.rows
@@ -96,11 +113,12 @@ class MultiLoRA:
                 masks[key] = None
             else:
                 width = layer._multilora_a.shape[1]
-                mask = torch.zeros((len(rows), 1, width), dtype=like.dtype, device=like.device)
+                shape = (len(rows), *([1] * (like.dim() - 2)), width)
+                mask = torch.zeros(shape, dtype=like.dtype, device=like.device)
                 for row, name in enumerate(rows):
                     if name != BASE_ADAPTER and name in spans:
                         lo, hi = spans[name]
-                        mask[row, 0, lo:hi] = 1
+                        mask[row, ..., lo:hi] = 1
                 masks[key] = mask
         return masks[key]
 
@@ -109,12 +127,6 @@ def _make_forward(multi: MultiLoRA) -> Any:
     def forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if getattr(multi._local, "rows", None) is None or layer._multilora_a is None:
             return layer._multilora_peft_forward(x, *args, **kwargs)
-        result = layer.base_layer(x, *args, **kwargs)
-        mask = multi._row_mask(layer, result)
-        if mask is None:
-            return result
-        a = layer._multilora_a.to(x.dtype)
-        b = layer._multilora_b.to(x.dtype)
-        return result + ((x @ a) * mask) @ b
+        return multi.add_delta(layer, x, layer.base_layer(x, *args, **kwargs))
 
     return forward

@@ -37,7 +37,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import grouped_attention
+from . import gpt2_decode, grouped_attention
 from .generation import (
     GenerationHandle,
     GenerationOutput,
@@ -218,7 +218,10 @@ class BatchingGenerator:
         self._lora = MultiLoRA.attach(model.model) if model.is_peft else None
         # Grouped reads pay off where attention is bound by memory reads and calls are
         # cheap: on the CPU. On a GPU each group would cost kernel launches per layer.
-        self._grouping = model.device.type == "cpu" and grouped_attention.install(self._network)
+        sdpa = grouped_attention.install(self._network)
+        self._grouping = sdpa and model.device.type == "cpu"
+        # GPT-2 decodes through a lean step (same arithmetic, none of the module layers).
+        self._lean = sdpa and gpt2_decode.supports(self._network, self._lora)
 
     def _step(self) -> None:
         while self._control:
@@ -435,21 +438,36 @@ class BatchingGenerator:
     def _decode(self) -> None:
         import torch
 
-        assert self._mask is not None
+        assert self._mask is not None and self._cache is not None
         device = self.model.device
-        ids = torch.tensor([[s.tokens[-1]] for s in self._running], device=device)
-        positions = torch.tensor([[len(s.tokens) - 1] for s in self._running], device=device)
-        mask = torch.cat([self._mask, self._mask.new_ones((len(self._running), 1))], dim=1)
-        # Grouped attention slices a 4-D mask (transformers passes one through as it is).
-        model_mask = mask.bool()[:, None, None, :] if self._groups else mask
-        logits = self._forward(
-            ids,
-            model_mask,
-            positions,
-            self._cache,
-            [s.adapter for s in self._running],
-            self._groups,
-        )
+        rows = len(self._running)
+        ids = torch.tensor([s.tokens[-1] for s in self._running], device=device)
+        positions = torch.tensor([len(s.tokens) - 1 for s in self._running], device=device)
+        mask = torch.cat([self._mask, self._mask.new_ones((rows, 1))], dim=1)
+        adapters = [s.adapter for s in self._running]
+        if self._lean:
+            groups = self._groups or [grouped_attention.RowGroup(0, rows, 0, masked=True)]
+            with self._lora.rows(adapters) if self._lora else nullcontext():
+                logits = gpt2_decode.decode_step(
+                    self._network,
+                    ids,
+                    positions,
+                    mask.bool()[:, None, None, :],
+                    self._cache,
+                    groups,
+                    self._lora,
+                ).float()
+        else:
+            # Grouped attention slices a 4-D mask (transformers passes one through as is).
+            model_mask = mask.bool()[:, None, None, :] if self._groups else mask
+            logits = self._forward(
+                ids.unsqueeze(1),
+                model_mask,
+                positions.unsqueeze(1),
+                self._cache,
+                adapters,
+                self._groups,
+            )
         self._mask = mask
         self._sample_and_advance(self._running, logits)
 

@@ -4,10 +4,10 @@ from itertools import pairwise
 
 import pytest
 import torch
-from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from storyengine import grouped_attention
+from storyengine import gpt2_decode, grouped_attention
 from storyengine.generation import GenerationRequest
 from storyengine.grouped_attention import RowGroup, grouped_rows, plan_groups
 from storyengine.sampling import SamplingParams
@@ -100,32 +100,74 @@ def test_a_model_without_sdpa_attention_is_left_alone():
     assert model.config._attn_implementation == "eager"
 
 
-async def test_the_scheduler_decodes_mixed_lengths_by_groups(tiny_model):
+def _spy(seen):
+    real = grouped_attention.attend
+
+    def attend(query, key, value, mask, groups, scale):
+        seen.append(list(groups))
+        return real(query, key, value, mask, groups, scale)
+
+    return attend
+
+
+async def _alone_and_together(model, requests):
+    alone = []
+    for request in requests:
+        scheduler = BatchingGenerator(model)
+        alone.append((await scheduler.submit(request).result()).token_ids)
+        await scheduler.close()
+    scheduler = BatchingGenerator(model)
+    handles = [scheduler.submit(r) for r in requests]
+    together = [(await h.result()).token_ids for h in handles]
+    await scheduler.close()
+    return alone, together
+
+
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, repetition_penalty=1.0)
+
+
+async def test_the_scheduler_decodes_mixed_lengths_by_groups(tiny_model, monkeypatch):
     """Rows sorted longest first, read by groups: two prompts of 200 tokens and two of 3
     decode in two unmasked groups, and each output equals what it is alone."""
     seen: list[list[RowGroup]] = []
-
-    def spy(module, query, *args, **kwargs):
-        if query.shape[2] == 1 and grouped_attention._local.groups:
-            seen.append(list(grouped_attention._local.groups))
-        return grouped_attention.attention(module, query, *args, **kwargs)
-
-    params = SamplingParams(max_new_tokens=6, temperature=0.0, repetition_penalty=1.0)
+    monkeypatch.setattr(gpt2_decode, "attend", _spy(seen))
     ids = tiny_model.encode("Once upon a time there was a fox who lived in the woods. " * 16)
-    requests = [GenerationRequest(ids[:n], params) for n in (3, 200, 3, 200)]
-    alone = []
-    for request in requests:
-        scheduler = BatchingGenerator(tiny_model)
-        alone.append((await scheduler.submit(request).result()).token_ids)
-        await scheduler.close()
-    AttentionInterface.register(grouped_attention.NAME, spy)
-    try:
-        scheduler = BatchingGenerator(tiny_model)
-        handles = [scheduler.submit(r) for r in requests]
-        together = [(await h.result()).token_ids for h in handles]
-        await scheduler.close()
-    finally:
-        AttentionInterface.register(grouped_attention.NAME, grouped_attention.attention)
+    requests = [GenerationRequest(ids[:n], GREEDY) for n in (3, 200, 3, 200)]
+    alone, together = await _alone_and_together(tiny_model, requests)
     assert together == alone
     # The short rows skip the long ones' padding (once all four run together).
+    assert [RowGroup(0, 2, 0, False), RowGroup(2, 4, 200 - 3, False)] in seen
+
+
+async def test_other_models_decode_by_groups_through_transformers(monkeypatch):
+    """A model that is not GPT-2 (a tiny Llama) takes transformers' forward pass, with
+    the grouped attention registered for it."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from storyengine.config import bundled_model_path
+    from storyengine.modeling import LoadedModel
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path(), local_files_only=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    llama = LlamaForCausalLM(config).eval()
+    model = LoadedModel(llama, tokenizer, "test:tiny-llama", None, torch.device("cpu"))
+    seen: list[list[RowGroup]] = []
+    monkeypatch.setattr(grouped_attention, "attend", _spy(seen))
+    ids = model.encode("Once upon a time there was a fox who lived in the woods. " * 16)
+    requests = [GenerationRequest(ids[:n], GREEDY) for n in (3, 200, 3, 200)]
+    alone, together = await _alone_and_together(model, requests)
+    assert llama.config._attn_implementation == grouped_attention.NAME
+    for a, t in zip(alone, together, strict=True):
+        assert a == t
     assert [RowGroup(0, 2, 0, False), RowGroup(2, 4, 200 - 3, False)] in seen
