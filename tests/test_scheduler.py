@@ -156,11 +156,12 @@ async def test_fairness_one_busy_channel_cannot_starve_another(tiny_model):
 
     def request(channel):
         return GenerationRequest(
-            tiny_model.encode("Tell"), greedy(6), channel=channel, min_new_tokens=6
+            tiny_model.encode("Tell"), greedy(60), channel=channel, min_new_tokens=60
         )
 
     busy = [scheduler.submit(request("busy")) for _ in range(6)]
-    await asyncio.sleep(0.01)
+    async for _ in busy[0].stream():  # the busy channel's first request is running
+        break
     quiet = scheduler.submit(request("quiet"))
 
     async def track(name, handle):
