@@ -7,10 +7,11 @@ with one shared, left-padded KV cache and, on a worker thread, repeats:
     1. admit    waiting requests join between steps (fair across channels, within the
                 batch-size and tokens-in-flight bounds, a bounded number of prompt
                 tokens per step so prefill never stalls the running ones for long)
-    2. prefill  the newcomers' prompts in one forward pass; their caches are merged
-                into the batch
+    2. prefill  each newcomer's prompt in a forward pass of its own (no padding);
+                their caches are merged into the batch
     3. decode   one forward pass for every running sequence, each with its own
-                sampling parameters, seed, stop rules and LoRA adapter
+                sampling parameters, seed, stop rules and LoRA adapter (for GPT-2
+                models, a lean step straight from the weights: `gpt2_decode`)
     4. retire   finished or cancelled sequences leave; the cache shrinks with them
 
 The batch's rows stay sorted longest first, so that on a CPU each decoding step's
@@ -367,6 +368,14 @@ class BatchingGenerator:
         device = self.model.device
         logits, kvs = [], []
         for seq in admitted:
+            if self._lean:
+                with self._lora.rows([seq.adapter]) if self._lora else nullcontext():
+                    last, kv = gpt2_decode.prefill(
+                        self._network, torch.tensor(seq.tokens, device=device), self._lora
+                    )
+                logits.append(last.float())
+                kvs.append(kv)
+                continue
             ids = torch.tensor([seq.tokens], device=device)
             cache = DynamicCache()
             logits.append(

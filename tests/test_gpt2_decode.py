@@ -132,3 +132,29 @@ def test_other_architectures_take_the_full_forward():
     )
     assert not gpt2_decode.supports(LlamaForCausalLM(config), None)
     assert gpt2_decode.supports(_tiny_gpt2(), None)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_a_prefill_equals_the_forward_pass_bit_for_bit(with_lora):
+    network, multi, rows = _tiny_gpt2(), None, nullcontext()
+    if with_lora:
+        config = {
+            "r": 4,
+            "target_modules": ["c_attn", "c_proj", "c_fc"],
+            "init_lora_weights": False,
+        }
+        peft_model = get_peft_model(network, LoraConfig(**config), adapter_name="fox").eval()
+        multi = MultiLoRA.attach(peft_model)
+        network, rows = peft_model.get_base_model(), multi.rows(["fox"])
+    ids = torch.randint(0, 100, (13,))
+    cache = DynamicCache()
+    with rows:
+        expected = network(
+            input_ids=ids.unsqueeze(0), logits_to_keep=1, **_cache(network, cache)
+        ).logits[:, -1]
+    with multi.rows(["fox"]) if multi else nullcontext():
+        logits, kvs = gpt2_decode.prefill(network, ids, multi)
+    assert torch.equal(logits, expected)
+    for (key, value), layer in zip(kvs, cache.layers, strict=True):
+        assert torch.equal(key, layer.keys) and torch.equal(value, layer.values)
