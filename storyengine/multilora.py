@@ -88,7 +88,8 @@ class MultiLoRA:
 
     def add_delta(self, layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """`result` (the base layer's output for `x`) plus each row's own adapter's delta.
-        Only within `rows(...)`, on its thread; rows are `x`'s first dimension."""
+        Only within `rows(...)`, on its thread. `x`'s first dimension is the rows (or,
+        with one row, its tokens)."""
         if layer._multilora_a is None:
             return result
         mask = self._row_mask(layer, result)
