@@ -120,6 +120,12 @@ def test_adapters_outside_the_blocks_linears_take_the_full_forward(target):
     assert not gpt2_decode.supports(peft_model.get_base_model(), multi)
 
 
+def test_dora_adapters_take_the_full_forward():
+    config = {"r": 2, "target_modules": ["c_attn"], "use_dora": True, "fan_in_fan_out": True}
+    peft_model = get_peft_model(_tiny_gpt2(), LoraConfig(**config), adapter_name="d")
+    assert not gpt2_decode.supports(peft_model.get_base_model(), MultiLoRA.attach(peft_model))
+
+
 def test_other_architectures_take_the_full_forward():
     from transformers import LlamaConfig, LlamaForCausalLM
 
