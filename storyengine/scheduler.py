@@ -112,7 +112,7 @@ class BatchingGenerator:
         self._running: list[_Sequence] = []
         self._cache: GrowableCache | None = None
         self._mask: torch.Tensor | None = None
-        """1 where a row's cache holds a token; each row is zeros, then ones."""
+        """True where a row's cache holds a token; each row is False, then True."""
         self._groups: list[grouped_attention.RowGroup] | None = None
         """How decoding attention reads the rows (None: all rows over the whole width)."""
         self.steps = 0
@@ -428,7 +428,7 @@ class BatchingGenerator:
         self._cache.assemble(parts, width)
         lengths = torch.tensor([r[0] for r in rows], device=self.model.device)
         columns = torch.arange(width, device=self.model.device)
-        self._mask = (columns >= width - lengths.unsqueeze(1)).long()
+        self._mask = columns >= width - lengths.unsqueeze(1)
         self._running = [
             self._running[row] if newcomer is None else admitted[newcomer]
             for _, newcomer, row in rows
@@ -461,14 +461,14 @@ class BatchingGenerator:
                     self._network,
                     ids,
                     positions,
-                    mask.bool()[:, None, None, :],
+                    mask[:, None, None, :],
                     self._cache,
                     groups,
                     self._lora,
                 ).float()
         else:
             # Grouped attention slices a 4-D mask (transformers passes one through as is).
-            model_mask = mask.bool()[:, None, None, :] if self._groups else mask
+            model_mask = mask[:, None, None, :] if self._groups else mask
             logits = self._forward(
                 ids.unsqueeze(1),
                 model_mask,
