@@ -22,6 +22,7 @@ from .config import Settings
 from .errors import InvalidInput, StoryError
 from .records import Author
 from .sampling import PRESETS, SamplingParams, preset
+from .training import METHOD_DEFAULTS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,17 @@ Commands (anything else you type is your line; the storyteller continues it):
   /end                        end the story
   /help                       this help;  /quit  leave (the story stays open)
 Ctrl-C while the storyteller writes stops it."""
+
+
+def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
+    """--lr and --epochs, with the training methods' defaults (METHOD_DEFAULTS) shown."""
+    (dpo_lr, dpo_epochs), (kto_lr, kto_epochs) = METHOD_DEFAULTS["dpo"], METHOD_DEFAULTS["kto"]
+    parser.add_argument(
+        "--lr", type=float, help=f"learning rate (default: DPO {dpo_lr:g}, KTO {kto_lr:g})"
+    )
+    parser.add_argument(
+        "--epochs", type=float, help=f"(default: DPO {dpo_epochs:g}, KTO {kto_epochs:g})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,9 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: DPO with enough preference pairs, else KTO",
     )
-    round_.add_argument("--lr", type=float, help="learning rate (default: DPO 6e-4, KTO 1e-4)")
-    round_.add_argument("--epochs", type=float, help="(default: DPO 3, KTO 1)")
-    round_.add_argument("--min-examples", type=int, default=8)
+    _add_schedule_args(round_)
+    round_.add_argument("--min-examples", type=int, default=TrainConfig.min_examples)
     _add_storage_args(round_, adapters=True)
     sft = train_sub.add_parser(
         "sft", help="adapt a LoRA to a story corpus (domain fine-tuning); registers a candidate"
@@ -165,8 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     # DPO by default: on this CPU it learned the animals taste where KTO barely moved
     # the model (see the closing notes); lr and epochs: METHOD_DEFAULTS.
     learning.add_argument("--method", choices=["auto", "kto", "dpo"], default="dpo")
-    learning.add_argument("--lr", type=float, help="learning rate (default: DPO 6e-4, KTO 1e-4)")
-    learning.add_argument("--epochs", type=float, help="(default: DPO 3, KTO 1)")
+    _add_schedule_args(learning)
     learning.add_argument(
         "--seed", type=int, default=0, help="changes the prompts, the split and the training"
     )
