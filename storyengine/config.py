@@ -71,9 +71,10 @@ class Settings:
         """Build settings from `environ` (default: `os.environ`, after loading `.env`)."""
         if environ is None:
             if dotenv:
-                from dotenv import load_dotenv
+                from dotenv import find_dotenv, load_dotenv
 
-                load_dotenv(override=False)
+                # The working directory's `.env` (not one above the installed package).
+                load_dotenv(find_dotenv(usecwd=True), override=False)
             environ = os.environ
         env = _Env(environ)
 

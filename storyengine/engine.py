@@ -29,6 +29,8 @@ from .errors import (
 from .generation import BASE_ADAPTER, GenerationHandle, GenerationOutput, Generator
 from .memory import ContextBudget, ContextBuilder, LoreCard, StoryMaterial
 from .narrator import Narration, Narrator, ProgressCallback
+from .permissions import Action, check
+from .reactions import ReactionRecorder
 from .records import (
     MODES,
     Author,
@@ -41,14 +43,20 @@ from .records import (
     TurnState,
 )
 from .render import render_markdown, render_recap
-from .safety import SafetyFilter
+from .safety import SafetyFilter, clean_id, clean_name, quoted
 from .sampling import DEFAULT_PRESET, PRESETS, SamplingParams, preset
-from .store import Store
+from .store import FORMER_PLAYER, ReactionEvent, Store, is_alias
 from .text import split_sentences
 
 log = logging.getLogger(__name__)
 
 MAX_LORE_CARDS = 50
+MAX_LORE_NAME = 60
+MAX_TRIGGER_CHARS = 40
+MAX_TRIGGERS = 10
+MAX_GENRE_CHARS = 40
+MAX_ID = 2**63 - 1
+"""Largest id a database row can have (SQLite's INTEGER)."""
 BRIDGE_TOKENS = 40
 """Round-robin: the storyteller's bridge between two players' lines is short."""
 MAX_NOTE_CHARS = 400
@@ -66,7 +74,13 @@ class StoryView:
 
 class StoryEngine:
     """Create with settings (and optionally a ready generator or store), then
-    `await engine.start()`, or use `async with StoryEngine(settings) as engine:`."""
+    `await engine.start()`, or use `async with StoryEngine(settings) as engine:`.
+
+    Every method that changes a story takes who acts (`author` or `by`): the engine
+    checks it against `storyengine.permissions`. `by=None` is the operator (the CLI's
+    single user, the library, the bot's own clocks), who may do anything. Every text a
+    user hands in passes `SafetyFilter.clean_input`, every id `clean_id`, every display
+    name `clean_name`; someone who asked to be forgotten acts under their alias."""
 
     def __init__(
         self,
@@ -81,10 +95,13 @@ class StoryEngine:
         self._narrator: Narrator | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self.registry = AdapterRegistry(self.store, settings.adapter_dir)
+        self.reactions = ReactionRecorder(self.store)
         self._serving: str | None = None
         """The adapter being served (its registry name), None for the configured one."""
         self._adapter_lock = asyncio.Lock()
         self._in_flight: dict[str, set[GenerationHandle]] = {}
+        self._closing = False
+        self._closed = False
         self.clock: Callable[[], float] = time.time
         """Wall clock for turn deadlines (tests replace it)."""
 
@@ -133,12 +150,28 @@ class StoryEngine:
             self._serving = wanted
         return wanted
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def cancel_all(self) -> int:
+        """Stop every generation in progress (they end as cancelled and are recorded as
+        such); new ones are refused from now on. Returns how many were stopped."""
+        self._closing = True
+        stopped = 0
+        for handles in list(self._in_flight.values()):
+            for handle in list(handles):
+                handle.cancel()
+                stopped += 1
+        return stopped
+
     async def close(self, *, grace_s: float = 5.0) -> None:
         """Stop: generations in progress are cancelled and recorded as such (within
-        `grace_s`), then the generator and the database are closed."""
-        for handles in self._in_flight.values():
-            for handle in handles:
-                handle.cancel()
+        `grace_s`), queued reactions are written, then the generator and the database
+        are closed (the database checkpointed). Safe to call more than once."""
+        if self._closed:
+            return
+        self.cancel_all()
 
         async def drain() -> None:  # every channel's operation ends (and is recorded)
             for lock in list(self._locks.values()):
@@ -149,9 +182,16 @@ class StoryEngine:
             await asyncio.wait_for(drain(), grace_s)
         except TimeoutError:
             log.warning("closing with operations still running after %.0f s", grace_s)
-        if self._generator is not None:
-            await self._generator.close()
-        await self.store.close()
+        self._closed = True
+        try:
+            await asyncio.wait_for(self.reactions.close(), grace_s)
+        except TimeoutError:
+            log.warning("closing with reactions still queued after %.0f s", grace_s)
+        try:
+            if self._generator is not None:
+                await self._generator.close()
+        finally:
+            await self.store.close()
 
     async def __aenter__(self) -> StoryEngine:
         return await self.start()
@@ -170,12 +210,41 @@ class StoryEngine:
         return self.narrator.safety
 
     def _lock(self, channel: str) -> asyncio.Lock:
-        return self._locks.setdefault(channel, asyncio.Lock())
+        lock = self._locks.get(channel)
+        if lock is None:
+            if len(self._locks) > 4096:  # forget idle channels' locks: no unbounded growth
+                for name in [c for c, k in self._locks.items() if not k.locked()]:
+                    del self._locks[name]
+            lock = self._locks[channel] = asyncio.Lock()
+        return lock
+
+    # -- who acts --------------------------------------------------------------------
+
+    async def _who(self, author: Author) -> Author:
+        """The author as stored: a clean id and name; someone who asked to be forgotten
+        becomes their alias, with no name."""
+        user_id = clean_id(author.id, "The user id")
+        if is_alias(user_id):  # aliases are made here, never handed in
+            raise InvalidInput("That user id is reserved.")
+        alias = await self.store.forgotten_alias(user_id)
+        if alias is not None:
+            return Author(alias, FORMER_PLAYER, moderator=author.moderator)
+        return Author(user_id, clean_name(author.name), moderator=author.moderator)
+
+    async def _actor(self, by: Author | None) -> Author | None:
+        return None if by is None else await self._who(by)
+
+    async def _allow(self, story: Story, actor: Author | None, action: Action) -> None:
+        """Raise `NotAllowed` unless `actor` may do `action` (see `permissions`)."""
+        if actor is None or actor.moderator or story.mode == "solo":
+            return
+        turn = await self._turn_state(story) if story.mode == "round-robin" else None
+        check(story, actor, action, turn)
 
     # -- queries ------------------------------------------------------------------
 
     async def active_story(self, channel: str) -> Story:
-        story = await self.store.active_story(channel)
+        story = await self.store.active_story(clean_id(channel, "The channel"))
         if story is None:
             raise NoActiveStory(channel)
         return story
@@ -203,9 +272,16 @@ class StoryEngine:
     async def sampling_for(self, channel: str, **overrides: Any) -> SamplingParams:
         """The channel's parameters: its preset (or the configured default) with the
         channel's overrides, then this call's overrides."""
-        preset_name, saved = await self.store.channel_settings(channel)
+        preset_name, saved = await self.store.channel_settings(clean_id(channel, "The channel"))
         params = preset(preset_name).params if preset_name else self.settings.sampling
-        return params.replace(**saved).replace(**overrides)
+        try:
+            params = params.replace(**saved)
+        except (InvalidInput, TypeError):  # saved by an older release with other bounds
+            log.warning("ignoring channel %s's saved settings %r", channel, saved)
+        try:
+            return params.replace(**overrides)
+        except TypeError:
+            raise InvalidInput(f"Unknown setting among {sorted(overrides)}.") from None
 
     async def configure_channel(
         self,
@@ -214,20 +290,31 @@ class StoryEngine:
         preset_name: str | None = None,
         temperature: float | None = None,
         max_new_tokens: int | None = None,
+        by: Author | None = None,
         **more: Any,
     ) -> SamplingParams:
         """Set the channel's preset and/or parameter overrides. Choosing a preset clears
-        earlier overrides. Returns the resulting parameters."""
-        current_preset, saved = await self.store.channel_settings(channel)
-        if preset_name is not None:
-            preset(preset_name)  # validates
-            current_preset, saved = preset_name.lower(), {}
-        changes = {"temperature": temperature, "max_new_tokens": max_new_tokens, **more}
-        saved = {**saved, **{k: v for k, v in changes.items() if v is not None}}
-        base = preset(current_preset).params if current_preset else self.settings.sampling
-        params = base.replace(**saved)  # validates the combination
-        await self.store.set_channel_settings(channel, current_preset, saved)
-        return params
+        earlier overrides. Returns the resulting parameters. While a story runs here,
+        only those its rules allow may change them."""
+        channel = clean_id(channel, "The channel")
+        actor = await self._actor(by)
+        async with self._lock(channel):
+            story = await self.store.active_story(channel)
+            if story is not None:
+                await self._allow(story, actor, Action.SETTINGS)
+            current_preset, saved = await self.store.channel_settings(channel)
+            if preset_name is not None:
+                preset(preset_name)  # validates
+                current_preset, saved = preset_name.strip().lower(), {}
+            changes = {"temperature": temperature, "max_new_tokens": max_new_tokens, **more}
+            saved = {**saved, **{k: v for k, v in changes.items() if v is not None}}
+            base = preset(current_preset).params if current_preset else self.settings.sampling
+            try:
+                params = base.replace(**saved)  # validates the combination
+            except TypeError:
+                raise InvalidInput(f"Unknown setting among {sorted(changes)}.") from None
+            await self.store.set_channel_settings(channel, current_preset, saved)
+            return params
 
     # -- story operations ---------------------------------------------------------
 
@@ -247,9 +334,17 @@ class StoryEngine:
         whether the story is trained on. None: the operator's own story (CLI, library),
         always trainable."""
         if mode not in MODES:
-            raise InvalidInput(f"Unknown mode {mode!r}. Choose one of: {', '.join(MODES)}.")
+            raise InvalidInput(
+                f"Unknown mode {quoted(str(mode))}. Choose one of: {', '.join(MODES)}."
+            )
+        channel = clean_id(channel, "The channel")
+        community = clean_id(community, "The community") if community is not None else None
         premise = self.safety.clean_input(premise, what="The premise")
-        genre = self.safety.clean_input(genre or "", what="The genre", required=False)[:40] or None
+        genre = (
+            self.safety.clean_input(genre, what="The genre", required=False, limit=MAX_GENRE_CHARS)
+            or None
+        )
+        author = await self._who(author)
         async with self._lock(channel):
             if await self.store.active_story(channel) is not None:
                 raise StoryAlreadyRunning(channel)
@@ -279,17 +374,20 @@ class StoryEngine:
         **overrides: Any,
     ) -> TurnResult:
         """Add the author's line (optional) and let the storyteller continue."""
-        line = self.safety.clean_input(text or "", what="Your line", required=False)
-        async with self._lock(channel):
+        line = self.safety.clean_input(text, what="Your line", required=False)
+        author = await self._who(author)
+        async with self._lock(clean_id(channel, "The channel")):
             story = await self.active_story(channel)
+            await self._allow(story, author, Action.CONTINUE)
             seat = await self._require_turn(story, author) if story.mode == "round-robin" else None
             if seat is not None:
                 # Between players' lines the storyteller writes a short bridge.
                 overrides.setdefault("max_new_tokens", BRIDGE_TOKENS)
+            params = await self.sampling_for(story.channel, **overrides)  # validates first
             await self.store.expire_open_choices(story.id)
             turns, user_turn, action = await self._add_user_line(story, author, line)
             result = await self._write_bot_turn(
-                story, turns, action, user_turn, on_progress, **overrides
+                story, turns, action, user_turn, on_progress, params
             )
             if seat is not None:
                 await self._advance_turn(story, after_seat=seat)
@@ -309,25 +407,34 @@ class StoryEngine:
                 text=line,
                 author_id=author.id,
                 author_name=author.name,
+                train_excluded=is_alias(author.id),
             )
             turns.append(user_turn)
         return turns, user_turn, action
 
     async def retry(
-        self, channel: str, *, on_progress: ProgressCallback | None = None, **overrides: Any
+        self,
+        channel: str,
+        *,
+        by: Author | None = None,
+        on_progress: ProgressCallback | None = None,
+        **overrides: Any,
     ) -> TurnResult:
         """Write the last bot turn again. The old text is kept as an alternative."""
-        async with self._lock(channel):
+        actor = await self._actor(by)
+        async with self._lock(clean_id(channel, "The channel")):
             story = await self.active_story(channel)
+            await self._allow(story, actor, Action.REWRITE)
             turns = await self.store.active_turns(story.id)
             if not turns or turns[-1].kind != "bot":
                 raise NothingToRetry(
                     "The last turn is not the storyteller's; there is nothing to retry."
                 )
+            params = await self.sampling_for(story.channel, **overrides)
             last = turns.pop()
             user_turn = turns[-1] if turns and turns[-1].action == last.action else None
             return await self._write_bot_turn(
-                story, turns, last.action, user_turn, on_progress, replacing=last, **overrides
+                story, turns, last.action, user_turn, on_progress, params, replacing=last
             )
 
     async def alternatives(self, channel: str) -> list[Turn]:
@@ -338,13 +445,18 @@ class StoryEngine:
             return []
         return await self.store.alternatives(story.id, turns[-1].position)
 
-    async def choose_alternative(self, channel: str, number: int) -> Turn:
+    async def choose_alternative(
+        self, channel: str, number: int, *, by: Author | None = None
+    ) -> Turn:
         """Make alternative `number` (1-based, as listed by `alternatives`) the active one."""
-        async with self._lock(channel):
+        actor = await self._actor(by)
+        async with self._lock(clean_id(channel, "The channel")):
+            story = await self.active_story(channel)
+            await self._allow(story, actor, Action.REWRITE)
             options = await self.alternatives(channel)
             if not options:
                 raise NothingToRetry("There are no alternatives to choose from.")
-            if not 1 <= number <= len(options):
+            if not isinstance(number, int) or not 1 <= number <= len(options):
                 raise InvalidInput(f"Choose an alternative from 1 to {len(options)}.")
             chosen = options[number - 1]
             current = next(t for t in options if t.status == "active")
@@ -354,11 +466,13 @@ class StoryEngine:
             assert turn is not None
             return turn
 
-    async def undo(self, channel: str) -> list[Turn]:
+    async def undo(self, channel: str, *, by: Author | None = None) -> list[Turn]:
         """Remove the most recent action (a user's line and the reply to it, or a bot
         turn on its own). The turns stay in the database, marked undone."""
-        async with self._lock(channel):
+        actor = await self._actor(by)
+        async with self._lock(clean_id(channel, "The channel")):
             story = await self.active_story(channel)
+            await self._allow(story, actor, Action.REWRITE)
             turns = await self.store.active_turns(story.id)
             if not turns:
                 raise NothingToUndo("There is nothing to undo yet.")
@@ -367,20 +481,21 @@ class StoryEngine:
             await self.store.undo_action(story.id, last_action)
             return removed
 
-    async def set_memory(self, channel: str, text: str) -> Story:
-        return await self._set_note(channel, "memory", text, "The memory")
+    async def set_memory(self, channel: str, text: str, *, by: Author | None = None) -> Story:
+        return await self._set_note(channel, "memory", text, "The memory", by)
 
-    async def set_authors_note(self, channel: str, text: str) -> Story:
-        return await self._set_note(channel, "authors_note", text, "The author's note")
+    async def set_authors_note(self, channel: str, text: str, *, by: Author | None = None) -> Story:
+        return await self._set_note(channel, "authors_note", text, "The author's note", by)
 
-    async def _set_note(self, channel: str, field: str, text: str, what: str) -> Story:
-        cleaned = self.safety.clean_input(text, what=what, required=False)
-        if field == "authors_note" and len(cleaned) > MAX_NOTE_CHARS:
-            raise InvalidInput(
-                f"{what} is {len(cleaned)} characters; the limit is {MAX_NOTE_CHARS}."
-            )
-        async with self._lock(channel):
+    async def _set_note(
+        self, channel: str, field: str, text: str, what: str, by: Author | None
+    ) -> Story:
+        limit = MAX_NOTE_CHARS if field == "authors_note" else None
+        cleaned = self.safety.clean_input(text, what=what, required=False, limit=limit)
+        actor = await self._actor(by)
+        async with self._lock(clean_id(channel, "The channel")):
             story = await self.active_story(channel)
+            await self._allow(story, actor, Action.NOTES)
             material = self._material(story, [], [])
             material = dataclasses.replace(material, **{field: cleaned})
             self._builder(await self.sampling_for(channel)).check_fits(material)
@@ -388,25 +503,44 @@ class StoryEngine:
             return await self.active_story(channel)
 
     async def add_lore(
-        self, channel: str, name: str, triggers: list[str] | str, text: str
+        self,
+        channel: str,
+        name: str,
+        triggers: list[str] | str,
+        text: str,
+        *,
+        by: Author | None = None,
     ) -> LoreCard:
         """Add or replace a lore card. `triggers` may be a comma-separated string."""
-        name = self.safety.clean_input(name, what="The card's name")
-        if len(name) > 60:
-            raise InvalidInput("A lore card's name may be at most 60 characters.")
+        name = " ".join(
+            self.safety.clean_input(name, what="The card's name", limit=MAX_LORE_NAME).split()
+        )
         if isinstance(triggers, str):
             triggers = triggers.split(",")
-        words = tuple(dict.fromkeys(t.strip() for t in triggers if t.strip()))
-        if not words:
-            words = (name,)
-        if any(len(w) > 40 for w in words) or len(words) > 10:
-            raise InvalidInput("Give at most 10 trigger words, each at most 40 characters.")
-        body = self.safety.clean_input(text, what="The card's text")
-        if len(body) > MAX_NOTE_CHARS:
-            raise InvalidInput(f"A lore card's text may be at most {MAX_NOTE_CHARS} characters.")
+        if len(triggers) > 100:
+            raise InvalidInput(f"Give at most {MAX_TRIGGERS} trigger words.")
+        words = tuple(
+            dict.fromkeys(
+                " ".join(
+                    self.safety.clean_input(
+                        t, what="A trigger word", required=False, limit=MAX_TRIGGER_CHARS
+                    ).split()
+                )
+                for t in triggers
+            )
+        )
+        words = tuple(w for w in words if w) or (name,)
+        if len(words) > MAX_TRIGGERS:
+            raise InvalidInput(
+                f"Give at most {MAX_TRIGGERS} trigger words, each at most "
+                f"{MAX_TRIGGER_CHARS} characters."
+            )
+        body = self.safety.clean_input(text, what="The card's text", limit=MAX_NOTE_CHARS)
         card = LoreCard(name, words, body)
-        async with self._lock(channel):
+        actor = await self._actor(by)
+        async with self._lock(clean_id(channel, "The channel")):
             story = await self.active_story(channel)
+            await self._allow(story, actor, Action.NOTES)
             existing = await self.store.lore(story.id)
             if len(existing) >= MAX_LORE_CARDS and name.lower() not in {
                 c.name.lower() for c in existing
@@ -415,11 +549,16 @@ class StoryEngine:
             await self.store.upsert_lore(story.id, card)
         return card
 
-    async def remove_lore(self, channel: str, name: str) -> None:
-        async with self._lock(channel):
+    async def remove_lore(self, channel: str, name: str, *, by: Author | None = None) -> None:
+        name = " ".join(
+            self.safety.clean_input(name, what="The card's name", limit=MAX_LORE_NAME).split()
+        )
+        actor = await self._actor(by)
+        async with self._lock(clean_id(channel, "The channel")):
             story = await self.active_story(channel)
-            if not await self.store.remove_lore(story.id, name.strip()):
-                raise InvalidInput(f"There is no lore card named {name.strip()!r}.")
+            await self._allow(story, actor, Action.NOTES)
+            if not await self.store.remove_lore(story.id, name):
+                raise InvalidInput(f"There is no lore card named {quoted(name)}.")
 
     async def lore(self, channel: str) -> list[LoreCard]:
         story = await self.active_story(channel)
@@ -431,6 +570,7 @@ class StoryEngine:
 
     async def export_markdown(self, channel: str) -> str:
         """The active story (or, if none, the channel's last one) as Markdown."""
+        channel = clean_id(channel, "The channel")
         story = await self.store.active_story(channel) or await self.store.latest_story(channel)
         if story is None:
             raise NoActiveStory(channel)
@@ -438,10 +578,13 @@ class StoryEngine:
             story, await self.store.active_turns(story.id), await self.store.lore(story.id)
         )
 
-    async def end_story(self, channel: str) -> Story:
+    async def end_story(self, channel: str, *, by: Author | None = None) -> Story:
         """End the channel's story (stopping any generation in progress first)."""
-        self.stop(channel)
-        async with self._lock(channel):
+        actor = await self._actor(by)
+        story = await self.active_story(channel)
+        await self._allow(story, actor, Action.END)
+        self._cancel(story.channel)
+        async with self._lock(story.channel):
             story = await self.active_story(channel)
             await self.store.end_story(story.id)
             ended = await self.store.story(story.id)
@@ -449,17 +592,33 @@ class StoryEngine:
             return ended
 
     def stop(self, channel: str) -> bool:
-        """Cancel the channel's generation in progress. True if there was one."""
+        """Cancel the channel's generation in progress (the operator: no permission
+        check; usable from a signal handler). True if there was one."""
+        return self._cancel(channel)
+
+    async def request_stop(self, channel: str, *, by: Author | None) -> bool:
+        """`stop`, for someone whose permission is checked first (`Action.REWRITE`)."""
+        channel = clean_id(channel, "The channel")
+        if not self._in_flight.get(channel):
+            return False
+        story = await self.store.active_story(channel)
+        if story is not None:
+            await self._allow(story, await self._actor(by), Action.REWRITE)
+        return self._cancel(channel)
+
+    def _cancel(self, channel: str) -> bool:
         handles = self._in_flight.get(channel)
         if not handles:
             return False
-        for handle in handles:
+        for handle in list(handles):
             handle.cancel()
         return True
 
     async def suggest_premise(self, genre: str | None = None) -> str:
         """A premise to start from: the storyteller's own first sentence of a new tale."""
-        genre = self.safety.clean_input(genre or "", what="The genre", required=False)[:40]
+        genre = self.safety.clean_input(
+            genre, what="The genre", required=False, limit=MAX_GENRE_CHARS
+        )
         opening = f"Once upon a time, in a {genre} land," if genre else "Once upon a time,"
         params = self.settings.sampling.replace(max_new_tokens=40, num_beams=1, temperature=0.9)
         narration = await self.narrator.narrate(opening, params, channel="ideas")
@@ -474,7 +633,8 @@ class StoryEngine:
 
     async def join(self, channel: str, author: Author) -> TurnState:
         """Take a seat in a round-robin story (at the end of the order)."""
-        async with self._lock(channel):
+        author = await self._who(author)
+        async with self._lock(clean_id(channel, "The channel")):
             story = await self._round_robin_story(channel)
             state = await self._turn_state(story)
             if any(p.user_id == author.id for p in state.active_players):
@@ -485,7 +645,8 @@ class StoryEngine:
             return await self._turn_state(story)
 
     async def leave(self, channel: str, author: Author) -> TurnState:
-        async with self._lock(channel):
+        author = await self._who(author)
+        async with self._lock(clean_id(channel, "The channel")):
             story = await self._round_robin_story(channel)
             state = await self._turn_state(story)
             seat = next((p.seat for p in state.active_players if p.user_id == author.id), None)
@@ -500,7 +661,9 @@ class StoryEngine:
         self, channel: str, author: Author, *, moderator: bool = False
     ) -> TurnState:
         """The current player passes (or a moderator skips them)."""
-        async with self._lock(channel):
+        author = await self._who(author)
+        moderator = moderator or author.moderator
+        async with self._lock(clean_id(channel, "The channel")):
             story = await self._round_robin_story(channel)
             state = await self._turn_state(story)
             if state.current is None:
@@ -512,10 +675,18 @@ class StoryEngine:
             await self._advance_turn(story, after_seat=state.current.seat)
             return await self._turn_state(story)
 
-    async def set_turn_timeout(self, channel: str, seconds: int) -> None:
-        if not 30 <= seconds <= 7 * 86400:
+    async def set_turn_timeout(
+        self, channel: str, seconds: int, *, by: Author | None = None
+    ) -> None:
+        if not isinstance(seconds, int) or not 30 <= seconds <= 7 * 86400:
             raise InvalidInput("The turn timeout must be between 30 seconds and 7 days.")
-        await self.store.set_turn_timeout(channel, seconds)
+        channel = clean_id(channel, "The channel")
+        actor = await self._actor(by)
+        async with self._lock(channel):
+            story = await self.store.active_story(channel)
+            if story is not None:
+                await self._allow(story, actor, Action.SETTINGS)
+            await self.store.set_turn_timeout(channel, seconds)
 
     async def expire_turns(self) -> list[tuple[str, TurnState]]:
         """Pass every round-robin turn whose deadline has gone by. Returns the channels
@@ -537,11 +708,19 @@ class StoryEngine:
         return moved
 
     async def check_turn(self, channel: str, author: Author) -> None:
-        """Raise `NotYourTurn` (or `NoActiveStory`) unless `author` may add a line now:
-        lets a front end refuse politely before it starts any work."""
+        """Raise `NotYourTurn`, `NotAllowed` (or `NoActiveStory`) unless `author` may add
+        a line now: lets a front end refuse politely before it starts any work."""
         story = await self.active_story(channel)
+        author = await self._who(author)
+        await self._allow(story, author, Action.CONTINUE)
         if story.mode == "round-robin":
             await self._require_turn(story, author)
+
+    async def check_allowed(self, channel: str, by: Author, action: Action) -> None:
+        """Raise `NotAllowed` (or `NoActiveStory`) unless `by` may do `action` to the
+        channel's story: for a front end that wants to refuse before it starts work."""
+        story = await self.active_story(channel)
+        await self._allow(story, await self._who(by), action)
 
     async def _round_robin_story(self, channel: str) -> Story:
         story = await self.active_story(channel)
@@ -590,16 +769,18 @@ class StoryEngine:
     ) -> ChoiceSet:
         """Add the author's line and write `count` alternative continuations at once
         (they are batched together); none joins the story until one is chosen."""
-        if not 2 <= count <= 4:
+        if not isinstance(count, int) or not 2 <= count <= 4:
             raise InvalidInput("Offer between 2 and 4 alternatives.")
-        line = self.safety.clean_input(text or "", what="Your line", required=False)
-        async with self._lock(channel):
+        line = self.safety.clean_input(text, what="Your line", required=False)
+        author = await self._who(author)
+        async with self._lock(clean_id(channel, "The channel")):
             story = await self.active_story(channel)
+            await self._allow(story, author, Action.CONTINUE)
             if story.mode == "round-robin":
                 await self._require_turn(story, author)
+            params = await self.sampling_for(story.channel, **overrides)
             await self.store.expire_open_choices(story.id)
             turns, user_turn, action = await self._add_user_line(story, author, line)
-            params = await self.sampling_for(channel, **overrides)
             if params.beam_search or params.greedy:  # alternatives need sampling
                 params = PRESETS[DEFAULT_PRESET].params.replace(
                     max_new_tokens=params.max_new_tokens
@@ -611,15 +792,20 @@ class StoryEngine:
                     self._narrate(
                         story,
                         prompt,
-                        params.replace(seed=base_seed + 7919 * i),
+                        params.replace(seed=(base_seed + 7919 * i) % 2**63),
                         echo_of=user_turn.text if user_turn else None,
                     )
                     for i in range(count)
-                )
+                ),
+                return_exceptions=True,
             )
-            generation_ids = [g for _, g in results]
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                raise failed[0]
+            written = [r for r in results if not isinstance(r, BaseException)]
+            generation_ids = [g for _, g in written]
             choice_id = await self.store.create_choice(story.id, action, author.id, generation_ids)
-            options = tuple(ChoiceOption(i, g, n.text) for i, (n, g) in enumerate(results, 1))
+            options = tuple(ChoiceOption(i, g, n.text) for i, (n, g) in enumerate(written, 1))
             return ChoiceSet(choice_id, story, user_turn, options)
 
     async def choose(
@@ -627,13 +813,17 @@ class StoryEngine:
     ) -> TurnResult:
         """Make option `position` of an offered choice the story's turn; the choice is
         recorded as a preference: the chosen continuation over each of the others."""
-        async with self._lock(channel):
+        if not isinstance(choice_id, int) or not 0 < choice_id <= MAX_ID:
+            raise InvalidInput("That choice does not belong to this story.")
+        author = await self._who(author)
+        async with self._lock(clean_id(channel, "The channel")):
             story = await self.active_story(channel)
+            await self._allow(story, author, Action.CHOOSE)
             found = await self.store.choice(choice_id)
             if found is None or found[0] != story.id:
                 raise InvalidInput("That choice does not belong to this story.")
             _, action, status, generation_ids = found
-            if not 1 <= position <= len(generation_ids):
+            if not isinstance(position, int) or not 1 <= position <= len(generation_ids):
                 raise InvalidInput(f"Choose an option from 1 to {len(generation_ids)}.")
             if status != "open" or not await self.store.close_choice(choice_id, "chosen"):
                 raise InvalidInput("That choice is closed: the story has moved on.")
@@ -643,7 +833,7 @@ class StoryEngine:
             turn = await self.store.add_turn(
                 story.id, action=action, kind="bot", text=record["output"], generation_id=chosen
             )
-            if not await self.store.is_forgotten(author.id):
+            if not is_alias(author.id):
                 rejected = [g for g in generation_ids if g != chosen]
                 await self.store.add_preference_pairs(chosen, rejected, author.id, "choice")
             turns = await self.store.active_turns(story.id)
@@ -655,46 +845,56 @@ class StoryEngine:
     async def link_message(self, message_id: str, generation_id: int) -> None:
         """Remember that a front end's message shows this generation (reactions on the
         message are then feedback on it)."""
-        await self.store.link_message(message_id, generation_id)
+        if not isinstance(generation_id, int) or not 0 < generation_id <= MAX_ID:
+            raise InvalidInput("Unknown generation.")
+        await self.store.link_message(clean_id(message_id, "The message id"), generation_id)
 
     async def record_reaction(
         self, message_id: str, user_id: str, emoji: str, *, added: bool
     ) -> bool:
         """Record (or, with `added=False`, remove) one user's emoji on a story message:
-        one row per user and emoji. Returns False when the message carries no story
-        generation or the user asked to be forgotten."""
-        generation_id = await self.store.generation_for_message(message_id)
-        if generation_id is None or await self.store.is_forgotten(user_id):
-            return False
-        if added:
-            value = dict(self.settings.reaction_values).get(emoji, 0.0)
-            await self.store.set_feedback(generation_id, user_id, emoji, value)
-        else:
-            await self.store.delete_feedback(generation_id, user_id, emoji)
-        return True
+        one row per message, user and emoji (a split reply's parts keep their votes
+        apart; training counts a user's emoji once per generation). Returns False when
+        the message carries no story generation or the user asked to be forgotten.
+        Reactions are written in batches (`ReactionRecorder`), in the order they came."""
+        message_id = clean_id(message_id, "The message id")
+        user_id = clean_id(user_id, "The user id")
+        emoji = clean_id(emoji, "The emoji")
+        value = dict(self.settings.reaction_values).get(emoji, 0.0)
+        return await self.reactions.record(
+            ReactionEvent(message_id, user_id, emoji, bool(added), value)
+        )
 
     # -- learning switch and statistics ----------------------------------------------
 
     async def set_learning(self, community: str, enabled: bool, *, by: str | None) -> None:
         """Switch training on a community's stories and reactions on or off (off until
         someone switches it on). Off also leaves out what was collected while it was on."""
+        community = clean_id(community, "The community")
         if community == DIRECT_MESSAGES:
             raise InvalidInput("Private sessions are never trained on.")
-        await self.store.set_learning(community, enabled, by)
+        if by is not None:
+            by = (await self._who(Author(by, ""))).id
+        await self.store.set_learning(community, bool(enabled), by)
 
     async def learning_enabled(self, community: str) -> bool:
-        return await self.store.learning_enabled(community)
+        return await self.store.learning_enabled(clean_id(community, "The community"))
 
     async def feedback_stats(self, community: str | None = None) -> list[dict[str, Any]]:
         """Per adapter version: generations shown, reactions, approval rate."""
+        if community is not None:
+            community = clean_id(community, "The community")
         return await self.store.feedback_stats(community)
 
     # -- privacy --------------------------------------------------------------------
 
     async def forget_user(self, user_id: str) -> ForgetReport:
-        """Delete the user's reactions and choices, anonymise their lines (kept in shared
-        stories, never trained on), take them out of round-robin games, and never record
-        their feedback again."""
+        """Delete the user's reactions and preferences, anonymise their lines (kept in
+        shared stories, under an alias, never trained on), take them out of round-robin
+        games, and never record their id or name again: what they do afterwards is
+        stored under their alias. Their own stories stay theirs (the alias owns them)."""
+        user_id = clean_id(user_id, "The user id")
+        await self.reactions.flush()  # a reaction queued before this must not land after
         for story in await self.store.active_stories():
             if story.mode != "round-robin":
                 continue
@@ -708,8 +908,9 @@ class StoryEngine:
         return ForgetReport(feedback, pairs, turns)
 
     async def export_user_data(self, user_id: str) -> dict[str, Any]:
-        """Everything stored that names the user, as plain data (for a JSON download)."""
-        return await self.store.user_data(user_id)
+        """Every row that refers to the user, as plain data (for a JSON download)."""
+        await self.reactions.flush()
+        return await self.store.user_data(clean_id(user_id, "The user id"))
 
     # -- internals ----------------------------------------------------------------
 
@@ -738,11 +939,12 @@ class StoryEngine:
         action: int,
         user_turn: Turn | None,
         on_progress: ProgressCallback | None,
+        params: SamplingParams | None = None,
         *,
         replacing: Turn | None = None,
-        **overrides: Any,
     ) -> TurnResult:
-        params = await self.sampling_for(story.channel, **overrides)
+        if params is None:
+            params = await self.sampling_for(story.channel)
         prompt = await self._prompt(story, turns, params)
         narration, generation_id = await self._narrate(
             story,
@@ -776,6 +978,8 @@ class StoryEngine:
         on_progress: ProgressCallback | None = None,
     ) -> tuple[Narration, int]:
         """Generate one continuation and record it (a cancelled one too)."""
+        if self._closing:
+            raise GenerationCancelled(message=SHUTTING_DOWN)
         channel = story.channel
         await self.sync_adapter()
         record = {"story_id": story.id, "channel": channel, "prompt": prompt}
@@ -784,6 +988,8 @@ class StoryEngine:
         def track(handle: Any) -> None:
             handles.append(handle)
             self._in_flight.setdefault(channel, set()).add(handle)
+            if self._closing:  # shutting down since the request was made
+                handle.cancel()
 
         try:
             narration = await self.narrator.narrate(
@@ -797,6 +1003,8 @@ class StoryEngine:
         except GenerationCancelled as cancelled:
             if isinstance(cancelled.output, GenerationOutput):
                 await self._record(record, params, cancelled.output, shown="")
+            if self._closing:
+                raise GenerationCancelled(cancelled.output, message=SHUTTING_DOWN) from None
             raise
         finally:
             in_flight = self._in_flight.get(channel, set())
@@ -832,3 +1040,9 @@ class StoryEngine:
             latency_s=output.latency_s,
             ttft_s=output.ttft_s,
         )
+
+
+SHUTTING_DOWN = (
+    "The storyteller was stopped: the bot is shutting down. Your line is kept; "
+    "continue when it is back."
+)

@@ -41,8 +41,8 @@ class InvalidInput(StoryError):
 
 
 class GenerationCancelled(StoryError):
-    def __init__(self, output: object | None = None) -> None:
-        super().__init__("The storyteller was stopped before finishing.")
+    def __init__(self, output: object | None = None, *, message: str | None = None) -> None:
+        super().__init__(message or "The storyteller was stopped before finishing.")
         self.output = output
         """The partial `GenerationOutput`, when there is one."""
 
@@ -51,7 +51,11 @@ class GenerationFailed(StoryError):
     pass
 
 
-class NotYourTurn(StoryError):
+class NotAllowed(StoryError):
+    """The person acting may not do this to this story (see `storyengine.permissions`)."""
+
+
+class NotYourTurn(NotAllowed):
     """Round-robin: someone other than the current player tried to add a line."""
 
 

@@ -9,16 +9,17 @@ Two kinds of examples, each (prompt exactly as the model saw it, completion):
 * labelled examples, for KTO: a continuation with a net positive (desirable) or net
   negative (undesirable) score; zero and ties are left out.
 
-Votes are weighted so no one dominates: each user's votes in a round (on the
-generations between two training rounds) share at most `per_user_cap` votes of weight,
-and a user who votes the same way on everything counts for `uniform_voter_weight`: at
-least `uniform_voter_min_votes` votes, all one way, which an honest voter who likes
-what the rest of the audience likes would cast with a probability under
-`uniform_voter_p` (so in a community that dislikes most of what it sees, a run of 👎 is
-not suspicious; a run of 👍 is). Lines of users
-who asked to be forgotten are never trained on: an example whose prompt holds one is
-dropped. Only stories whose community has learning switched on (or that were told
-outside any community) are used. Examples of one story stay on one side of the
+A vote is a user's emoji on a generation: the same emoji on two parts of a split reply
+counts once (the `votes` view). Votes are weighted so no one dominates: each user's
+votes in a round (on the generations between two training rounds) share at most
+`per_user_cap` votes of weight, and a user who votes the same way on everything counts
+for `uniform_voter_weight`: at least `uniform_voter_min_votes` votes, all one way, which
+an honest voter who likes what the rest of the audience likes would cast with a
+probability under `uniform_voter_p` (so in a community that dislikes most of what it
+sees, a run of 👎 is not suspicious; a run of 👍 is). Lines of users who asked to be
+forgotten are never trained on: an example whose prompt holds one is dropped. Only
+stories whose community has learning switched on (or that were told outside any
+community) are used. Examples of one story stay on one side of the
 train/held-out split.
 """
 
@@ -199,7 +200,7 @@ async def build_datasets(store: Store, config: DatasetConfig | None = None) -> F
 async def _net_scores(store: Store, config: DatasetConfig) -> dict[int, float]:
     """Each generation's weighted sum of reaction values."""
     rows = await store.db.execute_fetchall(
-        "SELECT f.generation_id, f.user_id, f.value FROM feedback f"
+        "SELECT f.generation_id, f.user_id, f.value FROM votes f"
         " WHERE f.value != 0 AND f.user_id NOT IN (SELECT user_id FROM forgotten_users)"
     )
     # Rounds are the spans of generations between two training rounds' data.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 StoryMode = Literal["solo", "round-robin", "companion"]
@@ -11,10 +11,13 @@ MODES: tuple[StoryMode, ...] = ("solo", "round-robin", "companion")
 
 @dataclass(frozen=True)
 class Author:
-    """Who wrote a turn: a Discord user id and display name, or a terminal user."""
+    """Who acts or wrote a turn: a Discord user id and display name, or a terminal user.
+    `moderator`: may manage the channel (Discord's Manage Messages), which overrides
+    story ownership (see `storyengine.permissions`)."""
 
     id: str
     name: str
+    moderator: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -18,8 +20,11 @@ from typing import Any
 
 import aiosqlite
 
+from .errors import ConfigError
 from .memory import LoreCard
 from .records import Player, Story, Turn
+
+log = logging.getLogger(__name__)
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -49,6 +54,50 @@ def load_migrations() -> list[Migration]:
     if len(set(versions)) != len(versions):
         raise RuntimeError(f"duplicate migration numbers: {versions}")
     return found
+
+
+FORMER_PLAYER = "a former player"
+"""The name that replaces a forgotten user's, wherever a name is shown."""
+
+USER_COLUMNS: dict[str, tuple[str, ...]] = {
+    "stories": ("created_by",),
+    "turns": ("author_id", "author_name"),
+    "players": ("user_id", "user_name"),
+    "feedback": ("user_id",),
+    "choices": ("user_id",),
+    "preference_pairs": ("user_id",),
+    "communities": ("updated_by",),
+    "forgotten_users": ("user_id", "alias"),
+}
+"""Every column that can hold a user's id or name. `user_data` exports each and
+`forget_user` clears each (the forget list itself, `forgotten_users`, excepted). A test
+stores a user's data everywhere and fails if any other column holds it."""
+
+
+ALIAS_PREFIX = "forgotten:"
+
+
+def new_alias() -> str:
+    return ALIAS_PREFIX + secrets.token_hex(8)
+
+
+def is_alias(user_id: str | None) -> bool:
+    return bool(user_id and user_id.startswith(ALIAS_PREFIX))
+
+
+@dataclass(frozen=True)
+class ReactionEvent:
+    """One reaction added to (or removed from) a message."""
+
+    message_id: str
+    user_id: str
+    emoji: str
+    added: bool
+    value: float = 0.0
+
+
+def _chunks(items: Sequence[str], size: int = 500) -> list[Sequence[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 # -- the audience: round-robin, messages, feedback, choices, forgetting ---------------
@@ -133,23 +182,79 @@ class AudienceStore:
         return rows[0][0] if rows else None
 
     async def set_feedback(
-        self, generation_id: int, user_id: str, emoji: str, value: float
+        self, generation_id: int, user_id: str, emoji: str, value: float, message_id: str = ""
     ) -> None:
+        """One user's emoji on one message showing a generation (set, or set again)."""
         await self._write(
-            "INSERT INTO feedback (generation_id, user_id, emoji, value) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (generation_id, user_id, emoji) DO UPDATE SET value = excluded.value",
-            (generation_id, user_id, emoji, value),
+            "INSERT INTO feedback (generation_id, message_id, user_id, emoji, value)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (message_id, generation_id, user_id, emoji)"
+            " DO UPDATE SET value = excluded.value",
+            (generation_id, message_id, user_id, emoji, value),
         )
 
-    async def delete_feedback(self, generation_id: int, user_id: str, emoji: str) -> None:
+    async def delete_feedback(
+        self, generation_id: int, user_id: str, emoji: str, message_id: str | None = None
+    ) -> None:
+        """Take a vote back: from one message, or (None) from every message."""
+        where = "" if message_id is None else " AND message_id IN (?, '')"
         await self._write(
-            "DELETE FROM feedback WHERE generation_id = ? AND user_id = ? AND emoji = ?",
-            (generation_id, user_id, emoji),
+            "DELETE FROM feedback WHERE generation_id = ? AND user_id = ? AND emoji = ?" + where,
+            (generation_id, user_id, emoji, *(() if message_id is None else (message_id,))),
         )
+
+    async def apply_reactions(self, events: Sequence[ReactionEvent]) -> list[bool]:
+        """Record a batch of reaction events in one transaction, in order: each adds or
+        removes one user's emoji on one message. Returns, per event, whether it counted
+        (False: the message shows no generation, or the user asked to be forgotten)."""
+        if not events:
+            return []
+        async with self.transaction() as db:
+            messages = sorted({e.message_id for e in events})
+            users = sorted({e.user_id for e in events})
+            linked: dict[str, int] = {}
+            for chunk in _chunks(messages):
+                rows = await db.execute_fetchall(
+                    "SELECT message_id, generation_id FROM story_messages WHERE message_id IN"
+                    f" ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+                linked.update({r[0]: r[1] for r in rows})
+            forgotten: set[str] = set()
+            for chunk in _chunks(users):
+                rows = await db.execute_fetchall(
+                    "SELECT user_id FROM forgotten_users WHERE user_id IN"
+                    f" ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+                forgotten.update(r[0] for r in rows)
+            # Within a batch only each vote's last event matters (added: there, with its
+            # value; removed: gone), so the batch is two statements, whatever its size.
+            counted, last = [], {}
+            for e in events:
+                generation_id = linked.get(e.message_id)
+                ok = generation_id is not None and e.user_id not in forgotten
+                counted.append(ok)
+                if ok:
+                    last[(e.message_id, generation_id, e.user_id, e.emoji)] = e
+            await db.executemany(
+                "INSERT INTO feedback (generation_id, message_id, user_id, emoji, value)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (message_id, generation_id, user_id, emoji)"
+                " DO UPDATE SET value = excluded.value",
+                [(g, m, u, emoji, e.value) for (m, g, u, emoji), e in last.items() if e.added],
+            )
+            await db.executemany(  # '' is a vote from before votes were kept per message
+                "DELETE FROM feedback WHERE generation_id = ? AND user_id = ? AND emoji = ?"
+                " AND message_id IN (?, '')",
+                [(g, u, emoji, m) for (m, g, u, emoji), e in last.items() if not e.added],
+            )
+        return counted
 
     async def feedback(self, generation_id: int) -> list[tuple[str, str, float]]:
+        """The votes on a generation: (user, emoji, value), one per user and emoji however
+        many of its messages carry it."""
         rows = await self.db.execute_fetchall(
-            "SELECT user_id, emoji, value FROM feedback WHERE generation_id = ? ORDER BY id",
+            "SELECT user_id, emoji, value FROM votes WHERE generation_id = ?"
+            " ORDER BY created_at, user_id, emoji",
             (generation_id,),
         )
         return [(r[0], r[1], r[2]) for r in rows]
@@ -218,47 +323,118 @@ class AudienceStore:
         )
         return bool(rows)
 
+    async def forgotten_alias(self, user_id: str) -> str | None:
+        """The alias that stands for a forgotten user, or None if they are not."""
+        rows = await self.db.execute_fetchall(
+            "SELECT alias FROM forgotten_users WHERE user_id = ?", (user_id,)
+        )
+        return rows[0][0] if rows else None
+
     async def forget_user(self, user_id: str) -> tuple[int, int, int]:
-        """Delete the user's reactions and choices, anonymise their turns and exclude them
-        from training; remember the id so nothing of theirs is recorded again."""
+        """Delete the user's reactions and preferences; everywhere else their id becomes
+        their alias and their name goes (`USER_COLUMNS` lists every column that can hold
+        either; a test keeps the list complete). Their lines stay in shared stories,
+        anonymised and excluded from training. Remember the id, so nothing of theirs is
+        recorded again and what they do later is stored under the alias."""
         async with self.transaction() as db:
+            rows = await db.execute_fetchall(
+                "SELECT alias FROM forgotten_users WHERE user_id = ?", (user_id,)
+            )
+            alias = rows[0][0] if rows else new_alias()
+            await db.execute(
+                "INSERT OR IGNORE INTO forgotten_users (user_id, alias) VALUES (?, ?)",
+                (user_id, alias),
+            )
             feedback = await db.execute("DELETE FROM feedback WHERE user_id = ?", (user_id,))
             pairs = await db.execute("DELETE FROM preference_pairs WHERE user_id = ?", (user_id,))
             turns = await db.execute(
-                "UPDATE turns SET author_id = NULL, author_name = 'a former player',"
-                " train_excluded = 1 WHERE author_id = ?",
-                (user_id,),
+                "UPDATE turns SET author_id = ?, author_name = ?, train_excluded = 1"
+                " WHERE author_id = ?",
+                (alias, FORMER_PLAYER, user_id),
             )
-            await db.execute("UPDATE choices SET user_id = NULL WHERE user_id = ?", (user_id,))
+            await db.execute("UPDATE choices SET user_id = ? WHERE user_id = ?", (alias, user_id))
             await db.execute(
-                "UPDATE stories SET created_by = NULL WHERE created_by = ?", (user_id,)
-            )
-            await db.execute(
-                "UPDATE players SET user_name = 'a former player', active = 0 WHERE user_id = ?",
-                (user_id,),
+                "UPDATE stories SET created_by = ? WHERE created_by = ?", (alias, user_id)
             )
             await db.execute(
-                "INSERT OR IGNORE INTO forgotten_users (user_id) VALUES (?)", (user_id,)
+                "UPDATE players SET user_id = ?, user_name = ?, active = 0 WHERE user_id = ?",
+                (alias, FORMER_PLAYER, user_id),
+            )
+            await db.execute(
+                "UPDATE communities SET updated_by = ? WHERE updated_by = ?", (alias, user_id)
             )
         return feedback.rowcount, pairs.rowcount, turns.rowcount
 
     async def user_data(self, user_id: str) -> dict[str, Any]:
-        """Everything stored that names the user: their turns and reactions."""
-        turns = await self.db.execute_fetchall(
-            "SELECT s.channel, t.story_id, t.position, t.text, t.status, t.created_at"
-            " FROM turns t JOIN stories s ON s.id = t.story_id WHERE t.author_id = ?"
-            " ORDER BY t.id",
-            (user_id,),
-        )
-        reactions = await self.db.execute_fetchall(
-            "SELECT f.generation_id, g.output, f.emoji, f.value, f.created_at FROM feedback f"
-            " JOIN generations g ON g.id = f.generation_id WHERE f.user_id = ? ORDER BY f.id",
-            (user_id,),
-        )
+        """Every row that refers to the user (by id, or by their alias once forgotten),
+        table by table, as plain data: what `/story my-data` hands over."""
+        alias = await self.forgotten_alias(user_id)
+        ids = (user_id, alias or user_id)
+        q = self.db.execute_fetchall
+
+        def rows(found: Any) -> list[dict[str, Any]]:
+            return [dict(r) for r in found]
+
         return {
             "user_id": user_id,
-            "turns": [dict(r) for r in turns],
-            "reactions": [dict(r) for r in reactions],
+            "forgotten": {"alias": alias} if alias else None,
+            "stories_started": rows(
+                await q(
+                    "SELECT id AS story_id, channel, premise, genre, mode, status, memory,"
+                    " authors_note, community, created_at, ended_at FROM stories"
+                    " WHERE created_by IN (?, ?) ORDER BY id",
+                    ids,
+                )
+            ),
+            "turns": rows(
+                await q(
+                    "SELECT s.channel, t.story_id, t.position, t.author_name, t.text, t.status,"
+                    " t.created_at FROM turns t JOIN stories s ON s.id = t.story_id"
+                    " WHERE t.author_id IN (?, ?) ORDER BY t.id",
+                    ids,
+                )
+            ),
+            "reactions": rows(
+                await q(
+                    "SELECT f.generation_id, f.message_id, g.output, f.emoji, f.value,"
+                    " f.created_at FROM feedback f JOIN generations g ON g.id = f.generation_id"
+                    " WHERE f.user_id IN (?, ?) ORDER BY f.id",
+                    ids,
+                )
+            ),
+            "round_robin_seats": rows(
+                await q(
+                    "SELECT p.story_id, s.channel, p.user_name, p.seat, p.active, p.joined_at"
+                    " FROM players p JOIN stories s ON s.id = p.story_id"
+                    " WHERE p.user_id IN (?, ?) ORDER BY p.story_id",
+                    ids,
+                )
+            ),
+            "companion_offers": rows(
+                await q(
+                    "SELECT c.id AS choice_id, c.story_id, c.status, c.created_at,"
+                    " (SELECT json_group_array(g.output) FROM choice_options o"
+                    "  JOIN generations g ON g.id = o.generation_id WHERE o.choice_id = c.id)"
+                    " AS options FROM choices c WHERE c.user_id IN (?, ?) ORDER BY c.id",
+                    ids,
+                )
+            ),
+            "preferences": rows(
+                await q(
+                    "SELECT p.source, c.output AS chosen, r.output AS rejected, p.created_at"
+                    " FROM preference_pairs p JOIN generations c ON c.id = p.chosen_generation_id"
+                    " JOIN generations r ON r.id = p.rejected_generation_id"
+                    " WHERE p.user_id IN (?, ?) ORDER BY p.id",
+                    ids,
+                )
+            ),
+            "learning_switches": rows(
+                await q(
+                    "SELECT id AS community, learning, updated_at FROM communities"
+                    " WHERE updated_by IN (?, ?) ORDER BY id",
+                    ids,
+                )
+            ),
         }
 
     # -- learning: opt-in per community, and what feedback came in ----------------
@@ -289,7 +465,7 @@ class AudienceStore:
         after `since` (a timestamp as the database writes them; None: ever)."""
         since = since or ""
         rows = await self.db.execute_fetchall(
-            "SELECT (SELECT COUNT(*) FROM feedback f JOIN generations g ON g.id = f.generation_id"
+            "SELECT (SELECT COUNT(*) FROM votes f JOIN generations g ON g.id = f.generation_id"
             f" JOIN stories s ON s.id = g.story_id WHERE f.value != 0 AND f.created_at > ?"
             f" AND {TRAINABLE_STORY})"
             " + (SELECT COUNT(*) FROM choices c JOIN stories s ON s.id = c.story_id"
@@ -308,7 +484,7 @@ class AudienceStore:
             " COUNT(DISTINCT f.generation_id) AS reacted,"
             " COALESCE(SUM(f.value > 0), 0) AS liked, COALESCE(SUM(f.value < 0), 0) AS disliked"
             " FROM generations g JOIN stories s ON s.id = g.story_id"
-            f" LEFT JOIN feedback f ON f.generation_id = g.id {where}"
+            f" LEFT JOIN votes f ON f.generation_id = g.id {where}"
             " GROUP BY g.adapter_id ORDER BY MIN(g.id)",
             params,
         )
@@ -394,14 +570,40 @@ class Store(AudienceStore):
             " version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
             " applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))"
         )
+        await self._refuse_unknown_migrations()
         if migrate:
             await self.migrate()
         return self
 
+    async def _refuse_unknown_migrations(self) -> None:
+        """A database that a newer release migrated may hold what this release does not
+        understand: refuse it rather than misread or damage it."""
+        rows = await self.db.execute_fetchall("SELECT version, name FROM schema_migrations")
+        known = {m.version for m in load_migrations()}
+        unknown = sorted((r[0], r[1]) for r in rows if r[0] not in known)
+        if unknown:
+            await self.close()
+            names = ", ".join(f"{v:04d}_{n}" for v, n in unknown)
+            raise ConfigError(
+                f"{self.path}: this database was upgraded by a newer Taleweaver (migration "
+                f"{names}); run that release, or restore a backup made before the upgrade"
+            )
+
     async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        """Checkpoint the write-ahead log into the database file and close. Safe to call
+        twice; waits for a write transaction in progress to end."""
+        if self._db is None:
+            return
+        async with self._write_lock:
+            db, self._db = self._db, None
+            if db is None:
+                return
+            try:
+                await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except aiosqlite.Error as exc:  # another connection may be reading: fine
+                log.warning("could not checkpoint %s: %s", self.path, exc)
+            finally:
+                await db.close()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -529,6 +731,7 @@ class Store(AudienceStore):
         generation_id: int | None = None,
         position: int | None = None,
         replacing: int | None = None,
+        train_excluded: bool = False,
     ) -> Turn:
         """Append a turn. Positions are never reused (undone turns keep theirs); with
         `replacing`, the new turn takes that turn's place and the old one is marked
@@ -544,8 +747,18 @@ class Store(AudienceStore):
                 await db.execute("UPDATE turns SET status = 'replaced' WHERE id = ?", (replacing,))
             cursor = await db.execute(
                 "INSERT INTO turns (story_id, position, action, kind, author_id, author_name,"
-                " text, generation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (story_id, position, action, kind, author_id, author_name, text, generation_id),
+                " text, generation_id, train_excluded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    story_id,
+                    position,
+                    action,
+                    kind,
+                    author_id,
+                    author_name,
+                    text,
+                    generation_id,
+                    int(train_excluded),
+                ),
             )
         turn = await self.turn(cursor.lastrowid or 0)
         assert turn is not None

@@ -110,3 +110,21 @@ async def engine(settings: Settings, bundled_model: LoadedModel) -> AsyncIterato
 
     async with StoryEngine(settings, generator=SequentialGenerator(bundled_model)) as engine:
         yield engine
+
+
+@pytest.fixture
+async def tiny_engine(tmp_path: Path) -> AsyncIterator[object]:
+    """An engine on the tiny random GPT-2 with the batching scheduler (as production
+    serves): for tests of story rules, where the words do not matter."""
+    from storyengine.engine import StoryEngine
+    from storyengine.sampling import SamplingParams
+    from storyengine.scheduler import BatchingGenerator
+
+    settings = Settings(
+        db_path=tmp_path / "tiny.db",
+        adapter_dir=tmp_path / "adapters",
+        device="cpu",
+        sampling=SamplingParams(max_new_tokens=8, seed=1),
+    )
+    async with StoryEngine(settings, generator=BatchingGenerator(make_tiny_model())) as engine:
+        yield engine

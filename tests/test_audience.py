@@ -166,7 +166,8 @@ async def test_forget_me_deletes_feedback_and_anonymises_lines(engine, clock):
     assert await engine.store.feedback(result.generation_id) == [("2", "👍", 1.0)]
     turn = (await engine.view("g")).turns[1]
     assert turn.text == "Ann reads the map aloud."  # the shared story keeps the line
-    assert turn.author_id is None and turn.author_name == "a former player"
+    # The line is theirs under an alias that only the forget list links to them.
+    assert turn.author_id.startswith("forgotten:") and turn.author_name == "a former player"
     rows = await engine.store.db.execute_fetchall(
         "SELECT train_excluded FROM turns WHERE id = ?", (turn.id,)
     )
@@ -174,7 +175,12 @@ async def test_forget_me_deletes_feedback_and_anonymises_lines(engine, clock):
     state = await engine.turn_state("g")
     assert [p.user_name for p in state.active_players] == ["Ben"]
     assert not await engine.record_reaction("m", "1", "👎", added=True)  # never recorded again
-    assert await engine.export_user_data("1") == {"user_id": "1", "turns": [], "reactions": []}
+    after = await engine.export_user_data("1")
+    assert after["reactions"] == [] and after["preferences"] == []
+    assert after["forgotten"] == {"alias": turn.author_id}
+    assert [(t["text"], t["author_name"]) for t in after["turns"]] == [
+        ("Ann reads the map aloud.", "a former player")
+    ]
 
 
 def test_reaction_values_and_turn_timeout_settings():
