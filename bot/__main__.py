@@ -1,17 +1,22 @@
 """`taleweaver-bot` / `python -m bot`: run the Discord bot.
 
 Reads DISCORD_TOKEN and the engine's STORY_* settings from the environment or `.env`.
-A missing or malformed token, or a bad setting, ends it with one line and exit code 2.
+A missing or malformed token, a bad setting or a token Discord refuses ends it with one
+line and exit code 2 (fix the configuration; restarting will not help); Discord out of
+reach ends it with one line and exit code 1 (try again later). SIGTERM or Ctrl-C stop it
+cleanly within 10 seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,14 +39,15 @@ def read_token(environ: dict[str, str] | os._Environ[str]) -> str:
 
 
 def main() -> int:
-    from dotenv import load_dotenv
+    from dotenv import find_dotenv, load_dotenv
 
     from storyengine.config import Settings
     from storyengine.errors import ConfigError
 
     from .settings import BotSettings
 
-    load_dotenv(override=False)
+    # `.env` in the directory the bot is started from (not the package's folder).
+    load_dotenv(find_dotenv(usecwd=True), override=False)
     try:
         token = read_token(os.environ)
         settings = Settings.from_env(dotenv=False)
@@ -59,7 +65,13 @@ def main() -> int:
         return 0
 
 
+STOP_DEADLINE_S = 9.0
+"""After SIGTERM or Ctrl-C the bot exits within this many seconds, whatever is running;
+a second signal exits at once."""
+
+
 async def _run(token: str, settings: Settings, bot_settings: BotSettings) -> int:
+    import aiohttp
     import discord
 
     from storyengine.engine import StoryEngine
@@ -68,15 +80,57 @@ async def _run(token: str, settings: Settings, bot_settings: BotSettings) -> int
 
     bot = StoryBot(engine=StoryEngine(settings), settings=bot_settings)
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():  # the second signal: no more waiting
+            print("taleweaver-bot: stopped at once (second signal)", file=sys.stderr)
+            os._exit(130)
+        logging.getLogger(__name__).info(
+            "%s: stopping (a second signal stops at once)", signal.Signals(signum).name
+        )
+        stop.set()
+        _exit_after(STOP_DEADLINE_S)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(bot.close()))
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         async with bot:
-            await bot.start(token)
+            running = asyncio.create_task(bot.start(token), name="bot")
+            stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                if not running.done() and not bot.is_ready():
+                    running.cancel()  # still starting (loading the model): nothing to save
+                await bot.close()
+            stopping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
     except discord.LoginFailure:
         print("taleweaver-bot: error: Discord refused the token (DISCORD_TOKEN)", file=sys.stderr)
         return 2
+    except (aiohttp.ClientError, OSError, discord.GatewayNotFound, discord.HTTPException) as exc:
+        reason = exc.__class__.__name__ + (f": {exc}" if str(exc) else "")
+        print(
+            f"taleweaver-bot: error: cannot reach Discord ({reason}); check the network "
+            "and try again",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _exit_after(seconds: float) -> None:
+    """A last resort: if stopping hangs (a stuck thread, a lost connection), end the
+    process anyway. What is committed stays committed; SQLite recovers the rest."""
+
+    def expire() -> None:
+        print(f"taleweaver-bot: still stopping after {seconds:.0f} s; exiting", file=sys.stderr)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import discord
@@ -12,9 +14,13 @@ from storyengine.engine import StoryEngine
 from storyengine.errors import StoryError
 from storyengine.training_scheduler import TrainingSchedule, TrainingScheduler
 
+from .publish import safe
 from .settings import BotSettings
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 5.0
+"""How long a shutdown waits for generations to stop and their messages to say so."""
 
 
 def intents() -> discord.Intents:
@@ -25,6 +31,37 @@ def intents() -> discord.Intents:
     wanted.guild_reactions = True
     wanted.dm_reactions = True
     return wanted
+
+
+class WorkTracker:
+    """Counts the replies being written (publishers, choice offers), so that a shutdown
+    can wait for them to finish their last edit before the connection closes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        self.count -= 1
+        if self.count <= 0:
+            self.count = 0
+            self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def tracked(self):  # type: ignore[no-untyped-def]
+        self.begin()
+        try:
+            yield
+        finally:
+            self.end()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
 
 
 class StoryBot(commands.Bot):
@@ -42,6 +79,8 @@ class StoryBot(commands.Bot):
             engine.store,
             TrainingSchedule(settings.train_min_new_feedback, settings.train_interval_s),
         )
+        self.work = WorkTracker()
+        self._shutdown: asyncio.Task[None] | None = None
         self.tree.on_error = self.on_app_command_error  # type: ignore[method-assign]
 
     async def setup_hook(self) -> None:
@@ -69,11 +108,33 @@ class StoryBot(commands.Bot):
             self.training_clock.start()
 
     async def close(self) -> None:
+        """Shut down in order, whoever asks (a signal, a test, discord.py itself), and
+        only once: stop the training round and every generation, let their messages
+        say so, then close the connection, then the engine (which records what was
+        stopped and closes the database)."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.ensure_future(self._close_in_order())
+        await asyncio.shield(self._shutdown)
+
+    async def _close_in_order(self) -> None:
         self.turn_clock.cancel()
         self.training_clock.cancel()
-        await self.training.close()
-        await super().close()
-        await self.engine.close()
+        training = asyncio.ensure_future(self.training.close())
+        stopped = self.engine.cancel_all()
+        if stopped:
+            log.info("stopping %d generation(s) in progress", stopped)
+        try:
+            await asyncio.wait_for(self.work.idle(), SHUTDOWN_GRACE_S)
+        except TimeoutError:
+            log.warning("%d repl(ies) still being written at shutdown", self.work.count)
+        try:
+            await training
+        finally:
+            try:
+                await super().close()
+            finally:
+                await self.engine.close(grace_s=2.0)
+        log.info("stopped")
 
     @tasks.loop(seconds=60)
     async def training_clock(self) -> None:
@@ -101,7 +162,10 @@ class StoryBot(commands.Bot):
                 except discord.HTTPException:
                     continue
             if isinstance(channel, discord.abc.Messageable):
-                await channel.send("⏰ Time is up: the turn passes. " + describe_turn(state))
+                with contextlib.suppress(discord.HTTPException):
+                    await channel.send(
+                        safe("⏰ Time is up: the turn passes. " + describe_turn(state))
+                    )
 
     @turn_clock.before_loop
     async def _before_turn_clock(self) -> None:
@@ -116,6 +180,8 @@ class StoryBot(commands.Bot):
 async def report_error(interaction: discord.Interaction, error: Exception) -> None:
     """A short ephemeral message for the user; the full trace in the log for bugs."""
     original = getattr(error, "original", error)
+    if getattr(original, "reported", False):  # the message itself already says so
+        return
     if isinstance(original, StoryError):
         message = str(original)
     elif isinstance(error, app_commands.CommandOnCooldown):
@@ -125,6 +191,7 @@ async def report_error(interaction: discord.Interaction, error: Exception) -> No
     else:
         log.error("command failed", exc_info=original)
         message = "Something went wrong on my side; it has been logged. Please try again."
+    message = safe(message, 1900)
     try:
         if interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
             # A public "thinking…" placeholder is waiting: it becomes the answer.

@@ -1,6 +1,13 @@
-"""Putting a generation on Discord: progressive edits while it is written, then the
-final text split into messages, with buttons, reactions and the link to the generation
-that lets reactions count as feedback."""
+"""Putting text on Discord.
+
+Everything the bot shows passes `safe()` here or in `reply()`: mention syntax defused
+(whoever wrote it: the model, a user's line quoted back, a card's name) and cut to
+Discord's 2,000 characters. A generation is shown by a `Publisher`: progressive edits
+while it is written, then the final text split into messages, with buttons, reactions
+and the link to the generation that lets reactions count as feedback. If the
+generation is stopped (`/story stop`, or the bot shutting down) the message keeps what
+was written and says so, instead of staying cut off at "…".
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import discord
 
+from storyengine.errors import GenerationCancelled
+from storyengine.safety import neutralize_mentions
 from storyengine.text import split_message
 
 if TYPE_CHECKING:
@@ -21,6 +30,12 @@ log = logging.getLogger(__name__)
 
 FEEDBACK_EMOJI = ("👍", "👎")
 LIMIT = 2000
+
+
+def safe(text: str, limit: int = LIMIT) -> str:
+    """Text fit to show: mentions defused, at most `limit` characters."""
+    text = neutralize_mentions(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class InteractionTarget:
@@ -34,11 +49,11 @@ class InteractionTarget:
         self, content: str, view: discord.ui.View | None = None
     ) -> discord.Message:
         kwargs = {"view": view} if view is not None else {}
-        return await self.interaction.edit_original_response(content=content, **kwargs)
+        return await self.interaction.edit_original_response(content=safe(content), **kwargs)
 
     async def send(self, content: str, view: discord.ui.View | None = None) -> discord.Message:
         kwargs = {"view": view} if view is not None else {}
-        return await self.interaction.followup.send(content, wait=True, **kwargs)
+        return await self.interaction.followup.send(safe(content), wait=True, **kwargs)
 
 
 class ChannelTarget:
@@ -54,14 +69,14 @@ class ChannelTarget:
     ) -> discord.Message:
         kwargs = {"view": view} if view is not None else {}
         if self._first is None:
-            self._first = await self.channel.send(content, **kwargs)
+            self._first = await self.channel.send(safe(content), **kwargs)
         else:
-            self._first = await self._first.edit(content=content, **kwargs)
+            self._first = await self._first.edit(content=safe(content), **kwargs)
         return self._first
 
     async def send(self, content: str, view: discord.ui.View | None = None) -> discord.Message:
         kwargs = {"view": view} if view is not None else {}
-        return await self.channel.send(content, **kwargs)
+        return await self.channel.send(safe(content), **kwargs)
 
 
 Target = InteractionTarget | ChannelTarget
@@ -70,7 +85,9 @@ Target = InteractionTarget | ChannelTarget
 class Publisher:
     """For one generation: `progress` is the engine's `on_progress` callback (edits
     the reply as it grows, at most once per interval; while waiting in the queue it
-    says how many are ahead); `finish` posts the final text."""
+    says how many are ahead); `finish` posts the final text. Use it as an async context
+    manager: the bot waits for open publishers when it shuts down, and a generation that
+    is stopped leaves its message saying so."""
 
     def __init__(self, bot: StoryBot, target: Target, *, prefix: str = "") -> None:
         self.bot = bot
@@ -78,15 +95,29 @@ class Publisher:
         self.prefix = prefix
         self._last_edit = 0.0
         self._shown = False
+        self._text = ""
         self._waiting: asyncio.Task[None] | None = None
 
-    def __enter__(self) -> Publisher:
+    async def __aenter__(self) -> Publisher:
+        self.bot.work.begin()
         self._waiting = asyncio.create_task(self._show_queue())
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._waiting is not None:
-            self._waiting.cancel()
+    async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            if self._waiting is not None:
+                self._waiting.cancel()
+            if isinstance(exc, GenerationCancelled) and not getattr(exc, "reported", False):
+                body = (self.prefix + self._text).rstrip()
+                note = f"⏹️ {exc}"
+                with contextlib.suppress(discord.HTTPException):
+                    await self.target.edit_first(
+                        (safe(body, LIMIT - len(note) - 2) + "\n\n" + note) if body else note,
+                        discord.ui.View(),  # no buttons on a stopped message
+                    )
+                    exc.reported = True  # type: ignore[attr-defined]
+        finally:
+            self.bot.work.end()
 
     async def _show_queue(self) -> None:
         shown = None
@@ -99,14 +130,14 @@ class Publisher:
                     await self.target.edit_first(f"⏳ Waiting for the storyteller ({ahead} ahead)…")
 
     async def progress(self, text: str) -> None:
+        self._text = text
         now = time.monotonic()
         if now - self._last_edit < self.bot.settings.edit_interval_s:
             return
         self._last_edit = now
         self._shown = True
-        body = (self.prefix + text)[: LIMIT - 2] + " …"
         with contextlib.suppress(discord.HTTPException):
-            await self.target.edit_first(body)
+            await self.target.edit_first(safe(self.prefix + text, LIMIT - 2) + " …")
 
     async def finish(
         self, text: str, generation_id: int | None, view: discord.ui.View | None
@@ -115,7 +146,7 @@ class Publisher:
         replaces the reply, the others follow, the view goes on the last part. Each part
         gets 👍/👎 and is linked to the generation, so reactions count as feedback."""
         self._shown = True
-        chunks = split_message(text, LIMIT) or ["…"]
+        chunks = split_message(neutralize_mentions(text), LIMIT) or ["…"]
         messages: list[discord.Message] = []
         for i, chunk in enumerate(chunks):
             part_view = view if i == len(chunks) - 1 else None
@@ -140,11 +171,20 @@ async def add_feedback_reactions(message: discord.Message) -> None:
 
 
 async def reply(interaction: discord.Interaction, text: str, *, ephemeral: bool = False) -> None:
-    """Answer an interaction with `text`, split over several messages if it is long."""
-    chunks = split_message(text) or ["…"]
+    """Answer an interaction with `text` (mentions defused), split over several
+    messages if it is long."""
+    chunks = split_message(neutralize_mentions(text)) or ["…"]
     if interaction.response.is_done():
         await interaction.followup.send(chunks[0], ephemeral=ephemeral)
     else:
         await interaction.response.send_message(chunks[0], ephemeral=ephemeral)
     for chunk in chunks[1:]:
         await interaction.followup.send(chunk, ephemeral=ephemeral)
+
+
+async def edit_reply(
+    interaction: discord.Interaction, text: str, *, view: discord.ui.View | None = None
+) -> None:
+    """Replace a deferred (or earlier) reply's text, mentions defused, cut to fit."""
+    kwargs = {"view": view} if view is not None else {}
+    await interaction.edit_original_response(content=safe(text), **kwargs)

@@ -236,7 +236,8 @@ async def test_companion_session_in_a_thread_records_the_choice(harness):
     assert len(buttons) == 3 and all(b.startswith("tw:choice:") for b in buttons)
 
     intruder = await fake.press(BEN, offer.original_id, buttons[1])
-    await said(fake, intruder, "Only the person this story is with")
+    await said(fake, intruder, "only they (or a moderator) can choose a continuation")
+    assert intruder.ephemeral
     choose = await fake.press(ANN, offer.original_id, buttons[1])
     await fake.wait_for(lambda: fake.reactions_on(offer.original_id) == ["👍", "👎"])
     assert choose.callback_type == 7 and message["components"] == []
@@ -324,7 +325,11 @@ async def test_stop_ends_a_generation_and_says_so(harness, monkeypatch):
     await fake.wait_for(lambda: harness.env.engine.is_generating(str(TEXT_CHANNEL)))
     stop = await fake.slash(CAT, TEXT_CHANNEL, "stop")
     await said(fake, stop, "Stopped.")
-    await said(fake, cont, "⚠️ The storyteller was stopped before finishing.")
+    # The message keeps what was written and says it was stopped; no buttons on it.
+    await said(fake, cont, "⏹️ The storyteller was stopped before finishing.")
+    stopped = fake.messages[cont.original_id]
+    assert stopped["content"].startswith("**Ben:** The frog met a duck.")
+    assert stopped["components"] == []
     rows = await harness.env.engine.store.db.execute_fetchall(
         "SELECT finish_reason FROM generations ORDER BY id DESC LIMIT 1"
     )
@@ -454,4 +459,5 @@ async def test_companion_in_a_dm_then_my_data_and_forget_me(harness):
     assert await engine.store.is_forgotten(str(ANN.id))
     assert await engine.store.preference_pairs() == []
     after = await engine.export_user_data(str(ANN.id))
-    assert after["turns"] == [] and after["reactions"] == []
+    assert after["reactions"] == [] and after["preferences"] == []
+    assert {t["author_name"] for t in after["turns"]} == {"a former player"}

@@ -88,3 +88,13 @@ def test_training_schedule_settings():
         BotSettings.from_env({"BOT_ADMIN_GUILDS": "my-server"})
     with pytest.raises(ConfigError, match="TRAIN_MIN_NEW_FEEDBACK"):
         BotSettings.from_env({"TRAIN_MIN_NEW_FEEDBACK": "0"})
+
+
+def test_dotenv_is_read_from_the_working_directory(tmp_path):
+    """README says: `.env` in the directory you start the bot from. An installed package
+    lives elsewhere, so the file must be looked for from the working directory."""
+    (tmp_path / ".env").write_text("DISCORD_TOKEN=not-a-token-secret123\n", encoding="utf-8")
+    result = run_bot({}, tmp_path)
+    assert result.returncode == 2
+    assert "does not look like a bot token" in result.stderr  # it was read
+    assert "not-a-token-secret123" not in result.stderr

@@ -18,7 +18,9 @@ from discord.ext import commands
 
 from storyengine.engine import DIRECT_MESSAGES
 from storyengine.errors import InvalidInput, StoryError
+from storyengine.permissions import Action
 from storyengine.records import Author, Story
+from storyengine.safety import quoted
 
 from ..client import report_error
 from ..publish import (
@@ -26,7 +28,9 @@ from ..publish import (
     InteractionTarget,
     Publisher,
     add_feedback_reactions,
+    edit_reply,
     reply,
+    safe,
 )
 from ..render import HELP, PRIVACY, choice_message, describe_turn, quote_line, story_message
 from ..views import ConfirmView, choice_controls, story_controls
@@ -63,7 +67,12 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
 
     @staticmethod
     def author_of(interaction: discord.Interaction) -> Author:
-        return Author(str(interaction.user.id), interaction.user.display_name)
+        """Who acts: a moderator (Manage Messages here) may override a story's owner."""
+        return Author(
+            str(interaction.user.id),
+            interaction.user.display_name,
+            moderator=bool(interaction.guild_id and interaction.permissions.manage_messages),
+        )
 
     @staticmethod
     def is_moderator(interaction: discord.Interaction) -> bool:
@@ -77,6 +86,9 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         )
         if wait > 0:
             raise Cooldown(f"Easy there, storyteller! Try again in {wait:.0f} s.")
+        if len(self._last_generation) > 10_000:  # forget who wrote long ago
+            horizon = now - self.bot.settings.cooldown_s
+            self._last_generation = {u: t for u, t in self._last_generation.items() if t > horizon}
         self._last_generation[interaction.user.id] = now
 
     async def run_guarded(
@@ -119,9 +131,10 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
             return
         channel = self.channel_of(interaction)
         if preset:
-            await self.engine.configure_channel(channel, preset_name=preset)
+            await self.engine.configure_channel(channel, preset_name=preset, by=author)
         header = f"📖 **{premise}**"
-        with Publisher(self.bot, InteractionTarget(interaction), prefix=header + "\n\n") as pub:
+        target = InteractionTarget(interaction)
+        async with Publisher(self.bot, target, prefix=header + "\n\n") as pub:
             result = await self.engine.start_story(
                 channel,
                 premise,
@@ -154,14 +167,13 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         thread = await parent.create_thread(
             name=premise[:90], type=discord.ChannelType.public_thread, auto_archive_duration=1440
         )
-        await interaction.edit_original_response(
-            content=f"📖 Your story with me continues in {thread.mention}."
-        )
+        await edit_reply(interaction, f"📖 Your story with me continues in {thread.mention}.")
         channel = str(thread.id)
         if preset:
-            await self.engine.configure_channel(channel, preset_name=preset)
+            await self.engine.configure_channel(channel, preset_name=preset, by=author)
         header = f"📖 **{premise}**"
-        with Publisher(self.bot, ChannelTarget(thread, thread.id), prefix=header + "\n\n") as pub:
+        target = ChannelTarget(thread, thread.id)
+        async with Publisher(self.bot, target, prefix=header + "\n\n") as pub:
             result = await self.engine.start_story(
                 channel,
                 premise,
@@ -197,7 +209,7 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
             await self._offer_choices(interaction, story, author, text)
             return
         prefix = quote_line(author.name, text) + "\n\n" if text else ""
-        with Publisher(self.bot, InteractionTarget(interaction), prefix=prefix) as pub:
+        async with Publisher(self.bot, InteractionTarget(interaction), prefix=prefix) as pub:
             result = await self.engine.continue_story(
                 channel, author, text, on_progress=pub.progress
             )
@@ -208,28 +220,29 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
                 story_controls(),
             )
         if story.mode == "round-robin":
-            await interaction.followup.send(describe_turn(await self.engine.turn_state(channel)))
+            await interaction.followup.send(
+                safe(describe_turn(await self.engine.turn_state(channel)))
+            )
 
     async def _offer_choices(
         self, interaction: discord.Interaction, story: Story, author: Author, text: str | None
     ) -> None:
-        offer = await self.engine.offer_choices(story.channel, author, text, count=3)
-        await interaction.edit_original_response(
-            content=choice_message(offer, author.name),
-            view=choice_controls(offer.id, len(offer.options)),
-        )
+        async with self.bot.work.tracked():
+            offer = await self.engine.offer_choices(story.channel, author, text, count=3)
+            await edit_reply(
+                interaction,
+                choice_message(offer, author.name),
+                view=choice_controls(offer.id, len(offer.options)),
+            )
 
     async def do_choose(
         self, interaction: discord.Interaction, choice_id: int, position: int
     ) -> None:
         channel, author = self.channel_of(interaction), self.author_of(interaction)
-        story = await self.engine.active_story(channel)
-        if story.created_by not in (None, author.id):
-            raise InvalidInput("Only the person this story is with can choose.")
         result = await self.engine.choose(channel, choice_id, position, author)
         user_line = (author.name, result.user_turn.text) if result.user_turn else None
         await interaction.response.edit_message(
-            content=story_message(result.text, user_line=user_line)[:2000], view=None
+            content=safe(story_message(result.text, user_line=user_line)), view=None
         )
         message = await interaction.original_response()
         await self.engine.link_message(str(message.id), result.generation_id)
@@ -240,24 +253,28 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         await self.do_retry(interaction)
 
     async def do_retry(self, interaction: discord.Interaction) -> None:
-        channel = self.channel_of(interaction)
-        await self.engine.active_story(channel)
+        channel, author = self.channel_of(interaction), self.author_of(interaction)
+        await self.engine.check_allowed(channel, author, Action.REWRITE)  # before any work
         self.cooldown(interaction)
         await interaction.response.defer(thinking=True)
-        with Publisher(self.bot, InteractionTarget(interaction), prefix="🔁 ") as pub:
-            result = await self.engine.retry(channel, on_progress=pub.progress)
+        async with Publisher(self.bot, InteractionTarget(interaction), prefix="🔁 ") as pub:
+            result = await self.engine.retry(channel, by=author, on_progress=pub.progress)
             await pub.finish(
                 story_message(result.text, header="🔁"), result.generation_id, story_controls()
             )
 
     @app_commands.command(name="undo", description="Take back the last turn (a line and its reply)")
     async def undo(self, interaction: discord.Interaction) -> None:
-        removed = await self.engine.undo(self.channel_of(interaction))
+        removed = await self.engine.undo(
+            self.channel_of(interaction), by=self.author_of(interaction)
+        )
         await self.say(interaction, f"↩️ Undone: {len(removed)} turn(s).")
 
     @app_commands.command(name="stop", description="Stop the storyteller while it is writing")
     async def stop(self, interaction: discord.Interaction) -> None:
-        stopped = self.engine.stop(self.channel_of(interaction))
+        stopped = await self.engine.request_stop(
+            self.channel_of(interaction), by=self.author_of(interaction)
+        )
         await self.say(
             interaction,
             "⏹️ Stopped." if stopped else "Nothing is being written right now.",
@@ -276,12 +293,7 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
 
     @app_commands.command(name="end", description="End the story in this channel")
     async def end(self, interaction: discord.Interaction) -> None:
-        channel = self.channel_of(interaction)
-        story = await self.engine.active_story(channel)
-        if story.mode == "round-robin" and story.created_by not in (None, str(interaction.user.id)):
-            if not self.is_moderator(interaction):
-                raise InvalidInput("Only whoever started this game, or a moderator, can end it.")
-        await self.engine.end_story(channel)
+        await self.engine.end_story(self.channel_of(interaction), by=self.author_of(interaction))
         await self.say(
             interaction,
             "🏁 The story has ended. `/story export` still works; `/story start` begins a new one.",
@@ -298,7 +310,9 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     async def memory(
         self, interaction: discord.Interaction, text: app_commands.Range[str, 0, 1000] = ""
     ) -> None:
-        await self.engine.set_memory(self.channel_of(interaction), text)
+        await self.engine.set_memory(
+            self.channel_of(interaction), text, by=self.author_of(interaction)
+        )
         await self.say(interaction, "🧠 Memory set." if text else "🧠 Memory cleared.")
 
     @app_commands.command(name="note", description="Author's note: steers the next turns")
@@ -306,7 +320,9 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     async def note(
         self, interaction: discord.Interaction, text: app_commands.Range[str, 0, 400] = ""
     ) -> None:
-        await self.engine.set_authors_note(self.channel_of(interaction), text)
+        await self.engine.set_authors_note(
+            self.channel_of(interaction), text, by=self.author_of(interaction)
+        )
         await self.say(interaction, "✒️ Author's note set." if text else "✒️ Author's note cleared.")
 
     @app_commands.command(
@@ -324,7 +340,9 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         triggers: app_commands.Range[str, 1, 200],
         text: app_commands.Range[str, 1, 400],
     ) -> None:
-        card = await self.engine.add_lore(self.channel_of(interaction), name, triggers, text)
+        card = await self.engine.add_lore(
+            self.channel_of(interaction), name, triggers, text, by=self.author_of(interaction)
+        )
         await self.say(
             interaction,
             f"📚 Lore card **{card.name}** saved (triggers: {', '.join(card.triggers)}).",
@@ -344,8 +362,10 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     async def lore_remove(
         self, interaction: discord.Interaction, name: app_commands.Range[str, 1, 60]
     ) -> None:
-        await self.engine.remove_lore(self.channel_of(interaction), name)
-        await self.say(interaction, f"📚 Lore card **{name}** removed.")
+        await self.engine.remove_lore(
+            self.channel_of(interaction), name, by=self.author_of(interaction)
+        )
+        await self.say(interaction, f"📚 Lore card {quoted(name)} removed.")
 
     @lore_remove.autocomplete("name")
     async def _lore_names(
@@ -376,12 +396,12 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         length: app_commands.Range[int, 16, 400] | None = None,
         turn_timeout: app_commands.Range[int, 30, 86400] | None = None,
     ) -> None:
-        channel = self.channel_of(interaction)
-        params = await self.engine.configure_channel(
-            channel, preset_name=preset, temperature=temperature, max_new_tokens=length
-        )
+        channel, author = self.channel_of(interaction), self.author_of(interaction)
         if turn_timeout is not None:
-            await self.engine.set_turn_timeout(channel, turn_timeout)
+            await self.engine.set_turn_timeout(channel, turn_timeout, by=author)
+        params = await self.engine.configure_channel(
+            channel, preset_name=preset, temperature=temperature, max_new_tokens=length, by=author
+        )
         style = "beam search" if params.beam_search else f"temperature {params.temperature}"
         await self.say(
             interaction,
@@ -433,10 +453,11 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     ) -> None:
         self.cooldown(interaction)
         await interaction.response.defer(thinking=True)
-        premise = await self.engine.suggest_premise(genre)
-        await interaction.edit_original_response(
-            content=f"💡 {premise}\n\nStart it with `/story start premise:...`."
-        )
+        async with self.bot.work.tracked():
+            premise = await self.engine.suggest_premise(genre)
+            await edit_reply(
+                interaction, f"💡 {premise}\n\nStart it with `/story start premise:...`."
+            )
 
     @app_commands.command(name="help", description="What the storyteller can do")
     async def help(self, interaction: discord.Interaction) -> None:
