@@ -8,6 +8,14 @@ decoding step. The model itself never runs on the event loop.
 `SequentialGenerator` runs one request at a time on a worker thread with Hugging Face's
 `generate` (it supports every decoding option, beam search included). Other generators
 (a batching scheduler, a remote server) implement the same interface.
+
+Failures stay with the request that met them. A request the generator cannot serve (an
+adapter that is not loaded, a token the model does not know) fails with `ValueError`
+before it runs; a model that produces unusable scores for it (NaN: a damaged adapter)
+or an error while it runs fails it with `GenerationFailed`, whose message is safe to
+show (the cause is logged); the worker goes on with the next request. Closing a
+generator resolves every request it still holds as cancelled, and a worker that
+outlives its event loop (a process stopping) drops what it can no longer deliver.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from .errors import GenerationCancelled
+from .errors import GenerationCancelled, GenerationFailed
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -33,6 +41,39 @@ FinishReason = Literal["eos", "length", "cancelled"]
 
 BASE_ADAPTER = "__base__"
 """Adapter name that means "no adapter": the bare base model (peft's own spelling)."""
+
+UNUSABLE_SCORES = (
+    "The storyteller's model produced no usable words for this request (its adapter may be "
+    "damaged). Try again, and tell the bot's admin if it keeps happening."
+)
+"""Why a request whose scores were not numbers failed (NaN logits: a damaged adapter)."""
+
+STEP_FAILED = (
+    "The storyteller ran into a problem and stopped. Try again, and tell the bot's admin if "
+    "it keeps happening."
+)
+"""Why a request failed on an error that is not the user's (logged with its traceback)."""
+
+
+def generation_failed(message: str, cause: BaseException | None = None) -> GenerationFailed:
+    """A `GenerationFailed` with a message for the user, chained to what caused it."""
+    error = GenerationFailed(message)
+    error.__cause__ = cause
+    return error
+
+
+def call_soon(
+    loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object
+) -> bool:
+    """`loop.call_soon_threadsafe` from a worker thread, or False if the loop has closed (the
+    process is stopping: no one is left to tell), instead of raising in the worker."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        if not loop.is_closed():
+            raise
+        return False
+    return True
 
 
 def adapter_names_for(model: LoadedModel, adapter: str | None) -> str:
@@ -47,6 +88,20 @@ def adapter_names_for(model: LoadedModel, adapter: str | None) -> str:
     if adapter != BASE_ADAPTER and adapter not in model.model.peft_config:
         raise ValueError(f"no adapter named {adapter!r} is loaded")
     return adapter
+
+
+def vocabulary_size(model: LoadedModel) -> int:
+    """How many token ids the model's input embeddings know."""
+    return int(model.model.get_input_embeddings().num_embeddings)
+
+
+def check_prompt(prompt_ids: list[int], vocabulary: int) -> None:
+    """Refuse a prompt with token ids outside the model's vocabulary: an embedding lookup
+    out of range fails the forward pass (on a GPU it breaks the device for every request)."""
+    if prompt_ids and not 0 <= min(prompt_ids) <= max(prompt_ids) < vocabulary:
+        raise ValueError(
+            f"the prompt holds token ids outside the model's vocabulary ({vocabulary})"
+        )
 
 
 @dataclass
@@ -123,16 +178,19 @@ class GenerationHandle:
         if output.text != seen:
             yield output.text
 
-    # Called from the worker thread.
+    # Called from the worker thread. Once the loop has closed no one can receive the
+    # request's results: it is cancelled, so that its worker stops spending time on it.
     def _publish_text(self, text: str) -> None:
-        self.loop.call_soon_threadsafe(self._set_text, text)
+        if not call_soon(self.loop, self._set_text, text):
+            self._cancelled.set()
 
     def _set_text(self, text: str) -> None:
         self._text = text
         self._updated.set()
 
     def _finish(self, output: GenerationOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self._resolve, output)
+        if not call_soon(self.loop, self._resolve, output):
+            self._cancelled.set()
 
     def _resolve(self, output: GenerationOutput | BaseException) -> None:
         assert self._future is not None
@@ -144,6 +202,12 @@ class GenerationHandle:
             self._text = output.text
             self._future.set_result(output)
         self._updated.set()
+
+
+def empty_output(handle: GenerationHandle, finish: FinishReason) -> GenerationOutput:
+    """The output of a request that ends before its first token."""
+    elapsed = time.perf_counter() - handle.submitted_at
+    return GenerationOutput([], "", finish, len(handle.request.prompt_ids), elapsed, None)
 
 
 class Generator(Protocol):
@@ -168,6 +232,8 @@ class SequentialGenerator:
         self.model = model
         self._jobs: queue.Queue[GenerationHandle | Callable[[], None] | None] = queue.Queue()
         self._pending: list[GenerationHandle] = []
+        self._current: GenerationHandle | None = None
+        self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="story-generator", daemon=True)
         self._thread.start()
@@ -175,6 +241,10 @@ class SequentialGenerator:
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         handle = GenerationHandle(request, asyncio.get_running_loop())
         with self._lock:
+            if self._closed:  # nothing will run it
+                handle.cancel()
+                handle._finish(empty_output(handle, "cancelled"))
+                return handle
             handle.queue_position = len(self._pending)
             self._pending.append(handle)
         self._jobs.put(handle)
@@ -186,6 +256,13 @@ class SequentialGenerator:
         await done
 
     async def close(self) -> None:
+        """Stop: the running request ends at its next token and every waiting one
+        without starting, each resolved as cancelled (with what it wrote so far)."""
+        with self._lock:
+            self._closed = True
+            for handle in [*self._pending, self._current]:
+                if handle is not None:
+                    handle.cancel()
         self._jobs.put(None)
         await asyncio.to_thread(self._thread.join)
 
@@ -198,14 +275,36 @@ class SequentialGenerator:
                 self._pending.remove(handle)
                 for i, waiting in enumerate(self._pending):
                     waiting.queue_position = i
+                self._current = handle
             handle.queue_position = 0
             try:
-                with self.model.mutation_lock:
-                    output = run_generate(self.model, handle)
-                handle._finish(output)
-            except Exception as exc:
-                log.exception("generation failed")
-                handle._finish(exc)
+                self._serve(handle)
+            finally:
+                with self._lock:
+                    self._current = None
+
+    def _serve(self, handle: GenerationHandle) -> None:
+        """Run one request; whatever goes wrong fails this request alone."""
+        if handle.cancelled:  # cancelled while it waited: it never runs
+            handle._finish(empty_output(handle, "cancelled"))
+            return
+        try:
+            adapter_names_for(self.model, handle.request.adapter)
+            check_prompt(handle.request.prompt_ids, vocabulary_size(self.model))
+        except ValueError as exc:  # a request this model cannot serve, as the batch says
+            handle._finish(exc)
+            return
+        try:
+            with self.model.mutation_lock:
+                output = run_generate(self.model, handle)
+        except UnusableScores as exc:
+            log.warning("generation failed: %s", exc)
+            handle._finish(generation_failed(UNUSABLE_SCORES, exc))
+        except Exception as exc:
+            log.exception("generation failed")
+            handle._finish(generation_failed(STEP_FAILED, exc))
+        else:
+            handle._finish(output)
 
 
 def _control_job(
@@ -224,17 +323,26 @@ def _control_job(
                         raise ValueError(f"adapter {name!r} is not loaded and no path was given")
                 model.default_adapter = None if name == BASE_ADAPTER else name
         except Exception as exc:
-            loop.call_soon_threadsafe(done.set_exception, exc)
+            call_soon(loop, done.set_exception, exc)
         else:
-            loop.call_soon_threadsafe(done.set_result, None)
+            call_soon(loop, done.set_result, None)
 
     return job
+
+
+class UnusableScores(Exception):
+    """A model produced scores that are not numbers (NaN) for a request."""
 
 
 def run_generate(model: LoadedModel, handle: GenerationHandle) -> GenerationOutput:
     """Run one request through `model.generate`, streaming text into `handle`."""
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import (
+        LogitsProcessor,
+        LogitsProcessorList,
+        StoppingCriteria,
+        StoppingCriteriaList,
+    )
     from transformers.generation.streamers import BaseStreamer
 
     request, params = handle.request, handle.request.params
@@ -249,6 +357,15 @@ def run_generate(model: LoadedModel, handle: GenerationHandle) -> GenerationOutp
             return torch.full(
                 (input_ids.shape[0],), handle.cancelled, dtype=torch.bool, device=input_ids.device
             )
+
+    class _Refuse(LogitsProcessor):
+        """Stop on scores that are not numbers: sampling would fail on them with an
+        obscure error, greedy and beam search would write nonsense."""
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if bool((scores.isnan() | (scores == float("inf"))).any()):
+                raise UnusableScores(f"NaN or infinite scores with adapter {adapter!r}")
+            return scores
 
     class _Stream(BaseStreamer):
         prompt_seen = False
@@ -278,6 +395,7 @@ def run_generate(model: LoadedModel, handle: GenerationHandle) -> GenerationOutp
         "pad_token_id": model.pad_token_id,
         "eos_token_id": model.eos_token_id,
         "stopping_criteria": StoppingCriteriaList([_Cancel()]),
+        "logits_processor": LogitsProcessorList([_Refuse()]),
         **kwargs_adapter,
     }
     if params.beam_search:

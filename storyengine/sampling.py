@@ -8,6 +8,19 @@ from typing import Any
 
 from .errors import InvalidInput
 
+MIN_TEMPERATURE = 0.05
+"""The lowest temperature that samples (0 decodes greedily). Logits are divided by the
+temperature in float32 (the scheduler and transformers' `generate` both cast them first):
+at 0.05, logits of 1e4 become 2e5, far from float32's limit (3e38), and the bundled
+model's logits (within about ±18, in float32 and float16 alike) stay within ±360, finite
+even in float16 (65504). Far below it the division overflows (1e-38 turns logits into
+infinities, then NaN probabilities); and long before that sampling is greedy in all but
+name: at 0.05 a logit gap of 1 already weighs e^20 to 1."""
+
+MIN_TOP_P = 0.01
+"""The narrowest nucleus. Below it the nucleus is almost always the single most likely
+token (greedy in all but name), and a top-p that rounds to 0 in float32 holds no token."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -28,9 +41,14 @@ class SamplingParams:
     length_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        # NaN and infinities fail every comparison below, so they are refused too.
         checks: list[tuple[bool, str]] = [
             (0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (
+                self.temperature == 0.0 or self.temperature >= MIN_TEMPERATURE,
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}",
+            ),
+            (MIN_TOP_P <= self.top_p <= 1.0, f"top_p must be between {MIN_TOP_P} and 1"),
             (self.top_k >= 0, "top_k must be 0 (off) or more"),
             (1.0 <= self.repetition_penalty <= 2.0, "repetition_penalty must be between 1 and 2"),
             (0 <= self.no_repeat_ngram_size <= 10, "no_repeat_ngram_size must be 0..10"),

@@ -18,6 +18,14 @@ The batch's rows stay sorted longest first, so that on a CPU each decoding step'
 attention reads the cache by groups of rows of like length rather than over the whole
 left-padded width (`grouped_attention`).
 
+A failure stays with the request it belongs to. A request that cannot be served fails
+at admission; one whose prefill raises fails alone; a row whose scores are not numbers
+(NaN logits: a damaged adapter) fails alone and leaves the batch, and a row whose
+tempered distribution overflows (a temperature far too small) takes its limit, the
+greedy token. Only an error in a step that belongs to no one row (a bug, out of memory)
+fails the whole batch, with a `GenerationFailed` for each request; the scheduler starts
+afresh for the next ones.
+
 Why not transformers' own continuous batching (`generate_batch`,
 `ContinuousBatchingManager`)? It drops the repetition penalty, the no-repeat n-gram
 rule and min-new-tokens, has no per-request seed, and does not pass peft's per-row
@@ -40,12 +48,18 @@ from typing import TYPE_CHECKING, Any
 
 from . import gpt2_decode, grouped_attention
 from .generation import (
+    STEP_FAILED,
+    UNUSABLE_SCORES,
     GenerationHandle,
     GenerationOutput,
     GenerationRequest,
     SequentialGenerator,
     _control_job,
     adapter_names_for,
+    check_prompt,
+    empty_output,
+    generation_failed,
+    vocabulary_size,
 )
 from .kvcache import GrowableCache
 from .multilora import MultiLoRA
@@ -88,6 +102,8 @@ class _Sequence:
     ngrams: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
     first_token_at: float | None = None
     finish: str | None = None
+    """"eos", "length", "cancelled", or "failed" (then `error` is what its handle gets)."""
+    error: BaseException | None = None
 
     @property
     def request(self) -> GenerationRequest:
@@ -110,6 +126,8 @@ class BatchingGenerator:
         self._wake = threading.Condition()
         self._closed = False
         self._running: list[_Sequence] = []
+        self._joining: list[_Sequence] = []
+        """Admitted this step, not yet in the batch."""
         self._cache: GrowableCache | None = None
         self._mask: torch.Tensor | None = None
         """True where a row's cache holds a token; each row is False, then True."""
@@ -135,6 +153,10 @@ class BatchingGenerator:
             return self._beams.submit(request)
         handle = GenerationHandle(request, asyncio.get_running_loop())
         with self._wake:
+            if self._closed:  # nothing will run it
+                handle.cancel()
+                handle._finish(empty_output(handle, "cancelled"))
+                return handle
             self._inbox.append(handle)
             handle.queue_position = (
                 sum(len(q) for q in self._waiting.values()) + len(self._inbox) - 1
@@ -165,6 +187,8 @@ class BatchingGenerator:
         await done
 
     async def close(self) -> None:
+        """Stop: running requests end after the current step and waiting ones without
+        starting, each resolved as cancelled (with what it wrote so far)."""
         with self._wake:
             self._closed = True
             self._wake.notify()
@@ -198,18 +222,22 @@ class BatchingGenerator:
                         self._waiting.setdefault(handle.request.channel, deque()).append(handle)
                 try:
                     self._step()
-                except Exception as exc:  # a bug: fail every request rather than hang them
+                except Exception as exc:  # no one row's fault: fail the batch, start afresh
                     log.exception("scheduler step failed")
-                    for seq in self._running:
-                        seq.handle._finish(exc)
+                    for seq in [*self._running, *self._joining]:
+                        seq.handle._finish(generation_failed(STEP_FAILED, exc))
                     self._running, self._cache, self._mask, self._groups = [], None, None, None
+                    self._joining = []
         for seq in self._running:
             seq.handle.cancel()
             self._resolve(seq, "cancelled")
-        for queue in self._waiting.values():
-            for handle in queue:
-                handle.cancel()
-                handle._finish(_empty_output(handle, "cancelled"))
+        with self._wake:  # submit() adds no more once closed
+            waiting = [*(h for q in self._waiting.values() for h in q), *self._inbox]
+            self._waiting.clear()
+            self._inbox.clear()
+        for handle in waiting:
+            handle.cancel()
+            handle._finish(empty_output(handle, "cancelled"))
 
     def _attach_network(self) -> None:
         """What forward passes call: the base network, with per-row LoRA when the model
@@ -223,6 +251,7 @@ class BatchingGenerator:
         self._grouping = sdpa and model.device.type == "cpu"
         # GPT-2 decodes through a lean step (same arithmetic, none of the module layers).
         self._lean = sdpa and gpt2_decode.supports(self._network, self._lora)
+        self._vocabulary = vocabulary_size(model)
 
     def _step(self) -> None:
         while self._control:
@@ -231,7 +260,9 @@ class BatchingGenerator:
         admitted = self._admit()
         self._update_queue_positions()
         if admitted:
+            self._joining = admitted
             self._prefill(admitted)
+            self._joining = []
             self._retire()  # newcomers may finish on their first token
         if self._running:
             self._decode()
@@ -261,7 +292,7 @@ class BatchingGenerator:
             queue = self._waiting[channel]
             for handle in [h for h in queue if h.cancelled]:
                 queue.remove(handle)
-                handle._finish(_empty_output(handle, "cancelled"))
+                handle._finish(empty_output(handle, "cancelled"))
             if not queue:
                 del self._waiting[channel]
 
@@ -275,7 +306,10 @@ class BatchingGenerator:
             channel, queue = next(iter(self._waiting.items()))
             try:
                 seq = self._new_sequence(queue[0])
-            except ValueError as exc:  # e.g. an adapter that is not loaded: this one fails
+            except Exception as exc:  # e.g. an adapter that is not loaded: this one fails
+                if not isinstance(exc, ValueError):
+                    log.exception("admission failed")
+                    exc = generation_failed(STEP_FAILED, exc)
                 queue.popleft()._finish(exc)
                 if not queue:
                     del self._waiting[channel]
@@ -314,6 +348,7 @@ class BatchingGenerator:
         request = handle.request
         window = self.model.context_window
         prompt = request.prompt_ids[-(window - 1) :]
+        check_prompt(prompt, self._vocabulary)
         max_new = max(1, min(request.params.max_new_tokens, window - len(prompt)))
         generator = None
         if request.params.seed is not None and not request.params.greedy:
@@ -361,35 +396,49 @@ class BatchingGenerator:
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
         """Prefill each newcomer on its own (no padding wasted on short prompts), then
-        merge them into the batch."""
+        merge them into the batch. A newcomer whose prefill fails fails alone."""
+        import torch
+
+        joined, logits, kvs = [], [], []
+        for seq in admitted:
+            try:
+                last, kv = self._prefill_one(seq)
+            except Exception as exc:
+                log.exception("prefill failed (adapter %r); that request alone fails", seq.adapter)
+                seq.handle._finish(generation_failed(STEP_FAILED, exc))
+                continue
+            joined.append(seq)
+            logits.append(last)
+            kvs.append(kv)
+        if joined:
+            self._merge(joined, kvs)
+            self._sample_and_advance(joined, torch.cat(logits))
+
+    def _prefill_one(
+        self, seq: _Sequence
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """One newcomer's prompt through the model: its last logits ([1, vocab]) and each
+        layer's keys and values."""
         import torch
         from transformers import DynamicCache
 
         device = self.model.device
-        logits, kvs = [], []
-        for seq in admitted:
-            if self._lean:
-                with self._lora.rows([seq.adapter]) if self._lora else nullcontext():
-                    last, kv = gpt2_decode.prefill(
-                        self._network, torch.tensor(seq.tokens, device=device), self._lora
-                    )
-                logits.append(last.float())
-                kvs.append(kv)
-                continue
-            ids = torch.tensor([seq.tokens], device=device)
-            cache = DynamicCache()
-            logits.append(
-                self._forward(
-                    ids,
-                    torch.ones_like(ids),
-                    torch.arange(seq.prompt_len, device=device).unsqueeze(0),
-                    cache,
-                    [seq.adapter],
+        if self._lean:
+            with self._lora.rows([seq.adapter]) if self._lora else nullcontext():
+                last, kv = gpt2_decode.prefill(
+                    self._network, torch.tensor(seq.tokens, device=device), self._lora
                 )
-            )
-            kvs.append([(layer.keys, layer.values) for layer in cache.layers])
-        self._merge(admitted, kvs)
-        self._sample_and_advance(admitted, torch.cat(logits))
+            return last.float(), kv
+        ids = torch.tensor([seq.tokens], device=device)
+        cache = DynamicCache()
+        last = self._forward(
+            ids,
+            torch.ones_like(ids),
+            torch.arange(seq.prompt_len, device=device).unsqueeze(0),
+            cache,
+            [seq.adapter],
+        )
+        return last, [(layer.keys, layer.values) for layer in cache.layers]
 
     def _merge(
         self, admitted: list[_Sequence], kvs: list[list[tuple[torch.Tensor, torch.Tensor]]]
@@ -490,6 +539,14 @@ class BatchingGenerator:
             if seq.handle.cancelled:
                 seq.finish = "cancelled"
                 continue
+            if token is None or not 0 <= token < self._vocabulary:
+                # Its scores were not numbers: this row leaves the batch, the others go on.
+                log.warning(
+                    "unusable scores with adapter %r: that request alone fails",
+                    seq.adapter,
+                )
+                seq.finish, seq.error = "failed", generation_failed(UNUSABLE_SCORES)
+                continue
             if seq.first_token_at is None:
                 seq.first_token_at = now
             if token == eos:
@@ -539,8 +596,11 @@ class BatchingGenerator:
         self._plan_groups()
 
     def _resolve(self, seq: _Sequence, finish: str) -> None:
-        end = time.perf_counter()
         handle = seq.handle
+        if seq.error is not None:
+            handle._finish(seq.error)
+            return
+        end = time.perf_counter()
         first = seq.first_token_at or end
         handle._finish(
             GenerationOutput(
@@ -566,15 +626,14 @@ def _runs(rows: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _empty_output(handle: GenerationHandle, finish: str) -> GenerationOutput:
-    elapsed = time.perf_counter() - handle.submitted_at
-    return GenerationOutput([], "", finish, len(handle.request.prompt_ids), elapsed, None)  # type: ignore[arg-type]
-
-
-def sample_next_tokens(seqs: list[_Sequence], logits: torch.Tensor, eos: int) -> list[int]:
+def sample_next_tokens(seqs: list[_Sequence], logits: torch.Tensor, eos: int) -> list[int | None]:
     """Pick each row's next token with that row's own rules, in the order Hugging Face's
     `generate` applies them: repetition penalty, no-repeat n-gram, min new tokens, then
-    (when sampling) temperature, top-k, top-p."""
+    (when sampling) temperature, top-k, top-p.
+
+    None for a row whose scores are not usable: NaN or +inf (a damaged adapter, whatever
+    the row's own rules did to them) or no finite score left. Other rows are not
+    affected: each row is picked from its own scores."""
     import torch
 
     device = logits.device
@@ -609,11 +668,17 @@ def sample_next_tokens(seqs: list[_Sequence], logits: torch.Tensor, eos: int) ->
     if ban_rows:
         scores[ban_rows, ban_cols] = float("-inf")
 
-    chosen = scores.argmax(dim=-1).tolist()
-    sampled = [row for row, s in enumerate(seqs) if s.request.params.temperature != 0.0]
+    broken = (scores.isnan() | (scores == float("inf"))).any(dim=-1)
+    broken |= scores.amax(dim=-1) == float("-inf")
+    chosen = scores.argmax(dim=-1).masked_fill(broken, -1).tolist()  # one transfer
+    sampled = [
+        row
+        for row, s in enumerate(seqs)
+        if s.request.params.temperature != 0.0 and chosen[row] >= 0
+    ]
     if sampled:
         _sample_rows(seqs, scores, sampled, chosen)
-    return chosen
+    return [None if token < 0 else token for token in chosen]
 
 
 def _sample_rows(
@@ -627,20 +692,29 @@ def _sample_rows(
     likely than it hold less than `top_p` of the mass; else draw again. What is kept is
     distributed exactly as the nucleus renormalised, and a draw is kept with probability
     at least `top_p`. Each row draws from its own random generator, so a seeded row
-    samples the same whatever else is in the batch."""
+    samples the same whatever else is in the batch.
+
+    A row whose tempered distribution is not usable (a temperature so small that the
+    division overflows: infinities, then NaN probabilities) takes the distribution's
+    limit as the temperature goes to 0: its greedy token. The rows' scores must be
+    usable (see `sample_next_tokens`)."""
     import torch
 
     device = scores.device
     params = [seqs[row].request.params for row in rows]
     temperature = torch.tensor([p.temperature for p in params], device=device)
-    scaled = scores.index_select(0, torch.tensor(rows, device=device)) / temperature.unsqueeze(1)
-    ks = [min(p.top_k, scaled.shape[-1]) for p in params]
+    raw = scores.index_select(0, torch.tensor(rows, device=device))
+    scaled = raw / temperature.unsqueeze(1)
+    ks = [max(0, min(p.top_k, scaled.shape[-1])) for p in params]
     if any(ks):
         best = scaled.topk(max(ks), dim=-1).values
         kth = best.gather(1, torch.tensor([[max(k, 1) - 1] for k in ks], device=device))
         kth[torch.tensor([k == 0 for k in ks], device=device)] = float("-inf")
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = scaled.softmax(dim=-1)
+    usable = probs.isfinite().all(dim=-1, keepdim=True) & (probs.sum(dim=-1, keepdim=True) > 0)
+    greedy = torch.zeros_like(probs).scatter_(1, raw.argmax(dim=-1, keepdim=True), 1.0)
+    probs = torch.where(usable, probs, greedy)  # no transfer: such a row draws its argmax
     top_p = torch.tensor([p.top_p for p in params], device=device)
     pending = list(range(len(rows)))
     for _ in range(NUCLEUS_DRAWS):
@@ -662,7 +736,7 @@ def _sample_rows(
         before = ranked.cumsum(dim=-1) - ranked  # the mass of the more likely tokens
         ranked[before >= top_p.index_select(0, index).unsqueeze(1)] = 0.0  # rank 0 stays
         picks = _inverse_cdf(ranked, _uniform(seqs, [rows[i] for i in pending], device))
-        picks = torch.minimum(picks, (ranked > 0).sum(dim=-1, keepdim=True) - 1)
+        picks = torch.minimum(picks, (ranked > 0).sum(dim=-1, keepdim=True) - 1).clamp_(min=0)
         for i, token in zip(pending, ids.gather(1, picks).flatten().tolist(), strict=True):
             chosen[rows[i]] = token
 

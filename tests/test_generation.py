@@ -2,6 +2,7 @@ import asyncio
 import itertools
 
 import pytest
+import torch
 
 from storyengine.errors import GenerationCancelled
 from storyengine.generation import GenerationRequest, SequentialGenerator
@@ -108,3 +109,37 @@ def test_polish_removes_echo_brackets_and_mentions(tiny_model):
     narrator = Narrator(None, SafetyFilter())  # type: ignore[arg-type]
     raw = "The fox found a key. [Author's note: be kind] Then @everyone cheered. And th"
     assert narrator.polish(raw, echo_of="The fox found a key.") == "Then @\u200beveryone cheered."
+
+
+async def test_a_failing_request_fails_alone_and_the_worker_goes_on():
+    """A damaged adapter (weights that blew up: its logits are NaN) fails each of its
+    requests, sampled, greedy or beam search, with a message for the user (before:
+    sampling raised torch's own error, greedy and beam search wrote nonsense); the
+    requests queued behind them are served as if nothing happened."""
+    from conftest import make_tiny_lora_model
+
+    from storyengine.errors import GenerationFailed
+    from storyengine.generation import UNUSABLE_SCORES
+
+    model = make_tiny_lora_model()  # its own copy: one adapter is damaged
+    with torch.no_grad():
+        for name, param in model.model.named_parameters():
+            if "lora_B.owl." in name:
+                param.fill_(1e20)
+    prompt = model.encode("The fox")
+    styles = [
+        SamplingParams(max_new_tokens=8, seed=1),
+        SamplingParams(max_new_tokens=8, temperature=0.0),
+        PRESETS["focused"].params.replace(max_new_tokens=8),
+    ]
+    generator = SequentialGenerator(model)
+    fox = GenerationRequest(prompt, styles[0], adapter="fox")
+    expected = (await generator.submit(fox).result()).token_ids
+    handles = [generator.submit(GenerationRequest(prompt, p, adapter="owl")) for p in styles]
+    after = generator.submit(fox)
+    for handle in handles:
+        with pytest.raises(GenerationFailed) as info:
+            await handle.result()
+        assert str(info.value) == UNUSABLE_SCORES
+    assert (await after.result()).token_ids == expected
+    await generator.close()
