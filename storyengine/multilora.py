@@ -63,8 +63,30 @@ class MultiLoRA:
         with torch.no_grad():
             for layer in self._layers:
                 names = [n for n in layer.lora_A if n not in layer.lora_variant]
-                a = [layer.lora_A[n].weight.t() for n in names]
-                b = [layer.lora_B[n].weight.t() * layer.scaling[n] for n in names]
+                # An adapter with weights that are not finite would spread NaN to every
+                # row of the product (0 * NaN): its blocks are zero, and its rows' mask
+                # NaN (`_row_mask`), so that only its own rows come out NaN.
+                broken = {
+                    n
+                    for n in names
+                    if not (
+                        torch.isfinite(layer.lora_A[n].weight).all()
+                        and torch.isfinite(layer.lora_B[n].weight).all()
+                    )
+                }
+                a = [
+                    torch.zeros_like(layer.lora_A[n].weight.t())
+                    if n in broken
+                    else layer.lora_A[n].weight.t()
+                    for n in names
+                ]
+                b = [
+                    torch.zeros_like(layer.lora_B[n].weight.t())
+                    if n in broken
+                    else layer.lora_B[n].weight.t() * layer.scaling[n]
+                    for n in names
+                ]
+                layer._multilora_broken = frozenset(broken)
                 spans, start = {}, 0
                 for name, block in zip(names, a, strict=True):
                     spans[name] = (start, start + block.shape[1])
@@ -106,7 +128,8 @@ class MultiLoRA:
 
     def _row_mask(self, layer: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
         spans: dict[str, tuple[int, int]] = layer._multilora_spans
-        key = (tuple(spans.items()), like.dtype, like.device, like.dim())
+        broken = layer._multilora_broken
+        key = (tuple(spans.items()), broken, like.dtype, like.device, like.dim())
         masks: dict[Any, torch.Tensor | None] = self._local.masks
         if key not in masks:
             rows: list[str] = self._local.rows
@@ -119,7 +142,7 @@ class MultiLoRA:
                 for row, name in enumerate(rows):
                     if name != BASE_ADAPTER and name in spans:
                         lo, hi = spans[name]
-                        mask[row, ..., lo:hi] = 1
+                        mask[row, ..., lo:hi] = float("nan") if name in broken else 1
                 masks[key] = mask
         return masks[key]
 

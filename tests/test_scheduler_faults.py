@@ -138,12 +138,6 @@ async def test_a_damaged_adapter_fails_only_its_own_request(tiny_lora_model):
         assert str(failure) == UNUSABLE_SCORES
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MultiLoRA computes every row's LoRA delta in one product with all adapters' "
-    "weights, masked per row: 0 * NaN is NaN, so NaN weights in one adapter spoil the "
-    "rows of every other adapter (storyengine/multilora.py, not the scheduler)",
-)
 async def test_an_adapter_with_nan_weights_fails_only_its_own_request(tiny_lora_model):
     from conftest import make_tiny_lora_model
 
