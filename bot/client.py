@@ -66,6 +66,10 @@ class WorkTracker:
 
 class StoryBot(commands.Bot):
     def __init__(self, *, engine: StoryEngine, settings: BotSettings) -> None:
+        # The bot never joins voice: no warning at every start about voice libraries.
+        for flag in ("warn_nacl", "warn_dave"):
+            if hasattr(discord.VoiceClient, flag):
+                setattr(discord.VoiceClient, flag, False)
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents(),

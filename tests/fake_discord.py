@@ -110,6 +110,9 @@ class FakeDiscord:
         }
         self.commands: list[dict[str, Any]] = []
         self.ready = asyncio.Event()
+        """Set when the bot has synced its commands."""
+        self.connected = asyncio.Event()
+        """Set when the bot has identified on the gateway and been sent its guild."""
         self.identified = 0
         self._ids = itertools.count(10**17)
         self._ws: web.WebSocketResponse | None = None
@@ -205,6 +208,7 @@ class FakeDiscord:
                     self.unexpected.append("IDENTIFY with the wrong token")
                 await self.dispatch("READY", self._ready())
                 await self.dispatch("GUILD_CREATE", self._guild())
+                self.connected.set()
             elif payload["op"] not in (3,):
                 self.unexpected.append(f"gateway op {payload['op']}")
         return ws

@@ -44,6 +44,7 @@ class BotProcess:
 
     async def start(self, *, wait_ready: bool = True) -> None:
         self.fake.ready.clear()
+        self.fake.connected.clear()
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             str(HERE / "bot_process.py"),
@@ -54,6 +55,7 @@ class BotProcess:
         )
         if wait_ready:
             await asyncio.wait_for(self.fake.ready.wait(), 120)
+            await asyncio.wait_for(self.fake.connected.wait(), 60)
 
     async def terminate(self) -> tuple[int, float]:
         """SIGTERM; returns the exit code and how long the process took to end."""
@@ -208,4 +210,3 @@ def processes_with(marker: str) -> list[int]:
         except OSError:
             continue
     return found
-
