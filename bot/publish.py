@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar
 
 import discord
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 FEEDBACK_EMOJI = ("👍", "👎")
 LIMIT = 2000
 
@@ -172,14 +174,37 @@ async def add_feedback_reactions(message: discord.Message) -> None:
 
 async def reply(interaction: discord.Interaction, text: str, *, ephemeral: bool = False) -> None:
     """Answer an interaction with `text` (mentions defused), split over several
-    messages if it is long."""
+    messages if it is long. A deferred "thinking…" reply becomes the answer."""
     chunks = split_message(neutralize_mentions(text)) or ["…"]
-    if interaction.response.is_done():
+    deferred = interaction.response.type is discord.InteractionResponseType.deferred_channel_message
+    if deferred and not interaction.extras.get("answered"):
+        interaction.extras["answered"] = True
+        await interaction.edit_original_response(content=chunks[0])
+    elif interaction.response.is_done():
         await interaction.followup.send(chunks[0], ephemeral=ephemeral)
     else:
         await interaction.response.send_message(chunks[0], ephemeral=ephemeral)
     for chunk in chunks[1:]:
         await interaction.followup.send(chunk, ephemeral=ephemeral)
+
+
+DEFER_AFTER_S = 1.0
+"""A command that is not answered within this long is acknowledged first (Discord
+gives 3 seconds): it may be waiting for the storyteller to finish in its channel."""
+
+
+async def in_time(interaction: discord.Interaction, work: Awaitable[T]) -> T:
+    """Await `work`; if it takes longer than DEFER_AFTER_S, defer the interaction (a
+    "thinking…" reply for a command, a silent acknowledgement for a button) and go on
+    waiting, so the interaction never times out."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), DEFER_AFTER_S)
+    except TimeoutError:
+        if not interaction.response.is_done():
+            component = interaction.type is discord.InteractionType.component
+            await interaction.response.defer(thinking=not component)
+        return await task
 
 
 async def edit_reply(
@@ -188,3 +213,14 @@ async def edit_reply(
     """Replace a deferred (or earlier) reply's text, mentions defused, cut to fit."""
     kwargs = {"view": view} if view is not None else {}
     await interaction.edit_original_response(content=safe(text), **kwargs)
+
+
+async def update_message(
+    interaction: discord.Interaction, content: str, *, view: discord.ui.View | None = None
+) -> discord.Message:
+    """Replace the message a button is on (its text and its buttons; `view=None` takes
+    the buttons away), whether or not `in_time` had to acknowledge the press first."""
+    if interaction.response.is_done():
+        return await interaction.edit_original_response(content=safe(content), view=view)
+    await interaction.response.edit_message(content=safe(content), view=view)
+    return await interaction.original_response()

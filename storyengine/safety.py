@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from .errors import InvalidInput
 
 _CONTROL_TOKEN = re.compile(r"<\|[^|<>]{0,40}\|>")
-_MASS_MENTION = re.compile(r"@(everyone|here)\b", re.IGNORECASE)
+_MASS_MENTION = re.compile(r"@(everyone|here)", re.IGNORECASE)  # even inside a word
 _RAW_MENTION = re.compile(r"<(@[!&]?|#|/[^:<>]{0,64}:)(\d+)>")
 _ZERO_WIDTH_SPACE = "\u200b"
 # C0 and C1 control characters except tab and newline (handled on their own).

@@ -355,6 +355,9 @@ class FakeDiscord:
                 response_message_ephemeral=record.ephemeral,
             )
             resource["message"] = message
+        elif payload["type"] == 6:  # a button press acknowledged, the message edited later
+            assert record.source_id is not None
+            record.original_id = record.source_id
         elif payload["type"] == 7:  # update the message the button is on
             assert record.source_id is not None
             message = self.messages[record.source_id]

@@ -29,8 +29,10 @@ from ..publish import (
     Publisher,
     add_feedback_reactions,
     edit_reply,
+    in_time,
     reply,
     safe,
+    update_message,
 )
 from ..render import HELP, PRIVACY, choice_message, describe_turn, quote_line, story_message
 from ..views import ConfirmView, choice_controls, story_controls
@@ -73,10 +75,6 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
             interaction.user.display_name,
             moderator=bool(interaction.guild_id and interaction.permissions.manage_messages),
         )
-
-    @staticmethod
-    def is_moderator(interaction: discord.Interaction) -> bool:
-        return bool(interaction.permissions.manage_messages)
 
     def cooldown(self, interaction: discord.Interaction) -> None:
         """Per-user pause between generating commands."""
@@ -239,12 +237,11 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         self, interaction: discord.Interaction, choice_id: int, position: int
     ) -> None:
         channel, author = self.channel_of(interaction), self.author_of(interaction)
-        result = await self.engine.choose(channel, choice_id, position, author)
-        user_line = (author.name, result.user_turn.text) if result.user_turn else None
-        await interaction.response.edit_message(
-            content=safe(story_message(result.text, user_line=user_line)), view=None
+        result = await in_time(
+            interaction, self.engine.choose(channel, choice_id, position, author)
         )
-        message = await interaction.original_response()
+        user_line = (author.name, result.user_turn.text) if result.user_turn else None
+        message = await update_message(interaction, story_message(result.text, user_line=user_line))
         await self.engine.link_message(str(message.id), result.generation_id)
         await add_feedback_reactions(message)
 
@@ -265,8 +262,9 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
 
     @app_commands.command(name="undo", description="Take back the last turn (a line and its reply)")
     async def undo(self, interaction: discord.Interaction) -> None:
-        removed = await self.engine.undo(
-            self.channel_of(interaction), by=self.author_of(interaction)
+        removed = await in_time(
+            interaction,
+            self.engine.undo(self.channel_of(interaction), by=self.author_of(interaction)),
         )
         await self.say(interaction, f"↩️ Undone: {len(removed)} turn(s).")
 
@@ -293,7 +291,10 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
 
     @app_commands.command(name="end", description="End the story in this channel")
     async def end(self, interaction: discord.Interaction) -> None:
-        await self.engine.end_story(self.channel_of(interaction), by=self.author_of(interaction))
+        await in_time(
+            interaction,
+            self.engine.end_story(self.channel_of(interaction), by=self.author_of(interaction)),
+        )
         await self.say(
             interaction,
             "🏁 The story has ended. `/story export` still works; `/story start` begins a new one.",
@@ -310,8 +311,11 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     async def memory(
         self, interaction: discord.Interaction, text: app_commands.Range[str, 0, 1000] = ""
     ) -> None:
-        await self.engine.set_memory(
-            self.channel_of(interaction), text, by=self.author_of(interaction)
+        await in_time(
+            interaction,
+            self.engine.set_memory(
+                self.channel_of(interaction), text, by=self.author_of(interaction)
+            ),
         )
         await self.say(interaction, "🧠 Memory set." if text else "🧠 Memory cleared.")
 
@@ -320,8 +324,11 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     async def note(
         self, interaction: discord.Interaction, text: app_commands.Range[str, 0, 400] = ""
     ) -> None:
-        await self.engine.set_authors_note(
-            self.channel_of(interaction), text, by=self.author_of(interaction)
+        await in_time(
+            interaction,
+            self.engine.set_authors_note(
+                self.channel_of(interaction), text, by=self.author_of(interaction)
+            ),
         )
         await self.say(interaction, "✒️ Author's note set." if text else "✒️ Author's note cleared.")
 
@@ -340,8 +347,11 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         triggers: app_commands.Range[str, 1, 200],
         text: app_commands.Range[str, 1, 400],
     ) -> None:
-        card = await self.engine.add_lore(
-            self.channel_of(interaction), name, triggers, text, by=self.author_of(interaction)
+        card = await in_time(
+            interaction,
+            self.engine.add_lore(
+                self.channel_of(interaction), name, triggers, text, by=self.author_of(interaction)
+            ),
         )
         await self.say(
             interaction,
@@ -362,8 +372,11 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     async def lore_remove(
         self, interaction: discord.Interaction, name: app_commands.Range[str, 1, 60]
     ) -> None:
-        await self.engine.remove_lore(
-            self.channel_of(interaction), name, by=self.author_of(interaction)
+        await in_time(
+            interaction,
+            self.engine.remove_lore(
+                self.channel_of(interaction), name, by=self.author_of(interaction)
+            ),
         )
         await self.say(interaction, f"📚 Lore card {quoted(name)} removed.")
 
@@ -398,9 +411,18 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     ) -> None:
         channel, author = self.channel_of(interaction), self.author_of(interaction)
         if turn_timeout is not None:
-            await self.engine.set_turn_timeout(channel, turn_timeout, by=author)
-        params = await self.engine.configure_channel(
-            channel, preset_name=preset, temperature=temperature, max_new_tokens=length, by=author
+            await in_time(
+                interaction, self.engine.set_turn_timeout(channel, turn_timeout, by=author)
+            )
+        params = await in_time(
+            interaction,
+            self.engine.configure_channel(
+                channel,
+                preset_name=preset,
+                temperature=temperature,
+                max_new_tokens=length,
+                by=author,
+            ),
         )
         style = "beam search" if params.beam_search else f"temperature {params.temperature}"
         await self.say(
@@ -414,14 +436,20 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
 
     @app_commands.command(name="join", description="Take a seat in this round-robin game")
     async def join(self, interaction: discord.Interaction) -> None:
-        state = await self.engine.join(self.channel_of(interaction), self.author_of(interaction))
+        state = await in_time(
+            interaction,
+            self.engine.join(self.channel_of(interaction), self.author_of(interaction)),
+        )
         await self.say(
             interaction, f"🪑 {interaction.user.display_name} joins. " + describe_turn(state)
         )
 
     @app_commands.command(name="leave", description="Leave this round-robin game")
     async def leave(self, interaction: discord.Interaction) -> None:
-        state = await self.engine.leave(self.channel_of(interaction), self.author_of(interaction))
+        state = await in_time(
+            interaction,
+            self.engine.leave(self.channel_of(interaction), self.author_of(interaction)),
+        )
         await self.say(
             interaction, f"👋 {interaction.user.display_name} leaves. " + describe_turn(state)
         )
@@ -430,10 +458,9 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         name="pass", description="Pass your turn (moderators: skip the current player)"
     )
     async def pass_(self, interaction: discord.Interaction) -> None:
-        state = await self.engine.pass_turn(
-            self.channel_of(interaction),
-            self.author_of(interaction),
-            moderator=self.is_moderator(interaction),
+        state = await in_time(
+            interaction,
+            self.engine.pass_turn(self.channel_of(interaction), self.author_of(interaction)),
         )
         await self.say(interaction, "⏭️ Turn passed. " + describe_turn(state))
 
@@ -495,13 +522,11 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
             await interaction.edit_original_response(content="Nothing was changed.", view=None)
             return
         if not view.confirmed:
-            await view.interaction.response.edit_message(content="Nothing was changed.", view=None)
+            await update_message(view.interaction, "Nothing was changed.")
             return
-        report = await self.engine.forget_user(str(interaction.user.id))
-        await view.interaction.response.edit_message(
-            content=(
-                f"Done: {report.feedback_deleted} reaction(s) and {report.preferences_deleted} "
-                f"choice(s) deleted, {report.turns_anonymised} line(s) anonymised."
-            ),
-            view=None,
+        report = await in_time(view.interaction, self.engine.forget_user(str(interaction.user.id)))
+        await update_message(
+            view.interaction,
+            f"Done: {report.feedback_deleted} reaction(s) and {report.preferences_deleted} "
+            f"choice(s) deleted, {report.turns_anonymised} line(s) anonymised.",
         )
