@@ -461,3 +461,33 @@ async def test_companion_in_a_dm_then_my_data_and_forget_me(harness):
     after = await engine.export_user_data(str(ANN.id))
     assert after["reactions"] == [] and after["preferences"] == []
     assert {t["author_name"] for t in after["turns"]} == {"a former player"}
+
+
+async def test_a_burst_of_reactions_loses_nothing_and_starves_no_command(harness):
+    """5,000 raw reaction events (50 people, bots, duplicates, removals, messages that are
+    not stories, custom emoji), then a command that is answered without deferring: it is
+    acknowledged within Discord's 3 seconds, and every vote lands exactly once."""
+    import random
+
+    fake, engine = harness.fake, harness.env.engine
+    start = await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a cat sang.")
+    message_id = int((await finished(fake, start))["id"])
+    generation = await engine.store.generation_for_message(str(message_id))
+    rng = random.Random(5)
+    expected: dict[tuple[str, str], float] = {}
+    values = {"👍": 1.0, "👎": -1.0, "❤️": 1.0, "🎉": 0.0, "<:owl:123>": 0.0}
+    for _ in range(5000):
+        person = FakeUser(1000 + rng.randrange(50), "Someone")
+        emoji = rng.choice(list(values))
+        target = rng.choice([message_id, message_id, 424242])
+        add, bot = rng.random() < 0.7, person.id >= 1045  # five of the fifty are bots
+        await fake.react(person, target, emoji, add=add, bot=bot)
+        if target == message_id and not bot:
+            if add:
+                expected[(str(person.id), emoji)] = values[emoji]
+            else:
+                expected.pop((str(person.id), emoji), None)
+    note = await fake.slash(BEN, TEXT_CHANNEL, "note", text="The mood turns spooky.")
+    await said(fake, note, "Author's note set")
+    assert note.ack_seconds < 3.0, note.ack_seconds
+    await _settle(engine, generation, sorted((u, e, v) for (u, e), v in expected.items()), 60)
