@@ -4,7 +4,9 @@ promote or reject. `storyengine train round` runs it in its own process.
 A round that cannot run on the feedback there is (too little of it, none held out to
 judge with, KTO examples that are all liked or all disliked, a served adapter missing
 on disk) is *skipped* before any model loads: recorded as a finished run whose error is
-the reason, in a sentence for a person.
+the reason, in a sentence for a person. So is one whose served adapter does not load on
+the base model (known only once that is loaded). Anything else that stops a round is a
+failure, recorded with its message.
 
 Crash safety: every step leaves a state the next round starts from. The adapter is
 registered only after training and evaluation (files first, then its row; see
@@ -260,6 +262,19 @@ def missing_adapter(current: AdapterVersion | None) -> str | None:
     )
 
 
+def unloadable_adapter(current: AdapterVersion, model_id: str, exc: Exception) -> str:
+    """Why a round cannot start from the served adapter: it does not load on the base
+    model (trained on another one, or its files are damaged)."""
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    if len(detail) > 160:
+        detail = detail[:159] + "…"
+    return (
+        f"the served adapter {current.name} does not load on the base model {model_id}"
+        f" ({detail}): serve another (`storyengine adapters rollback`), or set"
+        " STORY_BASE_MODEL back to the model it was trained on"
+    )
+
+
 async def record_run_version(
     store: Store, run_id: int, version: int, data_until: int | None
 ) -> None:
@@ -288,7 +303,12 @@ async def _train_and_gate(
     gate_texts, guard_texts = texts[::2], texts[1::2]
     loaded = await asyncio.to_thread(load_for_training, settings)
     train = replace(config.train, method=method).resolved()  # type: ignore[arg-type]
-    policy = prepare_policy(loaded.model, current.path if current else None, train)
+    try:
+        policy = prepare_policy(loaded.model, current.path if current else None, train)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if current is None:  # a fresh LoRA that does not fit: a bug, not the user's
+            raise
+        return RoundResult("skipped", unloadable_adapter(current, loaded.model_id, exc))
     tok = loaded.tokenizer
     guard = None
     if config.drift_guard:

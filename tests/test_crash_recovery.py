@@ -5,7 +5,9 @@ version, the promoted adapter intact, at most one promoted)."""
 
 import asyncio
 import hashlib
+import os
 import re
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from storyengine.adapters import AdapterRegistry
 from storyengine.config import Settings
 from storyengine.rounds import RoundConfig, run_round
 from storyengine.store import Store
+from storyengine.training import TrainConfig
 
 CHILD = Path(__file__).parent / "crash_child.py"
 VERSION_DIR = re.compile(r"v(\d{4,})")
@@ -157,3 +160,50 @@ async def test_a_round_killed_after_promoting_keeps_its_data_window(tmp_path, ti
     with sqlite3.connect(db) as conn:
         runs = conn.execute("SELECT status, error, version FROM training_runs ORDER BY id")
         assert runs.fetchall() == [("failed", "interrupted", 1), ("done", result.reason, None)]
+
+
+@pytest.mark.slow
+async def test_sigterm_ends_a_training_round_at_once_and_the_next_round_runs(
+    tmp_path, tiny_model_dir
+):
+    """What the bot's shutdown (and the parent-death signal) sends: the round stops
+    mid-training within seconds, and leaves nothing the next round trips over."""
+    db, root = tmp_path / "s.db", tmp_path / "adapters"
+    await make_feedback(db, stories=20)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STORY_")}
+    env.update(
+        STORY_DB_PATH=str(db),
+        STORY_ADAPTER_DIR=str(root),
+        STORY_BASE_MODEL=str(tiny_model_dir),
+        STORY_DEVICE="cpu",
+    )
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "storyengine", "train", "round", "--method", "kto"],
+        *["--epochs", "1000", "--lr", "1e-6", "--min-examples", "4"],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+    )
+    line = ""
+    while not line.startswith("step "):  # training steps are being taken
+        line = (await process.stdout.readline()).decode()
+        assert line, "the round ended before training"
+    process.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(process.wait(), 5)
+    assert process.returncode == -signal.SIGTERM
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT status FROM training_runs").fetchall() == [("running",)]
+        assert conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0] == 0
+    assert not [p for p in root.iterdir() if p.name != "logs" and p.name != ".round.lock"]
+
+    # The next round takes the lock, notes the interrupted run, and goes on (here it
+    # asks for more feedback than there is, to stay short).
+    settings = Settings(db_path=db, adapter_dir=root, base_model=str(tiny_model_dir), device="cpu")
+    config = RoundConfig(train=TrainConfig(min_examples=1000))
+    result = await run_round(settings, config, say=lambda line: None)
+    assert result.status == "skipped"
+    with sqlite3.connect(db) as conn:
+        runs = conn.execute("SELECT status, error FROM training_runs ORDER BY id").fetchall()
+    assert runs == [("failed", "interrupted"), ("done", result.reason)]

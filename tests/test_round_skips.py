@@ -114,6 +114,49 @@ async def test_the_served_adapter_missing_on_disk(tmp_path, no_model):
     assert reason.startswith(f"the served adapter v1 is missing on disk ({served.path})")
 
 
+@pytest.mark.slow
+async def test_a_served_adapter_that_does_not_fit_the_base_model(tmp_path):
+    """STORY_BASE_MODEL changed since the served adapter was trained: the round says so
+    (once the base model is loaded, it cannot know before) instead of failing with a
+    traceback."""
+    from conftest import make_tiny_model
+    from test_adapters import lora_saver
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tiny = make_tiny_model()
+    other = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tiny.tokenizer), n_embd=16, n_layer=1, n_head=2)
+    )
+    other.save_pretrained(tmp_path / "other-base")
+    tiny.tokenizer.save_pretrained(tmp_path / "other-base")
+    await rate(tmp_path / "s.db", 6, 6)
+    store = await Store(tmp_path / "s.db").open()
+    registry = await AdapterRegistry(store, tmp_path / "adapters").open()
+    v1 = await registry.register(lora_saver(tiny.model, 1), method="kto")  # for n_embd 32
+    await registry.promote(v1.version)
+    await store.close()
+
+    settings = Settings(
+        db_path=tmp_path / "s.db",
+        adapter_dir=tmp_path / "adapters",
+        base_model=str(tmp_path / "other-base"),
+        device="cpu",
+    )
+    result = await run_round(settings, RoundConfig(), say=pytest.fail)
+    assert result.status == "skipped", result
+    assert result.reason.startswith(
+        f"the served adapter v1 does not load on the base model {tmp_path / 'other-base'}"
+        " (Error(s) in loading state_dict for PeftModel: size mismatch for"
+    )
+    assert result.reason.endswith(
+        "serve another (`storyengine adapters rollback`), or set STORY_BASE_MODEL back to"
+        " the model it was trained on"
+    )
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        runs = conn.execute("SELECT status, error FROM training_runs").fetchall()
+    assert runs == [("done", result.reason)]
+
+
 async def test_train_round_prints_the_reason_and_exits_0(tmp_path):
     await rate(tmp_path / "s.db", 10, 0)
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORY_")}
