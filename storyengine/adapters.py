@@ -4,16 +4,26 @@ Each version is a directory `v0001/`, `v0002/`, ... under the registry's root, i
 `save_pretrained` format (safetensors) with a `taleweaver.json` beside it (method,
 parent, metrics, data counts). A version is written into a hidden temporary directory
 and renamed into place, so a crash never leaves a half-written adapter where the
-registry looks; leftovers are swept on open. At most one version is *promoted*: the one
-the storyteller serves. Promoting retires the previous one; rollback brings back the
-last retired one (or the bare base model).
+registry looks. At most one version is *promoted*: the one the storyteller serves.
+Promoting retires the previous one (one transaction); rollback brings back the last
+retired one (or the bare base model).
+
+Crash safety: the files come first, the row second, promotion last, so a crash at any
+step leaves one of: a temporary directory (deleted on the next open), a version
+directory without a row (moved aside to `orphaned/` on the next open), a candidate
+(kept: an admin may still promote it), or a promotion that is whole or not at all. The
+sweep runs holding the round lock, so it never touches the files of a running round;
+and a new version takes a number past every row *and* every directory, so nothing a
+crash left behind can stand in its way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,7 +35,14 @@ from typing import Any, Literal
 from .errors import InvalidInput, TrainingBusy
 from .store import Store
 
+log = logging.getLogger(__name__)
+
 AdapterStatus = Literal["candidate", "promoted", "rejected", "retired"]
+
+VERSION_DIR = re.compile(r"v(\d{4,})")
+"""A version's directory name: v0001, v0002, ..."""
+ORPHANS = "orphaned"
+"""Where the sweep moves version directories that have no registry row."""
 
 
 @dataclass(frozen=True)
@@ -92,21 +109,34 @@ class AdapterRegistry:
         self.store = store
         self.root = Path(root)
 
-    async def open(self) -> AdapterRegistry:
-        await asyncio.to_thread(self._sweep)
+    async def open(self, *, locked: bool = False) -> AdapterRegistry:
+        """Open the registry, sweeping what a killed writer left behind. `locked`: the
+        caller holds the round lock (a round does); otherwise the sweep takes it, and is
+        skipped while a round runs (its files are not leftovers)."""
+        if locked:
+            await self._sweep()
+        elif self.root.is_dir():
+            try:
+                with round_lock(self.root):
+                    await self._sweep()
+            except TrainingBusy:
+                pass
         return self
 
-    def _sweep(self) -> None:
-        """Remove what a killed writer left behind, unless a round is running (its
-        temporary directory is not a leftover)."""
+    async def _sweep(self) -> None:
+        """Delete temporary directories and move aside version directories without a
+        row (call it holding the round lock)."""
         if not self.root.is_dir():
             return
-        try:
-            with round_lock(self.root):
-                for leftover in self.root.glob(".tmp-*"):
-                    shutil.rmtree(leftover, ignore_errors=True)
-        except TrainingBusy:
-            pass
+        rows = await self.store.db.execute_fetchall("SELECT version FROM adapters")
+        moved = await asyncio.to_thread(sweep_directory, self.root, {int(r[0]) for r in rows})
+        for path in moved:
+            log.warning(
+                "adapter directory %s has no registry row (left by a killed round, or the"
+                " database is not the one it was written with): moved it to %s",
+                path.name,
+                path,
+            )
 
     async def register(
         self,
@@ -119,10 +149,9 @@ class AdapterRegistry:
     ) -> AdapterVersion:
         """Write a new candidate version: `save(directory)` writes the adapter files
         (peft's `save_pretrained`), in a worker thread."""
-        rows = await self.store.db.execute_fetchall(
-            "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters"
-        )
-        version = int(rows[0][0])
+        rows = await self.store.db.execute_fetchall("SELECT MAX(version) FROM adapters")
+        # Past every directory too: one a crash left without a row must not block us.
+        version = max(int(rows[0][0] or 0), await asyncio.to_thread(newest_on_disk, self.root)) + 1
         final = self.root / f"v{version:04d}"
         meta = {
             "version": version,
@@ -227,6 +256,38 @@ class AdapterRegistry:
                     "UPDATE adapters SET status = 'promoted' WHERE version = ?", (rows[0][0],)
                 )
         return await self.promoted()
+
+
+def newest_on_disk(root: Path) -> int:
+    """The highest version number among `root`'s version directories (0: none)."""
+    if not root.is_dir():
+        return 0
+    found = (VERSION_DIR.fullmatch(p.name) for p in root.iterdir())
+    return max((int(m.group(1)) for m in found if m), default=0)
+
+
+def sweep_directory(root: Path, known: set[int]) -> list[Path]:
+    """Delete `root`'s temporary directories (half-written versions) and move each
+    version directory whose number is not in `known` to `root/orphaned/`. Returns where
+    those went.
+
+    Moved, not deleted: such a directory is usually a whole adapter whose row a crash
+    kept from being written, but it may also be one of many whose rows are missing
+    because the database was replaced (restored from an older backup, pointed at the
+    wrong file). Deleting would then destroy trained adapters; moving them keeps them,
+    out of the registry's way, for a person to look at."""
+    for leftover in root.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    moved = []
+    for path in sorted(root.iterdir()):
+        match = VERSION_DIR.fullmatch(path.name)
+        if match is None or int(match.group(1)) in known or not path.is_dir():
+            continue
+        target = root / ORPHANS / f"{path.name}-{uuid.uuid4().hex[:8]}"
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
+        moved.append(target)
+    return moved
 
 
 def _version(row: Any) -> AdapterVersion:

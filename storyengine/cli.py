@@ -339,6 +339,9 @@ async def _bench(args: argparse.Namespace) -> int:
 
 async def _train_sft(args: argparse.Namespace, settings: Settings) -> int:
     from .sft import CorpusTrainConfig, run_sft
+    from .training_scheduler import watch_parent
+
+    watch_parent()  # started by a bot: end with it
 
     config = CorpusTrainConfig(
         learning_rate=args.lr,
@@ -364,7 +367,9 @@ async def _train_sft(args: argparse.Namespace, settings: Settings) -> int:
 async def _train_round(args: argparse.Namespace, settings: Settings) -> int:
     from .rounds import RoundConfig, run_round
     from .training import TrainConfig
+    from .training_scheduler import watch_parent
 
+    watch_parent()  # started by a bot: end with it
     try:
         train = TrainConfig(
             learning_rate=args.lr, epochs=args.epochs, min_examples=args.min_examples

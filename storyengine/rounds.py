@@ -1,10 +1,22 @@
 """A learning round, end to end: feedback → datasets → train → gate → register →
 promote or reject. `storyengine train round` runs it in its own process.
 
-Crash safety: the adapter is registered only after training and evaluation, written
-atomically; the database is touched in short transactions; a run left 'running' by a
-killed process is marked failed by the next round. Killing a round therefore leaves the
-served adapter and the database as they were.
+A round that cannot run on the feedback there is (too little of it, none held out to
+judge with, KTO examples that are all liked or all disliked, a served adapter missing
+on disk) is *skipped* before any model loads: recorded as a finished run whose error is
+the reason, in a sentence for a person. So is one whose served adapter does not load on
+the base model (known only once that is loaded). Anything else that stops a round is a
+failure, recorded with its message.
+
+Crash safety: every step leaves a state the next round starts from. The adapter is
+registered only after training and evaluation (files first, then its row; see
+`adapters`), and the run notes the version and the newest generation its data came from
+as soon as the version is registered, so a crash after the promotion still keeps the
+next round from learning the same feedback again; promotion is one transaction; the
+database is touched in short transactions. The next round, holding the round lock,
+sweeps what a killed one left in the adapter directory and marks its run interrupted.
+Killing a round therefore leaves the served adapter and the database as they were, or
+with the new version fully promoted.
 """
 
 from __future__ import annotations
@@ -12,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -125,24 +137,107 @@ async def run_round(
         return await _run_round(settings, config, say)
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a round would train on and judge with, decided before any model loads."""
+
+    method: str
+    rows: list[dict[str, Any]]
+    heldout_pairs: list[PreferencePair]
+    heldout_examples: list[LabelledExample]
+
+    @property
+    def counts(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "train_rows": len(self.rows),
+            "heldout_pairs": len(self.heldout_pairs),
+            "heldout_examples": len(self.heldout_examples),
+        }
+
+
+def plan_round(config: RoundConfig, data: FeedbackDatasets) -> RoundPlan:
+    method, rows = choose_method(config, data)
+    return RoundPlan(
+        method,
+        rows,
+        [p for p in data.pairs if p.split == "heldout"][: config.gate.max_examples],
+        [e for e in data.examples if e.split == "heldout"][: config.gate.max_examples],
+    )
+
+
+def skip_reason(config: RoundConfig, plan: RoundPlan) -> str | None:
+    """Why this feedback cannot make a round yet, as a sentence for a person; None when
+    it can. Everything here is known before a model loads, so a round that cannot run
+    costs nothing."""
+    n, need = len(plan.rows), config.train.min_examples
+    held = len(plan.heldout_pairs) + len(plan.heldout_examples)
+    if plan.method == "dpo" and n < need:  # asked for: `auto` picks DPO only with enough
+        return (
+            f"not enough feedback yet for DPO: {n} preference pairs (a round needs {need}),"
+            f" {held} held out; pairs come from companion choices, retries and"
+            " continuations of one opening rated apart (`--method auto` trains KTO on"
+            " single reactions meanwhile)"
+        )
+    if n < need:
+        return (
+            f"not enough feedback yet: {n} training examples (a round needs {need}),"
+            f" {held} held out"
+        )
+    if plan.method == "kto":
+        liked = sum(1 for row in plan.rows if row["label"])
+        if liked in (0, n):
+            side, other = ("liked (👍)", "👎") if liked else ("disliked (👎)", "👍")
+            return (
+                f"all {n} rated continuations to learn from are {side}: the storyteller"
+                " learns from the difference between liked and disliked continuations;"
+                f" wait for some {other} or companion choices"
+            )
+    if not held:
+        return (
+            f"no held-out feedback yet to judge a new adapter on: {n} training examples,"
+            " none held out (the gate judges on the feedback of stories kept out of"
+            f" training, {config.data.heldout_fraction:.0%} of them)"
+        )
+    return None
+
+
 async def _run_round(
     settings: Settings, config: RoundConfig, say: Callable[[str], None]
 ) -> RoundResult:
     store = await Store(settings.db_path).open()
     try:
-        registry = await AdapterRegistry(store, settings.adapter_dir).open()
-        await store.interrupt_training_runs()  # we hold the lock: such runs were killed
+        # We hold the round lock: leftovers are a killed round's, and so are runs
+        # still 'running'.
+        registry = await AdapterRegistry(store, settings.adapter_dir).open(locked=True)
+        await store.interrupt_training_runs()
         rows_ = await store.db.execute_fetchall(
             "SELECT COALESCE(MAX(r.data_until), 0) FROM training_runs r"
             " JOIN adapters a ON a.version = r.version WHERE a.status IN ('promoted', 'retired')"
         )
         newest = await store.db.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM generations")
+        data_until = int(newest[0][0])
         data_config = replace(config.data, train_after_generation=int(rows_[0][0]))
         data = await build_datasets(store, data_config)
-        method, rows = choose_method(config, data)
-        run_id = await store.start_training_run(method)
+        plan = plan_round(config, data)
+        current = await registry.promoted()
+        reason = skip_reason(config, plan) or missing_adapter(current)
+        run_id = await store.start_training_run(plan.method)
+        if reason is not None:
+            await store.finish_training_run(
+                run_id, version=None, error=reason, data_until=data_until
+            )
+            return RoundResult("skipped", reason)
+
+        async def registered(version: int) -> None:
+            # At once, not when the run finishes: a crash after the promotion must not
+            # lose which data the promoted adapter has learned from.
+            await record_run_version(store, run_id, version, data_until)
+
         try:
-            result = await _train_and_gate(settings, config, registry, data, method, rows, say)
+            result = await _train_and_gate(
+                settings, config, registry, plan, current, registered, say
+            )
         except Exception as exc:
             await store.fail_training_run(run_id, exc)
             raise
@@ -150,45 +245,70 @@ async def _run_round(
             run_id,
             version=result.version.version if result.version else None,
             error=result.reason or None,
-            data_until=int(newest[0][0]),
+            data_until=data_until,
         )
         return result
     finally:
         await store.close()
 
 
+def missing_adapter(current: AdapterVersion | None) -> str | None:
+    """Why a round cannot start from the served adapter: its files are gone."""
+    if current is None or (current.path / "adapter_config.json").is_file():
+        return None
+    return (
+        f"the served adapter {current.name} is missing on disk ({current.path}): restore"
+        " it, or go back to the one before with `storyengine adapters rollback`"
+    )
+
+
+def unloadable_adapter(current: AdapterVersion, model_id: str, exc: Exception) -> str:
+    """Why a round cannot start from the served adapter: it does not load on the base
+    model (trained on another one, or its files are damaged)."""
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    if len(detail) > 160:
+        detail = detail[:159] + "…"
+    return (
+        f"the served adapter {current.name} does not load on the base model {model_id}"
+        f" ({detail}): serve another (`storyengine adapters rollback`), or set"
+        " STORY_BASE_MODEL back to the model it was trained on"
+    )
+
+
+async def record_run_version(
+    store: Store, run_id: int, version: int, data_until: int | None
+) -> None:
+    """Note on a running training run the version it registered and the newest
+    generation its data came from."""
+    await store._write(
+        "UPDATE training_runs SET version = ?, data_until = ? WHERE id = ?",
+        (version, data_until, run_id),
+    )
+
+
 async def _train_and_gate(
     settings: Settings,
     config: RoundConfig,
     registry: AdapterRegistry,
-    data: FeedbackDatasets,
-    method: str,
-    rows: list[dict[str, Any]],
+    plan: RoundPlan,
+    current: AdapterVersion | None,
+    registered: Callable[[int], Awaitable[None]],
     say: Callable[[str], None],
 ) -> RoundResult:
     from .modeling import load_for_training
 
-    heldout_pairs = [p for p in data.pairs if p.split == "heldout"][: config.gate.max_examples]
-    heldout_examples = [e for e in data.examples if e.split == "heldout"][
-        : config.gate.max_examples
-    ]
+    method, rows = plan.method, plan.rows
+    heldout_pairs, heldout_examples = plan.heldout_pairs, plan.heldout_examples
     texts = heldout_stories()
     gate_texts, guard_texts = texts[::2], texts[1::2]
-    counts = {
-        "method": method,
-        "train_rows": len(rows),
-        "heldout_pairs": len(heldout_pairs),
-        "heldout_examples": len(heldout_examples),
-    }
-    if len(rows) < config.train.min_examples:
-        return RoundResult("skipped", f"not enough feedback yet: {counts}")
-    if not heldout_pairs and not heldout_examples:
-        return RoundResult("skipped", f"no held-out feedback to judge a new adapter on: {counts}")
-
-    current = await registry.promoted()
     loaded = await asyncio.to_thread(load_for_training, settings)
     train = replace(config.train, method=method).resolved()  # type: ignore[arg-type]
-    policy = prepare_policy(loaded.model, current.path if current else None, train)
+    try:
+        policy = prepare_policy(loaded.model, current.path if current else None, train)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if current is None:  # a fresh LoRA that does not fit: a bug, not the user's
+            raise
+        return RoundResult("skipped", unloadable_adapter(current, loaded.model_id, exc))
     tok = loaded.tokenizer
     guard = None
     if config.drift_guard:
@@ -274,8 +394,9 @@ async def _train_and_gate(
         method=method,
         parent_version=current.version if current else None,
         metrics=json.loads(json.dumps(metrics, default=str)),
-        data_counts=counts,
+        data_counts=plan.counts,
     )
+    await registered(version.version)
     if report.passed:
         version = await registry.promote(version.version)
         return RoundResult("promoted", "", version, metrics)

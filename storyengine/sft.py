@@ -30,7 +30,7 @@ from .adapters import AdapterRegistry
 from .config import Settings
 from .errors import InvalidInput
 from .evaluation import perplexity
-from .rounds import heldout_stories, round_lock
+from .rounds import heldout_stories, record_run_version, round_lock
 from .store import Store
 from .training import TrainConfig, prepare_policy, progress_callback, runs_on_cpu
 
@@ -211,8 +211,9 @@ async def _run_sft(
 ) -> tuple[int, bool, dict[str, Any]]:
     from .modeling import load_for_training
 
-    registry = await AdapterRegistry(store, settings.adapter_dir).open()
-    await store.interrupt_training_runs()  # we hold the lock: such runs were killed
+    # We hold the round lock: leftovers and runs still 'running' are a killed round's.
+    registry = await AdapterRegistry(store, settings.adapter_dir).open(locked=True)
+    await store.interrupt_training_runs()
     start = await registry.promoted() if config.from_promoted else None
     loaded = await asyncio.to_thread(load_for_training, settings)
     tok = loaded.tokenizer
@@ -263,6 +264,7 @@ async def _run_sft(
             metrics=json.loads(json.dumps(report, default=str)),
             data_counts={"corpus": str(corpus), "texts": len(texts), "heldout": len(heldout)},
         )
+        await record_run_version(store, run_id, version.version, None)
         promoted = False
         if config.promote and improved:
             await registry.promote(version.version)

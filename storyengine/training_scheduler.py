@@ -12,15 +12,27 @@ event loop, threads or memory; it gets a lower CPU priority than serving. Its ou
 kept in a log file under the adapter directory, and its last line is the progress shown
 to admins. When a round promotes an adapter, the engine notices before its next
 generation (`StoryEngine.sync_adapter`).
+
+The round dies with the front end, even when that is killed outright (kill -9, a
+crash): a round left behind could still promote an adapter nobody asked for any more,
+and it would hold the round lock against the restarted bot. On Linux the kernel sends
+the child SIGTERM when the thread that started it ends (PR_SET_PDEATHSIG; asyncio starts
+children from the event loop's thread, which lives as long as the front end); and on
+any system the child gets the front end's pid (`STORY_PARENT_PID`) and its own watchdog
+thread (`watch_parent`) ends it once its parent is gone. SIGTERM ends a round at once:
+everything it writes is crash-safe (see `rounds`), so there is nothing to tidy first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +47,11 @@ log = logging.getLogger(__name__)
 
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY")
 """Environment variables whose names hold one of these never reach the trainer."""
+PARENT_PID_VAR = "STORY_PARENT_PID"
+"""The front end's pid, in the round's environment: the round ends when it is gone."""
+PARENT_GONE_EXIT = 3
+"""The exit status of a round that stopped because its front end was gone."""
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,57 @@ def child_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     reads `.env` too, and an empty variable keeps `.env` from filling it in again."""
     environ = dict(os.environ if environ is None else environ)
     return {k: "" if any(m in k.upper() for m in SECRET_MARKERS) else v for k, v in environ.items()}
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that has Linux send the child SIGTERM when the thread that forks
+    it ends (None elsewhere, or without prctl). libc's prctl is looked up here, in the
+    parent: the child, between fork and exec, only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(PARENT_GONE_EXIT)
+
+    return preexec
+
+
+def watch_parent(interval_s: float = 1.0, environ: dict[str, str] | None = None) -> None:
+    """In a round started by a front end (`STORY_PARENT_PID` set): end this process,
+    from a daemon thread, as soon as that front end is gone (this process's parent is
+    then someone else). Already gone: end it now. Without the variable, nothing."""
+    value = (os.environ if environ is None else environ).get(PARENT_PID_VAR, "")
+    if not value.isdigit():
+        return
+    parent = int(value)
+    if os.getppid() != parent:
+        _parent_gone(parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        _parent_gone(parent)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _parent_gone(parent: int) -> None:
+    """Say why, if anyone still reads, and exit at once (no cleanup: a round is crash-safe)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(
+            f"storyengine: the process that started this round (pid {parent}) is gone;"
+            " stopping the round",
+            file=sys.stderr,
+            flush=True,
+        )
+    os._exit(PARENT_GONE_EXIT)
 
 
 def parse_db_time(value: str) -> float:
@@ -158,7 +226,8 @@ class TrainingScheduler:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env=child_environment(),
+                env={**child_environment(), PARENT_PID_VAR: str(os.getpid())},
+                preexec_fn=die_with_parent(),
             )
         except OSError as exc:
             job.last_line, job.returncode = f"could not start: {exc}", -1
@@ -191,8 +260,10 @@ class TrainingScheduler:
             await self.job.done.wait()
         return self.job
 
-    async def close(self, grace_s: float = 10.0) -> None:
-        """Stop a running round (it leaves the served adapter and the database intact)."""
+    async def close(self, grace_s: float = 3.0) -> None:
+        """Stop a running round (it leaves the served adapter and the database intact):
+        SIGTERM, which ends a round at once, then SIGKILL after `grace_s`, so a front
+        end's shutdown stays short."""
         job = self.job
         if job is None or not job.running or job.process is None:
             return

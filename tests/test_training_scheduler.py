@@ -1,8 +1,13 @@
 """When a training round starts, and the round as a child process."""
 
 import asyncio
+import os
+import signal
 import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 from conftest import record_text
 
@@ -159,3 +164,125 @@ async def test_only_one_round_holds_the_adapter_directory(settings):
             await run_round(settings, RoundConfig(), say=lambda line: None)
     with round_lock(settings.adapter_dir):  # released: can be taken again
         pass
+
+
+def gone(pid: int) -> bool:
+    """The process has ended (a zombie nobody has reaped yet counts as ended)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def wait_until(condition, timeout_s: float, failure: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{failure} within {timeout_s} s")
+        await asyncio.sleep(0.05)
+
+
+async def start_parent(*args: str) -> tuple[asyncio.subprocess.Process, int]:
+    """orphan_parent.py with `args`: the parent, and the pid of the child it started."""
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(Path(__file__).parent / "orphan_parent.py"),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    line = await asyncio.wait_for(parent.stdout.readline(), 60)
+    assert line, "the parent did not start its child"
+    return parent, int(line)
+
+
+def end(pid: int) -> None:
+    """Kill a process a failed test left behind (one this test started)."""
+    if not gone(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+async def test_a_round_ends_when_the_bot_is_killed_outright(settings):
+    """kill -9 of the bot: its round must not live on (it could still promote an
+    adapter, and it holds the round lock against the restarted bot). The child here
+    is not storyengine, so it has no watchdog of its own: the kernel's signal ends it."""
+    parent, child = await start_parent(
+        "scheduler",
+        str(settings.db_path),
+        str(settings.adapter_dir),
+        *python("import time; time.sleep(120)"),
+    )
+    try:
+        assert not gone(child)
+        parent.kill()
+        await parent.wait()
+        await wait_until(lambda: gone(child), 5, "the round did not end with the bot")
+    finally:
+        end(child)
+
+
+async def test_the_watchdog_ends_a_round_whose_parent_is_gone(tmp_path):
+    """The portable fallback: a child started with STORY_PARENT_PID, and no parent-death
+    signal, ends itself when that parent is gone, saying why."""
+    log = tmp_path / "child.log"
+    parent, child = await start_parent(
+        "plain",
+        str(log),
+        *python(
+            "import time\n"
+            "from storyengine.training_scheduler import watch_parent\n"
+            "watch_parent(interval_s=0.1)\n"
+            "print('watching', flush=True)\n"
+            "time.sleep(120)\n"
+        ),
+    )
+    try:
+        await wait_until(lambda: "watching" in log.read_text(), 60, "the child did not start")
+        parent.kill()
+        await parent.wait()
+        await wait_until(lambda: gone(child), 5, "the watchdog did not end the child")
+        said = f"the process that started this round (pid {parent.pid}) is gone; stopping"
+        assert said in log.read_text()
+    finally:
+        end(child)
+
+
+@pytest.mark.parametrize("command", [["round"], ["sft", "--corpus", "corpus.txt"]])
+async def test_train_commands_watch_the_process_that_started_them(tmp_path, command):
+    """`train round` and `train sft` end at once when STORY_PARENT_PID is not their
+    parent (it is gone): they start the watchdog before anything else."""
+    from storyengine.training_scheduler import PARENT_GONE_EXIT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STORY_")}
+    env["STORY_PARENT_PID"] = str(os.getppid())  # alive, but not the child's parent
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "storyengine", "train", *command],
+        *["--db", str(tmp_path / "s.db"), "--dir", str(tmp_path / "adapters")],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == PARENT_GONE_EXIT, (out, err)
+    assert f"(pid {os.getppid()}) is gone; stopping the round" in err.decode()
+    assert not (tmp_path / "s.db").exists()  # it stopped before touching anything
+
+
+async def test_closing_ends_even_a_round_that_ignores_sigterm_within_seconds(store, settings):
+    """The bot's shutdown must be done within 10 s: SIGTERM, then SIGKILL after 3 s."""
+    stubborn = TrainingScheduler(
+        settings,
+        store,
+        TrainingSchedule(),
+        command=python(
+            "import signal, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n"
+        ),
+    )
+    job = await stubborn.start("test")
+    await wait_until(lambda: job.last_line == "ready", 60, "the child did not start")
+    await asyncio.wait_for(stubborn.close(), 6)
+    assert not job.running and job.returncode == -signal.SIGKILL
