@@ -232,7 +232,7 @@ async def _run_round(
         async def registered(version: int) -> None:
             # At once, not when the run finishes: a crash after the promotion must not
             # lose which data the promoted adapter has learned from.
-            await record_run_version(store, run_id, version, data_until)
+            await store.set_training_run_version(run_id, version, data_until)
 
         try:
             result = await _train_and_gate(
@@ -272,17 +272,6 @@ def unloadable_adapter(current: AdapterVersion, model_id: str, exc: Exception) -
         f"the served adapter {current.name} does not load on the base model {model_id}"
         f" ({detail}): serve another (`storyengine adapters rollback`), or set"
         " STORY_BASE_MODEL back to the model it was trained on"
-    )
-
-
-async def record_run_version(
-    store: Store, run_id: int, version: int, data_until: int | None
-) -> None:
-    """Note on a running training run the version it registered and the newest
-    generation its data came from."""
-    await store._write(
-        "UPDATE training_runs SET version = ?, data_until = ? WHERE id = ?",
-        (version, data_until, run_id),
     )
 
 

@@ -30,7 +30,7 @@ from .adapters import AdapterRegistry
 from .config import Settings
 from .errors import InvalidInput
 from .evaluation import perplexity
-from .rounds import heldout_stories, record_run_version, round_lock
+from .rounds import heldout_stories, round_lock
 from .store import Store
 from .training import TrainConfig, prepare_policy, progress_callback, runs_on_cpu
 
@@ -264,7 +264,7 @@ async def _run_sft(
             metrics=json.loads(json.dumps(report, default=str)),
             data_counts={"corpus": str(corpus), "texts": len(texts), "heldout": len(heldout)},
         )
-        await record_run_version(store, run_id, version.version, None)
+        await store.set_training_run_version(run_id, version.version, None)
         promoted = False
         if config.promote and improved:
             await registry.promote(version.version)

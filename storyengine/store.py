@@ -530,6 +530,17 @@ class AudienceStore:
             (version, error, data_until, run_id),
         )
 
+    async def set_training_run_version(
+        self, run_id: int, version: int, data_until: int | None
+    ) -> None:
+        """Note on a running run the version it registered and the newest generation its
+        data came from, as soon as the version exists: a run killed after that still
+        keeps the next round from learning the same feedback again."""
+        await self._write(
+            "UPDATE training_runs SET version = ?, data_until = ? WHERE id = ?",
+            (version, data_until, run_id),
+        )
+
     async def last_training_start(self) -> str | None:
         """When the newest training run started (as the database writes times)."""
         rows = await self.db.execute_fetchall("SELECT MAX(started_at) FROM training_runs")
