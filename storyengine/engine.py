@@ -845,9 +845,13 @@ class StoryEngine:
     async def link_message(self, message_id: str, generation_id: int) -> None:
         """Remember that a front end's message shows this generation (reactions on the
         message are then feedback on it)."""
-        if not isinstance(generation_id, int) or not 0 < generation_id <= MAX_ID:
-            raise InvalidInput("Unknown generation.")
-        await self.store.link_message(clean_id(message_id, "The message id"), generation_id)
+        message_id = clean_id(message_id, "The message id")
+        if (
+            not isinstance(generation_id, int)
+            or not 0 < generation_id <= MAX_ID
+            or not await self.store.link_message(message_id, generation_id)
+        ):
+            raise InvalidInput("There is no such generation to link.")
 
     async def record_reaction(
         self, message_id: str, user_id: str, emoji: str, *, added: bool

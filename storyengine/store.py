@@ -169,11 +169,14 @@ class AudienceStore:
             (channel, seconds),
         )
 
-    async def link_message(self, message_id: str, generation_id: int) -> None:
-        await self._write(
-            "INSERT OR REPLACE INTO story_messages (message_id, generation_id) VALUES (?, ?)",
+    async def link_message(self, message_id: str, generation_id: int) -> bool:
+        """Note that a message shows a generation. False if there is no such generation."""
+        cursor = await self._write(
+            "INSERT OR REPLACE INTO story_messages (message_id, generation_id)"
+            " SELECT ?, id FROM generations WHERE id = ?",
             (message_id, generation_id),
         )
+        return cursor.rowcount > 0
 
     async def generation_for_message(self, message_id: str) -> int | None:
         rows = await self.db.execute_fetchall(
