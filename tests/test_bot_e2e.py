@@ -491,3 +491,58 @@ async def test_a_burst_of_reactions_loses_nothing_and_starves_no_command(harness
     await said(fake, note, "Author's note set")
     assert note.ack_seconds < 3.0, note.ack_seconds
     await _settle(engine, generation, sorted((u, e, v) for (u, e), v in expected.items()), 60)
+
+
+async def test_who_may_do_what_through_commands_and_buttons(harness):
+    """The permission table, as Discord users meet it: refusals are private and change
+    nothing; moderators (Manage Messages) may step in."""
+    fake, engine = harness.fake, harness.env.engine
+    # A round-robin game: Ann starts it, Ben joins, Cat only watches.
+    start = await fake.slash(
+        ANN, TEXT_CHANNEL, "start", premise="Once upon a time, two friends.", mode="round-robin"
+    )
+    opening = await finished(fake, start)
+    await said(fake, await fake.slash(BEN, TEXT_CHANNEL, "join"), "Ben joins")
+    story_before = await engine.active_story(str(TEXT_CHANNEL))
+    watcher_refused = {
+        "retry": {},
+        "undo": {},
+        "memory": {"text": "Cat rules."},
+        "note": {"text": "Cat rules."},
+        "lore": {"name": "Cat", "triggers": "cat", "text": "The ruler."},
+        "settings": {"temperature": 1.5},
+        "end": {},
+    }
+    for sub, options in watcher_refused.items():
+        refused = await fake.slash(CAT, TEXT_CHANNEL, sub, **options)
+        await said(fake, refused, "can ")
+        assert refused.ephemeral, sub
+    press = await fake.press(CAT, int(opening["id"]), "tw:retry")
+    await said(fake, press, "Only this game's players")
+    assert press.ephemeral
+    for sub, options in [("settings", {"temperature": 1.5}), ("end", {})]:
+        refused = await fake.slash(BEN, TEXT_CHANNEL, sub, **options)  # a player, not the starter
+        await said(fake, refused, "Only whoever started this game, or a moderator")
+    memory = await fake.slash(BEN, TEXT_CHANNEL, "memory", text="The friends share a map.")
+    await said(fake, memory, "Memory set")
+    story = await engine.active_story(str(TEXT_CHANNEL))
+    assert story.memory == "The friends share a map." and story.authors_note == ""
+    assert (await engine.sampling_for(str(TEXT_CHANNEL))).temperature == 0.85
+    assert await engine.lore(str(TEXT_CHANNEL)) == [] and story.status == story_before.status
+    await said(fake, await fake.slash(MOD, TEXT_CHANNEL, "settings", temperature=0.5), "0.5")
+    await said(fake, await fake.slash(ANN, TEXT_CHANNEL, "end"), "The story has ended")
+
+    # A companion session: only Ann (and a moderator) may touch it.
+    companion = await fake.slash(
+        ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a girl.", mode="companion"
+    )
+    await said(fake, companion, "continues in <#")
+    thread = next(i for i, c in fake.channels.items() if c.get("type") == 11)
+    await fake.wait_for(lambda: len(fake.bot_messages(thread)) >= 2)
+    for sub, options in [("continue", {"text": "Ben takes over."}), ("retry", {}), ("undo", {}),
+                         ("note", {"text": "x"}), ("end", {})]:  # fmt: skip
+        refused = await fake.slash(BEN, thread, sub, **options)
+        await said(fake, refused, "companion story for one person")
+        assert refused.ephemeral, sub
+    await said(fake, await fake.slash(MOD, thread, "note", text="Gently."), "Author's note set")
+    assert len((await engine.view(str(thread))).turns) == 1  # only the opening
