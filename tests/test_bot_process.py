@@ -24,6 +24,8 @@ HERE = Path(__file__).parent
 
 
 class BotProcess:
+    started: list[asyncio.subprocess.Process] = []
+
     def __init__(self, fake: FakeDiscord, tmp_path: Path, **env: str) -> None:
         self.fake, self.tmp_path = fake, tmp_path
         self.env = {
@@ -53,6 +55,7 @@ class BotProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
+        BotProcess.started.append(self.process)
         if wait_ready:
             await asyncio.wait_for(self.fake.ready.wait(), 120)
             await asyncio.wait_for(self.fake.connected.wait(), 60)
@@ -72,6 +75,11 @@ async def fake():
     fake = FakeDiscord()
     await fake.start()
     yield fake
+    for process in BotProcess.started:  # a failed test must not leave a bot running
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    BotProcess.started.clear()
     await fake.stop()
     assert fake.unexpected == []
 
