@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from fake_discord import OTHER_CHANNEL, TEXT_CHANNEL, TOKEN, FakeDiscord, FakeUser
@@ -24,7 +25,7 @@ HERE = Path(__file__).parent
 
 
 class BotProcess:
-    started: list[asyncio.subprocess.Process] = []
+    started: ClassVar[list[asyncio.subprocess.Process]] = []
 
     def __init__(self, fake: FakeDiscord, tmp_path: Path, **env: str) -> None:
         self.fake, self.tmp_path = fake, tmp_path
