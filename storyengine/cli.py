@@ -32,7 +32,8 @@ Commands (anything else you type is your line; the storyteller continues it):
   /continue [TEXT]            add TEXT (optional) and let the storyteller continue
   /retry                      write the storyteller's last turn again
   /alts                       list the alternatives written for the last turn
-  /pick N                     make alternative N the story's turn
+  /pick N                     make alternative N the story's turn (a preference, learned from)
+  /good, /bad                 like or dislike the storyteller's last turn (learned from)
   /undo                       take back the last turn (your line and its reply)
   /memory TEXT                what the storyteller should always remember ("/memory" clears)
   /note TEXT                  author's note: steers the next turns ("/note" clears)
@@ -86,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["jsonl"], default="jsonl")
     export.add_argument("--out", type=Path, help="file to write (default: standard output)")
     _add_storage_args(export)
+    import_ = feedback_sub.add_parser(
+        "import", help="add the pairs and labelled examples of a JSONL file (as export writes)"
+    )
+    import_.add_argument("file", type=Path, metavar="FILE")
+    _add_storage_args(import_)
 
     train = sub.add_parser("train", help="fine-tune the LoRA adapter on the audience's feedback")
     train_sub = train.add_subparsers(dest="train", required=True, metavar="ROUND")
@@ -246,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_train_round(args, settings))
         if args.command == "adapters":
             return asyncio.run(_adapters(args, settings))
+        if args.command == "feedback" and args.feedback == "import":
+            return asyncio.run(_feedback_import(args, settings))
         if args.command == "feedback":
             return asyncio.run(_feedback_export(args, settings))
         if args.command == "bench":
@@ -416,6 +424,32 @@ async def _adapters(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _feedback_import(args: argparse.Namespace, settings: Settings) -> int:
+    import uuid
+
+    from .feedback import parse_import
+    from .store import Store
+
+    try:
+        text = await asyncio.to_thread(args.file.read_text, encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read {args.file}: {exc}") from None
+    try:
+        rows = parse_import(text.splitlines())
+    except InvalidInput as exc:
+        raise InvalidInput(f"{args.file}: {exc}; nothing was imported") from None
+    store = await Store(settings.db_path).open()
+    try:
+        counts = await store.import_feedback(rows, uuid.uuid4().hex[:8])
+    finally:
+        await store.close()
+    print(
+        f"imported {counts['pairs']} preference pairs and {counts['labels']} labelled "
+        f"examples ({counts['stories']} stories) into {settings.db_path}"
+    )
+    return 0
+
+
 async def _feedback_export(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
@@ -569,7 +603,7 @@ class _ChatSession:
             result = await e.continue_story(ch, self.author, arg or None, on_progress=p)
             self.printer.finish(result.text)
         elif command == "retry":
-            result = await e.retry(ch, on_progress=p)
+            result = await e.retry(ch, by=self.author, on_progress=p)
             self.printer.finish(result.text)
         elif command == "alts":
             alts = await e.alternatives(ch)
@@ -582,8 +616,11 @@ class _ChatSession:
             if not arg.isdigit():
                 self.say("! Usage: /pick N (see /alts)")
                 return True
-            turn = await e.choose_alternative(ch, int(arg))
+            turn = await e.choose_alternative(ch, int(arg), by=self.author)
             self.say(turn.text)
+        elif command in ("good", "bad"):
+            await e.rate(ch, self.author, liked=command == "good")
+            self.say("Noted: 👍." if command == "good" else "Noted: 👎.")
         elif command == "undo":
             removed = await e.undo(ch)
             self.say(f"Undone: {len(removed)} turn(s).")

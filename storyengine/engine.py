@@ -462,6 +462,14 @@ class StoryEngine:
             current = next(t for t in options if t.status == "active")
             if chosen.id != current.id:
                 await self.store.swap_active(current.id, chosen.id)
+            if actor is not None and not is_alias(actor.id) and chosen.generation_id:
+                # Picking one of the alternatives is a preference, as a companion choice is.
+                others = [t.generation_id for t in options if t.id != chosen.id]
+                rejected = [g for g in others if g is not None]
+                if rejected:
+                    await self.store.add_preference_pairs(
+                        chosen.generation_id, rejected, actor.id, "choice"
+                    )
             turn = await self.store.turn(chosen.id)
             assert turn is not None
             return turn
@@ -868,6 +876,26 @@ class StoryEngine:
         return await self.reactions.record(
             ReactionEvent(message_id, user_id, emoji, bool(added), value)
         )
+
+    async def rate(self, channel: str, author: Author, liked: bool) -> int:
+        """The author's 👍 (`liked`) or 👎 on the storyteller's last turn, for front ends
+        without reactions (the terminal): stored as that reaction would be, replacing
+        the opposite one. Returns the generation rated."""
+        author = await self._who(author)
+        story = await self.active_story(channel)
+        turns = await self.store.active_turns(story.id)
+        last = next((t for t in reversed(turns) if t.kind == "bot" and t.generation_id), None)
+        if last is None or last.generation_id is None:
+            raise NothingToRetry("The storyteller has written nothing here to rate yet.")
+        if is_alias(author.id):
+            raise InvalidInput("You asked to be forgotten: your feedback is not recorded.")
+        values = dict(self.settings.reaction_values)
+        emoji, other = ("👍", "👎") if liked else ("👎", "👍")
+        await self.store.delete_feedback(last.generation_id, author.id, other)
+        await self.store.set_feedback(
+            last.generation_id, author.id, emoji, values.get(emoji, 1.0 if liked else -1.0)
+        )
+        return last.generation_id
 
     # -- learning switch and statistics ----------------------------------------------
 

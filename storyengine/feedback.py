@@ -242,3 +242,52 @@ def _uniform(
     rate = (ups - own_ups + 1) / (total - n + 2)
     chance = rate**n if own_ups else (1 - rate) ** n
     return chance < config.uniform_voter_p
+
+
+MAX_IMPORT_CHARS = 20_000
+"""Longest prompt or continuation `import_rows` accepts."""
+
+
+def parse_import(lines: list[str]) -> list[dict[str, Any]]:
+    """Check the JSONL rows `storyengine feedback export` writes (pairs and labelled
+    examples) and return them cleaned. Raises `InvalidInput` naming the line and the field
+    on the first malformed row, so that nothing is half imported."""
+    import json
+
+    from .errors import InvalidInput
+    from .safety import normalize_text
+
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise InvalidInput(f"line {number}: not JSON") from None
+        if not isinstance(row, dict) or row.get("type") not in ("pair", "kto"):
+            raise InvalidInput(f'line {number}: expected an object with "type": "pair" or "kto"')
+        texts = (
+            ("prompt", "chosen", "rejected") if row["type"] == "pair" else ("prompt", "completion")
+        )
+        clean: dict[str, Any] = {"type": row["type"]}
+        for field_name in texts:
+            value = row.get(field_name)
+            if not isinstance(value, str) or not value.strip():
+                raise InvalidInput(f"line {number}: {field_name!r} must be non-empty text")
+            if len(value) > MAX_IMPORT_CHARS:
+                raise InvalidInput(
+                    f"line {number}: {field_name!r} is longer than {MAX_IMPORT_CHARS:,} characters"
+                )
+            clean[field_name] = normalize_text(value)
+        if row["type"] == "kto" and not isinstance(row.get("label"), bool):
+            raise InvalidInput(f"line {number}: 'label' must be true or false")
+        clean["label"] = row.get("label")
+        source = row.get("source", "import")
+        clean["source"] = source if source in ("choice", "retry", "score") else "import"
+        group = row.get("story_id", number)
+        if isinstance(group, bool) or not isinstance(group, int | str):
+            raise InvalidInput(f"line {number}: 'story_id' must be a number or text")
+        clean["group"] = str(group)[:100]
+        rows.append(clean)
+    return rows

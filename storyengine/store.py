@@ -313,6 +313,61 @@ class AudienceStore:
                 [(chosen, r, user_id, source) for r in rejected],
             )
 
+    async def import_feedback(self, rows: list[dict[str, Any]], batch: str) -> dict[str, int]:
+        """Store checked feedback rows (`feedback.parse_import`) in one transaction: each
+        original story becomes an ended story of the operator's own (trainable, keeping
+        its examples on one side of the train/held-out split), each text a generation,
+        each pair a preference and each label one vote of an import user of its own (so
+        the per-user caps do not shrink them)."""
+        stories: dict[str, int] = {}
+        counts = {"pairs": 0, "labels": 0, "stories": 0}
+        async with self.transaction() as db:
+
+            async def generation(story_id: int, prompt: str, output: str) -> int:
+                cursor = await db.execute(
+                    "INSERT INTO generations (story_id, channel, prompt, output, raw_output,"
+                    " params, model_id, adapter_id, prompt_tokens, output_tokens,"
+                    " finish_reason, latency_s, ttft_s) VALUES"
+                    " (?, NULL, ?, ?, ?, '{}', 'import', NULL, 0, 0, 'eos', 0, NULL)",
+                    (story_id, prompt, output, output),
+                )
+                return int(cursor.lastrowid or 0)
+
+            for number, row in enumerate(rows):
+                if row["group"] not in stories:
+                    cursor = await db.execute(
+                        "INSERT INTO stories (channel, premise, mode, status, created_by,"
+                        " ended_at) VALUES (?, ?, 'solo', 'ended', NULL,"
+                        " strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+                        (f"import:{batch}:{row['group']}", row["prompt"][:1000]),
+                    )
+                    stories[row["group"]] = int(cursor.lastrowid or 0)
+                story_id = stories[row["group"]]
+                if row["type"] == "pair":
+                    chosen = await generation(story_id, row["prompt"], row["chosen"])
+                    rejected = await generation(story_id, row["prompt"], row["rejected"])
+                    await db.execute(
+                        "INSERT INTO preference_pairs (chosen_generation_id,"
+                        " rejected_generation_id, user_id, source) VALUES (?, ?, ?, ?)",
+                        (chosen, rejected, f"import:{batch}:{number}", row["source"]),
+                    )
+                    counts["pairs"] += 1
+                else:
+                    made = await generation(story_id, row["prompt"], row["completion"])
+                    await db.execute(
+                        "INSERT INTO feedback (generation_id, message_id, user_id, emoji, value)"
+                        " VALUES (?, 'import', ?, ?, ?)",
+                        (
+                            made,
+                            f"import:{batch}:{number}",
+                            "👍" if row["label"] else "👎",
+                            1.0 if row["label"] else -1.0,
+                        ),
+                    )
+                    counts["labels"] += 1
+        counts["stories"] = len(stories)
+        return counts
+
     async def preference_pairs(self) -> list[tuple[int, int, str | None, str]]:
         rows = await self.db.execute_fetchall(
             "SELECT chosen_generation_id, rejected_generation_id, user_id, source"
