@@ -56,6 +56,8 @@ class AdapterVersion:
     data_counts: dict[str, Any]
     created_at: str
     promoted_at: str | None
+    community: str | None = None
+    """The lineage: a community's own, or None for the shared one."""
 
     @property
     def name(self) -> str:
@@ -146,15 +148,18 @@ class AdapterRegistry:
         parent_version: int | None = None,
         metrics: dict[str, Any] | None = None,
         data_counts: dict[str, Any] | None = None,
+        community: str | None = None,
     ) -> AdapterVersion:
         """Write a new candidate version: `save(directory)` writes the adapter files
-        (peft's `save_pretrained`), in a worker thread."""
+        (peft's `save_pretrained`), in a worker thread. `community`: the lineage it
+        belongs to (None: the shared one)."""
         rows = await self.store.db.execute_fetchall("SELECT MAX(version) FROM adapters")
         # Past every directory too: one a crash left without a row must not block us.
         version = max(int(rows[0][0] or 0), await asyncio.to_thread(newest_on_disk, self.root)) + 1
         final = self.root / f"v{version:04d}"
         meta = {
             "version": version,
+            "community": community,
             "method": method,
             "parent_version": parent_version,
             "metrics": metrics or {},
@@ -176,8 +181,8 @@ class AdapterRegistry:
 
         await asyncio.to_thread(write)
         await self.store._write(
-            "INSERT INTO adapters (version, path, parent_version, method, metrics, data_counts)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO adapters (version, path, parent_version, method, metrics, data_counts,"
+            " community) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 version,
                 str(final),
@@ -185,6 +190,7 @@ class AdapterRegistry:
                 method,
                 json.dumps(meta["metrics"]),
                 json.dumps(meta["data_counts"]),
+                community,
             ),
         )
         found = await self.get(version)
@@ -198,14 +204,29 @@ class AdapterRegistry:
         return _version(rows[0]) if rows else None
 
     async def list(self) -> list[AdapterVersion]:
+        """Every version, of every lineage."""
         rows = await self.store.db.execute_fetchall("SELECT * FROM adapters ORDER BY version")
         return [_version(r) for r in rows]
 
-    async def promoted(self) -> AdapterVersion | None:
+    async def lineage(self, community: str | None) -> list[AdapterVersion]:
+        """One lineage's versions: a community's own, or (None) the shared ones."""
         rows = await self.store.db.execute_fetchall(
-            "SELECT * FROM adapters WHERE status = 'promoted'"
+            f"SELECT * FROM adapters WHERE {SAME_LINEAGE} ORDER BY version", (community,)
+        )
+        return [_version(r) for r in rows]
+
+    async def promoted(self, community: str | None = None) -> AdapterVersion | None:
+        """The version a lineage serves (None: the shared lineage's)."""
+        rows = await self.store.db.execute_fetchall(
+            f"SELECT * FROM adapters WHERE status = 'promoted' AND {SAME_LINEAGE}", (community,)
         )
         return _version(rows[0]) if rows else None
+
+    async def serving(self, community: str | None) -> AdapterVersion | None:
+        """What a community's stories are served: its own promoted version, else the
+        shared one (None: the base model, or STORY_ADAPTER)."""
+        own = await self.promoted(community) if community is not None else None
+        return own or await self.promoted(None)
 
     async def set_metrics(self, version: int, metrics: dict[str, Any]) -> None:
         await self.store._write(
@@ -220,7 +241,11 @@ class AdapterRegistry:
         if not (target.path / "adapter_config.json").is_file():
             raise InvalidInput(f"Adapter version {version} is missing on disk ({target.path}).")
         async with self.store.transaction() as db:
-            await db.execute("UPDATE adapters SET status = 'retired' WHERE status = 'promoted'")
+            await db.execute(
+                f"UPDATE adapters SET status = 'retired' WHERE status = 'promoted'"
+                f" AND {SAME_LINEAGE}",
+                (target.community,),
+            )
             await db.execute(
                 "UPDATE adapters SET status = 'promoted',"
                 " promoted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE version = ?",
@@ -236,16 +261,21 @@ class AdapterRegistry:
             (version,),
         )
 
-    async def rollback(self) -> AdapterVersion | None:
-        """Retire the promoted version and serve the one promoted before it (the most
-        recently promoted retired one), or the bare base model if there is none."""
-        current = await self.promoted()
+    async def rollback(self, community: str | None = None) -> AdapterVersion | None:
+        """Retire a lineage's promoted version and serve the one it promoted before (the
+        most recently promoted retired one), or none: for a community, the shared
+        adapter again; for the shared lineage, the bare base model."""
+        current = await self.promoted(community)
         if current is None:
-            raise InvalidInput("No adapter is promoted: the base model is already being served.")
+            raise InvalidInput(
+                "No adapter of this server's own is promoted: it is served the shared one."
+                if community is not None
+                else "No adapter is promoted: the base model is already being served."
+            )
         rows = await self.store.db.execute_fetchall(
             "SELECT version FROM adapters WHERE status = 'retired' AND promoted_at IS NOT NULL"
-            " AND version != ? ORDER BY promoted_at DESC LIMIT 1",
-            (current.version,),
+            f" AND version != ? AND {SAME_LINEAGE} ORDER BY promoted_at DESC LIMIT 1",
+            (current.version, community),
         )
         async with self.store.transaction() as db:
             await db.execute(
@@ -255,7 +285,11 @@ class AdapterRegistry:
                 await db.execute(
                     "UPDATE adapters SET status = 'promoted' WHERE version = ?", (rows[0][0],)
                 )
-        return await self.promoted()
+        return await self.promoted(community)
+
+
+SAME_LINEAGE = "COALESCE(community, '') = COALESCE(?, '')"
+"""SQL: the row belongs to the lineage given as the parameter (NULL: the shared one)."""
 
 
 def newest_on_disk(root: Path) -> int:
@@ -301,4 +335,5 @@ def _version(row: Any) -> AdapterVersion:
         data_counts=json.loads(row["data_counts"]),
         created_at=row["created_at"],
         promoted_at=row["promoted_at"],
+        community=row["community"],
     )

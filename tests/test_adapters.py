@@ -181,3 +181,22 @@ async def test_a_served_adapter_can_be_evaluated_beside_serving(tiny_model, tmp_
     )
     assert served != base
     await generator.close()
+
+
+async def test_each_community_has_its_own_lineage_over_the_shared_one(registry, tiny_model):
+    shared = await registry.register(lora_saver(tiny_model.model, 1), method="dpo")
+    await registry.promote(shared.version)
+    own = await registry.register(lora_saver(tiny_model.model, 2), method="dpo", community="g1")
+    assert (await registry.serving("g1")).version == shared.version  # until it has its own
+    await registry.promote(own.version)
+    assert (await registry.serving("g1")).version == own.version
+    assert (await registry.serving("g2")).version == shared.version  # others: the shared one
+    assert (await registry.promoted()).version == shared.version  # not retired by g1's
+    second = await registry.register(lora_saver(tiny_model.model, 3), method="dpo", community="g1")
+    await registry.promote(second.version)
+    assert [v.status for v in await registry.lineage("g1")] == ["retired", "promoted"]
+    assert (await registry.rollback("g1")).version == own.version
+    assert (await registry.rollback("g1")) is None  # back to the shared adapter
+    assert (await registry.serving("g1")).version == shared.version
+    with pytest.raises(InvalidInput, match="served the shared one"):
+        await registry.rollback("g1")
