@@ -52,6 +52,9 @@ class DatasetConfig:
     train_after_generation: int = 0
     """Training examples only from generations newer than this id (a round learns from
     what came in since the last promoted round); held-out examples from all."""
+    community: str | None = None
+    """Only this community's stories (a community's own adapter lineage); None: every
+    trainable story (the shared lineage)."""
 
 
 @dataclass(frozen=True)
@@ -97,12 +100,15 @@ def story_split(story_id: int, config: DatasetConfig) -> Split:
 async def build_datasets(store: Store, config: DatasetConfig | None = None) -> FeedbackDatasets:
     config = config or DatasetConfig()
     db = store.db
+    only = " AND s.community = ?" if config.community is not None else ""
     generations = {
         r["id"]: dict(r)
         for r in await db.execute_fetchall(
             "SELECT g.id, g.story_id, g.prompt, g.output FROM generations g"
             " JOIN stories s ON s.id = g.story_id"
             f" WHERE g.output != '' AND g.finish_reason != 'cancelled' AND {TRAINABLE_STORY}"
+            + only,
+            (config.community,) if config.community is not None else (),
         )
     }
     excluded = defaultdict(list)
