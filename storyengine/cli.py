@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="print a continuation of PROMPT")
     gen.add_argument("prompt", metavar="PROMPT")
+    _add_adapter_arg(gen)
+    _add_storage_args(gen, adapters=True)
     _add_sampling_args(gen)
 
     chat = sub.add_parser("chat", help="tell a story interactively (reads stdin; pipes work)")
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--author", default=os.environ.get("USER") or "you", help="your name in the story"
     )
+    _add_adapter_arg(chat)
 
     db = sub.add_parser("db", help="database schema: migrate or status")
     db.add_argument("action", choices=["migrate", "status"])
@@ -191,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_adapter_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter",
+        metavar="VERSION|base",
+        help="serve this registry version (or the bare base model) instead of the promoted one",
+    )
+
+
 def _add_storage_args(parser: argparse.ArgumentParser, *, adapters: bool = False) -> None:
     parser.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
     if adapters:
@@ -287,7 +298,10 @@ async def _generate(args: argparse.Namespace, settings: Settings) -> int:
     from .safety import SafetyFilter
 
     params = _sampling_from_args(args, settings)
+    adapter = await _registry_adapter(settings, args.adapter)
     generator = _load_generator(settings)
+    if adapter is not None:
+        await generator.use_adapter(*adapter)
     model = generator.model
     safety = SafetyFilter(
         max_input_chars=max(settings.max_input_chars, len(args.prompt)),
@@ -305,6 +319,39 @@ async def _generate(args: argparse.Namespace, settings: Settings) -> int:
         await generator.close()
     print(narration.text)
     return 0
+
+
+async def _registry_adapter(
+    settings: Settings, wanted: str | None
+) -> tuple[str, str | None] | None:
+    """What `generate` serves: the registry's promoted adapter (as the bot would), or
+    `--adapter VERSION|base`. None: no registry here, the model as configured."""
+    from .generation import BASE_ADAPTER
+
+    if wanted is not None and wanted.strip().lower() == "base":
+        return (BASE_ADAPTER, None)
+    if not settings.db_path.exists():  # nothing registered; never create a database here
+        if wanted is not None:
+            raise InvalidInput(f"{settings.db_path} does not exist: no adapter {wanted} in it.")
+        return None
+    from .adapters import AdapterRegistry
+    from .store import Store
+
+    store = await Store(settings.db_path).open()
+    try:
+        registry = AdapterRegistry(store, settings.adapter_dir)
+        if wanted is None:
+            version = await registry.promoted()
+        else:
+            number = wanted.strip().lower().removeprefix("v")
+            if not number.isdigit():
+                raise InvalidInput(f"--adapter wants a version number or base, got {wanted!r}")
+            version = await registry.get(int(number))
+            if version is None:
+                raise InvalidInput(f"There is no adapter version {number}.")
+    finally:
+        await store.close()
+    return (version.name, str(version.path)) if version is not None else None
 
 
 async def _bench(args: argparse.Namespace) -> int:
@@ -521,7 +568,7 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     interactive = sys.stdin.isatty()
     channel, author = args.channel, Author(id=f"terminal:{args.author}", name=args.author)
     print("Loading the storyteller…", file=sys.stderr)
-    engine = await StoryEngine(settings).start()
+    engine = await StoryEngine(settings, adapter=args.adapter).start()
     loop = asyncio.get_running_loop()
     if interactive:
         loop.add_signal_handler(signal.SIGINT, lambda: engine.stop(channel) or _quit())

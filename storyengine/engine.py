@@ -88,8 +88,12 @@ class StoryEngine:
         *,
         generator: Generator | None = None,
         store: Store | None = None,
+        adapter: str | None = None,
     ) -> None:
+        """`adapter`: serve this registry version ("3" or "v3") or "base" (the bare base
+        model) instead of following the registry's promotions (`chat --adapter`)."""
         self.settings = settings
+        self._pinned = adapter.strip().lower() if adapter else None
         self.store = store or Store(settings.db_path)
         self._generator = generator
         self._narrator: Narrator | None = None
@@ -136,6 +140,8 @@ class StoryEngine:
         """Serve the registry's promoted adapter (or, with none promoted, the configured
         one): a newly promoted version is loaded without a restart, generations in flight
         finish on the old one. Called before every generation; cheap when nothing changed."""
+        if self._pinned is not None:
+            return await self._serve_pinned()
         promoted = await self.registry.promoted()
         wanted = promoted.name if promoted else None
         if wanted != self._serving:
@@ -149,6 +155,21 @@ class StoryEngine:
             log.info("now serving adapter %s", wanted or self.settings.adapter or "none")
             self._serving = wanted
         return wanted
+
+    async def _serve_pinned(self) -> str | None:
+        assert self._generator is not None and self._pinned is not None
+        if self._serving == self._pinned:
+            return None if self._pinned == "base" else self._pinned
+        if self._pinned == "base":
+            await self._generator.use_adapter(BASE_ADAPTER)
+        else:
+            number = self._pinned.removeprefix("v")
+            version = await self.registry.get(int(number)) if number.isdigit() else None
+            if version is None:
+                raise InvalidInput(f"There is no adapter version {self._pinned!r} to serve.")
+            await self._generator.use_adapter(version.name, str(version.path))
+        self._serving = self._pinned
+        return None if self._pinned == "base" else self._pinned
 
     @property
     def closing(self) -> bool:

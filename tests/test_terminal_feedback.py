@@ -107,3 +107,32 @@ def test_chat_good_bad_and_pick_reach_the_training_data(tmp_path):
     rows = [json.loads(line) for line in exported.stdout.splitlines()]
     kinds = sorted({(r["type"], r.get("source")) for r in rows})
     assert ("pair", "choice") in kinds and ("kto", None) in kinds
+
+
+@pytest.mark.slow
+async def test_generate_serves_the_promoted_adapter_unless_told_otherwise(tmp_path, bundled_model):
+    from test_adapters import lora_saver
+
+    from storyengine.adapters import AdapterRegistry
+
+    store = await Store(tmp_path / "g.db").open()
+    registry = await AdapterRegistry(store, tmp_path / "adapters").open()
+    version = await registry.register(lora_saver(bundled_model.model, 5), method="dpo")
+    await registry.promote(version.version)
+    await store.close()
+
+    def generate(*more: str) -> str:
+        result = run_cli(
+            "generate", "Once upon a time, a little fox", "--temperature", "0",
+            "--max-new-tokens", "40", "--db", str(tmp_path / "g.db"),
+            "--dir", str(tmp_path / "adapters"), *more, cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    promoted, base, pinned = generate(), generate("--adapter", "base"), generate("--adapter", "1")
+    assert promoted == pinned != base
+    missing = run_cli(
+        "generate", "x", "--adapter", "9", "--db", str(tmp_path / "g.db"), cwd=tmp_path
+    )
+    assert missing.returncode == 2 and "no adapter version 9" in missing.stderr
