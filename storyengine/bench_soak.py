@@ -1,0 +1,439 @@
+"""`storyengine bench soak`: does the engine's memory stay flat over hours?
+
+A bot runs for weeks, so memory that grows a little with every turn ends in an
+out-of-memory kill. This bench drives the real engine (`StoryEngine` with the batching
+scheduler, SQLite in a temporary folder unless `--db` is given) from N simulated channels,
+each in a closed loop of what people do in a story: start one, add lines, retry, undo,
+react to the storyteller's messages, steer with an author's note, add lore, export, and
+now and then end the story and start the next (half of the time in a new channel, as a
+bot that opens a thread per story does), so that per-story and per-channel state is
+created and dropped all the time. Every few seconds it samples the process's resident
+memory (RSS) and prints it with the turns done so far.
+
+Warm-up: the first 20 % of the run (`--warmup`). Memory rises at first for reasons that
+are paid once: the allocator's pools and the KV cache reach the size of the longest
+batch, the stories grow to the model's full context window (a channel needs about 18
+turns to fill 1024 tokens), SQLite's page cache fills up. Growth is measured from the
+first sample after warm-up to the end of the run, which is what extrapolates to hours;
+the slope of a straight line fitted to the samples after warm-up says the same per hour.
+
+Any exception other than a `StoryError` (those are the user's: nothing to undo, a
+generation that found no words) counts as an error, and the command then exits non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+from .errors import StoryAlreadyRunning, StoryError
+from .records import Author
+from .sampling import SamplingParams
+
+PREMISES = (
+    "A little fox finds a lantern that glows only when someone tells the truth.",
+    "Two sisters build a boat out of an old wardrobe and sail across the pond.",
+    "A robot who sweeps the library wants to read the books it dusts every night.",
+    "The baker's cat goes missing on the morning of the town's big cake contest.",
+    "A shy dragon is afraid of the dark and asks the moon for help.",
+    "Tom finds a map under his bed that leads to the bottom of the garden.",
+    "A snowman wakes up in spring and has one day to see the sea.",
+    "Mia's grandmother keeps a box that hums a tune when it rains.",
+)
+LINES = (
+    "Then the wind began to blow very hard.",
+    "Suddenly, a small voice called from behind the tree.",
+    "She opened the door slowly and looked inside.",
+    '"Can I come with you?" asked the little bird.',
+    "Nobody noticed the shadow moving across the wall.",
+    "He laughed and said it was the best day ever.",
+    "But the path split in two, and one way was dark.",
+    "The old man smiled and handed them a golden key.",
+    "A loud crash came from the kitchen.",
+    "They sat down together and shared their lunch.",
+)
+NOTES = (
+    "Keep the story cheerful and gentle.",
+    "Something surprising happens soon.",
+    "The story is told like a bedtime tale.",
+    "",
+)
+LORE = (
+    ("Pip", "Pip, mouse", "Pip is a brave little mouse who wears a red scarf."),
+    ("The Old Oak", "oak, tree", "The Old Oak is the tallest tree and it can whisper."),
+    ("Luna", "Luna, moon", "Luna is the moon, kind and a little sleepy."),
+)
+STORY_TURNS = (6, 30)
+"""A story ends after this many storyteller turns (drawn uniformly): about half of them
+outgrow the context window, the others end before."""
+NEW_THREAD = 0.5
+"""Chance that the next story starts in a new channel (a thread of its own)."""
+REACT = 0.4
+"""Chance that someone reacts to a storyteller's message."""
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    minutes: float = 5.0
+    channels: int = 16
+    max_new_tokens: int = 48
+    sample_every: float = 5.0
+    warmup: float = 0.2
+    """Fraction of the run before memory is taken as warmed up."""
+    seed: int = 0
+    trace_top: int = 0
+    """With N > 0, compare tracemalloc snapshots (end of warm-up and end of run) and
+    report the N places where Python's own allocations grew most."""
+
+    def __post_init__(self) -> None:
+        if not self.minutes > 0:
+            raise ValueError("--minutes must be more than 0")
+        if self.channels < 1:
+            raise ValueError("--channels must be at least 1")
+        if not 1 <= self.max_new_tokens <= 512:
+            raise ValueError("--max-new-tokens must be 1..512")
+        if not self.sample_every > 0:
+            raise ValueError("--sample-every must be more than 0 seconds")
+        if not 0 <= self.warmup < 1:
+            raise ValueError("--warmup must be a fraction from 0 to below 1")
+        if self.trace_top < 0:
+            raise ValueError("--trace-top must be 0 or more")
+
+    @property
+    def seconds(self) -> float:
+        return self.minutes * 60
+
+
+@dataclass
+class Sample:
+    t_s: float
+    turns: int
+    rss_mb: float
+
+
+@dataclass
+class Tally:
+    """What the channels did, shared by all of them (one event loop: no locking)."""
+
+    turns: int = 0
+    """Storyteller turns written: openings, continuations, retries."""
+    ops: Counter[str] = field(default_factory=Counter)
+    user_errors: Counter[str] = field(default_factory=Counter)
+    errors: int = 0
+    error_messages: list[str] = field(default_factory=list)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_mb() -> float:
+    """The process's resident memory now (Linux: /proc/self/statm); elsewhere the peak
+    so far, which is the best the standard library offers."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * _PAGE / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
+
+
+class Channel:
+    """One simulated channel: a closed loop of story operations until the deadline."""
+
+    def __init__(self, engine: Any, index: int, config: SoakConfig, tally: Tally) -> None:
+        self.engine = engine
+        self.index = index
+        self.rng = random.Random(config.seed * 10_007 + index)
+        self.tally = tally
+        self.thread = 0
+        self.story_turns = 0
+        self.story_length = 0
+        self.active = False
+        self.messages: list[tuple[str, str, str]] = []
+        """Reactions given in the current story (message, user, emoji): some are removed."""
+
+    @property
+    def channel(self) -> str:
+        return f"soak-{self.index}" + (f"-t{self.thread}" if self.thread else "")
+
+    def author(self) -> Author:
+        n = self.rng.randrange(4)
+        return Author(f"user-{self.index}-{n}", f"Player {self.index}.{n}")
+
+    async def run(self, deadline: float) -> None:
+        while time.perf_counter() < deadline:
+            name, op = self.next_op()
+            try:
+                await op()
+            except StoryError as exc:  # the user's mistake or bad luck: not a failure
+                self.tally.user_errors[type(exc).__name__] += 1
+            except Exception:
+                self.tally.errors += 1
+                if len(self.tally.error_messages) < 5:
+                    self.tally.error_messages.append(traceback.format_exc())
+            self.tally.ops[name] += 1
+
+    def next_op(self) -> tuple[str, Any]:
+        if not self.active:
+            return "start_story", self.start
+        if self.story_turns >= self.story_length:
+            return "end_story", self.end
+        roll = self.rng.random()
+        for name, op, weight in (
+            ("continue", self.continue_with_line, 0.60),
+            ("continue_empty", self.continue_empty, 0.08),
+            ("retry", self.retry, 0.10),
+            ("undo", self.undo, 0.06),
+            ("authors_note", self.note, 0.05),
+            ("export", self.export, 0.05),
+            ("lore", self.lore, 0.03),
+        ):
+            if roll < weight:
+                return name, op
+            roll -= weight
+        return "unreact", self.unreact
+
+    async def start(self) -> None:
+        premise = self.rng.choice(PREMISES)
+        self.active, self.story_turns, self.messages = True, 0, []
+        self.story_length = self.rng.randint(*STORY_TURNS)
+        try:
+            result = await self.engine.start_story(self.channel, premise, author=self.author())
+        except StoryAlreadyRunning:  # left open in the database by an earlier run
+            return
+        await self.wrote(result)
+
+    async def continue_with_line(self) -> None:
+        line = self.rng.choice(LINES)
+        await self.wrote(await self.engine.continue_story(self.channel, self.author(), line))
+
+    async def continue_empty(self) -> None:
+        await self.wrote(await self.engine.continue_story(self.channel, self.author()))
+
+    async def retry(self) -> None:
+        await self.wrote(await self.engine.retry(self.channel))
+
+    async def undo(self) -> None:
+        await self.engine.undo(self.channel)
+
+    async def note(self) -> None:
+        await self.engine.set_authors_note(self.channel, self.rng.choice(NOTES))
+
+    async def export(self) -> None:
+        await self.engine.export_markdown(self.channel)
+
+    async def lore(self) -> None:
+        name, triggers, text = self.rng.choice(LORE)
+        await self.engine.add_lore(self.channel, name, triggers, text)
+
+    async def unreact(self) -> None:
+        if self.messages:
+            message, user, emoji = self.messages.pop(self.rng.randrange(len(self.messages)))
+            await self.engine.record_reaction(message, user, emoji, added=False)
+
+    async def end(self) -> None:
+        self.active = False
+        await self.engine.end_story(self.channel)
+        if self.rng.random() < NEW_THREAD:
+            self.thread += 1
+
+    async def wrote(self, result: Any) -> None:
+        """A storyteller turn was shown: count it, and maybe someone reacts to it."""
+        self.tally.turns += 1
+        self.story_turns += 1
+        if self.rng.random() >= REACT:
+            return
+        message = f"{self.channel}-m{result.generation_id}"
+        await self.engine.link_message(message, result.generation_id)
+        user = self.author().id
+        emoji, _ = self.rng.choice(self.engine.settings.reaction_values)
+        await self.engine.record_reaction(message, user, emoji, added=True)
+        self.messages.append((message, user, emoji))
+
+
+async def bench_soak(
+    *,
+    config: SoakConfig,
+    device: str = "cpu",
+    db_path: Path | None = None,
+    json_path: Path | None = None,
+) -> dict[str, Any]:
+    import torch
+
+    from .engine import StoryEngine
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("storyengine bench: --device cuda asked for, but CUDA is not available")
+    torch.manual_seed(config.seed)  # the generations draw from it (no per-request seed)
+    with tempfile.TemporaryDirectory(prefix="taleweaver-soak-") as scratch:
+        settings = Settings(
+            db_path=db_path or Path(scratch) / "soak.db",
+            adapter_dir=Path(scratch) / "adapters",
+            device=device,
+            sampling=SamplingParams(max_new_tokens=config.max_new_tokens),
+            max_batch_size=max(config.channels, 1),
+        )
+        print(f"loading the engine on {device}…", file=sys.stderr, flush=True)
+        async with StoryEngine(settings) as engine:
+            results = await _soak(engine, config)
+            results["setup"] = {
+                "model": engine.narrator.model.model_id,
+                "device": device,
+                "minutes": config.minutes,
+                "channels": config.channels,
+                "max_new_tokens": config.max_new_tokens,
+                "sample_every_s": config.sample_every,
+                "warmup_fraction": config.warmup,
+                "seed": config.seed,
+                "db": str(db_path) if db_path else "temporary",
+                "torch_threads": torch.get_num_threads(),
+                "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),
+            }
+    print_summary(results)
+    if json_path is not None:
+        text = json.dumps(results, indent=2) + "\n"
+        await asyncio.to_thread(json_path.write_text, text, encoding="utf-8")
+    return results
+
+
+async def _soak(engine: Any, config: SoakConfig) -> dict[str, Any]:
+    tally = Tally()
+    samples: list[Sample] = []
+    tracing = config.trace_top > 0
+    if tracing:
+        import tracemalloc
+
+        tracemalloc.start(8)
+    snapshots: list[Any] = []
+    warm_s = config.seconds * config.warmup
+    start = time.perf_counter()
+    deadline = start + config.seconds
+
+    def sample() -> None:
+        samples.append(Sample(time.perf_counter() - start, tally.turns, rss_mb()))
+        print_sample(samples)
+        if tracing and not snapshots and samples[-1].t_s >= warm_s:
+            snapshots.append(tracemalloc.take_snapshot())
+
+    print_header(config)
+    sample()
+    channels = [Channel(engine, i, config, tally) for i in range(config.channels)]
+    load = asyncio.gather(*(c.run(deadline) for c in channels))
+    while True:  # sample until every channel has finished its last operation
+        done, _ = await asyncio.wait({load}, timeout=config.sample_every)
+        if done:
+            break
+        sample()
+    wall = time.perf_counter() - start
+    await load
+    sample()
+    if tracing:
+        if not snapshots:  # a run shorter than one sampling interval after warm-up
+            snapshots.append(tracemalloc.take_snapshot())
+        python_growth = _python_growth(snapshots[0], tracemalloc.take_snapshot(), config)
+        tracemalloc.stop()
+    results = summarise(samples, tally, config, wall)
+    if tracing:
+        results["python_growth"] = python_growth
+    return results
+
+
+def _python_growth(before: Any, after: Any, config: SoakConfig) -> list[dict[str, Any]]:
+    stats = after.compare_to(before, "traceback")
+    grown = [s for s in stats if s.size_diff > 0][: config.trace_top]
+    return [
+        {
+            "size_kb": s.size_diff / 1024,
+            "count": s.count_diff,
+            "where": [f"{f.filename}:{f.lineno}" for f in s.traceback][-4:],
+        }
+        for s in grown
+    ]
+
+
+def summarise(
+    samples: list[Sample], tally: Tally, config: SoakConfig, wall: float
+) -> dict[str, Any]:
+    """The figures: RSS at the end of warm-up and at the end, growth between them (in %
+    and as a fitted slope per hour), peak, throughput, errors."""
+    warm_s = config.seconds * config.warmup
+    after = [s for s in samples if s.t_s >= warm_s] or samples[-1:]
+    warm, final = after[0], samples[-1]
+    slope = 0.0
+    if len(after) >= 2 and after[-1].t_s > after[0].t_s:
+        fit = statistics.linear_regression([s.t_s for s in after], [s.rss_mb for s in after])
+        slope = fit.slope * 3600
+    return {
+        "samples": [asdict(s) for s in samples],
+        "turns": tally.turns,
+        "turns_per_s": tally.turns / wall if wall > 0 else 0.0,
+        "wall_s": wall,
+        "rss_start_mb": samples[0].rss_mb,
+        "warmup_s": warm.t_s,
+        "rss_after_warmup_mb": warm.rss_mb,
+        "rss_final_mb": final.rss_mb,
+        "growth_after_warmup_pct": 100 * (final.rss_mb - warm.rss_mb) / warm.rss_mb,
+        "slope_after_warmup_mb_per_h": slope,
+        "rss_peak_sampled_mb": max(s.rss_mb for s in samples),
+        "rss_high_water_mb": peak_rss_mb(),
+        "ops": dict(sorted(tally.ops.items())),
+        "user_errors": dict(sorted(tally.user_errors.items())),
+        "errors": tally.errors,
+        "error_messages": tally.error_messages,
+    }
+
+
+def print_header(config: SoakConfig) -> None:
+    print(
+        f"soak: {config.channels} channels for {config.minutes:g} min, up to "
+        f"{config.max_new_tokens} new tokens a turn, RSS every {config.sample_every:g} s; "
+        f"warm-up: the first {config.warmup:.0%}",
+        flush=True,
+    )
+    print(f"{'time':>8} {'turns':>7} {'turns/s':>8} {'RSS MB':>8}", flush=True)
+
+
+def print_sample(samples: list[Sample]) -> None:
+    s = samples[-1]
+    rate = 0.0
+    if len(samples) > 1 and s.t_s > samples[-2].t_s:
+        rate = (s.turns - samples[-2].turns) / (s.t_s - samples[-2].t_s)
+    minutes, seconds = divmod(int(s.t_s), 60)
+    print(f"{minutes:>5}:{seconds:02} {s.turns:>7} {rate:>8.2f} {s.rss_mb:>8.0f}", flush=True)
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    r = results
+    print(
+        f"RSS start {r['rss_start_mb']:.0f} MB · after warm-up ({r['warmup_s']:.0f} s) "
+        f"{r['rss_after_warmup_mb']:.0f} MB · final {r['rss_final_mb']:.0f} MB · "
+        f"growth after warm-up {r['growth_after_warmup_pct']:+.1f} % "
+        f"({r['slope_after_warmup_mb_per_h']:+.0f} MB/h)"
+    )
+    print(
+        f"peak {r['rss_peak_sampled_mb']:.0f} MB sampled, {r['rss_high_water_mb']:.0f} MB "
+        f"high-water · {r['turns']} turns, {r['turns_per_s']:.2f} turns/s · "
+        f"errors {r['errors']}"
+        + (f" (user-facing, not counted: {r['user_errors']})" if r["user_errors"] else "")
+    )
+    for where in r.get("python_growth", []):
+        print(f"  python +{where['size_kb']:.0f} KiB ({where['count']:+} blocks) {where['where']}")
+    for message in r["error_messages"]:
+        print(message, file=sys.stderr)
