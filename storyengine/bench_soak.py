@@ -83,6 +83,13 @@ NEW_THREAD = 0.5
 """Chance that the next story starts in a new channel (a thread of its own)."""
 REACT = 0.4
 """Chance that someone reacts to a storyteller's message."""
+WARM_TURNS = STORY_TURNS[1]
+"""Warm-up lasts until the channels have written this many turns each (on average), and
+at least `--warmup` of the run: by then stories of every length have been told, so the
+KV cache has held full-context stories."""
+WINDOW = 0.1
+"""RSS after warm-up and at the end: medians over this fraction of the run, since one
+sample swings with what the batch holds at that instant (tens of percent)."""
 
 
 @dataclass(frozen=True)
@@ -333,23 +340,27 @@ async def _soak(engine: Any, config: SoakConfig) -> dict[str, Any]:
             snapshots.append(tracemalloc.take_snapshot())
 
     print_header(config)
-    sample()
     channels = [Channel(engine, i, config, tally) for i in range(config.channels)]
     load = asyncio.gather(*(c.run(deadline) for c in channels))
-    while True:  # sample until every channel has finished its last operation
-        done, _ = await asyncio.wait({load}, timeout=config.sample_every)
-        if done:
-            break
+    while True:  # under load: every `sample_every` seconds, and once at the deadline
         sample()
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            break
+        done, _ = await asyncio.wait({load}, timeout=min(config.sample_every, left))
+        if done:  # only when a channel failed outside its operations
+            break
+    await load  # the last operations finish
     wall = time.perf_counter() - start
-    await load
-    sample()
+    idle = rss_mb()
+    print(f"{'idle':>8} {tally.turns:>7} {'':>8} {idle:>8.0f}", flush=True)
     if tracing:
         if not snapshots:  # a run shorter than one sampling interval after warm-up
             snapshots.append(tracemalloc.take_snapshot())
         python_growth = _python_growth(snapshots[0], tracemalloc.take_snapshot(), config)
         tracemalloc.stop()
     results = summarise(samples, tally, config, wall)
+    results["rss_idle_mb"] = idle
     if tracing:
         results["python_growth"] = python_growth
     return results
@@ -371,11 +382,16 @@ def _python_growth(before: Any, after: Any, config: SoakConfig) -> list[dict[str
 def summarise(
     samples: list[Sample], tally: Tally, config: SoakConfig, wall: float
 ) -> dict[str, Any]:
-    """The figures: RSS at the end of warm-up and at the end, growth between them (in %
-    and as a fitted slope per hour), peak, throughput, errors."""
-    warm_s = config.seconds * config.warmup
-    after = [s for s in samples if s.t_s >= warm_s] or samples[-1:]
-    warm, final = after[0], samples[-1]
+    """The figures: RSS after warm-up and at the end (medians over a tenth of the run
+    each), growth between them (in % and as a fitted slope per hour), peak,
+    throughput, errors."""
+    warm_s, window = config.seconds * config.warmup, config.seconds * WINDOW
+    warm_turns = WARM_TURNS * config.channels
+    reached = next((s.t_s for s in samples if s.turns >= warm_turns), None)
+    after = [s for s in samples if s.t_s >= max(warm_s, reached or 0)] or samples[-1:]
+    first = [s.rss_mb for s in after if s.t_s < after[0].t_s + window] or [after[0].rss_mb]
+    last = [s.rss_mb for s in after if s.t_s > samples[-1].t_s - window] or [after[-1].rss_mb]
+    warm, final = statistics.median(first), statistics.median(last)
     slope = 0.0
     if len(after) >= 2 and after[-1].t_s > after[0].t_s:
         fit = statistics.linear_regression([s.t_s for s in after], [s.rss_mb for s in after])
@@ -386,10 +402,12 @@ def summarise(
         "turns_per_s": tally.turns / wall if wall > 0 else 0.0,
         "wall_s": wall,
         "rss_start_mb": samples[0].rss_mb,
-        "warmup_s": warm.t_s,
-        "rss_after_warmup_mb": warm.rss_mb,
-        "rss_final_mb": final.rss_mb,
-        "growth_after_warmup_pct": 100 * (final.rss_mb - warm.rss_mb) / warm.rss_mb,
+        "warmup_s": after[0].t_s,
+        "warmup_turns": after[0].turns,
+        "warmed_up": reached is not None,
+        "rss_after_warmup_mb": warm,
+        "rss_final_mb": final,
+        "growth_after_warmup_pct": 100 * (final - warm) / warm,
         "slope_after_warmup_mb_per_h": slope,
         "rss_peak_sampled_mb": max(s.rss_mb for s in samples),
         "rss_high_water_mb": peak_rss_mb(),
@@ -421,11 +439,17 @@ def print_sample(samples: list[Sample]) -> None:
 
 def print_summary(results: dict[str, Any]) -> None:
     r = results
+    if not r["warmed_up"]:
+        print(
+            f"not warmed up: fewer than {WARM_TURNS} turns per channel; the figures after "
+            f"warm-up are from {r['warmup_s']:.0f} s on, and include warm-up"
+        )
     print(
-        f"RSS start {r['rss_start_mb']:.0f} MB · after warm-up ({r['warmup_s']:.0f} s) "
+        f"RSS start {r['rss_start_mb']:.0f} MB · after warm-up ({r['warmup_s']:.0f} s, "
+        f"{r['warmup_turns']} turns) "
         f"{r['rss_after_warmup_mb']:.0f} MB · final {r['rss_final_mb']:.0f} MB · "
         f"growth after warm-up {r['growth_after_warmup_pct']:+.1f} % "
-        f"({r['slope_after_warmup_mb_per_h']:+.0f} MB/h)"
+        f"({r['slope_after_warmup_mb_per_h']:+.0f} MB/h) · idle {r['rss_idle_mb']:.0f} MB"
     )
     print(
         f"peak {r['rss_peak_sampled_mb']:.0f} MB sampled, {r['rss_high_water_mb']:.0f} MB "

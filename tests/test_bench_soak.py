@@ -33,24 +33,31 @@ def run_soak(*args: str, cwd):
     )
 
 
-def test_summary_measures_growth_from_the_end_of_warm_up():
-    config = SoakConfig(minutes=1.0, warmup=0.25)  # warm-up: the first 15 s
-    samples = [
-        Sample(0.0, 0, 400.0),
-        Sample(10.0, 5, 900.0),
-        Sample(20.0, 12, 1000.0),  # the first sample after warm-up
-        Sample(40.0, 30, 1030.0),
-        Sample(60.0, 50, 1050.0),
-    ]
-    tally = Tally(turns=50, errors=0)
-    r = summarise(samples, tally, config, wall=60.0)
-    assert r["rss_after_warmup_mb"] == 1000.0 and r["warmup_s"] == 20.0
-    assert r["rss_final_mb"] == 1050.0 and r["rss_peak_sampled_mb"] == 1050.0
-    assert r["growth_after_warmup_pct"] == pytest.approx(5.0)
-    # 1000, 1030, 1050 over 40 s: least squares 1.25 MB/s
-    assert r["slope_after_warmup_mb_per_h"] == pytest.approx(1.25 * 3600)
-    assert r["turns_per_s"] == pytest.approx(50 / 60)
-    assert [s["rss_mb"] for s in r["samples"]] == [400.0, 900.0, 1000.0, 1030.0, 1050.0]
+def test_summary_compares_medians_after_warm_up_and_at_the_end():
+    config = SoakConfig(minutes=2.0, channels=1, warmup=0.25)  # 30 s; windows of 12 s
+    rss = [400, 900, 950, 1000, 1300, 1010, 1020, 1030, 1040, 1500, 1050, 1060, 1070]
+    samples = [Sample(10.0 * i, 10 * i, mb) for i, mb in enumerate(rss)]
+    r = summarise(samples, Tally(turns=120), config, wall=120.0)
+    assert r["warmed_up"] and r["warmup_s"] == 30.0 and r["warmup_turns"] == 30
+    assert r["rss_after_warmup_mb"] == 1150.0  # median of 1000 and 1300 (30 s, 40 s)
+    assert r["rss_final_mb"] == 1065.0  # median of 1060 and 1070 (110 s, 120 s)
+    assert r["growth_after_warmup_pct"] == pytest.approx(100 * (1065 - 1150) / 1150)
+    assert r["rss_peak_sampled_mb"] == 1500.0
+    assert 0 < r["slope_after_warmup_mb_per_h"] < 3600  # a rise of ~70 MB in 90 s, noisy
+    assert r["turns_per_s"] == pytest.approx(1.0)
+    assert [s["rss_mb"] for s in r["samples"]] == rss
+
+
+def test_warm_up_lasts_until_the_channels_told_stories_of_every_length():
+    config = SoakConfig(minutes=2.0, channels=2, warmup=0.25)  # 30 s, or 60 turns
+    rss = [400, 900, 950, 1000, 1300, 1010, 1020, 1030, 1040, 1500, 1050, 1060, 1070]
+    samples = [Sample(10.0 * i, 10 * i, mb) for i, mb in enumerate(rss)]
+    r = summarise(samples, Tally(turns=120), config, wall=120.0)
+    assert r["warmed_up"] and r["warmup_s"] == 60.0 and r["warmup_turns"] == 60
+    assert r["rss_after_warmup_mb"] == 1025.0  # median of 1020 and 1030 (60 s, 70 s)
+    slow = [Sample(s.t_s, s.turns // 4, s.rss_mb) for s in samples]  # 30 turns in all
+    r = summarise(slow, Tally(turns=30), config, wall=120.0)
+    assert not r["warmed_up"] and r["warmup_s"] == 30.0  # figures from --warmup on
 
 
 def test_options_are_checked():
