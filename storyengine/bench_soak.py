@@ -4,18 +4,21 @@ A bot runs for weeks, so memory that grows a little with every turn ends in an
 out-of-memory kill. This bench drives the real engine (`StoryEngine` with the batching
 scheduler, SQLite in a temporary folder unless `--db` is given) from N simulated channels,
 each in a closed loop of what people do in a story: start one, add lines, retry, undo,
-react to the storyteller's messages, steer with an author's note, add lore, export, and
-now and then end the story and start the next (half of the time in a new channel, as a
-bot that opens a thread per story does), so that per-story and per-channel state is
-created and dropped all the time. Every few seconds it samples the process's resident
+react to the storyteller's messages, steer with an author's note or a memory, add lore,
+export, and now and then end the story and start the next (half of the time in a new
+channel, as a bot that opens a thread per story does), so that per-story and per-channel
+state is created and dropped all the time. Every few seconds it samples the process's resident
 memory (RSS) and prints it with the turns done so far.
 
-Warm-up: the first 20 % of the run (`--warmup`). Memory rises at first for reasons that
-are paid once: the allocator's pools and the KV cache reach the size of the longest
-batch, the stories grow to the model's full context window (a channel needs about 18
-turns to fill 1024 tokens), SQLite's page cache fills up. Growth is measured from the
-first sample after warm-up to the end of the run, which is what extrapolates to hours;
-the slope of a straight line fitted to the samples after warm-up says the same per hour.
+Warm-up lasts until the channels have written 30 turns each (the longest story), and at
+least the first 20 % of the run (`--warmup`). Memory rises at first for reasons paid
+once: stories grow to the model's full context window (about 15 turns for 1024 tokens),
+so the batch's KV cache grows to its largest, the allocator's pools with it, and SQLite's
+page cache fills up. One sample swings by tens of percent with what the batch holds at
+that instant, so "after warm-up" and "final" are medians over a tenth of the run each:
+right after warm-up, and the end. Their difference is the growth that extrapolates to
+hours; the slope of a line fitted to the samples after warm-up says the same per hour.
+The RSS once the load has stopped ("idle") shows what the process keeps.
 
 Any exception other than a `StoryError` (those are the user's: nothing to undo, a
 generation that found no words) counts as an error, and the command then exits non-zero.
@@ -44,14 +47,22 @@ from .records import Author
 from .sampling import SamplingParams
 
 PREMISES = (
-    "A little fox finds a lantern that glows only when someone tells the truth.",
-    "Two sisters build a boat out of an old wardrobe and sail across the pond.",
-    "A robot who sweeps the library wants to read the books it dusts every night.",
-    "The baker's cat goes missing on the morning of the town's big cake contest.",
-    "A shy dragon is afraid of the dark and asks the moon for help.",
-    "Tom finds a map under his bed that leads to the bottom of the garden.",
-    "A snowman wakes up in spring and has one day to see the sea.",
-    "Mia's grandmother keeps a box that hums a tune when it rains.",
+    "A little fox finds a lantern that glows only when someone tells the truth. "
+    "She carries it through the forest to the village, where nobody believes her.",
+    "Two sisters build a boat out of an old wardrobe and sail across the pond. "
+    "On the other side they find an island that was not there yesterday.",
+    "A robot who sweeps the library wants to read the books it dusts every night. "
+    "One evening a book falls open, and a tiny knight climbs out of it.",
+    "The baker's cat goes missing on the morning of the town's big cake contest. "
+    "The only clue is a trail of flour that leads up the hill.",
+    "A shy dragon is afraid of the dark and asks the moon for help. "
+    "The moon agrees, but only if the dragon brings her a song.",
+    "Tom finds a map under his bed that leads to the bottom of the garden. "
+    "His little sister wants to come too, and she brings her wooden sword.",
+    "A snowman wakes up in spring and has one day to see the sea. "
+    "A kind crow offers to show him the way if he can keep up.",
+    "Mia's grandmother keeps a box that hums a tune when it rains. "
+    "Today it is raining, and the tune sounds different.",
 )
 LINES = (
     "Then the wind began to blow very hard.",
@@ -65,6 +76,12 @@ LINES = (
     "A loud crash came from the kitchen.",
     "They sat down together and shared their lunch.",
 )
+"""A player's line is one to three of these, as people write on Discord."""
+MEMORIES = (
+    "The fox is called Rusty. The village is called Brook End.",
+    "Everyone in this story is kind in the end, even the grumpy ones.",
+    "It is winter, and the days are short and cold.",
+)
 NOTES = (
     "Keep the story cheerful and gentle.",
     "Something surprising happens soon.",
@@ -77,8 +94,9 @@ LORE = (
     ("Luna", "Luna, moon", "Luna is the moon, kind and a little sleepy."),
 )
 STORY_TURNS = (6, 30)
-"""A story ends after this many storyteller turns (drawn uniformly): about half of them
-outgrow the context window, the others end before."""
+"""A story ends after this many storyteller turns (drawn uniformly). A turn adds about
+60 tokens (a player's line and the reply), so most stories fill the model's context
+window (1024 tokens for the bundled model) and the others end before."""
 NEW_THREAD = 0.5
 """Chance that the next story starts in a new channel (a thread of its own)."""
 REACT = 0.4
@@ -208,7 +226,8 @@ class Channel:
             ("continue_empty", self.continue_empty, 0.08),
             ("retry", self.retry, 0.10),
             ("undo", self.undo, 0.06),
-            ("authors_note", self.note, 0.05),
+            ("authors_note", self.note, 0.03),
+            ("memory", self.memory, 0.02),
             ("export", self.export, 0.05),
             ("lore", self.lore, 0.03),
         ):
@@ -228,7 +247,7 @@ class Channel:
         await self.wrote(result)
 
     async def continue_with_line(self) -> None:
-        line = self.rng.choice(LINES)
+        line = " ".join(self.rng.sample(LINES, self.rng.randint(1, 3)))
         await self.wrote(await self.engine.continue_story(self.channel, self.author(), line))
 
     async def continue_empty(self) -> None:
@@ -242,6 +261,9 @@ class Channel:
 
     async def note(self) -> None:
         await self.engine.set_authors_note(self.channel, self.rng.choice(NOTES))
+
+    async def memory(self) -> None:
+        await self.engine.set_memory(self.channel, self.rng.choice(MEMORIES))
 
     async def export(self) -> None:
         await self.engine.export_markdown(self.channel)
