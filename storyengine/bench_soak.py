@@ -18,7 +18,8 @@ page cache fills up. One sample swings by tens of percent with what the batch ho
 that instant, so "after warm-up" and "final" are medians over a tenth of the run each:
 right after warm-up, and the end. Their difference is the growth that extrapolates to
 hours; the slope of a line fitted to the samples after warm-up says the same per hour.
-The RSS once the load has stopped ("idle") shows what the process keeps.
+The RSS one sampling interval after the load stopped ("idle") shows what the process
+keeps.
 
 Any exception other than a `StoryError` (those are the user's: nothing to undo, a
 generation that found no words) counts as an error, and the command then exits non-zero.
@@ -374,6 +375,7 @@ async def _soak(engine: Any, config: SoakConfig) -> dict[str, Any]:
             break
     await load  # the last operations finish
     wall = time.perf_counter() - start
+    await asyncio.sleep(config.sample_every)  # the scheduler's worker finishes too
     idle = rss_mb()
     print(f"{'idle':>8} {tally.turns:>7} {'':>8} {idle:>8.0f}", flush=True)
     if tracing:
@@ -388,17 +390,22 @@ async def _soak(engine: Any, config: SoakConfig) -> dict[str, Any]:
     return results
 
 
-def _python_growth(before: Any, after: Any, config: SoakConfig) -> list[dict[str, Any]]:
+def _python_growth(before: Any, after: Any, config: SoakConfig) -> dict[str, Any]:
+    """Python's own heap from the end of warm-up to the end: the net change, and the
+    places that grew most (each with its four innermost frames, innermost first)."""
     stats = after.compare_to(before, "traceback")
     grown = [s for s in stats if s.size_diff > 0][: config.trace_top]
-    return [
-        {
-            "size_kb": s.size_diff / 1024,
-            "count": s.count_diff,
-            "where": [f"{f.filename}:{f.lineno}" for f in s.traceback][-4:],
-        }
-        for s in grown
-    ]
+    return {
+        "net_kb": sum(s.size_diff for s in stats) / 1024,
+        "top": [
+            {
+                "size_kb": s.size_diff / 1024,
+                "count": s.count_diff,
+                "where": [f"{f.filename}:{f.lineno}" for f in reversed(s.traceback)][:4],
+            }
+            for s in grown
+        ],
+    }
 
 
 def summarise(
@@ -479,7 +486,11 @@ def print_summary(results: dict[str, Any]) -> None:
         f"errors {r['errors']}"
         + (f" (user-facing, not counted: {r['user_errors']})" if r["user_errors"] else "")
     )
-    for where in r.get("python_growth", []):
-        print(f"  python +{where['size_kb']:.0f} KiB ({where['count']:+} blocks) {where['where']}")
+    if "python_growth" in r:
+        growth = r["python_growth"]
+        print(f"Python's heap after warm-up: {growth['net_kb']:+.0f} KiB; grew most:")
+        for top in growth["top"]:
+            where = " < ".join(top["where"])
+            print(f"  {top['size_kb']:+.1f} KiB ({top['count']:+} blocks) {where}")
     for message in r["error_messages"]:
         print(message, file=sys.stderr)

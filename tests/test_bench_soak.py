@@ -78,7 +78,7 @@ def _engine(tmp_path) -> StoryEngine:
 
 @pytest.mark.slow
 async def test_channels_tell_stories_and_users_mistakes_are_not_errors(tmp_path):
-    config = SoakConfig(minutes=0.05, channels=3, sample_every=1)
+    config = SoakConfig(minutes=0.05, channels=3, sample_every=1, trace_top=3)
     async with _engine(tmp_path) as engine:
         r = await _soak(engine, config)
         stories = await engine.store.db.execute_fetchall("SELECT channel, status FROM stories")
@@ -87,6 +87,8 @@ async def test_channels_tell_stories_and_users_mistakes_are_not_errors(tmp_path)
     assert len(r["samples"]) >= 3 and all(s["rss_mb"] > 0 for s in r["samples"])
     assert {c for c, _ in stories} >= {"soak-0", "soak-1", "soak-2"}
     assert sum(r["ops"].values()) > r["turns"]  # more than generations: the other operations
+    assert r["rss_idle_mb"] > 0 and len(r["python_growth"]["top"]) <= 3
+    assert isinstance(r["python_growth"]["net_kb"], float)
 
 
 async def test_a_bug_counts_as_an_error_and_a_users_mistake_does_not(tmp_path):
