@@ -323,6 +323,8 @@ async def bench_soak(
         print(f"loading the engine on {device}…", file=sys.stderr, flush=True)
         async with StoryEngine(settings) as engine:
             results = await _soak(engine, config)
+            if device == "cuda":  # the KV cache lives there, not in the RSS
+                results["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
             results["setup"] = {
                 "model": engine.narrator.model.model_id,
                 "device": device,
@@ -482,7 +484,9 @@ def print_summary(results: dict[str, Any]) -> None:
     )
     print(
         f"peak {r['rss_peak_sampled_mb']:.0f} MB sampled, {r['rss_high_water_mb']:.0f} MB "
-        f"high-water · {r['turns']} turns, {r['turns_per_s']:.2f} turns/s · "
+        f"high-water"
+        + (f", GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else "")
+        + f" · {r['turns']} turns, {r['turns_per_s']:.2f} turns/s · "
         f"errors {r['errors']}"
         + (f" (user-facing, not counted: {r['user_errors']})" if r["user_errors"] else "")
     )

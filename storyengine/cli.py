@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup",
         type=float,
         default=0.2,
-        help="fraction of the run before memory counts as warmed up",
+        help="warm-up lasts at least this fraction of the run (and 30 turns per channel)",
     )
     soak.add_argument("--seed", type=int, default=0, help="changes what the channels do")
     soak.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
