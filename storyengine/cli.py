@@ -191,6 +191,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     learning.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     learning.add_argument("--json", type=Path, help="also write the figures to this file")
+    soak = bench_sub.add_parser(
+        "soak", help="channels telling stories in a closed loop: memory over time"
+    )
+    soak.add_argument("--minutes", type=float, default=5.0, help="how long the load runs")
+    soak.add_argument("--channels", type=int, default=16, help="simulated channels")
+    soak.add_argument("--max-new-tokens", type=int, default=48, help="per storyteller turn")
+    soak.add_argument("--sample-every", type=float, default=5.0, help="seconds between RSS samples")
+    soak.add_argument(
+        "--warmup",
+        type=float,
+        default=0.2,
+        help="warm-up lasts at least this fraction of the run (and 30 turns per channel)",
+    )
+    soak.add_argument("--seed", type=int, default=0, help="changes what the channels do")
+    soak.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    soak.add_argument("--db", type=Path, help="SQLite file (default: a temporary one)")
+    soak.add_argument(
+        "--trace-top",
+        type=int,
+        default=0,
+        metavar="N",
+        help="tracemalloc: the N places where Python's allocations grew after warm-up (slow)",
+    )
+    soak.add_argument("--json", type=Path, help="also write the figures to this file")
     return parser
 
 
@@ -376,6 +400,25 @@ async def _bench(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
         return 0
+    if args.bench == "soak":
+        from .bench_soak import SoakConfig, bench_soak
+
+        try:
+            soak = SoakConfig(
+                minutes=args.minutes,
+                channels=args.channels,
+                max_new_tokens=args.max_new_tokens,
+                sample_every=args.sample_every,
+                warmup=args.warmup,
+                seed=args.seed,
+                trace_top=args.trace_top,
+            )
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        results = await bench_soak(
+            config=soak, device=args.device, db_path=args.db, json_path=args.json
+        )
+        return 1 if results["errors"] else 0
     from .bench import bench_serve
 
     if args.concurrency < 1 or args.requests < 1 or not 1 <= args.max_new_tokens <= 512:
