@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -97,7 +98,9 @@ class StoryEngine:
         self.store = store or Store(settings.db_path)
         self._generator = generator
         self._narrator: Narrator | None = None
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        """Per-channel locks, each kept while an operation holds or awaits it: a bot that
+        opens a thread per story sees new channels for as long as it runs."""
         self.registry = AdapterRegistry(self.store, settings.adapter_dir)
         self.reactions = ReactionRecorder(self.store)
         self._serving: str | None = None
@@ -231,13 +234,7 @@ class StoryEngine:
         return self.narrator.safety
 
     def _lock(self, channel: str) -> asyncio.Lock:
-        lock = self._locks.get(channel)
-        if lock is None:
-            if len(self._locks) > 4096:  # forget idle channels' locks: no unbounded growth
-                for name in [c for c, k in self._locks.items() if not k.locked()]:
-                    del self._locks[name]
-            lock = self._locks[channel] = asyncio.Lock()
-        return lock
+        return self._locks.setdefault(channel, asyncio.Lock())
 
     # -- who acts --------------------------------------------------------------------
 

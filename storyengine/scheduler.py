@@ -36,6 +36,7 @@ rule and min-new-tokens, has no per-request seed, and does not pass peft's per-r
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import inspect
 import logging
 import threading
@@ -70,6 +71,9 @@ if TYPE_CHECKING:
     from .modeling import LoadedModel
 
 log = logging.getLogger(__name__)
+
+TRIM_EVERY_S = 10.0
+"""How often, at most, retiring sequences hands freed memory back to the system."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,8 @@ class BatchingGenerator:
         self._groups: list[grouped_attention.RowGroup] | None = None
         """How decoding attention reads the rows (None: all rows over the whole width)."""
         self.steps = 0
+        self._trim = _malloc_trim()
+        self._trimmed_at = time.monotonic()
         # transformers renamed `past_key_values` to `cache` (5.2x); accept either.
         self._control: deque[Callable[[], None]] = deque()
         self._loaded: set[str] = set()
@@ -577,6 +583,7 @@ class BatchingGenerator:
                 self._resolve(seq, seq.finish)
         if not keep:
             self._running, self._cache, self._mask, self._groups = [], None, None, None
+            self._give_back_memory(idle=True)
             return
         assert self._cache is not None and self._mask is not None
         index = torch.tensor(keep, device=self._mask.device)
@@ -594,6 +601,21 @@ class BatchingGenerator:
         )
         self._running = [self._running[i] for i in keep]
         self._plan_groups()
+        self._give_back_memory()
+
+    def _give_back_memory(self, *, idle: bool = False) -> None:
+        """Hand the memory that retired caches freed back to the system: when the batch
+        empties, else at most every `TRIM_EVERY_S`.
+
+        Each batch change assembles the cache into new buffers and frees the old ones.
+        glibc keeps freed memory in its arenas for the next allocations and never hands
+        those buffers back (its mmap threshold rises to their size), so a process that
+        once ran a full batch kept that memory, idle or not. Pages handed back are faulted
+        in again at the next batch change, hence the interval."""
+        now = time.monotonic()
+        if self._trim is not None and (idle or now - self._trimmed_at >= TRIM_EVERY_S):
+            self._trim(0)
+            self._trimmed_at = now
 
     def _resolve(self, seq: _Sequence, finish: str) -> None:
         handle = seq.handle
@@ -613,6 +635,16 @@ class BatchingGenerator:
                 adapter=seq.adapter,
             )
         )
+
+
+def _malloc_trim() -> Any:
+    """glibc's `malloc_trim`, or None where there is none (macOS, musl, Windows)."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
 
 
 def _runs(rows: list[int]) -> list[tuple[int, int]]:

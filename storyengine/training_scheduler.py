@@ -18,7 +18,7 @@ crash): a round left behind could still promote an adapter nobody asked for any 
 and it would hold the round lock against the restarted bot. On Linux the kernel sends
 the child SIGTERM when the thread that started it ends (PR_SET_PDEATHSIG; asyncio starts
 children from the event loop's thread, which lives as long as the front end); and on
-any system the child gets the front end's pid (`STORY_PARENT_PID`) and its own watchdog
+any system the child gets the front end's pid (`TALEWEAVER_PARENT_PID`) and its own watchdog
 thread (`watch_parent`) ends it once its parent is gone. SIGTERM ends a round at once:
 everything it writes is crash-safe (see `rounds`), so there is nothing to tidy first.
 """
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY")
 """Environment variables whose names hold one of these never reach the trainer."""
-PARENT_PID_VAR = "STORY_PARENT_PID"
+PARENT_PID_VAR = "TALEWEAVER_PARENT_PID"
 """The front end's pid, in the round's environment: the round ends when it is gone."""
 PARENT_GONE_EXIT = 3
 """The exit status of a round that stopped because its front end was gone."""
@@ -118,7 +118,7 @@ def die_with_parent() -> Callable[[], None] | None:
 
 
 def watch_parent(interval_s: float = 1.0, environ: dict[str, str] | None = None) -> None:
-    """In a round started by a front end (`STORY_PARENT_PID` set): end this process,
+    """In a round started by a front end (`TALEWEAVER_PARENT_PID` set): end this process,
     from a daemon thread, as soon as that front end is gone (this process's parent is
     then someone else). Already gone: end it now. Without the variable, nothing."""
     value = (os.environ if environ is None else environ).get(PARENT_PID_VAR, "")

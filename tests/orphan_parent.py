@@ -4,7 +4,7 @@ pid, then waits to be killed.
     python tests/orphan_parent.py scheduler DB ADAPTER_DIR COMMAND...
         start COMMAND as a training round, as the bot does (TrainingScheduler.start)
     python tests/orphan_parent.py plain LOG COMMAND...
-        start COMMAND with STORY_PARENT_PID set and nothing else (no parent-death
+        start COMMAND with TALEWEAVER_PARENT_PID set and nothing else (no parent-death
         signal), its output to the file LOG
 """
 
@@ -32,7 +32,7 @@ async def scheduler(db: str, adapters: str, command: list[str]) -> None:
 
 
 def plain(log: str, command: list[str]) -> None:
-    env = {**os.environ, "STORY_PARENT_PID": str(os.getpid())}
+    env = {**os.environ, "TALEWEAVER_PARENT_PID": str(os.getpid())}
     with open(log, "wb") as out:
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     print(child.pid, flush=True)

@@ -193,3 +193,14 @@ async def test_restart_resumes_every_open_story(settings, bundled_model):
         result = await engine.continue_story("b", BEN, "It sneezed.")
         prompt = (await engine.store.generation(result.generation_id))["prompt"]
         assert "The dragon is shy." in prompt and before["b"].turns[0].text in prompt
+
+
+async def test_a_channel_keeps_no_lock_once_its_operations_are_done(engine):
+    """A bot sees new channels (a thread per story) for as long as it runs: the engine
+    keeps a channel's lock only while an operation holds or awaits it."""
+    await engine.start_story("thread-1", PREMISE, author=ANN)
+    await asyncio.gather(
+        engine.continue_story("thread-1", ANN, "One."), engine.export_markdown("thread-1")
+    )
+    await engine.end_story("thread-1")
+    assert "thread-1" not in engine._locks

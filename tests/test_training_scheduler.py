@@ -222,7 +222,7 @@ async def test_a_round_ends_when_the_bot_is_killed_outright(settings):
 
 
 async def test_the_watchdog_ends_a_round_whose_parent_is_gone(tmp_path):
-    """The portable fallback: a child started with STORY_PARENT_PID, and no parent-death
+    """The portable fallback: a child started with TALEWEAVER_PARENT_PID, and no parent-death
     signal, ends itself when that parent is gone, saying why."""
     log = tmp_path / "child.log"
     parent, child = await start_parent(
@@ -249,12 +249,12 @@ async def test_the_watchdog_ends_a_round_whose_parent_is_gone(tmp_path):
 
 @pytest.mark.parametrize("command", [["round"], ["sft", "--corpus", "corpus.txt"]])
 async def test_train_commands_watch_the_process_that_started_them(tmp_path, command):
-    """`train round` and `train sft` end at once when STORY_PARENT_PID is not their
+    """`train round` and `train sft` end at once when TALEWEAVER_PARENT_PID is not their
     parent (it is gone): they start the watchdog before anything else."""
     from storyengine.training_scheduler import PARENT_GONE_EXIT
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORY_")}
-    env["STORY_PARENT_PID"] = str(os.getppid())  # alive, but not the child's parent
+    env["TALEWEAVER_PARENT_PID"] = str(os.getppid())  # alive, but not the child's parent
     process = await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "storyengine", "train", *command],
         *["--db", str(tmp_path / "s.db"), "--dir", str(tmp_path / "adapters")],
