@@ -5,6 +5,13 @@ simulated channels (each channel sends its next request when the last one is ans
 mixed prompt lengths, mixed sampling parameters, and three adapters (the base model and
 two LoRA adapters). Every request decodes exactly `max_new_tokens` tokens, so both sides
 do the same work.
+
+With `best_of` > 1, a third run serves the same workload with every sampling request
+asking for that many candidates (`submit_many`: one shared prefill); greedy requests
+stay single. Its batch bound is the scheduler's times n, so that the channels' rows fit
+as they do in the scheduler's run. A request's latency is when its last candidate
+finishes; its time to first token, when its candidates start (together); tokens/s
+counts every candidate's tokens.
 """
 
 from __future__ import annotations
@@ -107,8 +114,10 @@ def build_workload(
 
 
 async def run_workload(
-    generator: Generator, workload: list[GenerationRequest], concurrency: int
+    generator: Generator, workload: list[GenerationRequest], concurrency: int, best_of: int = 1
 ) -> tuple[dict[str, float], list[list[int]]]:
+    """Run the workload; each request's timing, and its tokens (best-of-n: the first
+    candidate's, which is the request itself)."""
     timings: list[RequestTiming | None] = [None] * len(workload)
     outputs: list[list[int]] = [[] for _ in workload]
 
@@ -116,11 +125,16 @@ async def run_workload(
         for i in range(index, len(workload), concurrency):
             request = workload[i]
             request.channel = f"channel-{index}"
-            handle = generator.submit(request)
-            output = await handle.result()
-            outputs[i] = output.token_ids
+            if best_of > 1:
+                handles = generator.submit_many(request, best_of)
+            else:
+                handles = [generator.submit(request)]
+            results = [await handle.result() for handle in handles]
+            outputs[i] = results[0].token_ids
             timings[i] = RequestTiming(
-                output.ttft_s or 0.0, output.latency_s, len(output.token_ids)
+                max(r.ttft_s or 0.0 for r in results),
+                max(r.latency_s for r in results),
+                sum(len(r.token_ids) for r in results),
             )
 
     start = time.perf_counter()
@@ -164,6 +178,7 @@ async def bench_serve(
     device: str,
     json_path: Path | None,
     max_batch_size: int | None = None,
+    best_of: int = 1,
 ) -> dict[str, Any]:
     import torch
 
@@ -178,13 +193,19 @@ async def bench_serve(
     results: dict[str, Any] = {}
     outputs: dict[str, list[list[int]]] = {}
     config = SchedulerConfig(max_batch_size=max_batch_size or max(concurrency, 1))
-    for name, generator in (
-        ("baseline", SequentialGenerator(model)),
-        ("scheduler", BatchingGenerator(model, config)),
-    ):
-        await run_workload(generator, warmup, 4)
+    runs: list[tuple[str, Generator, int]] = [
+        ("baseline", SequentialGenerator(model), 1),
+        ("scheduler", BatchingGenerator(model, config), 1),
+    ]
+    if best_of > 1:
+        wide = SchedulerConfig(max_batch_size=config.max_batch_size * best_of)
+        runs.append(("best_of", BatchingGenerator(model, wide), best_of))
+    for name, generator, n in runs:
+        await run_workload(generator, warmup, 4, n)
         print(f"running {name}…", file=sys.stderr)
-        results[name], outputs[name] = await run_workload(generator, workload, concurrency)
+        results[name], outputs[name] = await run_workload(generator, workload, concurrency, n)
+        if isinstance(generator, BatchingGenerator):
+            results[name]["prefilled_tokens"] = generator.prefilled_tokens
         await generator.close()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -194,6 +215,13 @@ async def bench_serve(
     results["throughput_ratio"] = (
         results["scheduler"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
     )
+    if best_of > 1:
+        best = results["best_of"]
+        best["n"] = best_of
+        best["latency_p95_ratio"] = best["latency_p95_s"] / results["scheduler"]["latency_p95_s"]
+        sampled = [i for i, r in enumerate(workload) if not r.params.greedy]
+        first = sum(outputs["best_of"][i] == outputs["scheduler"][i] for i in sampled)
+        best["first_candidate_identical"] = f"{first}/{len(sampled)}"
     results["peak_rss_mb"] = _rss_mb()
     if device == "cuda":
         results["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -207,6 +235,7 @@ async def bench_serve(
         "prompt_lengths": list(PROMPT_LENGTHS),
         "adapters": list(ADAPTERS),
         "max_batch_size": config.max_batch_size,
+        "best_of": best_of,
         "torch_threads": torch.get_num_threads(),
     }
     print_table(results)
@@ -227,10 +256,13 @@ def print_table(results: dict[str, Any]) -> None:
         f"{'':10} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'lat p50':>9} {'lat p95':>9}"
     )
     print(header)
-    for name in ("baseline", "scheduler"):
+    for name in ("baseline", "scheduler", "best_of"):
+        if name not in results:
+            continue
         r = results[name]
+        label = f"best-of-{r['n']}" if name == "best_of" else name
         print(
-            f"{name:10} {r['tokens_per_s']:9.1f} {r['ttft_p50_s']:8.2f}s {r['ttft_p95_s']:8.2f}s "
+            f"{label:10} {r['tokens_per_s']:9.1f} {r['ttft_p50_s']:8.2f}s {r['ttft_p95_s']:8.2f}s "
             f"{r['latency_p50_s']:8.2f}s {r['latency_p95_s']:8.2f}s"
         )
     gpu = f" · peak GPU {results['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in results else ""
@@ -239,3 +271,11 @@ def print_table(results: dict[str, Any]) -> None:
         f" · peak RSS {results['peak_rss_mb']:.0f} MB{gpu}"
         f" · greedy outputs identical {results['greedy_identical']}"
     )
+    if "best_of" in results:
+        best = results["best_of"]
+        print(
+            f"best-of-{best['n']}: latency p95 {best['latency_p95_ratio']:.2f}x the scheduler's"
+            f" · prefilled tokens {best['prefilled_tokens']} (scheduler"
+            f" {results['scheduler']['prefilled_tokens']})"
+            f" · first candidate identical {best['first_candidate_identical']}"
+        )

@@ -164,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-batch-size", type=int, help="scheduler batch bound (default: concurrency)"
     )
+    serve.add_argument(
+        "--best-of",
+        type=int,
+        default=1,
+        choices=range(1, 17),
+        metavar="N",
+        help="also run the workload with N candidates per sampling request (1..16)",
+    )
     serve.add_argument("--json", type=Path, help="also write the figures to this file")
     learning = bench_sub.add_parser(
         "learning", help="simulated audience: rounds of generate, react, train, gate, promote"
@@ -431,6 +439,7 @@ async def _bench(args: argparse.Namespace) -> int:
         device=args.device,
         json_path=args.json,
         max_batch_size=args.max_batch_size,
+        best_of=args.best_of,
     )
     return 0
 

@@ -16,16 +16,31 @@ or an error while it runs fails it with `GenerationFailed`, whose message is saf
 show (the cause is logged); the worker goes on with the next request. Closing a
 generator resolves every request it still holds as cancelled, and a worker that
 outlives its event loop (a process stopping) drops what it can no longer deliver.
+
+Best-of-n: `submit_many(request, n)` asks for n candidate continuations of one prompt,
+to keep the one a reward model scores best. Candidate i is the request with seed
+`seed + i` (candidate 0 is the request itself; unseeded candidates draw from the global
+generator, so they differ too), and each has its own handle. A request that does not
+sample (greedy, beam search) has one continuation whatever the seed: it gets a single
+handle, not n copies of one text. A generator may also return fewer than n handles when
+n rows would not fit its bounds (`BatchingGenerator`); callers score what they get.
+
+Adapters on demand: a request may name an adapter that is not loaded and say where it
+lies (`adapter_path`); the generator loads it between forward passes and, through an
+`AdapterCache`, unloads the least recently used ones it loaded once more than a bound
+are loaded and not in use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -53,6 +68,12 @@ STEP_FAILED = (
     "it keeps happening."
 )
 """Why a request failed on an error that is not the user's (logged with its traceback)."""
+
+ADAPTER_UNAVAILABLE = (
+    "The storyteller could not load its style for this request. Try again, and tell the "
+    "bot's admin if it keeps happening."
+)
+"""Why a request failed when its adapter could not be loaded from its path (logged)."""
 
 
 def generation_failed(message: str, cause: BaseException | None = None) -> GenerationFailed:
@@ -113,6 +134,25 @@ class GenerationRequest:
     adapter: str | None = None
     """Name of a loaded LoRA adapter, or None for the generator's default."""
     min_new_tokens: int = 0
+    adapter_path: str | None = None
+    """Where `adapter` lies on disk (peft format), for a generator to load it on demand
+    when it is not loaded; None: it must be loaded already."""
+
+
+def candidate_requests(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """The requests for `n` candidate continuations of `request` (best-of-n): candidate i
+    samples with seed `seed + i`, so candidate 0 is `request` itself. One request when
+    `request` does not sample (greedy or beam search: every candidate would be the same)."""
+    if n < 1:
+        raise ValueError("best-of-n needs at least one candidate")
+    params = request.params
+    if params.greedy or params.beam_search:
+        return [request]
+    if params.seed is None:  # unseeded rows draw from the global generator: they differ
+        return [dataclasses.replace(request) for _ in range(n)]
+    return [
+        dataclasses.replace(request, params=params.replace(seed=params.seed + i)) for i in range(n)
+    ]
 
 
 @dataclass
@@ -217,6 +257,12 @@ class Generator(Protocol):
 
     def submit(self, request: GenerationRequest) -> GenerationHandle: ...
 
+    def submit_many(self, request: GenerationRequest, n: int) -> list[GenerationHandle]:
+        """Up to `n` candidates of `request` (see `candidate_requests`), one handle each:
+        one handle for a request that does not sample, fewer than n where the generator's
+        bounds hold fewer."""
+        ...
+
     async def use_adapter(self, name: str | None, path: str | None = None) -> None:
         """Make `name` (loaded from `path` if new; None: the base model) the default for
         requests that arrive from now on; those in flight finish as they began."""
@@ -226,29 +272,51 @@ class Generator(Protocol):
 
 
 class SequentialGenerator:
-    """One request at a time, on a worker thread, with `model.generate`."""
+    """One request at a time, on a worker thread, with `model.generate`.
 
-    def __init__(self, model: LoadedModel) -> None:
+    It loads a request's adapter on demand (`adapter_path`), keeping at most
+    `max_loaded_adapters` of those it loaded when they are not in use; with None it loads
+    none itself (a `BatchingGenerator` loads them for the beam search it runs here)."""
+
+    def __init__(self, model: LoadedModel, max_loaded_adapters: int | None = 8) -> None:
         self.model = model
         self._jobs: queue.Queue[GenerationHandle | Callable[[], None] | None] = queue.Queue()
         self._pending: list[GenerationHandle] = []
         self._current: GenerationHandle | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._adapters = (
+            AdapterCache(model, max_loaded_adapters) if max_loaded_adapters is not None else None
+        )
         self._thread = threading.Thread(target=self._work, name="story-generator", daemon=True)
         self._thread.start()
 
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         handle = GenerationHandle(request, asyncio.get_running_loop())
+        self.enqueue(handle)
+        return handle
+
+    def submit_many(self, request: GenerationRequest, n: int) -> list[GenerationHandle]:
+        """The candidates one after the other: nothing is shared here."""
+        return [self.submit(r) for r in candidate_requests(request, n)]
+
+    def enqueue(self, handle: GenerationHandle) -> None:
+        """Queue a handle made elsewhere (thread-safe: a batching generator hands over a
+        beam search once it has loaded the request's adapter)."""
         with self._lock:
             if self._closed:  # nothing will run it
                 handle.cancel()
                 handle._finish(empty_output(handle, "cancelled"))
-                return handle
+                return
             handle.queue_position = len(self._pending)
             self._pending.append(handle)
         self._jobs.put(handle)
-        return handle
+
+    def adapters_in_use(self) -> set[str | None]:
+        """The adapters named by the requests waiting here or running (thread-safe)."""
+        with self._lock:
+            handles = [*self._pending, self._current]
+        return {h.request.adapter for h in handles if h is not None}
 
     async def use_adapter(self, name: str | None, path: str | None = None) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -289,9 +357,12 @@ class SequentialGenerator:
             handle._finish(empty_output(handle, "cancelled"))
             return
         try:
+            if self._adapters is not None:
+                self._adapters.prepare(handle.request)
+                self._adapters.evict([handle.request.adapter, *self.adapters_in_use()])
             adapter_names_for(self.model, handle.request.adapter)
             check_prompt(handle.request.prompt_ids, vocabulary_size(self.model))
-        except ValueError as exc:  # a request this model cannot serve, as the batch says
+        except (ValueError, GenerationFailed) as exc:  # not servable, as the batch says
             handle._finish(exc)
             return
         try:
@@ -305,6 +376,85 @@ class SequentialGenerator:
             handle._finish(generation_failed(STEP_FAILED, exc))
         else:
             handle._finish(output)
+
+
+class AdapterCache:
+    """The adapters a generator loads from disk on demand, for requests that name one and
+    say where it lies (`GenerationRequest.adapter_path`).
+
+    Those in use stay loaded; of the others, at most `bound` stay, the least recently
+    used unloaded first, so that serving many communities' adapters does not keep every
+    one in memory. It only ever unloads what it loaded itself: the adapters the model
+    came with and the default one are never touched. The bound counts every adapter it
+    loaded, so it is exceeded only while more than `bound` of them are in use at once.
+
+    Call it on the thread that runs the model, between forward passes."""
+
+    def __init__(self, model: LoadedModel, bound: int) -> None:
+        if bound < 1:
+            raise ValueError("max_loaded_adapters must be at least 1")
+        self.model = model
+        self.bound = bound
+        self.loaded: OrderedDict[str, str] = OrderedDict()
+        """What it loaded: name -> path, least recently used first."""
+        self.loads = 0
+        self.load_seconds = 0.0
+        """Loads so far, and the time they took (a small LoRA loads in milliseconds)."""
+
+    def prepare(self, request: GenerationRequest) -> bool:
+        """Load the request's adapter if it is not loaded and the request says where it
+        lies, and mark it used. True when the model changed. An adapter that is neither
+        loaded nor given a path is left to `adapter_names_for` to refuse; one that fails to
+        load fails the request with `GenerationFailed` (logged)."""
+        name, path = request.adapter, request.adapter_path
+        if name is None or name == BASE_ADAPTER:
+            return False
+        if self.model.is_peft and name in self.model.model.peft_config:
+            if name in self.loaded:
+                self.loaded.move_to_end(name)
+            return False
+        if path is None:
+            return False
+        start = time.perf_counter()
+        try:
+            with self.model.mutation_lock:
+                self.model.load_adapter(name, path)
+        except Exception as exc:
+            log.exception("cannot load adapter %r from %s", name, path)
+            raise generation_failed(ADAPTER_UNAVAILABLE, exc) from None
+        elapsed = time.perf_counter() - start
+        self.loads += 1
+        self.load_seconds += elapsed
+        self.loaded[name] = path
+        log.info("loaded adapter %r on demand in %.1f ms", name, elapsed * 1000)
+        return True
+
+    def evict(self, in_use: Iterable[str | None]) -> list[str]:
+        """Unload the least recently used adapters beyond the bound that nothing in
+        `in_use` names (None: the default). Returns their names (the model changed).
+        Nothing waits for it: while a generation beside holds the model, it does nothing
+        (the next call tries again)."""
+        excess = len(self.loaded) - self.bound
+        if excess <= 0:
+            return []
+        keep = {self.model.default_adapter if name is None else name for name in in_use}
+        keep.add(self.model.default_adapter)
+        victims = [name for name in self.loaded if name not in keep][:excess]
+        if not victims or not self.model.mutation_lock.acquire(blocking=False):
+            return []
+        try:
+            gone = [name for name in victims if self.model.delete_adapter(name)]
+        finally:
+            self.model.mutation_lock.release()
+        for name in gone:
+            del self.loaded[name]
+        if gone:
+            log.info("unloaded adapters not used lately: %s", ", ".join(gone))
+        return gone
+
+    def forget(self, name: str) -> None:
+        """`name` was unloaded by someone else (a replaced default adapter)."""
+        self.loaded.pop(name, None)
 
 
 def _control_job(

@@ -49,10 +49,13 @@ class LoadedModel:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
         self.model.eval()
 
-    def delete_adapter(self, name: str) -> None:
-        """Unload an adapter no request uses any more (same rules as `load_adapter`)."""
+    def delete_adapter(self, name: str) -> bool:
+        """Unload an adapter no request uses any more (same rules as `load_adapter`).
+        False when it stays: not loaded, or the model's last one (peft keeps one)."""
         if self.is_peft and name in self.model.peft_config and len(self.model.peft_config) > 1:
             self.model.delete_adapter(name)
+            return True
+        return False
 
     @property
     def context_window(self) -> int:

@@ -26,6 +26,22 @@ greedy token. Only an error in a step that belongs to no one row (a bug, out of 
 fails the whole batch, with a `GenerationFailed` for each request; the scheduler starts
 afresh for the next ones.
 
+Best-of-n (`submit_many`): the n candidates of one request are a group that waits,
+is admitted and is prefilled as one: its prompt goes through the model once
+(`prefilled_tokens` counts it once) and its keys and values are copied into n rows of
+the batch, which then decode as any rows do, each with its own seed and handle. A group
+counts as one request in the round-robin over channels (other channels still get their
+turn after it) and as n rows and n times its tokens against the batch bounds. It is
+admitted whole or waits at the head of its channel's turn, so single requests cannot
+slip past it forever; n is clamped at submission to what an empty batch holds.
+Cancelling one candidate ends that row alone.
+
+Adapters on demand: a request that names an adapter which is not loaded, with its path
+(`GenerationRequest.adapter_path`), has it loaded when it is admitted, between two
+steps on this thread; those loaded so are kept in an `AdapterCache` of at most
+`max_loaded_adapters` unused ones (least recently used unloaded first; one that a
+running, waiting or beam-searching request names is never unloaded).
+
 Why not transformers' own continuous batching (`generate_batch`,
 `ContinuousBatchingManager`)? It drops the repetition penalty, the no-repeat n-gram
 rule and min-new-tokens, has no per-request seed, and does not pass peft's per-row
@@ -48,15 +64,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import gpt2_decode, grouped_attention
+from .errors import GenerationFailed
 from .generation import (
     STEP_FAILED,
     UNUSABLE_SCORES,
+    AdapterCache,
     GenerationHandle,
     GenerationOutput,
     GenerationRequest,
     SequentialGenerator,
     _control_job,
     adapter_names_for,
+    candidate_requests,
     check_prompt,
     empty_output,
     generation_failed,
@@ -88,6 +107,12 @@ class SchedulerConfig:
     is always admitted when there is room)."""
     stream_every: int = 4
     """Publish streamed text on the first token, then every this many tokens."""
+    max_loaded_adapters: int = 8
+    """Most adapters loaded on demand kept loaded while no request uses them (LRU)."""
+
+
+_Group = list[GenerationHandle]
+"""The handles of one request: one, or a best-of-n request's candidates."""
 
 
 @dataclass
@@ -124,9 +149,11 @@ class BatchingGenerator:
     def __init__(self, model: LoadedModel, config: SchedulerConfig | None = None) -> None:
         self.model = model
         self.config = config or SchedulerConfig()
-        self._beams = SequentialGenerator(model)  # beam search is not batched here
-        self._inbox: deque[GenerationHandle] = deque()
-        self._waiting: OrderedDict[str, deque[GenerationHandle]] = OrderedDict()
+        # Beam search is not batched: it runs beside the batch, on adapters loaded here.
+        self._beams = SequentialGenerator(model, max_loaded_adapters=None)
+        self._inbox: deque[_Group] = deque()
+        self._waiting: OrderedDict[str, deque[_Group]] = OrderedDict()
+        """Per channel, its requests in order; a group is one request's candidates."""
         self._wake = threading.Condition()
         self._closed = False
         self._running: list[_Sequence] = []
@@ -140,12 +167,16 @@ class BatchingGenerator:
         self.steps = 0
         self._trim = _malloc_trim()
         self._trimmed_at = time.monotonic()
+        self.prefilled_tokens = 0
+        """Prompt tokens run through prefill: a best-of-n group's prompt counts once."""
         # transformers renamed `past_key_values` to `cache` (5.2x); accept either.
         self._control: deque[Callable[[], None]] = deque()
         self._loaded: set[str] = set()
         """Adapters `use_adapter` loaded from disk (registry versions)."""
         self._retiring: set[str] = set()
         """Loaded adapters no longer the default: unloaded once no sequence uses them."""
+        self.adapters = AdapterCache(model, self.config.max_loaded_adapters)
+        """Adapters loaded on demand for requests that give their path."""
         self._attach_network()
         params = inspect.signature(self._network.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -156,18 +187,72 @@ class BatchingGenerator:
 
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         if request.params.beam_search:
-            return self._beams.submit(request)
+            return self._submit_beams(request)
         handle = GenerationHandle(request, asyncio.get_running_loop())
+        self._enqueue([handle])
+        return handle
+
+    def submit_many(self, request: GenerationRequest, n: int) -> list[GenerationHandle]:
+        """`n` candidates of `request` that share one prefill (see `candidate_requests`
+        for their seeds; a request that does not sample gets one handle). n is clamped to
+        what an empty batch holds: `max_batch_size` rows and `max_tokens_in_flight`."""
+        requests = candidate_requests(request, n)
+        if len(requests) == 1:
+            return [self.submit(requests[0])]
+        requests = requests[: self._group_limit(request)]
+        loop = asyncio.get_running_loop()
+        handles = [GenerationHandle(r, loop) for r in requests]
+        self._enqueue(list(handles))  # the worker's own list: it drops cancelled ones
+        return handles
+
+    def _group_limit(self, request: GenerationRequest) -> int:
+        """How many rows of `request` an empty batch holds (at least one)."""
+        cfg = self.config
+        prompt_len, max_new = self._shape(request)
+        return max(1, min(cfg.max_batch_size, cfg.max_tokens_in_flight // (prompt_len + max_new)))
+
+    def _shape(self, request: GenerationRequest) -> tuple[int, int]:
+        """The prompt length and most new tokens a request runs with (the prompt cut to
+        the context window, the reply to what is left of it)."""
+        window = self.model.context_window
+        prompt_len = min(len(request.prompt_ids), window - 1)
+        return prompt_len, max(1, min(request.params.max_new_tokens, window - prompt_len))
+
+    def _enqueue(self, group: _Group) -> None:
         with self._wake:
             if self._closed:  # nothing will run it
-                handle.cancel()
-                handle._finish(empty_output(handle, "cancelled"))
-                return handle
-            self._inbox.append(handle)
-            handle.queue_position = (
-                sum(len(q) for q in self._waiting.values()) + len(self._inbox) - 1
-            )
+                for handle in group:
+                    handle.cancel()
+                    handle._finish(empty_output(handle, "cancelled"))
+                return
+            self._inbox.append(group)
+            position = sum(len(q) for q in self._waiting.values()) + len(self._inbox) - 1
+            for handle in group:
+                handle.queue_position = position
             self._wake.notify()
+
+    def _submit_beams(self, request: GenerationRequest) -> GenerationHandle:
+        """Beam search runs beside the batch; an adapter it needs loaded is loaded here,
+        between two steps, before the request is handed over."""
+        if request.adapter_path is None:
+            return self._beams.submit(request)
+        handle = GenerationHandle(request, asyncio.get_running_loop())
+
+        def hand_over() -> None:
+            try:
+                if self.adapters.prepare(request):
+                    self._attach_network()
+            except GenerationFailed as exc:
+                handle._finish(exc)
+                return
+            self._beams.enqueue(handle)  # now in use there: not unloaded
+
+        with self._wake:
+            if not self._closed:
+                self._control.append(hand_over)
+                self._wake.notify()
+                return handle
+        self._beams.enqueue(handle)  # closed: resolved as cancelled
         return handle
 
     async def use_adapter(self, name: str | None, path: str | None = None) -> None:
@@ -224,8 +309,9 @@ class BatchingGenerator:
                     if self._closed:
                         break
                     while self._inbox:
-                        handle = self._inbox.popleft()
-                        self._waiting.setdefault(handle.request.channel, deque()).append(handle)
+                        group = self._inbox.popleft()
+                        channel = group[0].request.channel
+                        self._waiting.setdefault(channel, deque()).append(group)
                 try:
                     self._step()
                 except Exception as exc:  # no one row's fault: fail the batch, start afresh
@@ -238,10 +324,17 @@ class BatchingGenerator:
             seq.handle.cancel()
             self._resolve(seq, "cancelled")
         with self._wake:  # submit() adds no more once closed
-            waiting = [*(h for q in self._waiting.values() for h in q), *self._inbox]
+            groups = [*(g for q in self._waiting.values() for g in q), *self._inbox]
             self._waiting.clear()
             self._inbox.clear()
-        for handle in waiting:
+            control = list(self._control)  # e.g. beam searches to hand over: they end too
+            self._control.clear()
+        for job in control:
+            try:
+                job()
+            except Exception:
+                log.exception("a control job failed while closing")
+        for handle in (h for g in groups for h in g):
             handle.cancel()
             handle._finish(empty_output(handle, "cancelled"))
 
@@ -266,7 +359,7 @@ class BatchingGenerator:
         admitted = self._admit()
         self._update_queue_positions()
         if admitted:
-            self._joining = admitted
+            self._joining = [seq for group in admitted for seq in group]
             self._prefill(admitted)
             self._joining = []
             self._retire()  # newcomers may finish on their first token
@@ -275,76 +368,105 @@ class BatchingGenerator:
             self._retire()
         if self._retiring:
             self._unload_retired()
+        over = len(self.adapters.loaded) > self.adapters.bound
+        if over and self.adapters.evict(self._adapters_in_use()):
+            self._attach_network()
         self.steps += 1
+
+    def _adapters_in_use(self) -> set[str | None]:
+        """The adapters that running, waiting and beam-searching requests name (None: the
+        default)."""
+        in_use: set[str | None] = {s.adapter for s in self._running}
+        with self._wake:
+            groups = [*(g for q in self._waiting.values() for g in q), *self._inbox]
+        in_use |= {h.request.adapter for g in groups for h in g}
+        return in_use | self._beams.adapters_in_use()
 
     def _unload_retired(self) -> None:
         """Unload the adapters that stopped being the default once nothing running or
         waiting uses them, so a long-lived server does not keep every version."""
-        in_use = {s.adapter for s in self._running}
-        in_use |= {h.request.adapter for q in self._waiting.values() for h in q}
-        gone = self._retiring - in_use
+        gone = self._retiring - self._adapters_in_use()
         if not gone:
             return
         with self.model.mutation_lock:
             for name in gone:
                 self.model.delete_adapter(name)
+                self.adapters.forget(name)
         self._retiring -= gone
         self._loaded -= gone
         self._attach_network()
         log.info("unloaded adapters no longer served: %s", ", ".join(sorted(gone)))
 
     def _drop_cancelled_waiting(self) -> None:
+        """Cancelled requests leave the queues (a group keeps its other candidates)."""
         for channel in list(self._waiting):
             queue = self._waiting[channel]
-            for handle in [h for h in queue if h.cancelled]:
-                queue.remove(handle)
-                handle._finish(empty_output(handle, "cancelled"))
+            for group in list(queue):
+                for handle in [h for h in group if h.cancelled]:
+                    group.remove(handle)
+                    handle._finish(empty_output(handle, "cancelled"))
+                if not group:
+                    queue.remove(group)
             if not queue:
                 del self._waiting[channel]
 
-    def _admit(self) -> list[_Sequence]:
-        """Take waiting requests round-robin over channels while there is room."""
+    def _admit(self) -> list[list[_Sequence]]:
+        """Take waiting requests round-robin over channels while there is room, a group of
+        candidates whole or not at all: if the next in turn does not fit, it keeps its
+        turn and the others wait behind it (nothing slips past it for ever)."""
         cfg = self.config
+        rows = len(self._running)
         in_flight = sum(s.cost for s in self._running)
         prefill = 0
-        admitted: list[_Sequence] = []
-        while self._waiting and len(self._running) + len(admitted) < cfg.max_batch_size:
+        admitted: list[list[_Sequence]] = []
+        while self._waiting:
             channel, queue = next(iter(self._waiting.items()))
-            try:
-                seq = self._new_sequence(queue[0])
-            except Exception as exc:  # e.g. an adapter that is not loaded: this one fails
-                if not isinstance(exc, ValueError):
-                    log.exception("admission failed")
-                    exc = generation_failed(STEP_FAILED, exc)
-                queue.popleft()._finish(exc)
-                if not queue:
-                    del self._waiting[channel]
-                continue
+            group = queue[0]
+            request = group[0].request
+            prompt_len, max_new = self._shape(request)
+            cost = len(group) * (prompt_len + max_new)
+            if rows + len(group) > cfg.max_batch_size:
+                break
             if admitted and (
-                in_flight + seq.cost > cfg.max_tokens_in_flight
-                or prefill + seq.prompt_len > cfg.prefill_tokens_per_step
+                in_flight + cost > cfg.max_tokens_in_flight
+                or prefill + prompt_len > cfg.prefill_tokens_per_step
             ):
                 break
-            if not admitted and self._running and in_flight + seq.cost > cfg.max_tokens_in_flight:
+            if not admitted and self._running and in_flight + cost > cfg.max_tokens_in_flight:
                 break
             queue.popleft()
             # Rotate: this channel goes to the back of the line.
             del self._waiting[channel]
             if queue:
                 self._waiting[channel] = queue
-            admitted.append(seq)
-            in_flight += seq.cost
-            prefill += seq.prompt_len
+            try:
+                if self.adapters.prepare(request):
+                    self._attach_network()
+                seqs = [self._new_sequence(handle) for handle in group]
+            except Exception as exc:  # e.g. an adapter that is not loaded: this one fails
+                if not isinstance(exc, ValueError | GenerationFailed):
+                    log.exception("admission failed")
+                    exc = generation_failed(STEP_FAILED, exc)
+                for handle in group:
+                    handle._finish(exc)
+                continue
+            admitted.append(seqs)
+            rows += len(seqs)
+            in_flight += cost
+            prefill += prompt_len
         return admitted
 
     def _update_queue_positions(self) -> None:
+        """Each waiting request's place in the round-robin (a group's candidates share
+        theirs: a best-of-n request is one request ahead of the others)."""
         queues = [list(q) for q in self._waiting.values()]
         position = 0
         depth = 0
         while any(depth < len(q) for q in queues):
             for q in queues:
                 if depth < len(q):
-                    q[depth].queue_position = position
+                    for handle in q[depth]:
+                        handle.queue_position = position
                     position += 1
             depth += 1
 
@@ -400,25 +522,30 @@ class BatchingGenerator:
             )
         return out.logits[:, -1, :].float()
 
-    def _prefill(self, admitted: list[_Sequence]) -> None:
-        """Prefill each newcomer on its own (no padding wasted on short prompts), then
-        merge them into the batch. A newcomer whose prefill fails fails alone."""
+    def _prefill(self, admitted: list[list[_Sequence]]) -> None:
+        """Prefill each newcomer on its own (no padding wasted on short prompts), a group
+        of candidates once for all, then merge them into the batch. A newcomer whose
+        prefill fails fails alone (a group: its candidates)."""
         import torch
 
         joined, logits, kvs = [], [], []
-        for seq in admitted:
+        for group in admitted:
             try:
-                last, kv = self._prefill_one(seq)
+                last, kv = self._prefill_one(group[0])
             except Exception as exc:
-                log.exception("prefill failed (adapter %r); that request alone fails", seq.adapter)
-                seq.handle._finish(generation_failed(STEP_FAILED, exc))
+                log.exception(
+                    "prefill failed (adapter %r); that request alone fails", group[0].adapter
+                )
+                for seq in group:
+                    seq.handle._finish(generation_failed(STEP_FAILED, exc))
                 continue
-            joined.append(seq)
-            logits.append(last)
+            self.prefilled_tokens += group[0].prompt_len
+            joined.append(group)
+            logits.append(last.expand(len(group), -1))
             kvs.append(kv)
         if joined:
             self._merge(joined, kvs)
-            self._sample_and_advance(joined, torch.cat(logits))
+            self._sample_and_advance([s for g in joined for s in g], torch.cat(logits))
 
     def _prefill_one(
         self, seq: _Sequence
@@ -447,17 +574,18 @@ class BatchingGenerator:
         return last, [(layer.keys, layer.values) for layer in cache.layers]
 
     def _merge(
-        self, admitted: list[_Sequence], kvs: list[list[tuple[torch.Tensor, torch.Tensor]]]
+        self, admitted: list[list[_Sequence]], kvs: list[list[tuple[torch.Tensor, torch.Tensor]]]
     ) -> None:
-        """Add the newcomers (their caches, one per newcomer and layer) to the batch in one
-        copy: every row right-aligned to the widest, rows sorted longest first."""
+        """Add the newcomers (their caches, one per newcomer and layer; a group of
+        candidates shares one) to the batch in one copy: every row right-aligned to the
+        widest, rows sorted longest first, a group's rows side by side."""
         import torch
 
         old_lengths = self._mask.sum(1).tolist() if self._mask is not None else []
         # (length, None, old row) or (length, newcomer, 0); stable: old rows first on ties.
         rows = sorted(
             [(length, None, row) for row, length in enumerate(old_lengths)]
-            + [(seq.prompt_len, i, 0) for i, seq in enumerate(admitted)],
+            + [(group[0].prompt_len, i, 0) for i, group in enumerate(admitted)],
             key=lambda r: -r[0],
         )
         pieces: list[tuple[int | None, int, int]] = []  # consecutive old rows: one slice
@@ -467,27 +595,28 @@ class BatchingGenerator:
             else:
                 pieces.append((newcomer, row, row + 1))
         old = self._cache.tensors() if self._cache is not None else []
-        parts = [
-            [
-                (old[layer][0][a:b], old[layer][1][a:b])
-                if newcomer is None
-                else kvs[newcomer][layer]
-                for newcomer, a, b in pieces
-            ]
-            for layer in range(len(kvs[0]))
-        ]
+
+        def part(newcomer: int | None, a: int, b: int, layer: int) -> tuple[Any, Any]:
+            if newcomer is None:
+                return old[layer][0][a:b], old[layer][1][a:b]
+            k, v = kvs[newcomer][layer]  # one row: a view of it for each candidate
+            n = len(admitted[newcomer])
+            return k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)
+
+        parts = [[part(*piece, layer) for piece in pieces] for layer in range(len(kvs[0]))]
         old_width = self._mask.shape[1] if self._mask is not None else 0
         width = max(old_width, rows[0][0])
         if self._cache is None:
             self._cache = GrowableCache()
         self._cache.assemble(parts, width)
-        lengths = torch.tensor([r[0] for r in rows], device=self.model.device)
+        running, lengths = [], []
+        for length, newcomer, row in rows:
+            seqs = [self._running[row]] if newcomer is None else admitted[newcomer]
+            running += seqs
+            lengths += [length] * len(seqs)
+        self._running = running
         columns = torch.arange(width, device=self.model.device)
-        self._mask = columns >= width - lengths.unsqueeze(1)
-        self._running = [
-            self._running[row] if newcomer is None else admitted[newcomer]
-            for _, newcomer, row in rows
-        ]
+        self._mask = columns >= width - torch.tensor(lengths, device=columns.device)[:, None]
         self._plan_groups()
 
     def _plan_groups(self) -> None:
