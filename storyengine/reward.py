@@ -322,8 +322,9 @@ def training_split(
     data: FeedbackDatasets, config: RewardConfig
 ) -> tuple[list[PreferencePair], list[LabelledExample]]:
     """What a reward model trains on: the training side's pairs and labels (the newest
-    `max_train` of each)."""
-    pairs = [p for p in data.pairs if p.split == "train"]
+    `max_train` of each), people's only (pairs a reward model made would teach it its
+    own mistakes)."""
+    pairs = [p for p in data.pairs if p.split == "train" and p.source != "reward"]
     labels = [e for e in data.examples if e.split == "train"]
     pairs.sort(key=lambda p: max(p.chosen_generation_id, p.rejected_generation_id))
     labels.sort(key=lambda e: e.generation_id)

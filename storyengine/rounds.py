@@ -1,10 +1,10 @@
 """A learning round, end to end: feedback → datasets → train → gate → register →
 promote or reject. `storyengine train round` runs it in its own process.
 
-A round that runs first trains the reward model (`reward`) on all the feedback there
-is, judges it on the held-out side, registers it and promotes or rejects it; then the
-adapter. Its figures are the round's `metrics["reward"]`, and its line is printed
-before the round's outcome.
+A round that runs (once the adapter it starts from has loaded) first trains the reward
+model (`reward`) on all the feedback there is, judges it on the held-out side, registers
+it and promotes or rejects it; then it trains the adapter. The reward model's figures
+are the round's `metrics["reward"]`, and its line is printed before the round's outcome.
 
 A round that cannot run on the feedback there is (too little of it, none held out to
 judge with, KTO examples that are all liked or all disliked, a served adapter missing

@@ -26,6 +26,7 @@ from storyengine.reward import (
     RewardRegistry,
     gate,
     heldout_report,
+    heldout_split,
     reward_dir,
     reward_skip_reason,
     train_reward_model,
@@ -359,3 +360,14 @@ async def test_the_registry_keeps_one_promoted_per_lineage_and_rolls_back(tmp_pa
 def test_reward_models_live_beside_the_adapters(tmp_path):
     settings = Settings(adapter_dir=tmp_path / "adapters")
     assert reward_dir(settings) == tmp_path / "adapters-rewards"
+
+
+def test_it_never_learns_from_pairs_a_reward_model_made():
+    """On-policy pairs (source "reward") would teach it its own mistakes, and never
+    judge it."""
+    ours = PreferencePair("p", "a", "b", "choice", 1, "train", 1, 2)
+    made = PreferencePair("p", "c", "d", "reward", 1, "train", 3, 4, 0.5)
+    held = PreferencePair("p", "e", "f", "reward", 2, "heldout", 5, 6, 0.5)
+    data = FeedbackDatasets(pairs=[ours, made, held])
+    assert training_split(data, RewardConfig()) == ([ours], [])
+    assert heldout_split(data, RewardConfig()) == ([], [])
