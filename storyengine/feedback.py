@@ -9,6 +9,11 @@ Two kinds of examples, each (prompt exactly as the model saw it, completion):
 * labelled examples, for KTO: a continuation with a net positive (desirable) or net
   negative (undesirable) score; zero and ties are left out.
 
+On-policy pairs (`on_policy_pairs`) are more preference data than people gave: of the
+candidates written for one turn (best-of-n), the one the reward model scored highest
+over the one it scored lowest, when they are far enough apart. They weigh less than
+people's pairs and are for training only: the gates judge on people's feedback alone.
+
 A vote is a user's emoji on a generation: the same emoji on two parts of a split reply
 counts once (the `votes` view). Votes are weighted so no one dominates: each user's
 votes in a round (on the generations between two training rounds) share at most
@@ -55,6 +60,12 @@ class DatasetConfig:
     community: str | None = None
     """Only this community's stories (a community's own adapter lineage); None: every
     trainable story (the shared lineage)."""
+    on_policy_margin: float = 1.0
+    """Best-of-n candidates make an on-policy pair when the reward model's scores of the
+    best and the worst differ by more than this (in the reward's units: a difference of
+    1 says the first is preferred with probability 0.73)."""
+    on_policy_weight: float = 0.5
+    """The weight of an on-policy pair; a person's pair weighs 1."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +73,14 @@ class PreferencePair:
     prompt: str
     chosen: str
     rejected: str
-    source: Literal["choice", "retry", "score"]
+    source: Literal["choice", "retry", "score", "reward"]
     story_id: int
     split: Split
     chosen_generation_id: int
     rejected_generation_id: int
+    weight: float = 1.0
+    """How much the pair counts: a person's choice as stored (1 unless said otherwise),
+    an on-policy pair `DatasetConfig.on_policy_weight`."""
 
 
 @dataclass(frozen=True)
@@ -97,44 +111,69 @@ def story_split(story_id: int, config: DatasetConfig) -> Split:
     return "heldout" if digest[0] / 256 < config.heldout_fraction else "train"
 
 
+async def _trainable_generations(
+    store: Store, config: DatasetConfig, where: str = "", columns: str = ""
+) -> dict[int, dict[str, Any]]:
+    """Finished generations of stories that may be trained on (consent), by id: of one
+    community when `config.community` says so."""
+    if config.community is not None:
+        where += " AND s.community = ?"
+    rows = await store.db.execute_fetchall(
+        f"SELECT g.id, g.story_id, g.prompt, g.output{columns} FROM generations g"
+        " JOIN stories s ON s.id = g.story_id"
+        f" WHERE g.output != '' AND g.finish_reason != 'cancelled' AND {TRAINABLE_STORY}" + where,
+        (config.community,) if config.community is not None else (),
+    )
+    return {r["id"]: dict(r) for r in rows}
+
+
+async def _excluded_lines(store: Store) -> dict[int, list[str]]:
+    """Per story, the lines of users who asked to be forgotten: a prompt holding one is
+    never trained on."""
+    excluded = defaultdict(list)
+    for r in await store.db.execute_fetchall(
+        "SELECT story_id, text FROM turns WHERE train_excluded = 1"
+    ):
+        excluded[r[0]].append(r[1])
+    return excluded
+
+
+def _usable(
+    generations: dict[int, dict[str, Any]], excluded: dict[int, list[str]], generation_id: int
+) -> dict[str, Any] | None:
+    g = generations.get(generation_id)
+    if g is None or any(line in g["prompt"] for line in excluded.get(g["story_id"], ())):
+        return None
+    return g
+
+
+def _pair_split(chosen: dict[str, Any], rejected: dict[str, Any], config: DatasetConfig) -> Split:
+    # A pair whose continuations come from two stories (the same opening shown in two
+    # channels) is held out when either story is, so no held-out continuation is ever
+    # trained on.
+    sides = {story_split(chosen["story_id"], config), story_split(rejected["story_id"], config)}
+    return "heldout" if "heldout" in sides else "train"
+
+
 async def build_datasets(store: Store, config: DatasetConfig | None = None) -> FeedbackDatasets:
     config = config or DatasetConfig()
     db = store.db
-    only = " AND s.community = ?" if config.community is not None else ""
-    generations = {
-        r["id"]: dict(r)
-        for r in await db.execute_fetchall(
-            "SELECT g.id, g.story_id, g.prompt, g.output FROM generations g"
-            " JOIN stories s ON s.id = g.story_id"
-            f" WHERE g.output != '' AND g.finish_reason != 'cancelled' AND {TRAINABLE_STORY}"
-            + only,
-            (config.community,) if config.community is not None else (),
-        )
-    }
-    excluded = defaultdict(list)
-    for r in await db.execute_fetchall("SELECT story_id, text FROM turns WHERE train_excluded = 1"):
-        excluded[r[0]].append(r[1])
+    generations = await _trainable_generations(store, config)
+    excluded = await _excluded_lines(store)
 
     def usable(generation_id: int) -> dict[str, Any] | None:
-        g = generations.get(generation_id)
-        if g is None or any(line in g["prompt"] for line in excluded[g["story_id"]]):
-            return None
-        return g
+        return _usable(generations, excluded, generation_id)
 
     scores = await _net_scores(store, config)
     out = FeedbackDatasets()
 
-    def add_pair(chosen_id: int, rejected_id: int, source: Any) -> None:
+    def add_pair(chosen_id: int, rejected_id: int, source: Any, weight: float = 1.0) -> None:
         chosen, rejected = usable(chosen_id), usable(rejected_id)
         if chosen is None or rejected is None or chosen["prompt"] != rejected["prompt"]:
             return
         if chosen["output"] == rejected["output"]:
             return
-        # A pair whose continuations come from two stories (the same opening shown in
-        # two channels) is held out when either story is, so no held-out continuation
-        # is ever trained on.
-        sides = {story_split(chosen["story_id"], config), story_split(rejected["story_id"], config)}
-        split: Split = "heldout" if "heldout" in sides else "train"
+        split = _pair_split(chosen, rejected, config)
         if split == "train" and max(chosen_id, rejected_id) <= config.train_after_generation:
             return
         out.pairs.append(
@@ -147,13 +186,21 @@ async def build_datasets(store: Store, config: DatasetConfig | None = None) -> F
                 split,
                 chosen_id,
                 rejected_id,
+                weight,
             )
         )
 
     seen: set[tuple[int, int]] = set()
+    weights = {
+        (r[0], r[1]): float(r[2])
+        for r in await db.execute_fetchall(
+            "SELECT chosen_generation_id, rejected_generation_id, MAX(weight)"
+            " FROM preference_pairs GROUP BY chosen_generation_id, rejected_generation_id"
+        )
+    }
     for chosen_id, rejected_id, _, _ in await store.preference_pairs():
         seen.add((chosen_id, rejected_id))
-        add_pair(chosen_id, rejected_id, "choice")
+        add_pair(chosen_id, rejected_id, "choice", weights.get((chosen_id, rejected_id), 1.0))
 
     # A retry whose replacement the audience then liked: the replacement wins.
     for r in await db.execute_fetchall(
@@ -198,6 +245,56 @@ async def build_datasets(store: Store, config: DatasetConfig | None = None) -> F
                 g["story_id"],
                 story_split(g["story_id"], config),
                 gid,
+            )
+        )
+    return out
+
+
+async def on_policy_pairs(
+    store: Store, config: DatasetConfig | None = None
+) -> list[PreferencePair]:
+    """Pairs from best-of-n candidate groups (generations sharing `candidate_of`, the id
+    of the one shown, each with the reward model's score): the highest scored over the
+    lowest, when their scores differ by more than `on_policy_margin`, weighing
+    `on_policy_weight`. Consent, forget-me, the story split and the training window
+    apply as to people's pairs. Held-out ones are returned (marked so) but are for
+    nothing: neither trained on (their stories are held out) nor judged with."""
+    config = config or DatasetConfig()
+    generations = await _trainable_generations(
+        store,
+        config,
+        " AND g.reward IS NOT NULL AND (g.candidate_of IS NOT NULL OR g.id IN"
+        " (SELECT candidate_of FROM generations WHERE candidate_of IS NOT NULL))",
+        ", g.reward, COALESCE(g.candidate_of, g.id) AS grp",
+    )
+    excluded = await _excluded_lines(store)
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+    for gid in sorted(generations):
+        g = _usable(generations, excluded, gid)
+        if g is not None:
+            groups[(g["grp"], g["prompt"])].append(g)
+    out = []
+    for (_, prompt), members in sorted(groups.items(), key=lambda item: item[0][0]):
+        best = max(members, key=lambda g: (g["reward"], -g["id"]))
+        worst = min(members, key=lambda g: (g["reward"], g["id"]))
+        if best["reward"] - worst["reward"] <= config.on_policy_margin:
+            continue
+        if best["output"] == worst["output"]:
+            continue
+        split = _pair_split(best, worst, config)
+        if split == "train" and max(best["id"], worst["id"]) <= config.train_after_generation:
+            continue
+        out.append(
+            PreferencePair(
+                prompt,
+                best["output"],
+                worst["output"],
+                "reward",
+                best["story_id"],
+                split,
+                best["id"],
+                worst["id"],
+                config.on_policy_weight,
             )
         )
     return out

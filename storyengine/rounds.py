@@ -1,6 +1,11 @@
 """A learning round, end to end: feedback → datasets → train → gate → register →
 promote or reject. `storyengine train round` runs it in its own process.
 
+A round that runs (once the adapter it starts from has loaded) first trains the reward
+model (`reward`) on all the feedback there is, judges it on the held-out side, registers
+it and promotes or rejects it; then it trains the adapter. The reward model's figures
+are the round's `metrics["reward"]`, and its line is printed before the round's outcome.
+
 A round that cannot run on the feedback there is (too little of it, none held out to
 judge with, KTO examples that are all liked or all disliked, a served adapter missing
 on disk) is *skipped* before any model loads: recorded as a finished run whose error is
@@ -16,7 +21,9 @@ next round from learning the same feedback again; promotion is one transaction; 
 database is touched in short transactions. The next round, holding the round lock,
 sweeps what a killed one left in the adapter directory and marks its run interrupted.
 Killing a round therefore leaves the served adapter and the database as they were, or
-with the new version fully promoted.
+with the new version fully promoted. The reward model's registry works the same way
+(swept by the next round, holding the same lock); one killed after the reward model's
+promotion leaves it promoted, and the next round trains and judges a new one anyway.
 """
 
 from __future__ import annotations
@@ -44,6 +51,15 @@ from .feedback import (
     PreferencePair,
     build_datasets,
 )
+from .modeling import LoadedModel
+from .reward import (
+    RewardConfig,
+    RewardRegistry,
+    reward_dir,
+    reward_skip_reason,
+    reward_summary,
+    train_reward_model,
+)
 from .sampling import SamplingParams
 from .store import Store
 from .text import split_sentences
@@ -67,6 +83,10 @@ class RoundConfig:
     guard_retries: int = 2
     """When the guard stops training at its first check, train again at half the learning
     rate, at most this many times: late rounds, close to the bounds, take smaller steps."""
+    reward: RewardConfig | None = field(default_factory=RewardConfig)
+    """The reward model trained at the start of each round that runs (None: none). It
+    learns from all the feedback (not only what came in since the last promoted
+    adapter): it is trained afresh each time, and a few hundred examples cost seconds."""
 
     def __post_init__(self) -> None:
         if self.drift_guard is not None and not 0 < self.drift_guard <= 1:
@@ -210,6 +230,9 @@ async def _run_round(
         # We hold the round lock: leftovers are a killed round's, and so are runs
         # still 'running'.
         registry = await AdapterRegistry(store, settings.adapter_dir).open(locked=True)
+        rewards = await RewardRegistry(
+            store, reward_dir(settings), lock_dir=settings.adapter_dir
+        ).open(locked=True)
         await store.interrupt_training_runs()
         rows_ = await store.db.execute_fetchall(
             "SELECT COALESCE(MAX(r.data_until), 0) FROM training_runs r"
@@ -234,13 +257,28 @@ async def _run_round(
             # lose which data the promoted adapter has learned from.
             await store.set_training_run_version(run_id, version, data_until)
 
+        reward: dict[str, Any] = {}
+
+        async def train_reward(loaded: LoadedModel) -> None:
+            if config.reward is None:
+                return
+            # All the feedback there is, through the same consent, forget-me and caps.
+            all_data = await build_datasets(store, replace(data_config, train_after_generation=0))
+            if (why := reward_skip_reason(config.reward, all_data)) is not None:
+                reward.update(status="skipped", reason=why)
+                return
+            reward.update(await train_reward_model(rewards, loaded, all_data, config.reward))
+
         try:
             result = await _train_and_gate(
-                settings, config, registry, plan, current, registered, say
+                settings, config, registry, plan, current, registered, say, train_reward
             )
         except Exception as exc:
             await store.fail_training_run(run_id, exc)
             raise
+        if reward:
+            say(reward_summary(reward))
+            result = replace(result, metrics={**result.metrics, "reward": reward})
         await store.finish_training_run(
             run_id,
             version=result.version.version if result.version else None,
@@ -283,6 +321,7 @@ async def _train_and_gate(
     current: AdapterVersion | None,
     registered: Callable[[int], Awaitable[None]],
     say: Callable[[str], None],
+    train_reward: Callable[[LoadedModel], Awaitable[None]] | None = None,
 ) -> RoundResult:
     from .modeling import load_for_training
 
@@ -299,6 +338,8 @@ async def _train_and_gate(
             raise
         return RoundResult("skipped", unloadable_adapter(current, loaded.model_id, exc))
     tok = loaded.tokenizer
+    if train_reward is not None:  # it reads the base model under the adapters
+        await train_reward(LoadedModel(policy, tok, loaded.model_id, None, loaded.device))
     guard = None
     if config.drift_guard:
         guard = await asyncio.to_thread(

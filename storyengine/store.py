@@ -604,6 +604,97 @@ class AudienceStore:
         rows = await self.db.execute_fetchall("SELECT MAX(started_at) FROM training_runs")
         return rows[0][0]
 
+    # -- reward models (a lineage per community; NULL: the shared one) ------------
+
+    async def add_reward_model(
+        self,
+        version: int,
+        path: str,
+        *,
+        community: str | None,
+        metrics: dict[str, Any],
+        data_counts: dict[str, Any],
+    ) -> None:
+        await self._write(
+            "INSERT INTO reward_models (version, community, path, metrics, data_counts)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (version, community, path, json.dumps(metrics), json.dumps(data_counts)),
+        )
+
+    async def reward_model(self, version: int) -> dict[str, Any] | None:
+        rows = await self.db.execute_fetchall(
+            "SELECT * FROM reward_models WHERE version = ?", (version,)
+        )
+        return _reward_row(rows[0]) if rows else None
+
+    async def reward_models(self) -> list[dict[str, Any]]:
+        """Every reward model version, of every lineage, oldest first."""
+        rows = await self.db.execute_fetchall("SELECT * FROM reward_models ORDER BY version")
+        return [_reward_row(r) for r in rows]
+
+    async def promoted_reward_model(self, community: str | None) -> dict[str, Any] | None:
+        rows = await self.db.execute_fetchall(
+            "SELECT * FROM reward_models WHERE status = 'promoted'"
+            " AND COALESCE(community, '') = COALESCE(?, '')",
+            (community,),
+        )
+        return _reward_row(rows[0]) if rows else None
+
+    async def newest_reward_model_version(self) -> int:
+        rows = await self.db.execute_fetchall("SELECT COALESCE(MAX(version), 0) FROM reward_models")
+        return int(rows[0][0])
+
+    async def promote_reward_model(self, version: int) -> None:
+        """Promote `version` in its lineage; the one promoted there before is retired.
+        One transaction."""
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE reward_models SET status = 'retired' WHERE status = 'promoted'"
+                " AND COALESCE(community, '') ="
+                " (SELECT COALESCE(community, '') FROM reward_models WHERE version = ?)",
+                (version,),
+            )
+            await db.execute(
+                "UPDATE reward_models SET status = 'promoted',"
+                " promoted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE version = ?",
+                (version,),
+            )
+
+    async def reject_reward_model(self, version: int) -> None:
+        await self._write(
+            "UPDATE reward_models SET status = 'rejected'"
+            " WHERE version = ? AND status = 'candidate'",
+            (version,),
+        )
+
+    async def rollback_reward_model(self, community: str | None) -> int | None:
+        """Reject the lineage's promoted version and promote the one promoted before it
+        (the most recently promoted retired one). Returns the version promoted now (None:
+        none). One transaction; nothing changes when none is promoted."""
+        async with self.transaction() as db:
+            same = "COALESCE(community, '') = COALESCE(?, '')"
+            current = await db.execute_fetchall(
+                f"SELECT version FROM reward_models WHERE status = 'promoted' AND {same}",
+                (community,),
+            )
+            if not current:
+                return None
+            await db.execute(
+                "UPDATE reward_models SET status = 'rejected' WHERE version = ?",
+                (current[0][0],),
+            )
+            before = await db.execute_fetchall(
+                "SELECT version FROM reward_models WHERE status = 'retired'"
+                f" AND promoted_at IS NOT NULL AND {same} ORDER BY promoted_at DESC LIMIT 1",
+                (community,),
+            )
+            if before:
+                await db.execute(
+                    "UPDATE reward_models SET status = 'promoted' WHERE version = ?",
+                    (before[0][0],),
+                )
+        return before[0][0] if before else None
+
 
 TRAINABLE_STORY = (
     "(s.community IS NULL OR s.community IN (SELECT id FROM communities WHERE learning = 1))"
@@ -996,3 +1087,10 @@ def _turn(row: aiosqlite.Row) -> Turn:
         status=row["status"],
         generation_id=row["generation_id"],
     )
+
+
+def _reward_row(row: aiosqlite.Row) -> dict[str, Any]:
+    record = dict(row)
+    record["metrics"] = json.loads(record["metrics"])
+    record["data_counts"] = json.loads(record["data_counts"])
+    return record
