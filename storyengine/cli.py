@@ -39,7 +39,7 @@ Commands (anything else you type is your line; the storyteller continues it):
   /note TEXT                  author's note: steers the next turns ("/note" clears)
   /lore NAME: TRIGGERS: TEXT  a character or place, recalled when a trigger word appears
   /lore                       list lore cards;  /unlore NAME  removes one
-  /settings [preset=NAME] [temperature=T] [length=N]   this channel's style
+  /settings [preset=NAME] [temperature=T] [length=N] [best_of=N]   this channel's style
   /recap                      the story so far, in brief
   /export [FILE]              the story as Markdown (to FILE, or printed)
   /end                        end the story
@@ -771,16 +771,19 @@ class _ChatSession:
 
     async def _settings(self, arg: str) -> None:
         changes: dict[str, Any] = {}
-        names = {"preset": "preset_name", "temperature": "temperature", "length": "max_new_tokens"}
+        names = {
+            "preset": ("preset_name", str),
+            "temperature": ("temperature", float),
+            "length": ("max_new_tokens", int),
+            "best_of": ("best_of", int),
+        }
         for pair in arg.split():
             key, _, value = pair.partition("=")
             if key not in names or not value:
-                self.say("! Usage: /settings [preset=NAME] [temperature=T] [length=N]")
+                self.say("! Usage: /settings [preset=NAME] [temperature=T] [length=N] [best_of=N]")
                 return
             try:
-                changes[names[key]] = {"preset": str, "temperature": float, "length": int}[key](
-                    value
-                )
+                changes[names[key][0]] = names[key][1](value)
             except ValueError:
                 self.say(f"! {key} must be a number.")
                 return
@@ -791,5 +794,5 @@ class _ChatSession:
         )
         self.say(
             f"temperature={params.temperature} top_p={params.top_p} top_k={params.top_k} "
-            f"length={params.max_new_tokens} beams={params.num_beams}"
+            f"length={params.max_new_tokens} beams={params.num_beams} best_of={params.best_of}"
         )

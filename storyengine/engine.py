@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .adapters import AdapterRegistry
+from .best_of import RewardSource, Scorer
 from .config import Settings
 from .errors import (
     GenerationCancelled,
@@ -103,6 +104,8 @@ class StoryEngine:
         opens a thread per story sees new channels for as long as it runs."""
         self.registry = AdapterRegistry(self.store, settings.adapter_dir)
         self.reactions = ReactionRecorder(self.store)
+        self.rewards: RewardSource | None = None
+        """Where best-of-n gets its reward models (set by `start`)."""
         self._serving: str | None = None
         """The adapter being served (its registry name), None for the configured one."""
         self._adapter_lock = asyncio.Lock()
@@ -126,6 +129,7 @@ class StoryEngine:
                 SchedulerConfig(
                     max_batch_size=self.settings.max_batch_size,
                     max_tokens_in_flight=self.settings.max_tokens_in_flight,
+                    max_loaded_adapters=self.settings.max_loaded_adapters,
                 ),
             )
         model = self._generator.model
@@ -136,6 +140,8 @@ class StoryEngine:
         )
         self._narrator = Narrator(self._generator, safety)
         await self.registry.open()
+        if self.rewards is None:
+            self.rewards = RewardSource(self.settings, self.store, lambda: self.narrator.model)
         await self.sync_adapter()
         return self
 
@@ -292,6 +298,7 @@ class StoryEngine:
         channel's overrides, then this call's overrides."""
         preset_name, saved = await self.store.channel_settings(clean_id(channel, "The channel"))
         params = preset(preset_name).params if preset_name else self.settings.sampling
+        params = params.replace(best_of=self.settings.best_of)  # unless the channel says
         try:
             params = params.replace(**saved)
         except (InvalidInput, TypeError):  # saved by an older release with other bounds
@@ -451,6 +458,12 @@ class StoryEngine:
             params = await self.sampling_for(story.channel, **overrides)
             last = turns.pop()
             user_turn = turns[-1] if turns and turns[-1].action == last.action else None
+            following = await self.store.next_best_candidate(last)
+            if following is not None:  # best-of-n wrote it already: show the next best
+                await self.store.swap_active(last.id, following.id)
+                turn = await self.store.turn(following.id)
+                assert turn is not None and turn.generation_id is not None
+                return TurnResult(story, turn, user_turn, turn.generation_id, 0.0)
             return await self._write_bot_turn(
                 story, turns, last.action, user_turn, on_progress, params, replacing=last
             )
@@ -993,16 +1006,20 @@ class StoryEngine:
         *,
         replacing: Turn | None = None,
     ) -> TurnResult:
+        """Write the storyteller's turn: with a reward model served, `best_of`
+        candidates at once, the best shown and the others kept as its alternatives
+        (best first: a retry shows the next best before writing anew)."""
         if params is None:
             params = await self.sampling_for(story.channel)
         prompt = await self._prompt(story, turns, params)
-        narration, generation_id = await self._narrate(
+        written = await self._narrate_best(
             story,
             prompt,
             params,
             echo_of=user_turn.text if user_turn else None,
             on_progress=on_progress,
         )
+        (narration, generation_id), others = written[0], written[1:]
         turn = await self.store.add_turn(
             story.id,
             action=action,
@@ -1012,6 +1029,16 @@ class StoryEngine:
             position=replacing.position if replacing else None,
             replacing=replacing.id if replacing else None,
         )
+        for other, other_id in others:
+            await self.store.add_turn(
+                story.id,
+                action=action,
+                kind="bot",
+                text=other.text,
+                generation_id=other_id,
+                position=turn.position,
+                status="replaced",
+            )
         return TurnResult(story, turn, user_turn, generation_id, narration.output.latency_s)
 
     async def _prompt(self, story: Story, turns: list[Turn], params: SamplingParams) -> str:
@@ -1028,10 +1055,30 @@ class StoryEngine:
         on_progress: ProgressCallback | None = None,
     ) -> tuple[Narration, int]:
         """Generate one continuation and record it (a cancelled one too)."""
+        written = await self._narrate_best(
+            story, prompt, params.replace(best_of=1), echo_of=echo_of, on_progress=on_progress
+        )
+        return written[0]
+
+    async def _narrate_best(
+        self,
+        story: Story,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        echo_of: str | None,
+        on_progress: ProgressCallback | None = None,
+    ) -> list[tuple[Narration, int]]:
+        """Generate the continuations of a turn and record them (a cancelled one too):
+        one, or with a reward model served and `params.best_of` > 1, that many written
+        together (one prefill) and ranked by the reward model, best first."""
         if self._closing:
             raise GenerationCancelled(message=SHUTTING_DOWN)
         channel = story.channel
         await self.sync_adapter()
+        adapter = await self._adapter_for(story)
+        scorer = await self._scorer_for(story) if params.best_of > 1 else None
+        n = params.best_of if scorer is not None else 1
         record = {"story_id": story.id, "channel": channel, "prompt": prompt}
         handles: list[GenerationHandle] = []
 
@@ -1042,10 +1089,13 @@ class StoryEngine:
                 handle.cancel()
 
         try:
-            narration = await self.narrator.narrate(
+            candidates = await self.narrator.narrate_candidates(
                 prompt,
                 params,
+                n,
                 channel=channel,
+                adapter=adapter[0] if adapter else None,
+                adapter_path=adapter[1] if adapter else None,
                 echo_of=echo_of,
                 on_progress=on_progress,
                 on_handle=track,
@@ -1061,10 +1111,35 @@ class StoryEngine:
             in_flight.difference_update(handles)
             if not in_flight:
                 self._in_flight.pop(channel, None)
-        generation_id = await self._record(
-            record, narration.params, narration.output, shown=narration.text
-        )
-        return narration, generation_id
+        rewards: list[float | None] = [None] * len(candidates)
+        if scorer is not None and len(candidates) > 1:
+            rewards = list(await scorer([prompt] * len(candidates), [c.text for c in candidates]))
+        order = sorted(range(len(candidates)), key=lambda i: -(rewards[i] or 0.0))
+        written = []
+        for i in order:
+            narration = candidates[i]
+            generation_id = await self._record(
+                record, narration.params, narration.output, shown=narration.text, reward=rewards[i]
+            )
+            written.append((narration, generation_id))
+        if len(written) > 1:
+            await self.store.set_candidate_group([g for _, g in written], written[0][1])
+        return written
+
+    async def _adapter_for(self, story: Story) -> tuple[str, str] | None:
+        """The adapter a story's community is served when it has one of its own (name,
+        path); None: the generator's default (the shared one, or a pinned one)."""
+        if self._pinned is not None or story.community is None:
+            return None
+        own = await self.registry.promoted(story.community)
+        return (own.name, str(own.path)) if own is not None else None
+
+    async def _scorer_for(self, story: Story) -> Scorer | None:
+        """The reward model that ranks a story's best-of-n candidates (its community's
+        own, else the shared one), or None when none is promoted."""
+        if self.rewards is None:
+            return None
+        return await self.rewards.scorer(story.community)
 
     async def _record(
         self,
@@ -1073,9 +1148,11 @@ class StoryEngine:
         output: GenerationOutput,
         *,
         shown: str,
+        reward: float | None = None,
     ) -> int:
         model = self.narrator.model
         return await self.store.record_generation(
+            reward=reward,
             **record,
             output=shown,
             raw_output=output.text,

@@ -65,6 +65,7 @@ class Narrator:
         *,
         channel: str = "",
         adapter: str | None = None,
+        adapter_path: str | None = None,
         echo_of: str | None = None,
         on_progress: ProgressCallback | None = None,
         on_handle: OnHandle | None = None,
@@ -73,31 +74,80 @@ class Narrator:
         """Continue `prompt`. Retries (with a new seed) when the model produces nothing
         usable; raises `GenerationCancelled` if cancelled, `GenerationFailed` if it never
         produces a sentence."""
+        candidates = await self.narrate_candidates(
+            prompt,
+            params,
+            1,
+            channel=channel,
+            adapter=adapter,
+            adapter_path=adapter_path,
+            echo_of=echo_of,
+            on_progress=on_progress,
+            on_handle=on_handle,
+            max_attempts=max_attempts,
+        )
+        return candidates[0]
+
+    async def narrate_candidates(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        n: int,
+        *,
+        channel: str = "",
+        adapter: str | None = None,
+        adapter_path: str | None = None,
+        echo_of: str | None = None,
+        on_progress: ProgressCallback | None = None,
+        on_handle: OnHandle | None = None,
+        max_attempts: int = 3,
+    ) -> list[Narration]:
+        """Up to `n` continuations of `prompt` written together (best-of-n: one prefill,
+        n seeds), each polished; those that say nothing are dropped. The first
+        candidate's text is what `on_progress` shows while they are written. Retries
+        (with new seeds) while none is usable; raises `GenerationCancelled` if cancelled,
+        `GenerationFailed` if none ever produces a sentence."""
         prompt_ids = self.model.encode(prompt)
         for attempt in range(1, max_attempts + 1):
-            handle = self.generator.submit(
-                GenerationRequest(
-                    prompt_ids,
-                    params,
-                    channel=channel,
-                    adapter=adapter,
-                    min_new_tokens=MIN_NEW_TOKENS,
-                )
+            request = GenerationRequest(
+                prompt_ids,
+                params,
+                channel=channel,
+                adapter=adapter,
+                adapter_path=adapter_path,
+                min_new_tokens=MIN_NEW_TOKENS,
+            )
+            handles = (
+                self.generator.submit_many(request, n)
+                if n > 1
+                else [self.generator.submit(request)]
             )
             if on_handle is not None:
-                on_handle(handle)
-            shown = ""
-            async for raw in handle.stream():
-                text = self.polish(raw, echo_of=echo_of)
-                if on_progress is not None and text and text != shown:
-                    shown = text
-                    await on_progress(text)
-            output = await handle.result()
-            text = self.polish(output.text, echo_of=echo_of)
-            if text:
-                return Narration(text, prompt_ids, output, params, attempt)
+                for handle in handles:
+                    on_handle(handle)
+            try:
+                shown = ""
+                async for raw in handles[0].stream():
+                    text = self.polish(raw, echo_of=echo_of)
+                    if on_progress is not None and text and text != shown:
+                        shown = text
+                        await on_progress(text)
+                outputs = [await handle.result() for handle in handles]
+            except BaseException:
+                for handle in handles:  # one stopped or failed: the others stop too
+                    handle.cancel()
+                raise
+            usable = []
+            for handle, output in zip(handles, outputs, strict=True):
+                text = self.polish(output.text, echo_of=echo_of)
+                if text:
+                    usable.append(
+                        Narration(text, prompt_ids, output, handle.request.params, attempt)
+                    )
+            if usable:
+                return usable
             if params.seed is not None:
-                params = params.replace(seed=params.seed + 1)
+                params = params.replace(seed=params.seed + n)
         raise GenerationFailed(
             "The storyteller could not find the words this time. Try again, or add a line."
         )

@@ -22,6 +22,9 @@ MIN_TOP_P = 0.01
 token (greedy in all but name), and a top-p that rounds to 0 in float32 holds no token."""
 
 
+MAX_BEST_OF = 8
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one continuation is decoded.
@@ -39,6 +42,9 @@ class SamplingParams:
     seed: int | None = None
     num_beams: int = 1
     length_penalty: float = 1.0
+    best_of: int = 1
+    """Continuations written per turn when a reward model is served: the one it scores
+    best is shown, the others kept as alternatives (1: one, as without a reward model)."""
 
     def __post_init__(self) -> None:
         # NaN and infinities fail every comparison below, so they are refused too.
@@ -49,6 +55,10 @@ class SamplingParams:
                 f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}",
             ),
             (MIN_TOP_P <= self.top_p <= 1.0, f"top_p must be between {MIN_TOP_P} and 1"),
+            (
+                isinstance(self.best_of, int) and 1 <= self.best_of <= MAX_BEST_OF,
+                f"best_of must be 1..{MAX_BEST_OF}",
+            ),
             (self.top_k >= 0, "top_k must be 0 (off) or more"),
             (1.0 <= self.repetition_penalty <= 2.0, "repetition_penalty must be between 1 and 2"),
             (0 <= self.no_repeat_ngram_size <= 10, "no_repeat_ngram_size must be 0..10"),

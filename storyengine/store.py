@@ -892,6 +892,7 @@ class Store(AudienceStore):
         position: int | None = None,
         replacing: int | None = None,
         train_excluded: bool = False,
+        status: str = "active",
     ) -> Turn:
         """Append a turn. Positions are never reused (undone turns keep theirs); with
         `replacing`, the new turn takes that turn's place and the old one is marked
@@ -907,7 +908,8 @@ class Store(AudienceStore):
                 await db.execute("UPDATE turns SET status = 'replaced' WHERE id = ?", (replacing,))
             cursor = await db.execute(
                 "INSERT INTO turns (story_id, position, action, kind, author_id, author_name,"
-                " text, generation_id, train_excluded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " text, generation_id, train_excluded, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     story_id,
                     position,
@@ -918,6 +920,7 @@ class Store(AudienceStore):
                     text,
                     generation_id,
                     int(train_excluded),
+                    status,
                 ),
             )
         turn = await self.turn(cursor.lastrowid or 0)
@@ -943,6 +946,21 @@ class Store(AudienceStore):
             (story_id, position),
         )
         return [_turn(r) for r in rows]
+
+    async def next_best_candidate(self, turn: Turn) -> Turn | None:
+        """Of the best-of-n candidates written with `turn`, the best one the reward
+        model scored below it (what a retry shows next), or None."""
+        if turn.generation_id is None:
+            return None
+        rows = await self.db.execute_fetchall(
+            "SELECT t.* FROM turns t JOIN generations g ON g.id = t.generation_id"
+            " JOIN generations shown ON shown.id = ?"
+            " WHERE t.story_id = ? AND t.position = ? AND t.kind = 'bot'"
+            " AND t.status = 'replaced' AND g.candidate_of = shown.candidate_of"
+            " AND g.reward < shown.reward ORDER BY g.reward DESC LIMIT 1",
+            (turn.generation_id, turn.story_id, turn.position),
+        )
+        return _turn(rows[0]) if rows else None
 
     async def undo_action(self, story_id: int, action: int) -> None:
         """Mark every turn of `action` undone, its retry alternatives included."""
@@ -1002,11 +1020,16 @@ class Store(AudienceStore):
         finish_reason: str,
         latency_s: float,
         ttft_s: float | None,
+        reward: float | None = None,
+        candidate_of: int | None = None,
     ) -> int:
+        """A generation as the model wrote it and as it was shown (`output`; empty when
+        nothing was shown). `reward`: the reward model's score, for best-of-n candidates,
+        which share `candidate_of` (the id of the one shown)."""
         cursor = await self._write(
             "INSERT INTO generations (story_id, channel, prompt, output, raw_output, params,"
-            " model_id, adapter_id, prompt_tokens, output_tokens, finish_reason, latency_s, ttft_s)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " model_id, adapter_id, prompt_tokens, output_tokens, finish_reason, latency_s, ttft_s,"
+            " reward, candidate_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 story_id,
                 channel,
@@ -1021,9 +1044,19 @@ class Store(AudienceStore):
                 finish_reason,
                 latency_s,
                 ttft_s,
+                reward,
+                candidate_of,
             ),
         )
         return cursor.lastrowid or 0
+
+    async def set_candidate_group(self, generation_ids: list[int], shown: int) -> None:
+        """Mark best-of-n candidates as one group, named by the one shown."""
+        await self._write(
+            "UPDATE generations SET candidate_of = ? WHERE id IN"
+            f" ({', '.join('?' * len(generation_ids))})",
+            (shown, *generation_ids),
+        )
 
     async def generation(self, generation_id: int) -> dict[str, Any] | None:
         rows = await self.db.execute_fetchall(

@@ -400,6 +400,7 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         temperature="randomness, 0 (predictable) to 2 (wild)",
         length="tokens per continuation (about 3/4 of a word each)",
         turn_timeout="round-robin: seconds before an untaken turn passes",
+        best_of="with a reward model: continuations written per turn, the best shown (1: off)",
     )
     async def settings(
         self,
@@ -408,6 +409,7 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         temperature: app_commands.Range[float, 0.0, 2.0] | None = None,
         length: app_commands.Range[int, 16, 400] | None = None,
         turn_timeout: app_commands.Range[int, 30, 86400] | None = None,
+        best_of: app_commands.Range[int, 1, 8] | None = None,
     ) -> None:
         channel, author = self.channel_of(interaction), self.author_of(interaction)
         if turn_timeout is not None:
@@ -422,12 +424,13 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
                 temperature=temperature,
                 max_new_tokens=length,
                 by=author,
+                best_of=best_of,
             ),
         )
         style = "beam search" if params.beam_search else f"temperature {params.temperature}"
         await self.say(
             interaction,
-            f"⚙️ {style}, length {params.max_new_tokens} tokens"
+            f"⚙️ {style}, length {params.max_new_tokens} tokens, best of {params.best_of}"
             + (f", turns pass after {turn_timeout} s" if turn_timeout else "")
             + ".",
         )
