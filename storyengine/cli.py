@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_schedule_args(round_)
     round_.add_argument("--min-examples", type=int, default=TrainConfig.min_examples)
+    round_.add_argument(
+        "--community",
+        metavar="ID",
+        help="train this community's own adapter on its own feedback (default: the shared one)",
+    )
     _add_storage_args(round_, adapters=True)
     sft = train_sub.add_parser(
         "sft", help="adapt a LoRA to a story corpus (domain fine-tuning); registers a candidate"
@@ -485,7 +490,7 @@ async def _train_round(args: argparse.Namespace, settings: Settings) -> int:
         raise InvalidInput(str(exc)) from None
     result = await run_round(
         settings,
-        RoundConfig(method=args.method, train=train),
+        RoundConfig(method=args.method, train=train, community=args.community),
         say=lambda line: print(line, flush=True),
     )
     if result.status == "promoted":

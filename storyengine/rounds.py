@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from .adapters import AdapterRegistry, AdapterVersion, round_lock
+from .adapters import SAME_LINEAGE, AdapterRegistry, AdapterVersion, round_lock
 from .config import Settings
 from .evaluation import (
     GateConfig,
@@ -83,6 +83,10 @@ class RoundConfig:
     guard_retries: int = 2
     """When the guard stops training at its first check, train again at half the learning
     rate, at most this many times: late rounds, close to the bounds, take smaller steps."""
+    community: str | None = None
+    """The lineage this round trains: a community's own (its feedback only, starting
+    from what it is served: its own adapter, else the shared one), or None for the
+    shared one (all trainable feedback)."""
     reward: RewardConfig | None = field(default_factory=RewardConfig)
     """The reward model trained at the start of each round that runs (None: none). It
     learns from all the feedback (not only what came in since the last promoted
@@ -237,15 +241,20 @@ async def _run_round(
         rows_ = await store.db.execute_fetchall(
             "SELECT COALESCE(MAX(r.data_until), 0) FROM training_runs r"
             " JOIN adapters a ON a.version = r.version WHERE a.status IN ('promoted', 'retired')"
+            f" AND {SAME_LINEAGE.replace('community', 'a.community')}",
+            (config.community,),
         )
         newest = await store.db.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM generations")
         data_until = int(newest[0][0])
-        data_config = replace(config.data, train_after_generation=int(rows_[0][0]))
+        data_config = replace(
+            config.data, train_after_generation=int(rows_[0][0]), community=config.community
+        )
         data = await build_datasets(store, data_config)
         plan = plan_round(config, data)
-        current = await registry.promoted()
+        # A community's first round starts from the shared adapter it has been served.
+        current = await registry.serving(config.community)
         reason = skip_reason(config, plan) or missing_adapter(current)
-        run_id = await store.start_training_run(plan.method)
+        run_id = await store.start_training_run(plan.method, config.community)
         if reason is not None:
             await store.finish_training_run(
                 run_id, version=None, error=reason, data_until=data_until
@@ -267,7 +276,11 @@ async def _run_round(
             if (why := reward_skip_reason(config.reward, all_data)) is not None:
                 reward.update(status="skipped", reason=why)
                 return
-            reward.update(await train_reward_model(rewards, loaded, all_data, config.reward))
+            reward.update(
+                await train_reward_model(
+                    rewards, loaded, all_data, config.reward, community=config.community
+                )
+            )
 
         try:
             result = await _train_and_gate(
@@ -425,6 +438,7 @@ async def _train_and_gate(
         parent_version=current.version if current else None,
         metrics=json.loads(json.dumps(metrics, default=str)),
         data_counts=plan.counts,
+        community=config.community,
     )
     await registered(version.version)
     if report.passed:

@@ -518,19 +518,29 @@ class AudienceStore:
         rows = await self.db.execute_fetchall(f"SELECT s.id FROM stories s WHERE {TRAINABLE_STORY}")
         return {r[0] for r in rows}
 
-    async def new_feedback_count(self, since: str | None) -> int:
+    async def new_feedback_count(self, since: str | None, community: str | None = None) -> int:
         """Reactions (non-neutral) and companion choices on trainable stories recorded
-        after `since` (a timestamp as the database writes them; None: ever)."""
+        after `since` (a timestamp as the database writes them; None: ever): on one
+        community's stories, or (None) on all of them."""
         since = since or ""
+        only = " AND s.community = ?" if community is not None else ""
+        extra = (community,) if community is not None else ()
         rows = await self.db.execute_fetchall(
             "SELECT (SELECT COUNT(*) FROM votes f JOIN generations g ON g.id = f.generation_id"
             f" JOIN stories s ON s.id = g.story_id WHERE f.value != 0 AND f.created_at > ?"
-            f" AND {TRAINABLE_STORY})"
+            f" AND {TRAINABLE_STORY}{only})"
             " + (SELECT COUNT(*) FROM choices c JOIN stories s ON s.id = c.story_id"
-            f" WHERE c.status = 'chosen' AND c.created_at > ? AND {TRAINABLE_STORY})",
-            (since, since),
+            f" WHERE c.status = 'chosen' AND c.created_at > ? AND {TRAINABLE_STORY}{only})",
+            (since, *extra, since, *extra),
         )
         return int(rows[0][0])
+
+    async def learning_communities(self) -> list[str]:
+        """The communities whose learning is on."""
+        rows = await self.db.execute_fetchall(
+            "SELECT id FROM communities WHERE learning = 1 ORDER BY id"
+        )
+        return [r[0] for r in rows]
 
     async def feedback_stats(self, community: str | None) -> list[dict[str, Any]]:
         """Per adapter version (None: the base model): the generations shown, how many
@@ -562,8 +572,11 @@ class AudienceStore:
             " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE status = 'running'"
         )
 
-    async def start_training_run(self, method: str) -> int:
-        cursor = await self._write("INSERT INTO training_runs (method) VALUES (?)", (method,))
+    async def start_training_run(self, method: str, community: str | None = None) -> int:
+        """A run of `community`'s lineage (None: the shared one) starts."""
+        cursor = await self._write(
+            "INSERT INTO training_runs (method, community) VALUES (?, ?)", (method, community)
+        )
         return int(cursor.lastrowid or 0)
 
     async def fail_training_run(self, run_id: int, exc: BaseException) -> None:
@@ -599,9 +612,14 @@ class AudienceStore:
             (version, data_until, run_id),
         )
 
-    async def last_training_start(self) -> str | None:
-        """When the newest training run started (as the database writes times)."""
-        rows = await self.db.execute_fetchall("SELECT MAX(started_at) FROM training_runs")
+    async def last_training_start(self, community: str | None = None) -> str | None:
+        """When the newest training run of a lineage started (a community's own, or
+        None: the shared one), as the database writes times."""
+        rows = await self.db.execute_fetchall(
+            "SELECT MAX(started_at) FROM training_runs"
+            " WHERE COALESCE(community, '') = COALESCE(?, '')",
+            (community,),
+        )
         return rows[0][0]
 
     # -- reward models (a lineage per community; NULL: the shared one) ------------

@@ -74,6 +74,8 @@ class TrainingJob:
     finished_at: float | None = None
     returncode: int | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    community: str | None = None
+    """The lineage it trains: a community's own, or None for the shared one."""
 
     @property
     def running(self) -> bool:
@@ -191,38 +193,56 @@ class TrainingScheduler:
     def running(self) -> bool:
         return self.job is not None and self.job.running
 
-    async def new_feedback(self) -> int:
-        """Reactions and choices since the newest training round (of any process)."""
-        return await self.store.new_feedback_count(await self.store.last_training_start())
+    async def new_feedback(self, community: str | None = None) -> int:
+        """Reactions and choices since a lineage's newest round (of any process): a
+        community's own, or (None) the shared one's, on all learning communities."""
+        last = await self.store.last_training_start(community)
+        return await self.store.new_feedback_count(last, community)
 
-    async def due(self) -> str | None:
-        """Why an automatic round should start now, or None."""
+    async def due(self, community: str | None = None) -> str | None:
+        """Why an automatic round of a lineage (None: the shared one) should start
+        now, or None."""
         if self.schedule.interval_s is None or self.running:
             return None
-        last = await self.store.last_training_start()
-        new = await self.store.new_feedback_count(last)
+        last = await self.store.last_training_start(community)
+        new = await self.store.new_feedback_count(last, community)
         if new < self.schedule.min_new_feedback:
             return None
         if last is not None and self.clock() - parse_db_time(last) < self.schedule.interval_s:
             return None
-        return f"{new} new reactions and choices"
+        where = f" in community {community}" if community is not None else ""
+        return f"{new} new reactions and choices{where}"
+
+    async def next_round(self) -> tuple[str, str | None] | None:
+        """The lineage whose round is due with the most new feedback: the shared one
+        or a learning community's own, as (reason, community); None if none is due."""
+        due = []
+        for community in [None, *await self.store.learning_communities()]:
+            if (reason := await self.due(community)) is not None:
+                due.append((await self.new_feedback(community), reason, community))
+        if not due:
+            return None
+        _, reason, community = max(due, key=lambda d: d[0])
+        return reason, community
 
     async def maybe_start(self) -> TrainingJob | None:
-        reason = await self.due()
-        return await self.start(reason) if reason else None
+        found = await self.next_round()
+        return await self.start(found[0], community=found[1]) if found else None
 
-    async def start(self, reason: str) -> TrainingJob:
-        """Start a round now (raises TrainingBusy if one is running)."""
+    async def start(self, reason: str, *, community: str | None = None) -> TrainingJob:
+        """Start a round now, of a community's own lineage or (None) the shared one
+        (raises TrainingBusy if one is running)."""
         if self.running:
             raise TrainingBusy()
         logs = self.settings.adapter_dir / "logs"
         await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        job = TrainingJob(reason, logs / f"round-{stamp}.log", self.clock())
+        job = TrainingJob(reason, logs / f"round-{stamp}.log", self.clock(), community=community)
         self.job = job
         try:
             job.process = await asyncio.create_subprocess_exec(
                 *self.command,
+                *(["--community", community] if community is not None else []),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
