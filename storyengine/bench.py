@@ -21,6 +21,7 @@ from typing import Any
 
 from .generation import BASE_ADAPTER, GenerationRequest, Generator, SequentialGenerator
 from .modeling import LoadedModel
+from .progress import Progress
 from .sampling import PRESETS, SamplingParams
 from .scheduler import BatchingGenerator, SchedulerConfig
 
@@ -107,10 +108,17 @@ def build_workload(
 
 
 async def run_workload(
-    generator: Generator, workload: list[GenerationRequest], concurrency: int
+    generator: Generator,
+    workload: list[GenerationRequest],
+    concurrency: int,
+    *,
+    task: str | None = None,
 ) -> tuple[dict[str, float], list[list[int]]]:
+    """Run the workload; with `task`, show its progress (`storyengine.progress`) by
+    requests answered."""
     timings: list[RequestTiming | None] = [None] * len(workload)
     outputs: list[list[int]] = [[] for _ in workload]
+    progress = Progress(task, len(workload), unit="request") if task else None
 
     async def channel(index: int) -> None:
         for i in range(index, len(workload), concurrency):
@@ -122,9 +130,15 @@ async def run_workload(
             timings[i] = RequestTiming(
                 output.ttft_s or 0.0, output.latency_s, len(output.token_ids)
             )
+            if progress is not None:
+                progress.advance()
 
     start = time.perf_counter()
-    await asyncio.gather(*(channel(i) for i in range(concurrency)))
+    try:
+        await asyncio.gather(*(channel(i) for i in range(concurrency)))
+    finally:
+        if progress is not None:
+            progress.close()
     wall = time.perf_counter() - start
     done = [t for t in timings if t is not None]
     return summarise(done, wall), outputs
@@ -184,7 +198,9 @@ async def bench_serve(
     ):
         await run_workload(generator, warmup, 4)
         print(f"running {name}…", file=sys.stderr)
-        results[name], outputs[name] = await run_workload(generator, workload, concurrency)
+        results[name], outputs[name] = await run_workload(
+            generator, workload, concurrency, task=name
+        )
         await generator.close()
         if device == "cuda":
             torch.cuda.synchronize()
