@@ -75,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .settings import BotSettings
 
     build_parser().parse_args(argv)
+    # Until the event loop takes the signals over (after the imports and the settings),
+    # SIGTERM ends the start-up at once, quietly: there is nothing to save yet.
+    signal.signal(signal.SIGTERM, _stop_while_starting)
     # `.env` in the directory the bot is started from (not the package's folder).
     load_dotenv(find_dotenv(usecwd=True), override=False)
     try:
@@ -96,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_run(token, settings, bot_settings))
     except KeyboardInterrupt:
         return 0
+
+
+def _stop_while_starting(signum: int, frame: object) -> None:
+    raise SystemExit(130)
 
 
 def log_start(settings: Settings) -> None:

@@ -196,7 +196,7 @@ class StoryBot(commands.Bot):
         log.info("gateway connection resumed")
 
     async def on_disconnect(self) -> None:
-        if self.gateway_connected:
+        if self.gateway_connected and not self.is_closed():  # not our own shutdown
             log.warning("gateway connection lost; reconnecting")
         self.gateway_connected = False
 

@@ -540,6 +540,7 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     interactive = sys.stdin.isatty()
     channel, author = args.channel, Author(id=f"terminal:{args.author}", name=args.author)
     print("Loading the storyteller…", file=sys.stderr)
+    _say_loading(settings)
     engine = await StoryEngine(settings).start()
     loop = asyncio.get_running_loop()
     if interactive:
