@@ -25,8 +25,12 @@ def test_the_image_installs_as_the_readme_says_and_checks_its_health():
         in dockerfile
     )
     assert re.search(r"^USER taleweaver$", dockerfile, re.M)  # not root
-    assert "STORY_DATA_DIR=/data" in dockerfile and "VOLUME /data" in dockerfile
-    port = re.search(r"BOT_HEALTH_PORT=(\d+)", dockerfile)[1]
+    assert "VOLUME /data" in dockerfile and "WORKDIR /data" in dockerfile
+    command = dockerfile.split("\nCMD ", 1)[1]
+    # The defaults hold even when an --env-file from .env.example sets them empty.
+    assert 'STORY_DATA_DIR=\\"${STORY_DATA_DIR:-/data}\\"' in command
+    assert "exec taleweaver-bot" in command
+    port = re.search(r"BOT_HEALTH_PORT=(\d+)", command)[1]
     assert f"http://127.0.0.1:{port}/health" in dockerfile.split("HEALTHCHECK", 1)[1]
     assert ".env" in read(".dockerignore").split()  # the token never goes into the image
 
