@@ -9,14 +9,17 @@ cleanly within 10 seconds.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
 import os
+import platform
 import re
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,7 +41,32 @@ def read_token(environ: dict[str, str] | os._Environ[str]) -> str:
     return token
 
 
-def main() -> int:
+HELP_EPILOG = """\
+Settings come from the environment, or from a .env file in the directory it is started
+from (the environment wins); .env.example lists every one. The main ones:
+  DISCORD_TOKEN      the bot's token (required)
+  STORY_DATA_DIR     where the database, the adapters and the logs go (default: here)
+  STORY_LOG_LEVEL    DEBUG, INFO (default for the bot), WARNING or ERROR
+  BOT_HEALTH_PORT    serve /health and /metrics on this port (BOT_HEALTH_HOST: 127.0.0.1)
+  DEV_GUILD_ID       sync the slash commands to this one server, at once
+It stops cleanly on Ctrl-C or SIGTERM. Exit codes: 0 stopped, 1 Discord out of reach
+(try again), 2 bad configuration (fix it first)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from storyengine.version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="taleweaver-bot",
+        description="Run Taleweaver's Discord bot: stories told with your server.",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"taleweaver-bot {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     from dotenv import find_dotenv, load_dotenv
 
     from storyengine.config import Settings
@@ -46,11 +74,15 @@ def main() -> int:
 
     from .settings import BotSettings
 
+    build_parser().parse_args(argv)
+    # Until the event loop takes the signals over (after the imports and the settings),
+    # SIGTERM ends the start-up at once, quietly: there is nothing to save yet.
+    signal.signal(signal.SIGTERM, _stop_while_starting)
     # `.env` in the directory the bot is started from (not the package's folder).
     load_dotenv(find_dotenv(usecwd=True), override=False)
     try:
         token = read_token(os.environ)
-        settings = Settings.from_env(dotenv=False)
+        settings = Settings.from_env(dotenv=False, default_log_level="INFO")
         bot_settings = BotSettings.from_env(os.environ)
     except (ValueError, ConfigError) as exc:
         print(f"taleweaver-bot: error: {exc}", file=sys.stderr)
@@ -59,10 +91,37 @@ def main() -> int:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # A service's log is no terminal: no download bars in it (the start-up lines say
+    # what is loading).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    log_start(settings)
     try:
         return asyncio.run(_run(token, settings, bot_settings))
     except KeyboardInterrupt:
         return 0
+
+
+def _stop_while_starting(signum: int, frame: object) -> None:
+    raise SystemExit(130)
+
+
+def log_start(settings: Settings) -> None:
+    """The first lines of the log: what runs, and from where (absolute paths, so a bot
+    started from the wrong directory shows it at once)."""
+    import discord
+
+    from storyengine.version import __version__
+
+    log = logging.getLogger("bot")
+    log.info(
+        "Taleweaver %s (Python %s, discord.py %s), pid %d, working directory %s",
+        __version__,
+        platform.python_version(),
+        discord.__version__,
+        os.getpid(),
+        os.getcwd(),
+    )
+    log.info("data directory: %s", os.path.abspath(settings.data_dir))
 
 
 STOP_DEADLINE_S = 9.0

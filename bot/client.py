@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import time
 
 import discord
 from discord import app_commands
@@ -14,6 +16,7 @@ from storyengine.engine import StoryEngine
 from storyengine.errors import StoryError
 from storyengine.training_scheduler import TrainingSchedule, TrainingScheduler
 
+from .health import HealthServer, Metrics, interaction_name
 from .publish import safe
 from .settings import BotSettings
 
@@ -21,6 +24,13 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0
 """How long a shutdown waits for generations to stop and their messages to say so."""
+PRESENCE = "/story start to begin"
+"""The bot's status line in the member list: how to begin."""
+
+
+def absolute(path: str | os.PathLike[str]) -> str:
+    """`path` made absolute against the working directory (a string operation)."""
+    return os.path.abspath(path)
 
 
 def intents() -> discord.Intents:
@@ -75,9 +85,15 @@ class StoryBot(commands.Bot):
             intents=intents(),
             allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
+            activity=discord.CustomActivity(name=PRESENCE),
         )
         self.engine = engine
         self.settings = settings
+        self.metrics = Metrics()
+        self.started_at = time.monotonic()
+        self.gateway_connected = False
+        """True from READY (or RESUMED) until the gateway connection drops."""
+        self.health: HealthServer | None = None
         self.training = TrainingScheduler(
             engine.settings,
             engine.store,
@@ -93,7 +109,8 @@ class StoryBot(commands.Bot):
         from .cogs.story import StoryCog
         from .views import ChoiceButton, ContinueButton, RetryButton
 
-        await self.engine.start()
+        await self.start_health_server()  # first: a supervisor sees "starting" meanwhile
+        await self.start_engine()
         await self.add_cog(StoryCog(self))
         await self.add_cog(FeedbackCog(self))
         await self.add_cog(AdminCog(self))
@@ -110,6 +127,82 @@ class StoryBot(commands.Bot):
         if self.settings.train_interval_s is not None:
             self.training_clock.change_interval(seconds=self.settings.train_check_s)
             self.training_clock.start()
+
+    async def start_health_server(self) -> None:
+        if self.settings.health_port is None:
+            return
+        self.health = HealthServer(self, self.settings.health_host, self.settings.health_port)
+        port = await self.health.start()
+        host = self.settings.health_host
+        shown = f"[{host}]" if ":" in host else host
+        log.info("health: http://%s:%d/health and /metrics", shown, port)
+
+    async def start_engine(self) -> None:
+        """Load the model and open the database, saying what is used: one line each."""
+        settings = self.engine.settings
+        new_database = not settings.db_path.exists()
+        log.info(
+            "loading the storyteller: %s on %s%s",
+            settings.base_model,
+            settings.device,
+            "" if settings.uses_bundled_model else " (downloaded on first use)",
+        )
+        started = time.perf_counter()
+        await self.engine.start()
+        model = self.engine.narrator.model
+        log.info(
+            "model %s on %s (%s), loaded in %.1f s",
+            model.model_id,
+            model.device,
+            str(getattr(model.model, "dtype", "?")).removeprefix("torch."),
+            time.perf_counter() - started,
+        )
+        promoted = await self.engine.registry.promoted()
+        if promoted is not None:
+            log.info("adapter: %s (promoted), from %s", promoted.name, absolute(promoted.path))
+        elif settings.adapter:
+            log.info("adapter: %s (STORY_ADAPTER)", absolute(settings.adapter))
+        else:
+            log.info("adapter: none, the base model tells the stories")
+        status = await self.engine.store.migration_status()
+        schema = max((m.version for m in status if m.applied_at), default=0)
+        rows = await self.engine.store.db.execute_fetchall("SELECT COUNT(*) FROM stories")
+        log.info(
+            "database: %s (%s, schema %04d, %d stories)",
+            absolute(settings.db_path),
+            "new" if new_database else "existing",
+            schema,
+            rows[0][0],
+        )
+        log.info(
+            "adapters: %s; training round logs: %s",
+            absolute(settings.adapter_dir),
+            absolute(settings.round_log_dir),
+        )
+
+    async def on_ready(self) -> None:
+        self.gateway_connected = True
+        user = self.user
+        log.info(
+            "logged in as %s (%s), %d servers, %d shards",
+            user.name if user else "?",
+            user.id if user else "?",
+            len(self.guilds),
+            self.shard_count or 1,
+        )
+
+    async def on_resumed(self) -> None:
+        self.gateway_connected = True
+        log.info("gateway connection resumed")
+
+    async def on_disconnect(self) -> None:
+        if self.gateway_connected and not self.is_closed():  # not our own shutdown
+            log.warning("gateway connection lost; reconnecting")
+        self.gateway_connected = False
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        kind = interaction.type.name if interaction.type else "unknown"
+        self.metrics.command(interaction_name(interaction.data, kind))  # type: ignore[arg-type]
 
     async def close(self) -> None:
         """Shut down in order, whoever asks (a signal, a test, discord.py itself), and
@@ -137,7 +230,12 @@ class StoryBot(commands.Bot):
             try:
                 await super().close()
             finally:
-                await self.engine.close(grace_s=2.0)
+                self.gateway_connected = False
+                try:
+                    await self.engine.close(grace_s=2.0)
+                finally:
+                    if self.health is not None:
+                        await self.health.stop()
         log.info("stopped")
 
     @tasks.loop(seconds=60)

@@ -26,6 +26,10 @@ class BotSettings:
     """How often the training schedule is checked."""
     admin_guild_ids: frozenset[int] = frozenset()
     """Servers whose admins may train and roll back the shared adapter (empty: any)."""
+    health_port: int | None = None
+    """Serve /health and /metrics on this port (None: no health server; 0: any free port)."""
+    health_host: str = "127.0.0.1"
+    """The address the health server listens on (loopback: this machine only)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> BotSettings:
@@ -47,6 +51,12 @@ class BotSettings:
                 raise ConfigError(f"{name}: expected server ids (digits) separated by commas")
             return frozenset(int(p) for p in parts)
 
+        port = (environ.get("BOT_HEALTH_PORT") or "").strip()
+        if port and not (port.isdigit() and int(port) <= 65535):
+            raise ConfigError(f"BOT_HEALTH_PORT: expected a port number 0..65535, got {port!r}")
+        host = (environ.get("BOT_HEALTH_HOST") or "").strip() or "127.0.0.1"
+        if any(c.isspace() for c in host) or "/" in host:
+            raise ConfigError(f"BOT_HEALTH_HOST: expected an address such as 0.0.0.0, got {host!r}")
         guild = (environ.get("DEV_GUILD_ID") or "").strip()
         if guild and not guild.isdigit():
             raise ConfigError(f"DEV_GUILD_ID: expected a server id (digits), got {guild!r}")
@@ -59,6 +69,8 @@ class BotSettings:
             train_interval_s=duration("TRAIN_INTERVAL", environ.get("TRAIN_INTERVAL")),
             train_check_s=number("BOT_TRAIN_CHECK", 60.0, 0.05, 3600.0),
             admin_guild_ids=ids("BOT_ADMIN_GUILDS"),
+            health_port=int(port) if port else None,
+            health_host=host,
         )
 
 

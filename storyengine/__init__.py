@@ -18,6 +18,7 @@ from .errors import (
 )
 from .records import Author, Story, Turn, TurnResult
 from .sampling import PRESETS, SamplingParams
+from .version import __version__
 
 __all__ = [
     "PRESETS",
@@ -37,6 +38,7 @@ __all__ = [
     "StoryError",
     "Turn",
     "TurnResult",
+    "__version__",
 ]
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from .generation import BASE_ADAPTER, GenerationRequest, Generator, SequentialGenerator
 from .modeling import LoadedModel
+from .progress import Progress
 from .sampling import PRESETS, SamplingParams
 from .scheduler import BatchingGenerator, SchedulerConfig
 
@@ -114,12 +115,19 @@ def build_workload(
 
 
 async def run_workload(
-    generator: Generator, workload: list[GenerationRequest], concurrency: int, best_of: int = 1
+    generator: Generator,
+    workload: list[GenerationRequest],
+    concurrency: int,
+    best_of: int = 1,
+    *,
+    task: str | None = None,
 ) -> tuple[dict[str, float], list[list[int]]]:
     """Run the workload; each request's timing, and its tokens (best-of-n: the first
-    candidate's, which is the request itself)."""
+    candidate's, which is the request itself). With `task`, show its progress
+    (`storyengine.progress`) by requests answered."""
     timings: list[RequestTiming | None] = [None] * len(workload)
     outputs: list[list[int]] = [[] for _ in workload]
+    progress = Progress(task, len(workload), unit="request") if task else None
 
     async def channel(index: int) -> None:
         for i in range(index, len(workload), concurrency):
@@ -136,9 +144,15 @@ async def run_workload(
                 max(r.latency_s for r in results),
                 sum(len(r.token_ids) for r in results),
             )
+            if progress is not None:
+                progress.advance()
 
     start = time.perf_counter()
-    await asyncio.gather(*(channel(i) for i in range(concurrency)))
+    try:
+        await asyncio.gather(*(channel(i) for i in range(concurrency)))
+    finally:
+        if progress is not None:
+            progress.close()
     wall = time.perf_counter() - start
     done = [t for t in timings if t is not None]
     return summarise(done, wall), outputs
@@ -203,7 +217,9 @@ async def bench_serve(
     for name, generator, n in runs:
         await run_workload(generator, warmup, 4, n)
         print(f"running {name}…", file=sys.stderr)
-        results[name], outputs[name] = await run_workload(generator, workload, concurrency, n)
+        results[name], outputs[name] = await run_workload(
+            generator, workload, concurrency, n, task=name
+        )
         if isinstance(generator, BatchingGenerator):
             results[name]["prefilled_tokens"] = generator.prefilled_tokens
         await generator.close()

@@ -24,6 +24,7 @@ from .audience import Taste, load_taste
 from .config import Settings
 from .evaluation import perplexity, repetition
 from .feedback import DatasetConfig
+from .progress import Progress
 from .records import Author
 from .rounds import RoundConfig, heldout_stories, run_round
 from .sampling import SamplingParams
@@ -97,12 +98,16 @@ async def _openings(engine: Any, prompts: list[str], tag: str) -> list[tuple[str
     author = Author("sim-author", "Sim")
     limit = asyncio.Semaphore(64)
 
+    progress = Progress(f"{tag} openings", len(prompts), say=_progress, unit="story")
+
     async def one(i: int, prompt: str) -> tuple[str, int, str]:
         async with limit:
             result = await engine.start_story(f"{tag}-{i}", prompt, author=author)
+            progress.advance()
             return prompt, result.generation_id, result.text
 
-    return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    with progress:
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
 
 def _approval(taste: Taste, samples: list[tuple[str, int, str]]) -> tuple[float, int]:

@@ -2,7 +2,8 @@
 
 storyengine generate "Once upon a time, a little fox" --seed 1
 storyengine chat --db stories.db --channel kitchen-table
-storyengine db migrate | status
+storyengine db migrate | status | backup FILE
+storyengine feedback stats --png chart.png
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from typing import Any, TextIO
 
 from .config import Settings
 from .errors import InvalidInput, StoryError
+from .progress import echo, resolve_mode
 from .records import Author
 from .sampling import PRESETS, SamplingParams, preset
 from .training import METHOD_DEFAULTS, TrainConfig
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="storyengine",
         description="Taleweaver's story engine: tell stories in the terminal, manage the database.",
     )
+    parser.add_argument(
+        "--version", action="version", version=f"storyengine (taleweaver) {__version__}"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="print a continuation of PROMPT")
@@ -81,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_adapter_arg(chat)
 
-    db = sub.add_parser("db", help="database schema: migrate or status")
-    db.add_argument("action", choices=["migrate", "status"])
+    db = sub.add_parser(
+        "db", help="the database: migrate, status, or backup FILE (safe while the bot runs)"
+    )
+    db.add_argument("action", choices=["migrate", "status", "backup"])
+    db.add_argument("file", nargs="?", type=Path, metavar="FILE", help="backup: where to write")
     _add_storage_args(db)
     feedback = sub.add_parser("feedback", help="training data made from the audience's feedback")
     feedback_sub = feedback.add_subparsers(dest="feedback", required=True, metavar="ACTION")
@@ -95,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     import_.add_argument("file", type=Path, metavar="FILE")
     _add_storage_args(import_)
+    stats = feedback_sub.add_parser(
+        "stats", help="approval per adapter version and reactions per day (text, or a PNG chart)"
+    )
+    stats.add_argument("--png", type=Path, metavar="FILE", help="also write the chart to FILE")
+    stats.add_argument("--community", help="one server's stories only (its id)")
+    _add_storage_args(stats)
 
     train = sub.add_parser("train", help="fine-tune the LoRA adapter on the audience's feedback")
     train_sub = train.add_subparsers(dest="train", required=True, metavar="ROUND")
@@ -302,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_adapters(args, settings))
         if args.command == "feedback" and args.feedback == "import":
             return asyncio.run(_feedback_import(args, settings))
+        if args.command == "feedback" and args.feedback == "stats":
+            return asyncio.run(_feedback_stats(args, settings))
         if args.command == "feedback":
             return asyncio.run(_feedback_export(args, settings))
         if args.command == "bench":
@@ -319,14 +336,28 @@ def _configure_logging(level: str) -> None:
     if level != "DEBUG":  # libraries' deprecation notices are not for the user
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if resolve_mode() != "bar":  # download bars only where someone watches them
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _say_loading(settings: Settings) -> None:
+    """A model from the Hugging Face hub may be downloaded first: say so (in a terminal
+    the download shows its own bars)."""
+    if not settings.uses_bundled_model:
+        print(
+            f"loading {settings.base_model} (the first time, it is downloaded from the"
+            " Hugging Face hub: this can take minutes)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _load_generator(settings: Settings) -> Any:
     from .modeling import load_model
     from .scheduler import BatchingGenerator
 
+    _say_loading(settings)
     return BatchingGenerator(load_model(settings))
 
 
@@ -464,9 +495,8 @@ async def _train_sft(args: argparse.Namespace, settings: Settings) -> int:
         from_promoted=args.from_promoted,
         promote=args.promote,
     )
-    version, promoted, report = await run_sft(
-        settings, args.corpus, config, say=lambda line: print(line, flush=True)
-    )
+    _say_loading(settings)
+    version, promoted, report = await run_sft(settings, args.corpus, config, say=echo)
     if promoted:
         print(f"promoted v{version}")
     elif report["passed"]:
@@ -491,7 +521,7 @@ async def _train_round(args: argparse.Namespace, settings: Settings) -> int:
     result = await run_round(
         settings,
         RoundConfig(method=args.method, train=train, community=args.community),
-        say=lambda line: print(line, flush=True),
+        say=echo,
     )
     if result.status == "promoted":
         assert result.version is not None
@@ -577,10 +607,37 @@ async def _feedback_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _db(args: argparse.Namespace, settings: Settings) -> int:
+async def _feedback_stats(args: argparse.Namespace, settings: Settings) -> int:
+    from .stats import feedback_summary, render_chart, summary_lines
     from .store import Store
 
-    store = await Store(settings.db_path).open(migrate=False)
+    store = await Store(settings.db_path).open(create=False)
+    try:
+        summary = await feedback_summary(store, args.community)
+    finally:
+        await store.close()
+    for line in summary_lines(summary):
+        print(line)
+    if args.png:
+        png = await asyncio.to_thread(render_chart, summary)
+        await asyncio.to_thread(args.png.write_bytes, png)
+        print(f"chart written to {args.png}", file=sys.stderr)
+    return 0
+
+
+async def _db(args: argparse.Namespace, settings: Settings) -> int:
+    from .store import Store, backup_database
+
+    if args.action == "backup":
+        if args.file is None:
+            raise InvalidInput("db backup needs a FILE to write the backup to")
+        await asyncio.to_thread(backup_database, settings.db_path, args.file)
+        print(f"backed up {settings.db_path} to {args.file}")
+        return 0
+    if args.file is not None:
+        raise InvalidInput(f"db {args.action} takes no FILE")
+    # `status` looks, and never creates a database where there was none.
+    store = await Store(settings.db_path).open(migrate=False, create=args.action != "status")
     try:
         if args.action == "migrate":
             applied = await store.migrate()
@@ -625,6 +682,7 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     interactive = sys.stdin.isatty()
     channel, author = args.channel, Author(id=f"terminal:{args.author}", name=args.author)
     print("Loading the storyteller…", file=sys.stderr)
+    _say_loading(settings)
     engine = await StoryEngine(settings, adapter=args.adapter).start()
     loop = asyncio.get_running_loop()
     if interactive:

@@ -46,6 +46,11 @@ class Settings:
     base_model: str = BUNDLED_MODEL
     adapter: str | None = None
     adapter_dir: Path = Path("adapters")
+    data_dir: Path = Path(".")
+    """`STORY_DATA_DIR`: where the database, the adapter registry and the logs go unless
+    each is set on its own (`from_env` derives their defaults from it)."""
+    log_dir: Path | None = None
+    """Where training rounds write their logs; None: `<adapter_dir>/logs`."""
     device: str = "auto"
     dtype: str = "auto"
     preset: str = DEFAULT_PRESET
@@ -69,6 +74,11 @@ class Settings:
         return self.base_model == BUNDLED_MODEL
 
     @property
+    def round_log_dir(self) -> Path:
+        """The folder of the training rounds' logs."""
+        return self.log_dir if self.log_dir is not None else self.adapter_dir / "logs"
+
+    @property
     def model_path(self) -> str:
         """What to hand to `from_pretrained`: a directory or a Hugging Face id."""
         return str(bundled_model_path()) if self.uses_bundled_model else self.base_model
@@ -77,8 +87,16 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
-        """Build settings from `environ` (default: `os.environ`, after loading `.env`)."""
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        dotenv: bool = True,
+        default_log_level: str = "WARNING",
+    ) -> Settings:
+        """Build settings from `environ` (default: `os.environ`, after loading `.env`).
+        `default_log_level` applies when `STORY_LOG_LEVEL` is not set (the bot says more
+        than the CLI)."""
         if environ is None:
             if dotenv:
                 from dotenv import find_dotenv, load_dotenv
@@ -116,7 +134,7 @@ class Settings:
         max_input = env.get("STORY_MAX_INPUT_CHARS", 1000, int)
         if not 20 <= max_input <= 4000:
             raise ConfigError(f"STORY_MAX_INPUT_CHARS: must be 20..4000, got {max_input}")
-        log_level = env.get("STORY_LOG_LEVEL", "WARNING", str).upper()
+        log_level = env.get("STORY_LOG_LEVEL", default_log_level, str).upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ConfigError(
                 f"STORY_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
@@ -148,11 +166,20 @@ class Settings:
         blocklist = tuple(
             w.strip().lower() for w in env.get("STORY_BLOCKLIST", "", str).split(",") if w.strip()
         )
+        data_dir = Path(env.get("STORY_DATA_DIR", ".", str)).expanduser()
+        if data_dir.exists() and not data_dir.is_dir():
+            raise ConfigError(f"STORY_DATA_DIR: {str(data_dir)!r} is a file, not a directory")
+        # Set on its own, a path is taken as given; else it goes in the data directory.
+        # Without STORY_DATA_DIR the logs stay where they always were, in the registry.
+        log_dir = env.get("STORY_LOG_DIR", "", str)
+        data_dir_set = bool((environ.get("STORY_DATA_DIR") or "").strip())
         return cls(
-            db_path=Path(env.get("STORY_DB_PATH", "taleweaver.db", str)),
+            db_path=Path(env.get("STORY_DB_PATH", "", str) or data_dir / "taleweaver.db"),
             base_model=base_model,
             adapter=adapter,
-            adapter_dir=Path(env.get("STORY_ADAPTER_DIR", "adapters", str)),
+            adapter_dir=Path(env.get("STORY_ADAPTER_DIR", "", str) or data_dir / "adapters"),
+            data_dir=data_dir,
+            log_dir=Path(log_dir) if log_dir else (data_dir / "logs" if data_dir_set else None),
             device=device,
             dtype=dtype,
             preset=preset_name.lower(),

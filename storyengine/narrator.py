@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-from .errors import GenerationFailed
+from .errors import GenerationCancelled, GenerationFailed
 from .generation import GenerationOutput, GenerationRequest, Generator
 from .modeling import LoadedModel
 from .safety import SafetyFilter
@@ -41,6 +42,9 @@ class Narrator:
     def __init__(self, generator: Generator, safety: SafetyFilter) -> None:
         self.generator = generator
         self.safety = safety
+        self.outcomes: dict[str, int] = {}
+        """Continuations written so far, by how they ended: eos, length, cancelled or
+        failed (what a front end's metrics count)."""
 
     @property
     def model(self) -> LoadedModel:
@@ -58,7 +62,23 @@ class Narrator:
         text = re.sub(r"\n{3,}", "\n\n", text)
         return self.safety.clean_output(trim_to_sentence(text))
 
-    async def narrate(
+    async def narrate(self, prompt: str, params: SamplingParams, **kw: Any) -> Narration:
+        """Continue `prompt` (see `_narrate`), counting the outcome in `outcomes`."""
+        try:
+            narration = await self._narrate(prompt, params, **kw)
+        except GenerationCancelled:
+            self._count("cancelled")
+            raise
+        except GenerationFailed:
+            self._count("failed")
+            raise
+        self._count(narration.output.finish_reason)
+        return narration
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    async def _narrate(
         self,
         prompt: str,
         params: SamplingParams,

@@ -29,6 +29,8 @@ class ReactionRecorder:
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         """Transactions written so far (the tests and the soak bench read it)."""
+        self.recorded = 0
+        """Events written that counted (on a story message, by someone not forgotten)."""
 
     async def record(self, event: ReactionEvent) -> bool:
         """Queue one event; returns once it is committed: True if it counted."""
@@ -56,6 +58,7 @@ class ReactionRecorder:
                             future.set_exception(exc)
                 else:
                     self.batches += 1
+                    self.recorded += sum(counted)
                     for (_, future), ok in zip(batch, counted, strict=True):
                         if not future.done():
                             future.set_result(ok)

@@ -290,6 +290,17 @@ class BatchingGenerator:
     def running(self) -> int:
         return len(self._running)
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet admitted to the batch (for metrics)."""
+        with self._wake:
+            return len(self._inbox) + sum(len(q) for q in list(self._waiting.values()))
+
+    @property
+    def alive(self) -> bool:
+        """True while the worker thread runs and the generator is not closed."""
+        return self._thread.is_alive() and not self._closed
+
     # -- the worker thread --------------------------------------------------------
 
     def _work(self) -> None:

@@ -9,18 +9,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidInput
 from .memory import LoreCard
 from .records import Player, Story, Turn
 
@@ -714,6 +717,47 @@ class AudienceStore:
         return before[0][0] if before else None
 
 
+def backup_database(source: Path, target: Path) -> Path:
+    """Copy the SQLite database `source` to `target` with SQLite's online backup API:
+    a consistent snapshot of what was committed when it started, taken while other
+    connections go on writing (copying the file while the bot runs can miss what is
+    still in the write-ahead log). The copy is written beside `target`, made a single
+    file (no write-ahead log) and renamed into place, so `target` is whole or absent.
+    Blocking: run it in a thread."""
+    if not source.is_file():
+        raise InvalidInput(f"{source}: no database there")
+    if target.resolve() == source.resolve():
+        raise InvalidInput("the backup must go to another file than the database")
+    if target.exists():
+        raise InvalidInput(f"{target} already exists; choose a new name for the backup")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    src = sqlite3.connect(source)  # it exists: nothing is created
+    try:
+        src.execute("PRAGMA busy_timeout = 5000")
+        dest = sqlite3.connect(partial)
+        try:
+            src.backup(dest)  # all pages in one step: one read snapshot
+            dest.execute("PRAGMA journal_mode = DELETE")  # a single self-contained file
+            if dest.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise RuntimeError(f"the backup of {source} does not check out")
+        finally:
+            dest.close()
+    finally:
+        src.close()
+    with partial.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, target)
+    return target
+
+
+def pre_migration_backup_path(db_path: Path, schema_version: int, now: datetime) -> Path:
+    """`stories.db` → `stories.db.schema-0005.20260101T120000Z.bak`, beside it."""
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    return db_path.with_name(f"{db_path.name}.schema-{schema_version:04d}.{stamp}.bak")
+
+
 TRAINABLE_STORY = (
     "(s.community IS NULL OR s.community IN (SELECT id FROM communities WHERE learning = 1))"
 )
@@ -735,7 +779,14 @@ class Store(AudienceStore):
             raise RuntimeError("Store is not open")
         return self._db
 
-    async def open(self, *, migrate: bool = True) -> Store:
+    async def open(self, *, migrate: bool = True, create: bool = True) -> Store:
+        """Connect (and apply pending migrations). `create=False`: a database that is not
+        there is an error, not a new empty one."""
+        if not create and not self.path.is_file():
+            raise ConfigError(
+                f"{self.path.resolve()}: no database there (nothing was created); check"
+                " --db, STORY_DB_PATH or STORY_DATA_DIR"
+            )
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
@@ -807,9 +858,27 @@ class Store(AudienceStore):
             MigrationStatus(m.version, m.name, applied.get(m.version)) for m in load_migrations()
         ]
 
+    async def backup(self, path: Path | str) -> Path:
+        """A consistent copy of the database at `path` (SQLite's online backup API, from
+        a connection of its own: safe while this one and others write). Only what was
+        committed is copied. Returns the path."""
+        return await asyncio.to_thread(backup_database, self.path, Path(path))
+
     async def migrate(self) -> list[Migration]:
-        """Apply pending migrations in order, one transaction each. Returns those applied."""
+        """Apply pending migrations in order, one transaction each. Returns those applied.
+        A database that has a schema already is backed up first, beside itself
+        (`pre_migration_backup_path`), so an upgrade can be undone."""
         done = {s.version for s in await self.migration_status() if s.applied_at}
+        pending = [m for m in load_migrations() if m.version not in done]
+        if done and pending:
+            target = pre_migration_backup_path(self.path, max(done), datetime.now(UTC))
+            await self.backup(target)
+            log.warning(
+                "backed up %s to %s before applying migration(s) %s",
+                self.path,
+                target,
+                ", ".join(f"{m.version:04d}_{m.name}" for m in pending),
+            )
         applied = []
         for migration in load_migrations():
             if migration.version in done:

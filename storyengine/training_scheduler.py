@@ -41,6 +41,7 @@ from pathlib import Path
 
 from .config import Settings
 from .errors import TrainingBusy
+from .progress import PROGRESS_VAR, ProgressUpdate
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class TrainingJob:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     community: str | None = None
     """The lineage it trains: a community's own, or None for the shared one."""
+    progress: ProgressUpdate | None = None
+    """The latest structured progress line of the child (its training steps), if any."""
 
     @property
     def running(self) -> bool:
@@ -89,6 +92,31 @@ class TrainingJob:
         if self.returncode == 0:
             return self.last_line
         return f"failed (exit code {self.returncode}): {self.last_line}"
+
+    @property
+    def kind(self) -> str:
+        """running, promoted, rejected, skipped, registered, finished or failed: the
+        outcome as one word (for metrics)."""
+        if self.running:
+            return "running"
+        if self.returncode != 0:
+            return "failed"
+        word = self.last_line.split(" ", 1)[0].rstrip(":")
+        return word if word in ("promoted", "rejected", "skipped", "registered") else "finished"
+
+    def read_line(self, raw: bytes) -> bool:
+        """Take in one line of the child's output: a structured progress line updates
+        `progress`, any other line worth showing becomes `last_line`. True if the line
+        belongs in the round's log (progress lines do not: the child prints their
+        plain form as well)."""
+        line = raw.decode("utf-8", "replace").strip()
+        update = ProgressUpdate.parse(line)
+        if update is not None:
+            self.progress = update
+            return False
+        if line and not line.startswith(("Warning", " ")) and "Warning:" not in line:
+            self.last_line = line[:300]
+        return True
 
 
 def child_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -174,6 +202,8 @@ class TrainingScheduler:
         self.nice = nice
         self.job: TrainingJob | None = None
         """The running round, or the last one this process started."""
+        self.outcomes: dict[str, int] = {}
+        """Rounds this process ran, by `TrainingJob.kind` (for metrics)."""
         self._watch: asyncio.Task[None] | None = None
 
     def default_command(self) -> list[str]:
@@ -234,7 +264,7 @@ class TrainingScheduler:
         (raises TrainingBusy if one is running)."""
         if self.running:
             raise TrainingBusy()
-        logs = self.settings.adapter_dir / "logs"
+        logs = self.settings.round_log_dir
         await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         job = TrainingJob(reason, logs / f"round-{stamp}.log", self.clock(), community=community)
@@ -246,13 +276,18 @@ class TrainingScheduler:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env={**child_environment(), PARENT_PID_VAR: str(os.getpid())},
+                env={
+                    **child_environment(),
+                    PARENT_PID_VAR: str(os.getpid()),
+                    PROGRESS_VAR: "json",  # structured progress lines, parsed in _follow
+                },
                 preexec_fn=die_with_parent(),
             )
         except OSError as exc:
             job.last_line, job.returncode = f"could not start: {exc}", -1
             job.finished_at = self.clock()
             job.done.set()
+            self._count(job)
             log.error("could not start a training round: %s", exc)
             return job
         with contextlib.suppress(OSError, AttributeError):  # serving comes first
@@ -265,15 +300,17 @@ class TrainingScheduler:
         assert job.process is not None and job.process.stdout is not None
         with job.log_path.open("ab") as log_file:
             async for raw in job.process.stdout:
-                log_file.write(raw)
-                log_file.flush()
-                line = raw.decode("utf-8", "replace").strip()
-                if line and not line.startswith(("Warning", " ")) and "Warning:" not in line:
-                    job.last_line = line[:300]
+                if job.read_line(raw):
+                    log_file.write(raw)
+                    log_file.flush()
         job.returncode = await job.process.wait()
         job.finished_at = self.clock()
         job.done.set()
+        self._count(job)
         log.info("training round finished: %s", job.outcome)
+
+    def _count(self, job: TrainingJob) -> None:
+        self.outcomes[job.kind] = self.outcomes.get(job.kind, 0) + 1
 
     async def wait(self) -> TrainingJob | None:
         if self.job is not None:

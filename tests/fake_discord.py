@@ -114,6 +114,11 @@ class FakeDiscord:
         self.connected = asyncio.Event()
         """Set when the bot has identified on the gateway and been sent its guild."""
         self.identified = 0
+        self.identify_payloads: list[dict[str, Any]] = []
+        """What the bot sent with each IDENTIFY (its presence, intents; token removed)."""
+        self.refuse_gateway = False
+        """While True, new gateway connections are refused (Discord unreachable)."""
+        self.resumed = 0
         self._ids = itertools.count(10**17)
         self._ws: web.WebSocketResponse | None = None
         self._compressor: Any = None
@@ -188,7 +193,9 @@ class FakeDiscord:
 
     # -- gateway --------------------------------------------------------------------
 
-    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+    async def _gateway(self, request: web.Request) -> web.StreamResponse:
+        if self.refuse_gateway:
+            return web.Response(status=503, text="gateway unavailable")
         if request.query.get("compress") not in (None, "zlib-stream"):
             self.unexpected.append(f"gateway compression {request.query.get('compress')}")
         ws = web.WebSocketResponse()
@@ -206,12 +213,28 @@ class FakeDiscord:
                 self.identified += 1
                 if payload["d"].get("token") != TOKEN:
                     self.unexpected.append("IDENTIFY with the wrong token")
+                self.identify_payloads.append(
+                    {k: v for k, v in payload["d"].items() if k != "token"}
+                )
                 await self.dispatch("READY", self._ready())
                 await self.dispatch("GUILD_CREATE", self._guild())
+                self.connected.set()
+            elif payload["op"] == 6:  # RESUME after a dropped connection
+                if payload["d"].get("token") != TOKEN:
+                    self.unexpected.append("RESUME with the wrong token")
+                self.resumed += 1
+                await self.dispatch("RESUMED", {})
                 self.connected.set()
             elif payload["op"] not in (3,):
                 self.unexpected.append(f"gateway op {payload['op']}")
         return ws
+
+    async def drop_gateway(self, code: int = 4000) -> None:
+        """Close the bot's gateway connection as Discord does when something went wrong
+        on its side (4000: reconnect and resume)."""
+        self.connected.clear()
+        if self._ws is not None:
+            await self._ws.close(code=code)
 
     async def _send(self, payload: dict[str, Any]) -> None:
         assert self._ws is not None
@@ -623,9 +646,11 @@ TOKEN = "MTAwMDAwMDAwMDAwMDAwMDAw.GabcDE.fake-token-for-tests-0123456789abcdef"
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
-    # discord.py checks the content type exactly: no charset suffix.
+    # discord.py checks the content type exactly: no charset suffix. An attachment's
+    # bytes (kept for the tests) are not part of what Discord sends back.
+    body = json.dumps(data, default=lambda o: None if isinstance(o, bytes) else str(o))
     return web.Response(
-        body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"}
+        body=body.encode(), status=status, headers={"Content-Type": "application/json"}
     )
 
 
@@ -637,12 +662,18 @@ async def _payload(request: web.Request) -> tuple[dict[str, Any], list[dict[str,
         files = []
         for key, value in form.items():
             if key.startswith("files["):
+                data = value.file.read()  # type: ignore[union-attr]
+                try:
+                    text: str | None = data.decode("utf-8")
+                except UnicodeDecodeError:  # an image: `data` has the bytes
+                    text = None
                 files.append(
                     {
                         "id": str(len(files)),
                         "filename": value.filename,  # type: ignore[union-attr]
-                        "content": value.file.read().decode("utf-8"),  # type: ignore[union-attr]
-                        "size": 0,
+                        "content": text,
+                        "data": data,
+                        "size": len(data),
                         "url": "",
                         "proxy_url": "",
                     }

@@ -98,3 +98,26 @@ def test_dotenv_is_read_from_the_working_directory(tmp_path):
     assert result.returncode == 2
     assert "does not look like a bot token" in result.stderr  # it was read
     assert "not-a-token-secret123" not in result.stderr
+
+
+def test_version_and_help_answer_without_a_token(tmp_path):
+    """`--version` and `--help` are answered before any setting is read: no token error."""
+    from storyengine.version import __version__
+
+    assert __version__ not in ("", "unknown")  # the package is installed (pip -e)
+    for args, expected in ((["--version"], f"taleweaver-bot {__version__}"), (["--help"], "")):
+        result = subprocess.run(
+            [sys.executable, "-m", "bot", *args],
+            env={k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"},
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "DISCORD_TOKEN is not set" not in result.stderr
+        if expected:
+            assert result.stdout.strip() == expected
+        else:
+            assert result.stdout.startswith("usage: taleweaver-bot")
+            assert "BOT_HEALTH_PORT" in result.stdout and "STORY_DATA_DIR" in result.stdout

@@ -184,6 +184,7 @@ async def test_discord_out_of_reach_is_one_line_and_exit_code_1(tmp_path):
         "FAKE_DISCORD": "http://127.0.0.1:9",  # nothing listens there
         "DISCORD_TOKEN": TOKEN,
         "STORY_DB_PATH": str(tmp_path / "bot.db"),
+        "STORY_LOG_LEVEL": "WARNING",  # without the start-up lines (INFO)
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,

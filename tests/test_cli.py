@@ -121,8 +121,14 @@ def test_chat_session_through_a_pipe_resumes_in_a_second_run(tmp_path):
 
 def test_db_migrate_and_status(tmp_path):
     db = tmp_path / "s.db"
+    # `status` on a path with no database says so, and creates nothing there.
     result = run_cli("db", "status", "--db", str(db), cwd=tmp_path)
-    assert "0001_init: pending" in result.stdout
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"storyengine: error: {db.resolve()}: no database there (nothing was created); check --db,"
+        " STORY_DB_PATH or STORY_DATA_DIR"
+    )
+    assert not db.exists()
     result = run_cli("db", "migrate", "--db", str(db), cwd=tmp_path)
     assert "applied 0001_init" in result.stdout
     result = run_cli("db", "migrate", "--db", str(db), cwd=tmp_path)
@@ -190,3 +196,11 @@ def test_bench_learning_says_what_is_wrong_with_its_options(tmp_path):
     assert bad.stderr.strip().splitlines() == [
         "storyengine: error: --openings must be at least 1 and at most --reactions"
     ]
+
+
+def test_version_prints_the_package_version(tmp_path):
+    from storyengine.version import __version__
+
+    result = run_cli("--version", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"storyengine (taleweaver) {__version__}"

@@ -89,7 +89,8 @@ def test_env_example_lists_valid_settings():
         p.read_text() for p in [*root.glob("storyengine/*.py"), *root.glob("bot/*.py")]
     )
     read = set(re.findall(r'"((?:STORY|BOT|TRAIN)_[A-Z_]+|DEV_GUILD_ID|DISCORD_TOKEN)"', sources))
-    assert read <= set(values) | {"DISCORD_TOKEN"}, read - set(values)
+    internal = {"STORY_PARENT_PID"}  # set by the bot for its training rounds, not by people
+    assert read <= set(values) | {"DISCORD_TOKEN"} | internal, read - set(values)
 
 
 def test_storage_options_are_never_silently_dropped():
@@ -104,3 +105,41 @@ def test_storage_options_are_never_silently_dropped():
     assert (str(args.db), str(args.dir)) == ("x.db", "ads")
     with pytest.raises(SystemExit):
         parser.parse_args(["adapters", "--db", "x.db", "list"])
+
+
+def test_one_data_directory_holds_the_database_adapters_and_logs(tmp_path):
+    """STORY_DATA_DIR gives every path its default; each can still be set on its own;
+    without it, everything stays where it always was (the working directory)."""
+    data = tmp_path / "data"
+    settings = Settings.from_env({"STORY_DATA_DIR": str(data)})
+    assert settings.data_dir == data
+    assert settings.db_path == data / "taleweaver.db"
+    assert settings.adapter_dir == data / "adapters"
+    assert settings.round_log_dir == data / "logs"
+
+    own = Settings.from_env(
+        {
+            "STORY_DATA_DIR": str(data),
+            "STORY_DB_PATH": "/srv/stories.db",
+            "STORY_ADAPTER_DIR": "/srv/adapters",
+            "STORY_LOG_DIR": "/var/log/taleweaver",
+        }
+    )
+    assert str(own.db_path) == "/srv/stories.db"
+    assert str(own.adapter_dir) == "/srv/adapters"
+    assert str(own.round_log_dir) == "/var/log/taleweaver"
+
+    default = Settings.from_env({})
+    assert str(default.db_path) == "taleweaver.db" and str(default.adapter_dir) == "adapters"
+    assert default.round_log_dir == default.adapter_dir / "logs"
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"^STORY_DATA_DIR: "):
+        Settings.from_env({"STORY_DATA_DIR": str(tmp_path / "file")})
+
+
+def test_the_bot_logs_at_info_and_the_cli_at_warning_unless_told():
+    assert Settings.from_env({}).log_level == "WARNING"
+    assert Settings.from_env({}, default_log_level="INFO").log_level == "INFO"
+    told = Settings.from_env({"STORY_LOG_LEVEL": "error"}, default_log_level="INFO")
+    assert told.log_level == "ERROR"

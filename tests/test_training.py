@@ -173,3 +173,18 @@ def test_training_loads_the_base_model_in_a_precision_it_can_train_in(asked, tra
     loaded = load_for_training(Settings(device="cpu", dtype=asked, adapter="some-adapter"))
     assert next(loaded.model.parameters()).dtype == getattr(torch, trained)
     assert not hasattr(loaded.model, "peft_config")  # the base alone: the round adds LoRA
+
+
+def test_a_short_round_reports_its_first_and_last_step(fresh, monkeypatch):
+    """A round of two steps used to print nothing (a loss line every 5 steps): now the
+    first step and the last are reported, with the time left."""
+    monkeypatch.setenv("STORY_PROGRESS", "lines")  # as in a log, not a terminal
+    model, tokenizer = fresh
+    config = TrainConfig(method="dpo", **{**CONFIG, "epochs": 1})
+    policy = prepare_policy(model, None, config)
+    rows = [{"prompt": p, "chosen": LIKED, "rejected": DISLIKED} for p in PROMPTS]
+    lines: list[str] = []
+    report = train_adapter(policy, tokenizer, rows, config, progress=lines.append)
+    assert report["steps"] == 2
+    assert [line.split(" ·")[0] for line in lines] == ["step 1/2 (50%)", "step 2/2 (100%)"]
+    assert "left" in lines[0] and "elapsed" in lines[-1]

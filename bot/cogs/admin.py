@@ -9,6 +9,7 @@ servers (BOT_ADMIN_GUILDS).
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from typing import TYPE_CHECKING, Literal
 
@@ -16,14 +17,26 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from ..publish import reply
+from storyengine.progress import text_bar
+from storyengine.stats import feedback_summary, render_chart, summary_lines
+
+from ..publish import reply, safe
 
 if TYPE_CHECKING:
+    from storyengine.training_scheduler import TrainingJob
+
     from ..client import StoryBot
 
 TRAIN_WATCH_S = 14 * 60
 """How long `/storyadmin train` keeps its reply up to date (an interaction's token
 lasts 15 minutes); the round itself goes on regardless."""
+
+
+CHART_NAME = "taleweaver-feedback.png"
+CHART_ALT = (
+    "Bar charts: approval per adapter version with the number of votes behind each, and"
+    " reactions per day over the last 30 days"
+)
 
 
 class AdminOnly(app_commands.CheckFailure):
@@ -85,8 +98,10 @@ class AdminCog(
 
     @app_commands.command(name="stats", description="Feedback and approval per adapter version")
     async def stats(self, interaction: discord.Interaction) -> None:
+        # Drawing the chart takes a second or two: acknowledge first.
+        await interaction.response.defer(ephemeral=True, thinking=True)
         community = str(interaction.guild_id)
-        rows = await self.engine.feedback_stats(community)
+        summary = await feedback_summary(self.engine.store, community)
         serving = await self.engine.registry.promoted()
         lines = [
             f"**Learning** {'on' if await self.engine.learning_enabled(community) else 'off'}"
@@ -95,18 +110,17 @@ class AdminCog(
             f"{await self.bot.training.new_feedback()}",
             f"**Training** {self.training_state()}",
         ]
-        if rows:
-            table = [f"{'adapter':<9}{'shown':>8}{'reacted':>8}{'👍':>6}{'👎':>6}  approval"]
-            for r in rows:
-                approval = f"{r['approval']:.0%}" if r["approval"] is not None else "–"
-                table.append(
-                    f"{r['adapter'] or 'base':<9}{r['generations']:>8}{r['reacted']:>8}"
-                    f"{r['liked']:>6}{r['disliked']:>6}  {approval}"
-                )
-            lines.append("```\n" + "\n".join(table) + "\n```")
-        else:
+        if not summary.versions:
             lines.append("No story continuations in this server yet.")
-        await self.reply(interaction, "\n".join(lines))
+            await interaction.edit_original_response(content="\n".join(lines))
+            return
+        # The chart shows the figures; the sentences say them (screen readers).
+        lines += [f"• {line}" for line in summary_lines(summary, last=10)]
+        png = await asyncio.to_thread(render_chart, summary, title="Feedback in this server")
+        chart = discord.File(io.BytesIO(png), filename=CHART_NAME, description=CHART_ALT)
+        await interaction.edit_original_response(
+            content=safe("\n".join(lines), 2000), attachments=[chart]
+        )
 
     def training_state(self) -> str:
         job = self.bot.training.job
@@ -152,7 +166,7 @@ class AdminCog(
         started = time.monotonic()
         shown = ""
         while job.running and time.monotonic() - started < TRAIN_WATCH_S:
-            text = f"🏋️ Training round running: {job.last_line}"
+            text = f"🏋️ Training round running: {job.last_line}" + progress_line(job)
             if text != shown:
                 await interaction.edit_original_response(content=text)
                 shown = text
@@ -166,4 +180,17 @@ class AdminCog(
                 "`/storyadmin stats` shows how it ends."
             )
             return
-        await interaction.edit_original_response(content=f"Training round finished: {job.outcome}")
+        await interaction.edit_original_response(
+            content=f"Training round finished: {job.outcome}" + progress_line(job)
+        )
+
+
+def progress_line(job: TrainingJob) -> str:
+    """The round's training steps as a bar, from the child's structured progress lines
+    (`storyengine.progress`): a second line, or nothing before training starts."""
+    update = job.progress
+    if update is None:
+        return ""
+    fraction = update.fraction
+    bar = f"`{text_bar(fraction)}` " if fraction is not None else ""
+    return f"\n{bar}{update.task}: {update.describe()}"
