@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import GenerationCancelled, GenerationFailed
 from .generation import GenerationOutput, GenerationRequest, Generator
@@ -62,23 +61,10 @@ class Narrator:
         text = re.sub(r"\n{3,}", "\n\n", text)
         return self.safety.clean_output(trim_to_sentence(text))
 
-    async def narrate(self, prompt: str, params: SamplingParams, **kw: Any) -> Narration:
-        """Continue `prompt` (see `_narrate`), counting the outcome in `outcomes`."""
-        try:
-            narration = await self._narrate(prompt, params, **kw)
-        except GenerationCancelled:
-            self._count("cancelled")
-            raise
-        except GenerationFailed:
-            self._count("failed")
-            raise
-        self._count(narration.output.finish_reason)
-        return narration
-
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
-    async def _narrate(
+    async def narrate(
         self,
         prompt: str,
         params: SamplingParams,
@@ -126,7 +112,46 @@ class Narrator:
         n seeds), each polished; those that say nothing are dropped. The first
         candidate's text is what `on_progress` shows while they are written. Retries
         (with new seeds) while none is usable; raises `GenerationCancelled` if cancelled,
-        `GenerationFailed` if none ever produces a sentence."""
+        `GenerationFailed` if none ever produces a sentence. Each call's outcome is
+        counted in `outcomes` (by the candidates' finish reasons, or cancelled, or
+        failed)."""
+        try:
+            candidates = await self._candidates(
+                prompt,
+                params,
+                n,
+                channel=channel,
+                adapter=adapter,
+                adapter_path=adapter_path,
+                echo_of=echo_of,
+                on_progress=on_progress,
+                on_handle=on_handle,
+                max_attempts=max_attempts,
+            )
+        except GenerationCancelled:
+            self._count("cancelled")
+            raise
+        except GenerationFailed:
+            self._count("failed")
+            raise
+        for candidate in candidates:
+            self._count(candidate.output.finish_reason)
+        return candidates
+
+    async def _candidates(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        n: int,
+        *,
+        channel: str,
+        adapter: str | None,
+        adapter_path: str | None,
+        echo_of: str | None,
+        on_progress: ProgressCallback | None,
+        on_handle: OnHandle | None,
+        max_attempts: int,
+    ) -> list[Narration]:
         prompt_ids = self.model.encode(prompt)
         for attempt in range(1, max_attempts + 1):
             request = GenerationRequest(

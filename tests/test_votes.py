@@ -8,8 +8,6 @@ import random
 import sqlite3
 import time
 
-from conftest import record_text
-
 from storyengine.records import Author
 from storyengine.store import Store, load_migrations
 
@@ -45,7 +43,13 @@ async def test_migration_gives_old_votes_their_first_message(tmp_path):
             f" '{migration.name}');"
         )
     story = await store.create_story("c", "P", genre=None, mode="solo", created_by="u")
-    generation = await record_text(store, story.id, "P", "Text.")
+    cursor = await store.db.execute(  # as release 0004 wrote generations
+        "INSERT INTO generations (story_id, channel, prompt, output, raw_output, params,"
+        " model_id, prompt_tokens, output_tokens, finish_reason, latency_s)"
+        " VALUES (?, 'c', 'P', 'Text.', 'Text.', '{}', 'm', 1, 1, 'eos', 0.1)",
+        (story.id,),
+    )
+    generation = cursor.lastrowid
     await store.db.execute("INSERT INTO story_messages VALUES ('m2', ?, 'now')", (generation,))
     await store.db.execute("INSERT INTO story_messages VALUES ('m1', ?, 'now')", (generation,))
     await store.db.execute(
