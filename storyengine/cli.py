@@ -199,8 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     learning.add_argument("--rounds", type=int, default=3)
     learning.add_argument(
         "--taste",
-        default="storyengine.audience:likes_animals",
-        help="MODULE:FUNCTION(continuation, *, prompt) -> True/False/None",
+        default="animals",
+        help="a shipped taste (animals, cheerful, gloomy, dialogue, short) or "
+        "MODULE:FUNCTION(continuation, *, prompt) -> True/False/None",
+    )
+    learning.add_argument(
+        "--communities",
+        metavar="TASTE_A,TASTE_B",
+        help="several simulated servers, each with its own taste and adapter lineage, "
+        "beside a shared-adapter arm (instead of --taste)",
+    )
+    learning.add_argument(
+        "--best-of",
+        type=int,
+        default=4,
+        help="candidates per turn once a reward model is promoted (1: best-of-n off)",
     )
     learning.add_argument("--reactions", type=int, default=200, help="reactions per round")
     learning.add_argument(
@@ -424,6 +437,7 @@ async def _registry_adapter(
 
 async def _bench(args: argparse.Namespace) -> int:
     if args.bench == "learning":
+        from .audience import load_taste
         from .bench_learning import LearningBenchConfig, bench_learning
 
         try:
@@ -437,7 +451,16 @@ async def _bench(args: argparse.Namespace) -> int:
                 learning_rate=args.lr,
                 epochs=args.epochs,
                 seed=args.seed,
+                best_of=args.best_of,
+                communities=tuple(
+                    name.strip() for name in (args.communities or "").split(",") if name.strip()
+                ),
             )
+            if config.communities:  # each taste must load before anything runs
+                for name in config.communities:
+                    load_taste(name)
+            else:
+                load_taste(args.taste)
             await bench_learning(
                 taste_spec=args.taste, config=config, device=args.device, json_path=args.json
             )

@@ -653,6 +653,12 @@ class StoryEngine:
             handle.cancel()
         return True
 
+    def opening_prompt(self, premise: str, params: SamplingParams | None = None) -> str:
+        """The prompt a new story with `premise` opens with (what `start_story` hands
+        the model): for benchmarks and tools that sample openings themselves."""
+        params = params or self.settings.sampling
+        return self._builder(params).build(StoryMaterial(premise, ())).text
+
     async def suggest_premise(self, genre: str | None = None) -> str:
         """A premise to start from: the storyteller's own first sentence of a new tale."""
         genre = self.safety.clean_input(

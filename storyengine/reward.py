@@ -842,6 +842,12 @@ class RewardRegistry:
         row = await self.store.promoted_reward_model(community)
         return _reward_version(row) if row else None
 
+    async def serving_name(self, community: str | None) -> str | None:
+        """The name of the reward model a community's stories are ranked by (its own,
+        else the shared one), or None."""
+        found = (await self.promoted(community) if community else None) or await self.promoted()
+        return found.name if found else None
+
     async def promote(self, version: int) -> RewardVersion:
         """Use `version` from now on in its lineage; the one used before is retired."""
         target = await self.get(version)

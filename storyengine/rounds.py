@@ -254,12 +254,35 @@ async def _run_round(
         # A community's first round starts from the shared adapter it has been served.
         current = await registry.serving(config.community)
         reason = skip_reason(config, plan) or missing_adapter(current)
+        # The reward model learns from all the feedback there is, through the same
+        # consent, forget-me and caps; it may train when the adapter cannot yet.
+        all_data = await build_datasets(store, replace(data_config, train_after_generation=0))
+        reward_reason = (
+            reward_skip_reason(config.reward, all_data) if config.reward is not None else ""
+        )
         run_id = await store.start_training_run(plan.method, config.community)
-        if reason is not None:
+        if reason is not None and (config.reward is None or reward_reason is not None):
             await store.finish_training_run(
                 run_id, version=None, error=reason, data_until=data_until
             )
             return RoundResult("skipped", reason)
+        if reason is not None:  # only the reward model: it reads the bare base model
+            from .modeling import load_for_training
+
+            assert config.reward is not None
+            try:
+                loaded = await asyncio.to_thread(load_for_training, settings)
+                reward = await train_reward_model(
+                    rewards, loaded, all_data, config.reward, community=config.community
+                )
+            except Exception as exc:
+                await store.fail_training_run(run_id, exc)
+                raise
+            say(reward_summary(reward))
+            await store.finish_training_run(
+                run_id, version=None, error=reason, data_until=data_until
+            )
+            return RoundResult("skipped", reason, metrics={"reward": reward})
 
         async def registered(version: int) -> None:
             # At once, not when the run finishes: a crash after the promotion must not
@@ -271,10 +294,8 @@ async def _run_round(
         async def train_reward(loaded: LoadedModel) -> None:
             if config.reward is None:
                 return
-            # All the feedback there is, through the same consent, forget-me and caps.
-            all_data = await build_datasets(store, replace(data_config, train_after_generation=0))
-            if (why := reward_skip_reason(config.reward, all_data)) is not None:
-                reward.update(status="skipped", reason=why)
+            if reward_reason is not None:
+                reward.update(status="skipped", reason=reward_reason)
                 return
             reward.update(
                 await train_reward_model(

@@ -100,3 +100,25 @@ async def test_too_little_for_a_reward_model_is_said_and_the_adapter_still_train
     }
     assert lines[-1] == "reward model skipped: " + result.metrics["reward"]["reason"]
     assert not reward_dir(settings).exists()
+
+
+async def test_the_reward_model_learns_even_when_the_adapter_cannot_yet(settings):
+    """DPO asked for and too few preference pairs: the adapter's round is skipped, with
+    its reason, but the reward model (which learns from single reactions too) trains,
+    and best-of-n can start serving better continuations right away."""
+    await make_feedback(settings.db_path, stories=20)
+    lines: list[str] = []
+    config = replace(round_config(), method="dpo")
+    config = replace(config, train=replace(config.train, min_examples=1000))
+    result = await run_round(settings, config, say=lines.append)
+    assert result.status == "skipped" and "preference pairs" in result.reason
+    assert result.metrics["reward"]["status"] == "promoted"
+    assert lines[-1].startswith("reward model r1 promoted")
+    store = await Store(settings.db_path).open()
+    try:
+        rewards = RewardRegistry(store, reward_dir(settings), lock_dir=settings.adapter_dir)
+        assert (await rewards.promoted()).version == 1
+        runs = await store.db.execute_fetchall("SELECT status, version FROM training_runs")
+        assert [tuple(r) for r in runs] == [("done", None)]
+    finally:
+        await store.close()

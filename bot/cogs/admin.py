@@ -39,6 +39,9 @@ CHART_ALT = (
 )
 
 
+Lineage = Literal["this-server", "shared"]
+
+
 class AdminOnly(app_commands.CheckFailure):
     pass
 
@@ -102,12 +105,12 @@ class AdminCog(
         await interaction.response.defer(ephemeral=True, thinking=True)
         community = str(interaction.guild_id)
         summary = await feedback_summary(self.engine.store, community)
-        serving = await self.engine.registry.promoted()
         lines = [
             f"**Learning** {'on' if await self.engine.learning_enabled(community) else 'off'}"
-            f" · **serving** {serving.name if serving else 'the base model'}",
-            f"**New feedback** since the last round (all learning servers): "
-            f"{await self.bot.training.new_feedback()}",
+            f" · **serving** {await self.serving_here(community)}",
+            f"**New feedback** since this server's last round: "
+            f"{await self.bot.training.new_feedback(community)}; since the shared adapter's "
+            f"(all learning servers): {await self.bot.training.new_feedback()}",
             f"**Training** {self.training_state()}",
         ]
         if not summary.versions:
@@ -121,6 +124,28 @@ class AdminCog(
         await interaction.edit_original_response(
             content=safe("\n".join(lines), 2000), attachments=[chart]
         )
+
+    async def serving_here(self, community: str) -> str:
+        """What this server's stories are told with, in words."""
+        registry = self.engine.registry
+        own, shared = await registry.promoted(community), await registry.promoted(None)
+        adapter = (
+            f"{own.name} (this server's own)"
+            if own
+            else f"{shared.name} (shared)"
+            if shared
+            else "the base model"
+        )
+        reward = await self.engine.rewards.registry.serving_name(community)
+        return adapter + (f", best of the continuations by reward model {reward}" if reward else "")
+
+    def lineage(self, interaction: discord.Interaction, which: str | None) -> str | None:
+        """The lineage an admin command acts on: this server's own (the default), or
+        the shared one (only in BOT_ADMIN_GUILDS, when that is set)."""
+        if which == "shared":
+            self.check_shared_adapter(interaction)
+            return None
+        return str(interaction.guild_id)
 
     def training_state(self) -> str:
         job = self.bot.training.job
@@ -136,10 +161,20 @@ class AdminCog(
         return f"{job.outcome} ({auto})"
 
     @app_commands.command(name="adapters", description="Adapter versions and their gate reports")
-    async def adapters(self, interaction: discord.Interaction) -> None:
-        versions = await self.engine.registry.list()
+    @app_commands.describe(adapter="this server's own versions (default), or the shared ones")
+    async def adapters(
+        self, interaction: discord.Interaction, adapter: Lineage | None = None
+    ) -> None:
+        community = None if adapter == "shared" else str(interaction.guild_id)
+        versions = await self.engine.registry.lineage(community)
         if not versions:
-            await self.reply(interaction, "No adapter trained yet: the base model tells stories.")
+            await self.reply(
+                interaction,
+                "This server has no adapter of its own yet: it is served the shared one "
+                "(`/storyadmin adapters adapter:shared`)."
+                if community
+                else "No shared adapter trained yet: the base model tells stories.",
+            )
             return
         shown = versions[-15:]
         lines = [v.summary() for v in reversed(shown)]
@@ -147,22 +182,28 @@ class AdminCog(
         await self.reply(interaction, "\n".join(f"• {line}" for line in lines) + more)
 
     @app_commands.command(name="rollback", description="Serve the adapter version before this one")
-    async def rollback(self, interaction: discord.Interaction) -> None:
-        self.check_shared_adapter(interaction)
-        before = await self.engine.registry.promoted()
-        now = await self.engine.registry.rollback()
+    @app_commands.describe(adapter="this server's own (default), or the shared one")
+    async def rollback(
+        self, interaction: discord.Interaction, adapter: Lineage | None = None
+    ) -> None:
+        community = self.lineage(interaction, adapter)
+        registry = self.engine.registry
+        before = await registry.promoted(community)
+        now = await registry.rollback(community)
         await self.engine.sync_adapter()
+        after = now.name if now else "the shared adapter" if community else "the base model"
         await self.reply(
             interaction,
             f"↩️ Rolled back from {before.name if before else 'the base model'}: now serving "
-            f"{now.name if now else 'the base model'}.",
+            f"{after}.",
         )
 
     @app_commands.command(name="train", description="Start a training round now")
-    async def train(self, interaction: discord.Interaction) -> None:
-        self.check_shared_adapter(interaction)
+    @app_commands.describe(adapter="train this server's own (default), or the shared one")
+    async def train(self, interaction: discord.Interaction, adapter: Lineage | None = None) -> None:
+        community = self.lineage(interaction, adapter)
         await interaction.response.defer(ephemeral=True, thinking=True)
-        job = await self.bot.training.start(f"asked by {interaction.user.id}")
+        job = await self.bot.training.start(f"asked by {interaction.user.id}", community=community)
         started = time.monotonic()
         shown = ""
         while job.running and time.monotonic() - started < TRAIN_WATCH_S:
