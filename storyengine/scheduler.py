@@ -840,14 +840,22 @@ def sample_next_tokens(seqs: list[_Sequence], logits: torch.Tensor, eos: int) ->
     if ban_rows:
         scores[ban_rows, ban_cols] = float("-inf")
 
-    broken = (scores.isnan() | (scores == float("inf"))).any(dim=-1)
-    broken |= scores.amax(dim=-1) == float("-inf")
-    chosen = scores.argmax(dim=-1).masked_fill(broken, -1).tolist()  # one transfer
-    sampled = [
-        row
-        for row, s in enumerate(seqs)
-        if s.request.params.temperature != 0.0 and chosen[row] >= 0
-    ]
+    # A row's best score is NaN if any is, +inf if any is and none is NaN, and -inf if
+    # all are: one reduction finds the broken rows. (Comparisons and argmax over the
+    # whole vocabulary cost ten times more than a reduction on a CPU: only greedy rows
+    # take an argmax.)
+    top = scores.amax(dim=-1)
+    broken = (top.isnan() | top.isinf()).tolist()
+    chosen = [-1] * len(seqs)
+    greedy = [r for r, s in enumerate(seqs) if s.request.params.temperature == 0.0]
+    sampled = [r for r, s in enumerate(seqs) if s.request.params.temperature != 0.0]
+    greedy = [r for r in greedy if not broken[r]]
+    sampled = [r for r in sampled if not broken[r]]
+    if greedy:
+        index = torch.tensor(greedy, device=device)
+        picks = scores.index_select(0, index).argmax(dim=-1).tolist()
+        for row, token in zip(greedy, picks, strict=True):
+            chosen[row] = token
     if sampled:
         _sample_rows(seqs, scores, sampled, chosen)
     return [None if token < 0 else token for token in chosen]
@@ -878,15 +886,19 @@ def _sample_rows(
     raw = scores.index_select(0, torch.tensor(rows, device=device))
     scaled = raw / temperature.unsqueeze(1)
     ks = [max(0, min(p.top_k, scaled.shape[-1])) for p in params]
-    if any(ks):
-        best = scaled.topk(max(ks), dim=-1).values
-        kth = best.gather(1, torch.tensor([[max(k, 1) - 1] for k in ks], device=device))
-        kth[torch.tensor([k == 0 for k in ks], device=device)] = float("-inf")
+    cut = [i for i, k in enumerate(ks) if k > 0]  # the rows with a top-k
+    if cut:
+        some = torch.tensor(cut, device=device)
+        best = scaled.index_select(0, some).topk(max(ks), dim=-1).values
+        kth = scaled.new_full((len(rows), 1), float("-inf"))  # no cut: nothing is below
+        kth[some] = best.gather(1, torch.tensor([[ks[i] - 1] for i in cut], device=device))
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = scaled.softmax(dim=-1)
-    usable = probs.isfinite().all(dim=-1, keepdim=True) & (probs.sum(dim=-1, keepdim=True) > 0)
-    greedy = torch.zeros_like(probs).scatter_(1, raw.argmax(dim=-1, keepdim=True), 1.0)
-    probs = torch.where(usable, probs, greedy)  # no transfer: such a row draws its argmax
+    total = probs.sum(dim=-1, keepdim=True)  # not finite if any probability is not
+    usable = total.isfinite() & (total > 0)
+    if not bool(usable.all()):  # such a row draws its argmax
+        greedy = torch.zeros_like(probs).scatter_(1, raw.argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(usable, probs, greedy)
     top_p = torch.tensor([p.top_p for p in params], device=device)
     pending = list(range(len(rows)))
     for _ in range(NUCLEUS_DRAWS):
