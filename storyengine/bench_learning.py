@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .audience import Taste, load_taste
-from .config import Settings
+from .config import DEFAULT_BEST_OF, Settings
 from .evaluation import perplexity, repetition
 from .feedback import DatasetConfig
 from .generation import BASE_ADAPTER
@@ -98,7 +98,7 @@ class LearningBenchConfig:
     epochs: float | None = None
     method: str = "dpo"
     seed: int = 0
-    best_of: int = 4
+    best_of: int = DEFAULT_BEST_OF
     """Candidates per turn once a reward model is promoted (1: best-of-n off)."""
     communities: tuple[str, ...] = ()
     """Tastes of simulated communities learning side by side (empty: one audience, the

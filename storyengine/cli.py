@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import Settings
+from .config import DEFAULT_BEST_OF, Settings
 from .errors import InvalidInput, StoryError
 from .progress import echo, resolve_mode
 from .records import Author
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     learning.add_argument(
         "--best-of",
         type=int,
-        default=4,
+        default=DEFAULT_BEST_OF,
         help="candidates per turn once a reward model is promoted (1: best-of-n off)",
     )
     learning.add_argument("--reactions", type=int, default=200, help="reactions per round")
