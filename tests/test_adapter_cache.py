@@ -17,13 +17,16 @@ TEXT = "Once upon a time there was a little fox who lived by a river with his fr
 @pytest.fixture(scope="module")
 def adapter_dirs(tmp_path_factory):
     """Four real peft adapters of the tiny GPT-2, each saved to its own directory."""
+    import copy
+
     from conftest import make_tiny_model
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("adapters")
+    tiny = make_tiny_model().model
     dirs = {}
     for i, name in enumerate(["c123-v4", "v7", "c9-v1", "c9-v2"]):
-        base = make_tiny_model().model  # (seeds the generator itself)
+        base = copy.deepcopy(tiny)
         torch.manual_seed(100 + i)
         config = LoraConfig(
             r=4,
