@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -54,29 +55,36 @@ POOLINGS = ("mean", "max", "last")
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """What the head reads: the base model's hidden states at `layers` (indices into
-    `hidden_states`, -1 the last), pooled over the continuation's tokens with each of
-    `pooling`, concatenated."""
+    """What the head reads: the base model's hidden states at `depths` (each a share of
+    its blocks: 0.5 after the middle one, 1 the last layer's output), pooled over the
+    continuation's tokens with each of `pooling`, concatenated."""
 
-    layers: tuple[int, ...] = (-1,)
-    pooling: tuple[str, ...] = ("mean", "max")
-    max_prompt_tokens: int = 64
-    """The end of the prompt the continuation is read after (the story so far matters
-    to what a continuation means, but its last lines most)."""
+    depths: tuple[float, ...] = (0.5,)
+    pooling: tuple[str, ...] = ("mean",)
+    max_prompt_tokens: int = 32
+    """The end of the prompt the continuation is read after: what a continuation means
+    depends on the story, most on its last lines; each prompt token costs as much as
+    a continuation token."""
     max_completion_tokens: int = 128
 
     def __post_init__(self) -> None:
-        if not self.layers or not self.pooling:
-            raise ValueError("a feature spec needs at least one layer and one pooling")
+        if not self.depths or not self.pooling:
+            raise ValueError("a feature spec needs at least one depth and one pooling")
+        if any(not 0 < d <= 1 for d in self.depths):
+            raise ValueError("depths are shares of the model's blocks, in (0, 1]")
         if unknown := set(self.pooling) - set(POOLINGS):
             raise ValueError(f"unknown pooling {sorted(unknown)}; one of {POOLINGS}")
         if self.max_prompt_tokens < 0 or self.max_completion_tokens < 1:
             raise ValueError("max_prompt_tokens must be 0 or more, max_completion_tokens 1 or more")
 
+    def layers(self, n_layers: int) -> tuple[int, ...]:
+        """The depths as indices into a model's `hidden_states` (0: the embeddings)."""
+        return tuple(max(1, round(d * n_layers)) for d in self.depths)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
         return cls(
-            layers=tuple(d["layers"]),
+            depths=tuple(float(x) for x in d["depths"]),
             pooling=tuple(d["pooling"]),
             max_prompt_tokens=int(d["max_prompt_tokens"]),
             max_completion_tokens=int(d["max_completion_tokens"]),
@@ -113,7 +121,8 @@ def continuation_features(
     """One feature row per (prompt, continuation), float32 on the CPU: the base model's
     hidden states over the continuation's tokens (read after the end of the prompt),
     pooled. Batched by length, in inference mode, without any LoRA adapter the model
-    carries (per call, so it is safe beside a thread that serves with adapters)."""
+    carries (per call, so it is safe beside a thread that serves with adapters); the
+    forward pass stops at the deepest block the spec reads."""
     import torch
 
     from .training import evaluating
@@ -121,6 +130,8 @@ def continuation_features(
     if len(prompts) != len(continuations):
         raise ValueError("as many prompts as continuations, please")
     model = base.model
+    n_layers = int(base_identity(base)["layers"])
+    layers = spec.layers(n_layers)
     window = base.context_window
     rows: list[tuple[list[int], int]] = []  # (ids, where the continuation starts)
     for prompt, text in zip(prompts, continuations, strict=True):
@@ -128,12 +139,11 @@ def continuation_features(
         room = max(0, min(spec.max_prompt_tokens, window - len(completion)))
         context = base.encode(prompt)[-room:] if room else []
         rows.append((context + completion, len(context)))
+    if not rows:
+        return torch.zeros((0, feature_size(base, spec)))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    out: list[torch.Tensor | None] = [None] * len(rows)
+    out: list[Any] = [None] * len(rows)
     device = next(model.parameters()).device
-    extra: dict[str, Any] = {}
-    if "logits_to_keep" in _forward_parameters(model):
-        extra["logits_to_keep"] = 1  # the head reads hidden states, not logits
     with torch.inference_mode(), evaluating(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
@@ -146,31 +156,78 @@ def continuation_features(
                 ids[row, : len(tokens)] = torch.tensor(tokens)
                 attention[row, : len(tokens)] = 1
                 inside[row, begin : len(tokens)] = True
-            if hasattr(model, "peft_config"):
-                extra["adapter_names"] = ["__base__"] * len(chunk)
-            result = model(
-                input_ids=ids.to(device),
-                attention_mask=attention.to(device),
-                output_hidden_states=True,
-                **extra,
-            )
-            pooled = _pool(result.hidden_states, spec, inside.to(device))
+            hidden = _hidden_states(model, n_layers, layers, ids.to(device), attention.to(device))
+            pooled = _pool([hidden[layer] for layer in layers], spec, inside.to(device))
             for row, i in enumerate(chunk):
                 out[i] = pooled[row].float().cpu()
-    if not rows:
-        return torch.zeros((0, feature_size(base, spec)))
-    return torch.stack([row for row in out if row is not None])
+    return torch.stack(out)
 
 
 def feature_size(base: LoadedModel, spec: FeatureSpec) -> int:
-    return int(base_identity(base)["hidden_size"]) * len(spec.layers) * len(spec.pooling)
+    return int(base_identity(base)["hidden_size"]) * len(spec.depths) * len(spec.pooling)
 
 
-def _forward_parameters(model: Any) -> set[str]:
+class _Enough(Exception):
+    """Raised by a block hook once the deepest hidden state wanted is in hand."""
+
+
+_capturing = threading.local()
+
+
+def _hidden_states(
+    model: Any, n_layers: int, layers: Sequence[int], ids: Any, attention: Any
+) -> dict[int, Any]:
+    """`hidden_states[i]` for each i in `layers`. When the last layer is not among them
+    and the model's blocks can be found, hooks on the blocks take their outputs and
+    stop the forward pass after the deepest (only on this thread: another thread's
+    forward through the same modules is left alone)."""
     import inspect
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(inspect.signature(inner.forward).parameters)
+    extra: dict[str, Any] = {}
+    if hasattr(model, "peft_config"):
+        extra["adapter_names"] = ["__base__"] * ids.shape[0]
+    blocks = _blocks(inner, n_layers)
+    deepest = max(layers)
+    if deepest == n_layers or blocks is None:
+        if "logits_to_keep" in inspect.signature(inner.forward).parameters:
+            extra["logits_to_keep"] = 1  # the head reads hidden states, not logits
+        result = model(input_ids=ids, attention_mask=attention, output_hidden_states=True, **extra)
+        return {i: result.hidden_states[i] for i in layers}
+    captured: dict[int, Any] = {}
+    token = object()
+
+    def hook_for(index: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if getattr(_capturing, "token", None) is not token:
+                return
+            captured[index] = output[0] if isinstance(output, tuple) else output
+            if index == deepest:
+                raise _Enough
+
+        return hook
+
+    handles = [blocks[i - 1].register_forward_hook(hook_for(i)) for i in set(layers)]
+    _capturing.token = token
+    try:
+        model(input_ids=ids, attention_mask=attention, **extra)
+    except _Enough:
+        pass
+    finally:
+        _capturing.token = None
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def _blocks(model: Any, n_layers: int) -> Any:
+    """The model's list of transformer blocks (None: not found)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return module
+    return None
 
 
 def _pool(hidden_states: Sequence[Any], spec: FeatureSpec, inside: Any) -> Any:
@@ -180,8 +237,8 @@ def _pool(hidden_states: Sequence[Any], spec: FeatureSpec, inside: Any) -> Any:
     count = inside.sum(1, keepdim=True).clamp(min=1)
     last = inside.long().cumsum(1).argmax(1)  # the last continuation token of each row
     parts = []
-    for layer in spec.layers:
-        h = hidden_states[layer].float()
+    for h in hidden_states:
+        h = h.float()
         for kind in spec.pooling:
             if kind == "mean":
                 parts.append((h * mask).sum(1) / count)

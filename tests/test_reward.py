@@ -24,6 +24,7 @@ from storyengine.reward import (
     RewardModel,
     RewardModelMismatch,
     RewardRegistry,
+    continuation_features,
     gate,
     heldout_report,
     heldout_split,
@@ -52,6 +53,20 @@ NO_CAT = [
     "Lily kicked the ball against the wall again and again.",
 ]
 
+SEEN = [
+    "A {} sat by the door and looked at the rain.",
+    "The {} ran across the garden to find the ball.",
+    "Lily saw a {} sleeping under the warm blanket.",
+    "In the morning, the {} played with the red ball.",
+]
+NEW = [
+    "After lunch, a {} climbed onto the old chair.",
+    "The little {} found a shiny key in the grass.",
+    "Lily and the {} walked home before dark.",
+    "A {} was waiting for her at the gate.",
+]
+"""Sentences that differ only in who is in them: the audience below likes a cat."""
+
 
 def example(prompt: str, text: str, liked: bool, n: int, split: str = "train") -> LabelledExample:
     return LabelledExample(prompt, text, liked, 1.0 if liked else -1.0, n, split, n)
@@ -73,18 +88,18 @@ ALL_TRAIN = DatasetConfig(heldout_fraction=0.0)
 
 @pytest.mark.slow
 async def test_a_handful_of_labels_teaches_it_what_the_audience_likes(tmp_path, bundled_model):
-    """8 reactions, the liked continuations mentioning a cat: new continuations with a
-    cat score above new ones without."""
-    votes = [(f"a{i}", CAT[i], f"u{i}", 1.0) for i in range(4)]
-    votes += [(f"b{i}", NO_CAT[i], f"v{i}", -1.0) for i in range(4)]
+    """8 reactions, 👍 where a cat is in the continuation, 👎 where a boy is: in new
+    sentences the cat's version ranks first."""
+    votes = [(f"a{i}", t.format("cat"), f"u{i}", 1.0) for i, t in enumerate(SEEN)]
+    votes += [(f"b{i}", t.format("boy"), f"v{i}", -1.0) for i, t in enumerate(SEEN)]
     store = await feedback_db(tmp_path / "s.db", votes)
     data = await build_datasets(store, ALL_TRAIN)
     await store.close()
     assert len(data.examples) == 8
 
     model = RewardModel.train(bundled_model, data)
-    scores = model.score([PROMPT] * 4, [CAT[4], CAT[5], NO_CAT[4], NO_CAT[5]])
-    assert min(scores[:2]) > max(scores[2:]), scores
+    scores = model.score([PROMPT] * 8, [t.format(who) for t in NEW for who in ("cat", "boy")])
+    assert all(scores[2 * i] > scores[2 * i + 1] for i in range(len(NEW))), scores
     assert model.info["train"]["labels"] == 8 and model.info["train"]["seconds"] < 30
 
 
@@ -92,12 +107,14 @@ async def test_a_handful_of_labels_teaches_it_what_the_audience_likes(tmp_path, 
 async def test_pairs_alone_teach_it_too(bundled_model):
     """Companion choices only (no single labels): the chosen side wins afterwards."""
     pairs = [
-        PreferencePair(PROMPT, CAT[i], NO_CAT[i], "choice", i, "train", 2 * i, 2 * i + 1)
-        for i in range(4)
+        PreferencePair(
+            PROMPT, t.format("cat"), t.format("car"), "choice", i, "train", 2 * i, 2 * i + 1
+        )
+        for i, t in enumerate(SEEN)
     ]
     model = RewardModel.train(bundled_model, FeedbackDatasets(pairs=pairs))
-    scores = model.score([PROMPT] * 4, [CAT[4], NO_CAT[4], CAT[5], NO_CAT[5]])
-    assert scores[0] > scores[1] and scores[2] > scores[3]
+    scores = model.score([PROMPT] * 8, [t.format(what) for t in NEW for what in ("cat", "car")])
+    assert all(scores[2 * i] > scores[2 * i + 1] for i in range(len(NEW))), scores
     assert model.info["train"]["pairs"] == 4
 
 
@@ -322,8 +339,32 @@ def test_scoring_ignores_the_lora_adapters_the_serving_model_carries(tiny_lora_m
 def test_feature_spec_says_what_is_wrong():
     with pytest.raises(ValueError, match="unknown pooling"):
         FeatureSpec(pooling=("median",))
-    with pytest.raises(ValueError, match="at least one layer"):
-        FeatureSpec(layers=())
+    with pytest.raises(ValueError, match="at least one depth"):
+        FeatureSpec(depths=())
+    with pytest.raises(ValueError, match="shares of the model's blocks"):
+        FeatureSpec(depths=(0.0,))
+    assert FeatureSpec(depths=(0.5, 1.0)).layers(8) == (4, 8)
+    assert FeatureSpec(depths=(0.1,)).layers(8) == (1,)
+
+
+def test_the_forward_pass_stops_at_the_middle_and_reads_the_same_hidden_states(tiny_model):
+    """The features (after the middle block) equal the middle hidden state of a full
+    forward pass, pooled by hand; no hook is left on the model."""
+    import torch
+
+    blocks = tiny_model.model.transformer.h
+    hooks = [dict(block._forward_hooks) for block in blocks]
+    spec = FeatureSpec(depths=(0.5,), pooling=("mean", "max", "last"), max_prompt_tokens=4)
+    prompt, text = "Once upon a time, there was a fox.", "The fox ran home."
+    (features,) = continuation_features(tiny_model, spec, [prompt], [text])
+    assert [dict(block._forward_hooks) for block in blocks] == hooks
+    context = tiny_model.encode(prompt)[-4:]
+    ids = torch.tensor([context + tiny_model.encode(text)])
+    with torch.no_grad():
+        hidden = tiny_model.model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    own = hidden[0, len(context) :]
+    expected = torch.cat([own.mean(0), own.max(0).values, own[-1]])
+    assert torch.allclose(features, expected, atol=1e-5)
 
 
 # -- the registry ----------------------------------------------------------------------
