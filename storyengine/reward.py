@@ -189,7 +189,10 @@ def _hidden_states(
         extra["adapter_names"] = ["__base__"] * ids.shape[0]
     blocks = _blocks(inner, n_layers)
     deepest = max(layers)
-    if deepest == n_layers or blocks is None:
+    # peft removes its per-call adapter hooks only when the forward pass returns: one
+    # stopped by an exception would leave them on every later call. A peft model runs
+    # whole.
+    if deepest == n_layers or blocks is None or extra:
         if "logits_to_keep" in inspect.signature(inner.forward).parameters:
             extra["logits_to_keep"] = 1  # the head reads hidden states, not logits
         result = model(input_ids=ids, attention_mask=attention, output_hidden_states=True, **extra)

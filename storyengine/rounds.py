@@ -365,6 +365,8 @@ async def _train_and_gate(
     gate_texts, guard_texts = texts[::2], texts[1::2]
     loaded = await asyncio.to_thread(load_for_training, settings)
     train = replace(config.train, method=method).resolved()  # type: ignore[arg-type]
+    if train_reward is not None:  # on the bare base model, before LoRA layers go in
+        await train_reward(loaded)
     try:
         policy = prepare_policy(loaded.model, current.path if current else None, train)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -372,8 +374,6 @@ async def _train_and_gate(
             raise
         return RoundResult("skipped", unloadable_adapter(current, loaded.model_id, exc))
     tok = loaded.tokenizer
-    if train_reward is not None:  # it reads the base model under the adapters
-        await train_reward(LoadedModel(policy, tok, loaded.model_id, None, loaded.device))
     guard = None
     if config.drift_guard:
         guard = await asyncio.to_thread(

@@ -368,7 +368,10 @@ async def test_storyadmin_learning_stats_adapters_train_and_rollback(harness):
     await said(fake, stats, "approval")
     text = replies_to(fake, stats)[0]
     assert "**Learning** on · **serving** the base model" in text
-    assert "**New feedback** since the last round (all learning servers): 1" in text
+    assert (
+        "**New feedback** since this server's last round: 1; since the shared adapter's"
+        " (all learning servers): 1"
+    ) in text
     # one continuation shown, one with a reaction, 1 👍, 0 👎: 100 % approval (in words
     # beside the chart, for screen readers)
     assert (
@@ -376,14 +379,22 @@ async def test_storyadmin_learning_stats_adapters_train_and_rollback(harness):
     ) in text
 
     adapters = await fake.slash(ADMIN, TEXT_CHANNEL, "adapters", group="storyadmin")
-    await said(fake, adapters, "No adapter trained yet")
+    await said(fake, adapters, "This server has no adapter of its own yet")
+    shared = await fake.slash(ADMIN, TEXT_CHANNEL, "adapters", group="storyadmin", adapter="shared")
+    await said(fake, shared, "No shared adapter trained yet")
     rollback = await fake.slash(ADMIN, TEXT_CHANNEL, "rollback", group="storyadmin")
+    await said(fake, rollback, "No adapter of this server's own is promoted")
+    rollback = await fake.slash(
+        ADMIN, TEXT_CHANNEL, "rollback", group="storyadmin", adapter="shared"
+    )
     await said(fake, rollback, "base model is already being served")
 
-    # A real round in a child process: one reaction is not enough to train on.
+    # A real round in a child process, of this server's own adapter by default: one
+    # reaction is not enough to train on.
     train = await fake.slash(ADMIN, TEXT_CHANNEL, "train", group="storyadmin")
     await said(fake, train, "Training round finished: skipped: not enough feedback yet")
     assert train.ephemeral
+    assert harness.env.bot.training.job.community == str(GUILD_ID)
     runs = await engine.store.db.execute_fetchall("SELECT status FROM training_runs")
     assert [r[0] for r in runs] == ["done"]
 
@@ -392,11 +403,18 @@ async def test_training_the_shared_adapter_can_be_kept_to_the_owners_servers(har
     await harness.stop()
     await harness.start(admin_guild_ids=frozenset({GUILD_ID + 1}))
     fake = harness.fake
-    train = await fake.slash(ADMIN, TEXT_CHANNEL, "train", group="storyadmin")
-    await said(fake, train, "only the bot owner's servers can train or roll it back")
+    for command in ("train", "rollback"):
+        refused = await fake.slash(
+            ADMIN, TEXT_CHANNEL, command, group="storyadmin", adapter="shared"
+        )
+        await said(fake, refused, "only the bot owner's servers can train or roll it back")
     learning = await fake.slash(ADMIN, TEXT_CHANNEL, "learning", group="storyadmin", state="on")
     await said(fake, learning, "Learning is **on** here")  # a server's own switch
     assert harness.env.bot.training.job is None
+    # This server's own adapter is its own to train.
+    own = await fake.slash(ADMIN, TEXT_CHANNEL, "train", group="storyadmin")
+    await said(fake, own, "Training round finished")
+    assert harness.env.bot.training.job.community == str(GUILD_ID)
 
 
 async def test_a_round_starts_by_itself_once_enough_feedback_came_in(harness):
@@ -410,12 +428,19 @@ async def test_a_round_starts_by_itself_once_enough_feedback_came_in(harness):
     assert env.bot.training.job is None  # learning is off in this server: nothing counts
     on = await fake.slash(ADMIN, TEXT_CHANNEL, "learning", group="storyadmin", state="on")
     await said(fake, on, "Learning is **on** here")
+    # Two lineages are due, each with its own clock: the shared adapter's, then this
+    # server's own.
     await fake.wait_for(lambda: env.bot.training.job is not None)
-    job = await asyncio.wait_for(env.bot.training.wait(), 120)
-    assert job.reason == "1 new reactions and choices"
-    assert job.outcome.startswith("skipped: not enough feedback yet")
-    await asyncio.sleep(0.5)  # the interval has not passed: no second round
-    assert env.bot.training.job is job
+    shared = await asyncio.wait_for(env.bot.training.wait(), 120)
+    assert shared.reason == "1 new reactions and choices" and shared.community is None
+    assert shared.outcome.startswith("skipped: not enough feedback yet")
+    await fake.wait_for(lambda: env.bot.training.job is not shared)
+    own = await asyncio.wait_for(env.bot.training.wait(), 120)
+    assert own.reason == f"1 new reactions and choices in community {GUILD_ID}"
+    assert own.community == str(GUILD_ID)
+    assert own.outcome.startswith("skipped: not enough feedback yet")
+    await asyncio.sleep(0.5)  # neither interval has passed: no third round
+    assert env.bot.training.job is own
 
 
 async def test_companion_in_a_dm_then_my_data_and_forget_me(harness):

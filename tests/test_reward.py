@@ -336,6 +336,26 @@ def test_scoring_ignores_the_lora_adapters_the_serving_model_carries(tiny_lora_m
         assert model.score([PROMPT] * 2, texts) == pytest.approx(first, abs=1e-5)
 
 
+def test_scoring_a_lora_model_leaves_no_adapter_hooks_behind(tiny_lora_model):
+    """peft's per-call adapter hooks are removed only when the forward pass returns: a
+    pass stopped early left them on, and the next call with another batch size failed
+    ("Length of `adapter_names` should be the same as the number of inputs"), which broke
+    every training round that scored features first."""
+    import torch
+
+    spec = FeatureSpec(depths=(0.5,))
+    continuation_features(tiny_lora_model, spec, [PROMPT] * 3, CAT[:3])
+    lora_hooks = [
+        len(module._forward_pre_hooks)
+        for module in tiny_lora_model.model.modules()
+        if hasattr(module, "lora_A")
+    ]
+    assert lora_hooks and not any(lora_hooks)
+    ids = torch.tensor([tiny_lora_model.encode(PROMPT)] * 2)
+    with torch.no_grad():
+        assert tiny_lora_model.model(input_ids=ids).logits.shape[0] == 2
+
+
 def test_feature_spec_says_what_is_wrong():
     with pytest.raises(ValueError, match="unknown pooling"):
         FeatureSpec(pooling=("median",))
