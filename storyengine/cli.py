@@ -163,6 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
     promote = adapters_sub.add_parser("promote", help="serve VERSION from now on")
     promote.add_argument("version", type=int, metavar="VERSION")
     adapters_sub.add_parser("rollback", help="go back to the version served before")
+    compare = adapters_sub.add_parser(
+        "compare",
+        help="continuations of the same prompts by A and B side by side, with reward scores",
+    )
+    compare.add_argument("a", metavar="A", help="an adapter version, or base")
+    compare.add_argument("b", metavar="B", help="an adapter version, or base")
+    compare.add_argument(
+        "--prompts", type=int, default=6, help="held-out story openings to continue (default 6)"
+    )
+    compare.add_argument(
+        "--prompt", action="append", metavar="TEXT", help="a prompt of your own (repeatable)"
+    )
+    compare.add_argument("--max-new-tokens", type=int, default=64)
+    compare.add_argument("--seed", type=int, default=0, help="the same seed for A and B")
+    compare.add_argument(
+        "--community", help="score with this community's reward model (else the shared one)"
+    )
     for action in adapters_sub.choices.values():  # on the actions only: a parent's
         _add_storage_args(action, adapters=True)  # option would be reset by them
 
@@ -561,6 +578,9 @@ async def _adapters(args: argparse.Namespace, settings: Settings) -> int:
     from .adapters import AdapterRegistry
     from .store import Store
 
+    if args.adapters == "compare":  # reads only: never creates a database
+        return await _compare(args, settings)
+
     store = await Store(settings.db_path).open()
     try:
         registry = await AdapterRegistry(store, settings.adapter_dir).open()
@@ -578,6 +598,27 @@ async def _adapters(args: argparse.Namespace, settings: Settings) -> int:
                 print(v.summary())
     finally:
         await store.close()
+    return 0
+
+
+async def _compare(args: argparse.Namespace, settings: Settings) -> int:
+    from .compare import compare_adapters, default_prompts
+
+    if not 1 <= args.prompts <= 100:
+        raise InvalidInput("--prompts must be between 1 and 100")
+    if not 1 <= args.max_new_tokens <= 512:
+        raise InvalidInput("--max-new-tokens must be between 1 and 512")
+    prompts = [p for p in args.prompt or [] if p.strip()] or default_prompts(args.prompts)
+    comparison = await compare_adapters(
+        settings,
+        args.a,
+        args.b,
+        prompts=prompts,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        community=args.community,
+    )
+    print("\n".join(comparison.lines()))
     return 0
 
 

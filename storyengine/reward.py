@@ -1,11 +1,11 @@
 """The reward model: a small scorer of continuations learned from the audience's
 reactions and companion choices.
 
-Design (chosen by measurement; README "Reward model" has the table): the base model
-stays frozen and only reads. A continuation, given the end of its prompt, goes through
-it once; the hidden states of the continuation's tokens in its last layer are pooled
-(mean and max over the tokens), standardised, and a linear head turns them into one
-number. The head is trained with a Bradley-Terry loss on preference pairs (the chosen
+Design (chosen by measurement; README "The reward model" says why): the base model
+stays frozen and only reads. A continuation, given the end of its prompt (32 tokens),
+goes through it once, as far as its middle block; the hidden states of the
+continuation's tokens there are mean-pooled, standardised, and a linear head turns them
+into one number. The head is trained with a Bradley-Terry loss on preference pairs (the chosen
 continuation should score above the rejected one, weighted by the pair's weight) and a
 logistic loss on single 👍/👎 labels (weighted by the example's net score, at most
 `label_weight_cap`), with an L2 penalty, by L-BFGS. The features are computed once per

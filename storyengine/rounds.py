@@ -107,6 +107,10 @@ class RoundResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+GATE_SAMPLES_KEPT = 4
+"""Gate samples kept in a version's report, beside its parent's for the same prompts."""
+
+
 def heldout_stories() -> list[str]:
     """Stories the bundled model never saw (shipped in the package), for perplexity."""
     from importlib import resources
@@ -452,6 +456,13 @@ async def _train_and_gate(
         heldout_examples=len(heldout_examples),
     )
     metrics = {**report.to_dict(), "train": figures}
+    if samples is not None:  # what it writes beside what its parent wrote, same seeds
+        metrics["samples"] = [
+            {"prompt": prompt, "this": this, "parent": parent}
+            for prompt, this, parent in list(zip(prompts, *samples, strict=True))[
+                :GATE_SAMPLES_KEPT
+            ]
+        ]
     policy.set_adapter("default")
     version = await registry.register(
         lambda d: policy.save_pretrained(str(d), selected_adapters=["default"]),

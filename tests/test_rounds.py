@@ -1,6 +1,7 @@
 """A whole learning round on the bundled model, and what a killed round leaves behind."""
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -56,6 +57,13 @@ async def test_a_round_trains_gates_and_registers(tmp_path):
     for key in ("repeat4", "current_repeat4", "distinct2", "current_distinct2"):
         assert 0 <= metrics[key] <= 1, key
     assert metrics["distinct2"] > 0.2  # real text, not an empty sample
+    # A handful of them stay in the version's report, beside its parent's (here the base
+    # model's) for the same prompts.
+    kept = metrics["samples"]
+    assert len(kept) == 4 and all(set(s) == {"prompt", "this", "parent"} for s in kept)
+    assert any(s["this"] != s["parent"] for s in kept)
+    report = json.loads((result.version.path / "taleweaver.json").read_text())
+    assert report["metrics"]["samples"] == kept
     store = await Store(db).open()
     registry = await AdapterRegistry(store, settings.adapter_dir).open()
     versions = await registry.list()
