@@ -87,7 +87,19 @@ def tiny_model() -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def bundled_model() -> LoadedModel:
+    """Shared by the whole session: never attach adapters to it (an engine serving a
+    promoted adapter does); take `own_bundled_model` for that."""
     return load_model(Settings(device="cpu"))
+
+
+@pytest.fixture
+def own_bundled_model(bundled_model: LoadedModel) -> LoadedModel:
+    """A private copy of the bundled model, for tests whose engine loads adapters."""
+    import copy
+
+    own = copy.copy(bundled_model)
+    own.model = copy.deepcopy(bundled_model.model)
+    return own
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ async def test_datasets_and_due_rounds_are_per_community(tmp_path):
 
 
 @pytest.mark.slow
-async def test_a_community_round_grows_its_own_lineage_and_serves_it(tmp_path, bundled_model):
+async def test_a_community_round_grows_its_own_lineage_and_serves_it(tmp_path, own_bundled_model):
     from storyengine.generation import SequentialGenerator
 
     db = tmp_path / "s.db"
@@ -81,7 +81,7 @@ async def test_a_community_round_grows_its_own_lineage_and_serves_it(tmp_path, b
         await registry.promote(result.version.version)
     await store.close()
 
-    async with StoryEngine(settings, generator=SequentialGenerator(bundled_model)) as engine:
+    async with StoryEngine(settings, generator=SequentialGenerator(own_bundled_model)) as engine:
         ann = Author("1", "Ann")
         in_a = await engine.start_story("a", "Once upon a time.", author=ann, community="A")
         in_b = await engine.start_story("b", "Once upon a time.", author=ann, community="B")

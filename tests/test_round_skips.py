@@ -142,7 +142,13 @@ async def test_a_served_adapter_that_does_not_fit_the_base_model(tmp_path):
         base_model=str(tmp_path / "other-base"),
         device="cpu",
     )
-    result = await run_round(settings, RoundConfig(), say=pytest.fail)
+    said: list[str] = []
+    result = await run_round(settings, RoundConfig(), say=said.append)
+    # The reward model (which reads the base model only) is tried first; nothing trains.
+    assert said == [
+        "reward model skipped: too little held-out feedback to judge one: 4 held-out"
+        " examples (a reward model needs 8)"
+    ]
     assert result.status == "skipped", result
     assert result.reason.startswith(
         f"the served adapter v1 does not load on the base model {tmp_path / 'other-base'}"
