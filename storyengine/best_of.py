@@ -33,18 +33,31 @@ Scorer = Callable[[Sequence[str], Sequence[str]], Awaitable[list[float]]]
 
 
 def base_copy(loaded: LoadedModel) -> LoadedModel:
-    """A private copy of the serving model's base: no adapters, its own tokenizer."""
+    """A private copy of the serving model's base: no adapters, its own tokenizer.
+
+    The weights are copied into a new model of the same class, not the modules: once
+    adapters are loaded for serving, the modules carry peft's LoRA layers and the
+    scheduler's per-row adapter state (thread-locals), which cannot be deep-copied and
+    must not be shared."""
     import copy
 
     from .modeling import LoadedModel
 
     with loaded.mutation_lock:  # not while adapters are being loaded
-        model = copy.deepcopy(loaded.model)
+        model = loaded.model
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        state = {
+            key.replace(".base_layer.", "."): value.detach().clone()
+            for key, value in inner.state_dict().items()
+            if "lora_" not in key  # peft's A and B matrices, per adapter
+        }
         tokenizer = copy.deepcopy(loaded.tokenizer)
-    if hasattr(model, "unload"):  # peft: the base model, without its LoRA layers
-        model = model.unload()
-    model.eval()
-    return LoadedModel(model, tokenizer, loaded.model_id, None, loaded.device)
+    first = next(iter(state.values()))
+    fresh = type(inner)(copy.deepcopy(inner.config))
+    fresh.load_state_dict(state, strict=True)
+    fresh.to(device=first.device, dtype=first.dtype)
+    fresh.eval()
+    return LoadedModel(fresh, tokenizer, loaded.model_id, None, loaded.device)
 
 
 class RewardSource:

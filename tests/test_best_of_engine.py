@@ -82,3 +82,29 @@ async def test_best_of_n_shows_the_best_keeps_the_rest_and_retry_shows_the_next(
     assert await engine.store.db.execute_fetchall("SELECT COUNT(*) FROM generations") == count
     fresh = await engine.retry("c", by=ANN)  # all shown: four new candidates
     assert len(await turn_generations(engine, fresh.generation_id)) == 4
+
+
+async def test_best_of_n_still_runs_once_an_adapter_is_served(tiny_engine):
+    """The reward model's private base model used to be a deep copy of the serving
+    model: once a promoted adapter was loaded there (peft layers, the scheduler's
+    per-row state), the copy failed and every turn quietly wrote one candidate."""
+    import torch
+    from test_adapters import lora_saver
+
+    engine = tiny_engine
+    serving = engine.narrator.model
+    plain = {k: v.clone() for k, v in serving.model.state_dict().items()}
+    adapter = await engine.registry.register(lora_saver(serving.model, 3), method="kto")
+    await engine.registry.promote(adapter.version)
+    await engine.start_story("c", "Once upon a time, a fox.", author=ANN)  # now served
+    assert hasattr(engine.narrator.model.model, "peft_config")
+
+    copied = base_copy(engine.narrator.model)
+    own = copied.model.state_dict()
+    assert not hasattr(copied.model, "peft_config") and own.keys() == plain.keys()
+    assert all(torch.equal(own[k], plain[k]) for k in plain)  # the base, not the adapter
+
+    await promote_a_reward_model(engine)
+    await engine.configure_channel("c", best_of=3, temperature=1.0)
+    result = await engine.continue_story("c", ANN, "The fox ran.")
+    assert len(await turn_generations(engine, result.generation_id)) == 3
