@@ -96,7 +96,8 @@ class LearningBenchConfig:
     learning_rate: float | None = None
     """None: the method's default."""
     epochs: float | None = None
-    method: str = "dpo"
+    method: str = "auto"
+    """As the bot trains: DPO with enough preference pairs, else KTO."""
     seed: int = 0
     best_of: int = DEFAULT_BEST_OF
     """Candidates per turn once a reward model is promoted (1: best-of-n off)."""
