@@ -169,7 +169,11 @@ async def test_sigterm_while_starting_and_while_idle(fake, tmp_path):
     await bot.start(wait_ready=False)
     await asyncio.sleep(1.0)  # importing, or loading the model: somewhere in start-up
     code, seconds = await bot.terminate()
-    assert seconds < 10 and code in (0, 130), (code, bot.log[-2000:])
+    # On a loaded machine the signal can come while Python is still importing, before
+    # the bot's handler exists: then it ends by SIGTERM's default action, having opened
+    # and written nothing, which is as clean.
+    before_handler = code == -signal.SIGTERM and not bot.log
+    assert seconds < 10 and (code in (0, 130) or before_handler), (code, bot.log[-2000:])
     assert b"Traceback" not in bot.log, bot.log
 
     bot = BotProcess(fake, tmp_path)
