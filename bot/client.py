@@ -74,6 +74,19 @@ class WorkTracker:
         await self._idle.wait()
 
 
+class TrackedTree(app_commands.CommandTree):
+    """The command tree, counting each command in the bot's `WorkTracker` from its start
+    until its reply or its error message is sent, so that a shutdown lets it finish
+    instead of closing the connection under it."""
+
+    async def _call(self, interaction: discord.Interaction) -> None:
+        async with self.client.work.tracked():  # type: ignore[attr-defined]
+            try:
+                await super()._call(interaction)
+            except app_commands.AppCommandError as error:  # answered inside the count
+                await self._dispatch_error(interaction, error)
+
+
 class StoryBot(commands.Bot):
     def __init__(self, *, engine: StoryEngine, settings: BotSettings) -> None:
         # The bot never joins voice: no warning at every start about voice libraries.
@@ -86,6 +99,7 @@ class StoryBot(commands.Bot):
             allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
             activity=discord.CustomActivity(name=PRESENCE),
+            tree_cls=TrackedTree,
         )
         self.engine = engine
         self.settings = settings

@@ -399,6 +399,32 @@ async def test_storyadmin_learning_stats_adapters_train_and_rollback(harness):
     assert [r[0] for r in runs] == ["done"]
 
 
+async def test_a_shutdown_lets_a_running_command_finish_its_reply(harness, monkeypatch):
+    """Found by the fuzz test: `/storyadmin stats` was still drawing when the bot closed,
+    and its reply met a closed HTTP session ("command failed", an unretrieved task
+    exception). A shutdown now waits for running commands as for stories."""
+    import bot.cogs.admin as admin
+
+    entered, release = asyncio.Event(), asyncio.Event()
+    real = admin.feedback_summary
+
+    async def slow_summary(store, community):
+        entered.set()
+        await release.wait()
+        return await real(store, community)
+
+    monkeypatch.setattr(admin, "feedback_summary", slow_summary)
+    fake = harness.fake
+    stats = await fake.slash(ADMIN, TEXT_CHANNEL, "stats", group="storyadmin")
+    await asyncio.wait_for(entered.wait(), 30)
+    closing = asyncio.ensure_future(harness.env.bot.close())
+    await asyncio.sleep(0.5)
+    assert not closing.done()  # waiting for the command
+    release.set()
+    await asyncio.wait_for(closing, 30)
+    assert "**Learning** off" in replies_to(fake, stats)[0]
+
+
 async def test_training_the_shared_adapter_can_be_kept_to_the_owners_servers(harness):
     await harness.stop()
     await harness.start(admin_guild_ids=frozenset({GUILD_ID + 1}))
