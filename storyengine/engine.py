@@ -8,13 +8,15 @@ All state lives in SQLite, so a restarted engine resumes every open story as it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .adapters import AdapterRegistry
 from .best_of import RewardSource, Scorer
@@ -51,6 +53,7 @@ from .store import FORMER_PLAYER, ReactionEvent, Store, is_alias
 from .text import split_sentences
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_LORE_CARDS = 50
 MAX_LORE_NAME = 60
@@ -123,7 +126,7 @@ class StoryEngine:
             from .modeling import load_model
             from .scheduler import BatchingGenerator, SchedulerConfig
 
-            model = await asyncio.to_thread(load_model, self.settings)
+            model = await _in_daemon_thread(load_model, self.settings)
             self._generator = BatchingGenerator(
                 model,
                 SchedulerConfig(
@@ -1179,3 +1182,31 @@ SHUTTING_DOWN = (
     "The storyteller was stopped: the bot is shutting down. Your line is kept; "
     "continue when it is back."
 )
+
+
+async def _in_daemon_thread(function: Callable[..., T], *args: object) -> T:
+    """`asyncio.to_thread` for start-up work that nobody needs once it is cancelled
+    (loading a model takes seconds): `asyncio.run` waits for the default executor's
+    threads before it returns, so a process stopped while loading would wait for the
+    load to finish; a daemon thread is left behind instead."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result, error = function(*args), None
+        except BaseException as exc:  # handed to the awaiting task
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name=f"start-{function.__name__}", daemon=True).start()
+    return await future

@@ -204,3 +204,33 @@ async def test_a_channel_keeps_no_lock_once_its_operations_are_done(engine):
     )
     await engine.end_story("thread-1")
     assert "thread-1" not in engine._locks
+
+
+def test_a_start_cancelled_while_the_model_loads_does_not_wait_for_the_load(
+    settings, monkeypatch
+):
+    # A bot stopped (SIGTERM) while loading its model: `asyncio.run` used to wait for the
+    # loading thread (the default executor's) before it returned, so the process outlived
+    # its stop deadline by the rest of the load.
+    import time
+
+    from storyengine import modeling
+
+    def slow_load(settings):
+        time.sleep(4)
+        raise AssertionError("nobody waits for this")
+
+    monkeypatch.setattr(modeling, "load_model", slow_load)
+
+    async def start_then_stop() -> None:
+        engine = StoryEngine(settings)
+        starting = asyncio.create_task(engine.start())
+        await asyncio.sleep(0.3)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        await engine.store.close()
+
+    began = time.monotonic()
+    asyncio.run(start_then_stop())
+    assert time.monotonic() - began < 2
