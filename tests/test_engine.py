@@ -206,9 +206,7 @@ async def test_a_channel_keeps_no_lock_once_its_operations_are_done(engine):
     assert "thread-1" not in engine._locks
 
 
-def test_a_start_cancelled_while_the_model_loads_does_not_wait_for_the_load(
-    settings, monkeypatch
-):
+def test_a_start_cancelled_while_the_model_loads_does_not_wait_for_the_load(settings, monkeypatch):
     # A bot stopped (SIGTERM) while loading its model: `asyncio.run` used to wait for the
     # loading thread (the default executor's) before it returned, so the process outlived
     # its stop deadline by the rest of the load.
