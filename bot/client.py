@@ -13,11 +13,10 @@ from discord import app_commands
 from discord.ext import commands, tasks
 
 from storyengine.engine import StoryEngine
-from storyengine.errors import StoryError
 from storyengine.training_scheduler import TrainingSchedule, TrainingScheduler
 
 from .health import HealthServer, Metrics, interaction_name
-from .publish import safe
+from .publish import report_error, safe
 from .settings import BotSettings
 
 log = logging.getLogger(__name__)
@@ -291,30 +290,3 @@ class StoryBot(commands.Bot):
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
     ) -> None:
         await report_error(interaction, error)
-
-
-async def report_error(interaction: discord.Interaction, error: Exception) -> None:
-    """A short ephemeral message for the user; the full trace in the log for bugs."""
-    original = getattr(error, "original", error)
-    if getattr(original, "reported", False):  # the message itself already says so
-        return
-    if isinstance(original, StoryError):
-        message = str(original)
-    elif isinstance(error, app_commands.CommandOnCooldown):
-        message = f"Easy there, storyteller! Try again in {error.retry_after:.0f} s."
-    elif isinstance(error, app_commands.CheckFailure):
-        message = str(error) or "You can't use that here."
-    else:
-        log.error("command failed", exc_info=original)
-        message = "Something went wrong on my side; it has been logged. Please try again."
-    message = safe(message, 1900)
-    try:
-        if interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
-            # A public "thinking…" placeholder is waiting: it becomes the answer.
-            await interaction.edit_original_response(content=f"⚠️ {message}", view=None)
-        elif interaction.response.is_done():
-            await interaction.followup.send(message, ephemeral=True)
-        else:
-            await interaction.response.send_message(message, ephemeral=True)
-    except discord.HTTPException:
-        log.exception("could not report an error to the user")

@@ -19,8 +19,9 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, TypeVar
 
 import discord
+from discord import app_commands
 
-from storyengine.errors import GenerationCancelled
+from storyengine.errors import GenerationCancelled, StoryError
 from storyengine.safety import neutralize_mentions
 from storyengine.text import split_message
 
@@ -224,3 +225,30 @@ async def update_message(
         return await interaction.edit_original_response(content=safe(content), view=view)
     await interaction.response.edit_message(content=safe(content), view=view)
     return await interaction.original_response()
+
+
+async def report_error(interaction: discord.Interaction, error: Exception) -> None:
+    """A short ephemeral message for the user; the full trace in the log for bugs."""
+    original = getattr(error, "original", error)
+    if getattr(original, "reported", False):  # the message itself already says so
+        return
+    if isinstance(original, StoryError):
+        message = str(original)
+    elif isinstance(error, app_commands.CommandOnCooldown):
+        message = f"Easy there, storyteller! Try again in {error.retry_after:.0f} s."
+    elif isinstance(error, app_commands.CheckFailure):
+        message = str(error) or "You can't use that here."
+    else:
+        log.error("command failed", exc_info=original)
+        message = "Something went wrong on my side; it has been logged. Please try again."
+    message = safe(message, 1900)
+    try:
+        if interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
+            # A public "thinking…" placeholder is waiting: it becomes the answer.
+            await interaction.edit_original_response(content=f"⚠️ {message}", view=None)
+        elif interaction.response.is_done():
+            await interaction.followup.send(message, ephemeral=True)
+        else:
+            await interaction.response.send_message(message, ephemeral=True)
+    except discord.HTTPException:
+        log.exception("could not report an error to the user")

@@ -18,13 +18,19 @@ def _cog(interaction: discord.Interaction) -> StoryCog:
     return cog  # type: ignore[return-value]
 
 
-class ContinueButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"tw:continue"):
-    def __init__(self) -> None:
+class ContinueButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"tw:continue(?::(?P<story>\d+))?"
+):
+    """Continue the story the message belongs to. (Messages from before story ids were
+    put on buttons carry none: they continue whatever story the channel tells.)"""
+
+    def __init__(self, story_id: int | None) -> None:
+        self.story_id = story_id
         super().__init__(
             discord.ui.Button(
                 label="Continue",
                 style=discord.ButtonStyle.primary,
-                custom_id="tw:continue",
+                custom_id=_with_story("tw:continue", story_id),
                 emoji="▶️",
             )
         )
@@ -33,17 +39,26 @@ class ContinueButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"
     async def from_custom_id(
         cls, interaction: discord.Interaction, item: Any, match: re.Match[str]
     ) -> ContinueButton:
-        return cls()
+        return cls(_story_of(match))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await _cog(interaction).run_guarded(interaction, _cog(interaction).do_continue, None)
+        cog = _cog(interaction)
+        await cog.run_guarded(interaction, cog.do_continue, None, self.story_id)
 
 
-class RetryButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"tw:retry"):
-    def __init__(self) -> None:
+class RetryButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"tw:retry(?::(?P<story>\d+))?"
+):
+    """Write the last turn of the message's story again."""
+
+    def __init__(self, story_id: int | None) -> None:
+        self.story_id = story_id
         super().__init__(
             discord.ui.Button(
-                label="Retry", style=discord.ButtonStyle.secondary, custom_id="tw:retry", emoji="🔁"
+                label="Retry",
+                style=discord.ButtonStyle.secondary,
+                custom_id=_with_story("tw:retry", story_id),
+                emoji="🔁",
             )
         )
 
@@ -51,10 +66,19 @@ class RetryButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"tw:
     async def from_custom_id(
         cls, interaction: discord.Interaction, item: Any, match: re.Match[str]
     ) -> RetryButton:
-        return cls()
+        return cls(_story_of(match))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await _cog(interaction).run_guarded(interaction, _cog(interaction).do_retry)
+        cog = _cog(interaction)
+        await cog.run_guarded(interaction, cog.do_retry, self.story_id)
+
+
+def _with_story(prefix: str, story_id: int | None) -> str:
+    return prefix if story_id is None else f"{prefix}:{story_id}"
+
+
+def _story_of(match: re.Match[str]) -> int | None:
+    return int(match["story"]) if match["story"] else None
 
 
 class ChoiceButton(
@@ -83,10 +107,12 @@ class ChoiceButton(
         )
 
 
-def story_controls() -> discord.ui.View:
+def story_controls(story_id: int) -> discord.ui.View:
+    """Continue and Retry, bound to one story: once it has ended, they say so instead of
+    acting on the channel's next story."""
     view = discord.ui.View(timeout=None)
-    view.add_item(ContinueButton())
-    view.add_item(RetryButton())
+    view.add_item(ContinueButton(story_id))
+    view.add_item(RetryButton(story_id))
     return view
 
 

@@ -29,6 +29,7 @@ from .errors import (
     NothingToUndo,
     NotYourTurn,
     StoryAlreadyRunning,
+    StoryEnded,
 )
 from .generation import BASE_ADAPTER, GenerationHandle, GenerationOutput, Generator
 from .memory import ContextBudget, ContextBuilder, LoreCard, StoryMaterial
@@ -270,8 +271,12 @@ class StoryEngine:
 
     # -- queries ------------------------------------------------------------------
 
-    async def active_story(self, channel: str) -> Story:
+    async def active_story(self, channel: str, story_id: int | None = None) -> Story:
+        """The channel's running story; with `story_id` (a button bound to a story), that
+        story only: once it has ended, `StoryEnded` rather than acting on a newer one."""
         story = await self.store.active_story(clean_id(channel, "The channel"))
+        if story_id is not None and (story is None or story.id != story_id):
+            raise StoryEnded(channel, story_id)
         if story is None:
             raise NoActiveStory(channel)
         return story

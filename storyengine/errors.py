@@ -22,6 +22,18 @@ class NoActiveStory(StoryError):
         self.channel = channel
 
 
+class StoryEnded(StoryError):
+    """An action names a story (a button on one of its messages) that is no longer the
+    channel's story."""
+
+    def __init__(self, channel: str, story_id: int) -> None:
+        super().__init__(
+            "That story has ended. Use the buttons on the latest story's messages, or "
+            "`/story continue`."
+        )
+        self.channel, self.story_id = channel, story_id
+
+
 class StoryAlreadyRunning(StoryError):
     def __init__(self, channel: str) -> None:
         super().__init__("A story is already running here. End it before starting a new one.")

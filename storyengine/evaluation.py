@@ -73,11 +73,19 @@ def preference_accuracy(
     pairs: Sequence[PreferencePair],
     examples: Sequence[LabelledExample],
 ) -> float:
-    """Share of held-out preferences the adapter's implicit reward gets right: the
-    chosen continuation of a pair above the rejected one, a liked continuation above
-    zero and a disliked one below (ties count half, so the base model itself, whose
-    reward is zero everywhere, scores 0.5). Per example and balanced across the three
-    kinds, so it stays meaningful when nearly all reactions go one way."""
+    """How often the adapter's implicit reward (its log-likelihood ratio to the base
+    model) ranks held-out feedback the way people did: the chosen continuation of a pair
+    above the rejected one, and a liked continuation above a disliked one (every liked
+    one against every disliked one, the area under the ROC curve). Ties count half, so
+    the base model itself, whose reward is zero everywhere, scores 0.5. The two kinds
+    count the same when both are present.
+
+    Only the order of rewards matters, never their sign: preference training lowers the
+    likelihood of most continuations, liked ones too, and what the audience can feel is
+    whether liked ones became likelier than disliked ones. A rank statistic is also
+    balanced by construction, so it stays meaningful when nearly all reactions are 👎,
+    and comparing every liked with every disliked continuation uses all the labels a
+    round holds out, not only the few pairs."""
     cache: dict[tuple[str, str], float] = {}
 
     def reward(prompt: str, text: str) -> float:
@@ -90,19 +98,35 @@ def preference_accuracy(
             )
         return cache[key]
 
-    def right(value: float) -> float:
-        return 1.0 if value > 0 else 0.5 if value == 0 else 0.0
+    kinds = []
+    if pairs:
+        kinds.append(
+            sum(_right(reward(p.prompt, p.chosen) - reward(p.prompt, p.rejected)) for p in pairs)
+            / len(pairs)
+        )
+    liked = [reward(e.prompt, e.completion) for e in examples if e.label]
+    disliked = [reward(e.prompt, e.completion) for e in examples if not e.label]
+    if liked and disliked:
+        kinds.append(ranked_above(liked, disliked))
+    return sum(kinds) / len(kinds) if kinds else 0.5
 
-    groups = [
-        # the chosen one of a pair should earn more reward than the rejected one
-        [right(reward(p.prompt, p.chosen) - reward(p.prompt, p.rejected)) for p in pairs],
-        [right(reward(e.prompt, e.completion)) for e in examples if e.label],  # above zero
-        [right(-reward(e.prompt, e.completion)) for e in examples if not e.label],  # below
-    ]
-    # Balanced: each kind counts the same, so pushing everything down cannot win when
-    # nearly all reactions are 👎.
-    present = [sum(g) / len(g) for g in groups if g]
-    return sum(present) / len(present) if present else 0.5
+
+def _right(margin: float) -> float:
+    return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
+
+
+def ranked_above(higher: Sequence[float], lower: Sequence[float]) -> float:
+    """Share of (h, l) couples with h > l, ties counting half: the area under the ROC
+    curve of scores meant to put `higher` first. O((n + m) log(n + m)) by ranks."""
+    import bisect
+
+    ordered = sorted(lower)
+    total = 0.0
+    for value in higher:
+        below = bisect.bisect_left(ordered, value)
+        tied = bisect.bisect_right(ordered, value) - below
+        total += below + tied / 2
+    return total / (len(higher) * len(lower))
 
 
 def perplexity(

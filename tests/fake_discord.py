@@ -555,8 +555,12 @@ class FakeDiscord:
         return await self._interact(user, channel_id, 2, data)
 
     async def press(self, user: FakeUser, message_id: int, custom_id: str) -> InteractionRecord:
-        """`user` presses the button `custom_id` on a message."""
+        """`user` presses the button `custom_id` on a message (one it shows: Discord
+        offers no other)."""
         message = self.messages[message_id]
+        rows = message.get("components") or []
+        shown = [c.get("custom_id") for row in rows for c in row["components"]]
+        assert custom_id in shown, f"message {message_id} has no button {custom_id!r}: {shown}"
         return await self._interact(
             user,
             int(message["channel_id"]),

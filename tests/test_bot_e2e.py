@@ -109,14 +109,15 @@ async def test_solo_story_start_continue_retry_undo_export(harness):
     assert start.callback_type == 5  # deferred first
     assert opening["content"].startswith("📖 **Once upon a time, a little fox lived in a wood.**")
     assert opening["allowed_mentions"] == {"parse": []}
+    story = await harness.env.engine.active_story(str(TEXT_CHANNEL))
     custom_ids = [c["custom_id"] for row in opening["components"] for c in row["components"]]
-    assert custom_ids == ["tw:continue", "tw:retry"]
+    assert custom_ids == [f"tw:continue:{story.id}", f"tw:retry:{story.id}"]
 
     cont = await fake.slash(BEN, TEXT_CHANNEL, "continue", text="The fox found a shiny key.")
     message = await finished(fake, cont)
     assert message["content"].startswith("**Ben:** The fox found a shiny key.")
 
-    retry = await fake.press(ANN, int(message["id"]), "tw:retry")
+    retry = await fake.press(ANN, int(message["id"]), f"tw:retry:{story.id}")
     retried = await finished(fake, retry)
     assert retried["content"].startswith("🔁")
     alternatives = await harness.env.engine.alternatives(str(TEXT_CHANNEL))
@@ -146,6 +147,36 @@ def replies_to(fake: FakeDiscord, record) -> list[str]:
 
 async def said(fake: FakeDiscord, record, text: str) -> None:
     await fake.wait_for(lambda: any(text in c for c in replies_to(fake, record)))
+
+
+def button(message: dict, prefix: str) -> str:
+    """The custom id of the message's button that starts with `prefix`."""
+    ids = [c["custom_id"] for row in message["components"] for c in row["components"]]
+    return next(i for i in ids if i.startswith(prefix))
+
+
+async def test_an_ended_storys_buttons_do_not_act_on_the_next_story(harness):
+    fake, engine = harness.fake, harness.env.engine
+    first = await finished(
+        fake, await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a fox.")
+    )
+    await said(fake, await fake.slash(ANN, TEXT_CHANNEL, "end"), "The story has ended")
+    await finished(
+        fake, await fake.slash(BEN, TEXT_CHANNEL, "start", premise="Once upon a time, an owl.")
+    )
+    second = await engine.view(str(TEXT_CHANNEL))
+    for prefix in ("tw:continue", "tw:retry"):
+        press = await fake.press(ANN, int(first["id"]), button(first, prefix))
+        await said(fake, press, "That story has ended")
+        assert press.ephemeral
+    after = await engine.view(str(TEXT_CHANNEL))
+    assert after.story.id == second.story.id and after.turns == second.turns
+
+    # A message sent before buttons carried their story acts on the channel's story.
+    first["components"][0]["components"][0]["custom_id"] = "tw:continue"
+    legacy = await fake.press(ANN, int(first["id"]), "tw:continue")
+    await finished(fake, legacy)
+    assert len((await engine.view(str(TEXT_CHANNEL))).turns) == len(second.turns) + 1
 
 
 class Clock:
@@ -570,7 +601,7 @@ async def test_who_may_do_what_through_commands_and_buttons(harness):
         refused = await fake.slash(CAT, TEXT_CHANNEL, sub, **options)
         await said(fake, refused, "can ")
         assert refused.ephemeral, sub
-    press = await fake.press(CAT, int(opening["id"]), "tw:retry")
+    press = await fake.press(CAT, int(opening["id"]), button(opening, "tw:retry"))
     await said(fake, press, "Only this game's players")
     assert press.ephemeral
     for sub, options in [("settings", {"temperature": 1.5}), ("end", {})]:

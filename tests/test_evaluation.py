@@ -10,6 +10,7 @@ from storyengine.evaluation import (
     decide,
     perplexity,
     preference_accuracy,
+    ranked_above,
     repetition,
     sample_continuations,
 )
@@ -115,6 +116,36 @@ def test_preference_accuracy_is_balanced_when_reactions_are_one_sided(tiny_model
     # 19 disliked and 1 liked with the same text: whatever the adapter does to that
     # text, it is right on one class only, so balanced accuracy stays at 0.5.
     assert accuracy == 0.5
+
+
+def test_ranked_above_counts_couples_and_half_ties():
+    assert ranked_above([3.0], [1.0, 2.0]) == 1.0
+    assert ranked_above([1.5], [1.0, 2.0]) == 0.5
+    assert ranked_above([2.0, 0.0], [2.0, 1.0]) == pytest.approx((1.5 + 0) / 4)
+
+
+def test_an_adapter_that_lowers_every_continuation_is_judged_by_their_order(monkeypatch):
+    """Preference training lowers the likelihood of liked and disliked continuations
+    alike; what counts is that liked ones now stand above disliked ones. (The gate used to
+    ask for liked ones above zero and disliked ones below, so such an adapter scored 0.5
+    and was never promoted.)"""
+    from storyengine import evaluation
+
+    def logprob(model, tokenizer, prompt, completion, adapter):
+        if adapter is None:
+            return -50.0
+        return -51.0 if "cat" in completion else -53.0  # both lower, the cat less so
+
+    monkeypatch.setattr(evaluation, "_logprob", logprob)
+    examples = [
+        LabelledExample(f"P{i}:", text, label, 1.0, 1, "heldout", 0)
+        for i in range(5)
+        for text, label in ((" a cat.", True), (" a rock.", False), (" a stone.", False))
+    ]
+    assert preference_accuracy(None, None, "default", [], examples) == 1.0
+    pairs = [PreferencePair("Q:", " a cat.", " a rock.", "choice", 1, "heldout", 0, 0)]
+    assert preference_accuracy(None, None, "default", pairs, examples) == 1.0
+    assert preference_accuracy(None, None, None, pairs, examples) == 0.5
 
 
 def test_sampled_continuations_are_per_adapter_and_batch_independent(tiny_lora_model):

@@ -22,7 +22,6 @@ from storyengine.permissions import Action
 from storyengine.records import Author, Story
 from storyengine.safety import quoted
 
-from ..client import report_error
 from ..publish import (
     ChannelTarget,
     InteractionTarget,
@@ -31,6 +30,7 @@ from ..publish import (
     edit_reply,
     in_time,
     reply,
+    report_error,
     safe,
     update_message,
 )
@@ -142,7 +142,7 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
                 community=self.community_of(interaction),
                 on_progress=pub.progress,
             )
-            view = None if mode == "companion" else story_controls()
+            view = None if mode == "companion" else story_controls(result.story.id)
             await pub.finish(story_message(result.text, header=header), result.generation_id, view)
         if mode == "round-robin":
             await interaction.followup.send(
@@ -197,10 +197,13 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     ) -> None:
         await self.do_continue(interaction, text)
 
-    async def do_continue(self, interaction: discord.Interaction, text: str | None) -> None:
+    async def do_continue(
+        self, interaction: discord.Interaction, text: str | None, story_id: int | None = None
+    ) -> None:
+        """`/story continue`, or a Continue button (bound to its message's story)."""
         channel, author = self.channel_of(interaction), self.author_of(interaction)
+        story = await self.engine.active_story(channel, story_id)
         await self.engine.check_turn(channel, author)  # refuse before any work is shown
-        story = await self.engine.active_story(channel)
         self.cooldown(interaction)
         await interaction.response.defer(thinking=True)
         if story.mode == "companion":
@@ -215,7 +218,7 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
             await pub.finish(
                 story_message(result.text, user_line=user_line),
                 result.generation_id,
-                story_controls(),
+                story_controls(result.story.id),
             )
         if story.mode == "round-robin":
             await interaction.followup.send(
@@ -249,15 +252,20 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     async def retry(self, interaction: discord.Interaction) -> None:
         await self.do_retry(interaction)
 
-    async def do_retry(self, interaction: discord.Interaction) -> None:
+    async def do_retry(self, interaction: discord.Interaction, story_id: int | None = None) -> None:
+        """`/story retry`, or a Retry button (bound to its message's story)."""
         channel, author = self.channel_of(interaction), self.author_of(interaction)
+        if story_id is not None:
+            await self.engine.active_story(channel, story_id)
         await self.engine.check_allowed(channel, author, Action.REWRITE)  # before any work
         self.cooldown(interaction)
         await interaction.response.defer(thinking=True)
         async with Publisher(self.bot, InteractionTarget(interaction), prefix="🔁 ") as pub:
             result = await self.engine.retry(channel, by=author, on_progress=pub.progress)
             await pub.finish(
-                story_message(result.text, header="🔁"), result.generation_id, story_controls()
+                story_message(result.text, header="🔁"),
+                result.generation_id,
+                story_controls(result.story.id),
             )
 
     @app_commands.command(name="undo", description="Take back the last turn (a line and its reply)")
