@@ -39,6 +39,24 @@ def bundled_model_path() -> Path:
     return Path(__file__).resolve().parent / "models" / "tinystories-gpt2"
 
 
+LIMITS: dict[str, tuple[str, int, int | None]] = {
+    "max_batch_size": ("STORY_MAX_BATCH_SIZE", 1, 256),
+    "max_tokens_in_flight": ("STORY_MAX_TOKENS_IN_FLIGHT", 1024, None),
+    "turn_timeout_s": ("STORY_TURN_TIMEOUT", 30, 7 * 86400),
+    "best_of": ("STORY_BEST_OF", 1, 8),
+    "max_loaded_adapters": ("STORY_MAX_LOADED_ADAPTERS", 1, 256),
+}
+"""Whole-number settings: field → (environment variable, lowest, highest or None). The
+one place their bounds are written: `Settings` checks them whenever one is made, and the
+bot's options take theirs from here."""
+MAX_INPUT_CHARS = (20, 4000)
+"""`STORY_MAX_INPUT_CHARS`'s bounds (a `generate` call may raise the ceiling for its own
+prompt)."""
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the engine needs to run. Each field maps to one `STORY_*` variable."""
@@ -69,6 +87,35 @@ class Settings:
     """Adapters kept loaded for serving at once (communities' own and the shared one);
     others are loaded again when next needed."""
     reaction_values: tuple[tuple[str, float], ...] = DEFAULT_REACTION_VALUES
+
+    def __post_init__(self) -> None:
+        """Every settings object is valid, however it was made (`from_env`, a test, a
+        library user); a bad value raises `ConfigError` naming its variable."""
+        for name, (variable, low, high) in LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{variable}: expected a whole number, got {value!r}")
+            if value < low or (high is not None and value > high):
+                span = f"{low}..{high}" if high is not None else f"at least {low}"
+                raise ConfigError(f"{variable}: must be {span}, got {value}")
+        if self.max_input_chars < MAX_INPUT_CHARS[0]:
+            raise ConfigError(
+                f"STORY_MAX_INPUT_CHARS: must be at least {MAX_INPUT_CHARS[0]}, "
+                f"got {self.max_input_chars}"
+            )
+        device = self.device.lower()
+        if not (device in {"auto", "cpu", "mps"} or device.startswith("cuda")):
+            raise ConfigError(
+                f"STORY_DEVICE: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
+            )
+        if self.dtype.lower() not in DTYPES:
+            raise ConfigError(
+                f"STORY_DTYPE: expected auto, float32, float16 or bfloat16, got {self.dtype!r}"
+            )
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(
+                f"STORY_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"
+            )
 
     @property
     def uses_bundled_model(self) -> bool:
@@ -123,47 +170,24 @@ class Settings:
                 raise ConfigError(f"{var}: {exc}") from None
 
         device = env.get("STORY_DEVICE", "auto", str).lower()
-        if not (device in {"auto", "cpu", "mps"} or device.startswith("cuda")):
-            raise ConfigError(
-                f"STORY_DEVICE: expected auto, cpu, cuda, cuda:N or mps, got {device!r}"
-            )
         dtype = env.get("STORY_DTYPE", "auto", str).lower()
-        if dtype not in {"auto", "float32", "float16", "bfloat16"}:
-            raise ConfigError(
-                f"STORY_DTYPE: expected auto, float32, float16 or bfloat16, got {dtype!r}"
-            )
         max_input = env.get("STORY_MAX_INPUT_CHARS", 1000, int)
-        if not 20 <= max_input <= 4000:
-            raise ConfigError(f"STORY_MAX_INPUT_CHARS: must be 20..4000, got {max_input}")
+        if not MAX_INPUT_CHARS[0] <= max_input <= MAX_INPUT_CHARS[1]:
+            low, high = MAX_INPUT_CHARS
+            raise ConfigError(f"STORY_MAX_INPUT_CHARS: must be {low}..{high}, got {max_input}")
         log_level = env.get("STORY_LOG_LEVEL", default_log_level, str).upper()
-        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-            raise ConfigError(
-                f"STORY_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
-            )
         base_model = env.get("STORY_BASE_MODEL", BUNDLED_MODEL, str) or BUNDLED_MODEL
         adapter = env.get("STORY_ADAPTER", "", str) or None
         if adapter is not None and not Path(adapter).is_dir():
             raise ConfigError(
                 f"STORY_ADAPTER: {adapter!r} is not a directory holding a LoRA adapter"
             )
-        max_batch = env.get("STORY_MAX_BATCH_SIZE", 16, int)
-        if not 1 <= max_batch <= 256:
-            raise ConfigError(f"STORY_MAX_BATCH_SIZE: must be 1..256, got {max_batch}")
-        max_in_flight = env.get("STORY_MAX_TOKENS_IN_FLIGHT", 32768, int)
-        if max_in_flight < 1024:
-            raise ConfigError(
-                f"STORY_MAX_TOKENS_IN_FLIGHT: must be at least 1024, got {max_in_flight}"
-            )
-        turn_timeout = env.get("STORY_TURN_TIMEOUT", 600, int)
-        if not 30 <= turn_timeout <= 7 * 86400:
-            raise ConfigError(f"STORY_TURN_TIMEOUT: must be 30..604800 seconds, got {turn_timeout}")
+        defaults = cls.__dataclass_fields__
+        limited = {
+            name: env.get(variable, defaults[name].default, int)
+            for name, (variable, _, _) in LIMITS.items()
+        }
         reactions = _parse_reaction_values(env.get("STORY_REACTION_VALUES", "", str))
-        best_of = env.get("STORY_BEST_OF", DEFAULT_BEST_OF, int)
-        if not 1 <= best_of <= 8:
-            raise ConfigError(f"STORY_BEST_OF: must be 1..8, got {best_of}")
-        max_loaded = env.get("STORY_MAX_LOADED_ADAPTERS", 8, int)
-        if not 1 <= max_loaded <= 256:
-            raise ConfigError(f"STORY_MAX_LOADED_ADAPTERS: must be 1..256, got {max_loaded}")
         blocklist = tuple(
             w.strip().lower() for w in env.get("STORY_BLOCKLIST", "", str).split(",") if w.strip()
         )
@@ -188,12 +212,8 @@ class Settings:
             max_input_chars=max_input,
             blocklist=blocklist,
             log_level=log_level,
-            max_batch_size=max_batch,
-            max_tokens_in_flight=max_in_flight,
-            turn_timeout_s=turn_timeout,
-            best_of=best_of,
-            max_loaded_adapters=max_loaded,
             reaction_values=reactions,
+            **limited,
         )
 
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from .adapters import AdapterRegistry
 from .best_of import RewardSource, Scorer
-from .config import Settings
+from .config import LIMITS, Settings
 from .errors import (
     GenerationCancelled,
     InvalidInput,
@@ -731,7 +731,8 @@ class StoryEngine:
     async def set_turn_timeout(
         self, channel: str, seconds: int, *, by: Author | None = None
     ) -> None:
-        if not isinstance(seconds, int) or not 30 <= seconds <= 7 * 86400:
+        low, high = LIMITS["turn_timeout_s"][1:]
+        if not isinstance(seconds, int) or not low <= seconds <= (high or low):
             raise InvalidInput("The turn timeout must be between 30 seconds and 7 days.")
         channel = clean_id(channel, "The channel")
         actor = await self._actor(by)

@@ -78,7 +78,8 @@ def preference_accuracy(
     above the rejected one, and a liked continuation above a disliked one (every liked
     one against every disliked one, the area under the ROC curve). Ties count half, so
     the base model itself, whose reward is zero everywhere, scores 0.5. The two kinds
-    count the same when both are present.
+    are weighted by how much evidence each holds (`evidence`), so one held-out pair
+    cannot outweigh forty labels.
 
     Only the order of rewards matters, never their sign: preference training lowers the
     likelihood of most continuations, liked ones too, and what the audience can feel is
@@ -98,17 +99,26 @@ def preference_accuracy(
             )
         return cache[key]
 
-    kinds = []
+    kinds: list[tuple[float, float]] = []  # (accuracy, weight)
     if pairs:
-        kinds.append(
-            sum(_right(reward(p.prompt, p.chosen) - reward(p.prompt, p.rejected)) for p in pairs)
-            / len(pairs)
-        )
+        right = [_right(reward(p.prompt, p.chosen) - reward(p.prompt, p.rejected)) for p in pairs]
+        kinds.append((sum(right) / len(right), evidence(len(pairs))))
     liked = [reward(e.prompt, e.completion) for e in examples if e.label]
     disliked = [reward(e.prompt, e.completion) for e in examples if not e.label]
     if liked and disliked:
-        kinds.append(ranked_above(liked, disliked))
-    return sum(kinds) / len(kinds) if kinds else 0.5
+        kinds.append((ranked_above(liked, disliked), evidence(len(liked), len(disliked))))
+    total = sum(weight for _, weight in kinds)
+    return sum(value * weight for value, weight in kinds) / total if kinds else 0.5
+
+
+def evidence(pairs_or_liked: int, disliked: int | None = None) -> float:
+    """How many independent comparisons a kind of held-out feedback is worth: its count
+    for pairs; for liked against disliked labels, the harmonic mean of the two counts
+    times two (1 liked and 40 disliked decide about as much as two pairs, not forty)."""
+    if disliked is None:
+        return float(pairs_or_liked)
+    liked = pairs_or_liked
+    return 2 * liked * disliked / (liked + disliked) if liked and disliked else 0.0
 
 
 def _right(margin: float) -> float:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConfigError, InvalidInput
+from .evaluation import evidence
 from .feedback import FeedbackDatasets, LabelledExample, PreferencePair
 from .store import Store
 
@@ -608,13 +609,14 @@ class HeldoutReport:
     `accuracy` is the statistic the gate tests: the mean of the pair accuracy (chosen
     scored above rejected, ties half) over the pairs it judges and the AUC of the labels
     (a liked continuation scored above a disliked one, over every such combination;
-    ties half), each counted when present. Both are 0.5 for a scorer that knows
-    nothing, whatever share of the reactions is 👍, and neither depends on where the
-    head puts zero. A held-out pair whose two continuations are both held-out labels
-    repeats a comparison the AUC already makes and is left out of the test (but not of
-    `pair_accuracy`). `p_value`: the chance that a scorer that knows nothing scores at
-    least `accuracy` (permutation test: each judged pair's order flipped at random, the
-    labels shuffled), one-sided."""
+    ties half), each counted when present and weighted by the evidence it holds
+    (`evaluation.evidence`: one pair cannot outweigh forty labels). Both are 0.5 for a
+    scorer that knows nothing, whatever share of the reactions is 👍, and neither
+    depends on where the head puts zero. A held-out pair whose two continuations are
+    both held-out labels repeats a comparison the AUC already makes and is left out of
+    the test (but not of `pair_accuracy`). `p_value`: the chance that a scorer that
+    knows nothing scores at least `accuracy` (permutation test: each judged pair's
+    order flipped at random, the labels shuffled), one-sided."""
 
     accuracy: float
     p_value: float
@@ -670,20 +672,23 @@ def heldout_report(
     def auc(positive_rank_sums: torch.Tensor) -> torch.Tensor:
         return (positive_rank_sums - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
-    parts, null = [], []
+    parts, null, weights = [], [], []
     if judged:
         right = torch.tensor([_right(m) for m in judged], dtype=torch.float64)
         parts.append(right.mean())
         decided = torch.tensor([m != 0 for m in judged])
         coin = torch.randint(0, 2, (permutations, len(judged)), generator=generator)
         null.append(torch.where(decided, coin.double(), 0.5).mean(1))
+        weights.append(evidence(len(judged)))
     if n_pos and n_neg:
         parts.append(auc(ranks[liked].sum()))
         shuffled = torch.rand((permutations, len(labels)), generator=generator).argsort(1)
         null.append(auc(ranks[shuffled[:, :n_pos]].sum(1)))
+        weights.append(evidence(n_pos, n_neg))
     if parts:
-        statistic = float(torch.stack(parts).mean())
-        spread = torch.stack(null).mean(0)
+        share = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+        statistic = float((torch.stack(parts).double() * share).sum())
+        spread = (torch.stack(null).double() * share[:, None]).sum(0)
         p_value = (1 + int((spread >= statistic - 1e-12).sum())) / (permutations + 1)
     else:
         statistic, p_value = 0.5, 1.0

@@ -143,3 +143,38 @@ def test_the_bot_logs_at_info_and_the_cli_at_warning_unless_told():
     assert Settings.from_env({}, default_log_level="INFO").log_level == "INFO"
     told = Settings.from_env({"STORY_LOG_LEVEL": "error"}, default_log_level="INFO")
     assert told.log_level == "ERROR"
+
+
+@pytest.mark.parametrize(
+    "changes, variable",
+    [
+        ({"max_batch_size": 0}, "STORY_MAX_BATCH_SIZE"),
+        ({"max_tokens_in_flight": 10}, "STORY_MAX_TOKENS_IN_FLIGHT"),
+        ({"turn_timeout_s": 8 * 86400}, "STORY_TURN_TIMEOUT"),
+        ({"best_of": 9}, "STORY_BEST_OF"),
+        ({"max_loaded_adapters": 0}, "STORY_MAX_LOADED_ADAPTERS"),
+        ({"max_input_chars": 5}, "STORY_MAX_INPUT_CHARS"),
+        ({"device": "tpu"}, "STORY_DEVICE"),
+        ({"log_level": "LOUD"}, "STORY_LOG_LEVEL"),
+    ],
+)
+def test_settings_made_in_code_are_checked_as_the_environment_is(changes, variable):
+    """A library user's `Settings(max_batch_size=0)` used to be accepted (only `from_env`
+    checked) and failed later, far from its cause."""
+    with pytest.raises(ConfigError, match=f"^{variable}:"):
+        Settings(**changes)
+    with pytest.raises(ConfigError, match=f"^{variable}:"):
+        Settings().replace(**changes)
+
+
+def test_the_bots_options_take_the_engines_bounds():
+    from bot.cogs.story import StoryCog
+    from storyengine.config import LIMITS
+    from storyengine.sampling import MAX_BEST_OF
+
+    settings = next(c for c in StoryCog.__cog_app_commands__ if c.name == "settings")
+    options = {p.name: p for p in settings.parameters}
+    assert (options["turn_timeout"].min_value, options["turn_timeout"].max_value) == tuple(
+        LIMITS["turn_timeout_s"][1:]
+    )
+    assert options["best_of"].max_value == MAX_BEST_OF == LIMITS["best_of"][2]

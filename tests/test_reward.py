@@ -432,3 +432,15 @@ def test_it_never_learns_from_pairs_a_reward_model_made():
     data = FeedbackDatasets(pairs=[ours, made, held])
     assert training_split(data, RewardConfig()) == ([ours], [])
     assert heldout_split(data, RewardConfig()) == ([], [])
+
+
+def test_one_held_out_pair_does_not_outweigh_many_labels():
+    """A round with 1 held-out pair (got wrong) and 40 well-ranked labels: the mean of
+    the two kinds made it 0.5 and rejected a reward model that ranks well."""
+    labels = [example("p", f"c{n}", n < 10, n, "heldout") for n in range(40)]
+    scores = [1.0 if n < 10 else -1.0 for n in range(40)]
+    report = heldout_report([pair(99)], [-1.0], labels, scores)
+    assert report.label_auc == 1.0 and report.pair_accuracy == 0.0
+    # evidence: 1 pair against 2 * 10 * 30 / 40 = 15 for the labels
+    assert report.accuracy == pytest.approx(15 / 16)
+    assert report.p_value < 0.01

@@ -16,11 +16,18 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from storyengine.engine import DIRECT_MESSAGES
+from storyengine.config import LIMITS, MAX_INPUT_CHARS
+from storyengine.engine import (
+    DIRECT_MESSAGES,
+    MAX_GENRE_CHARS,
+    MAX_LORE_NAME,
+    MAX_NOTE_CHARS,
+)
 from storyengine.errors import InvalidInput, StoryError
 from storyengine.permissions import Action
 from storyengine.records import Author, Story
 from storyengine.safety import quoted
+from storyengine.sampling import MAX_BEST_OF
 
 from ..publish import (
     ChannelTarget,
@@ -36,6 +43,11 @@ from ..publish import (
 )
 from ..render import HELP, PRIVACY, choice_message, describe_turn, quote_line, story_message
 from ..views import ConfirmView, choice_controls, story_controls
+
+# Discord refuses what is past these before the bot sees it; the engine checks its own
+# configured limits (STORY_MAX_INPUT_CHARS) and says so.
+MAX_INPUT = MAX_INPUT_CHARS[1]
+TURN_TIMEOUT = LIMITS["turn_timeout_s"][1:]
 
 if TYPE_CHECKING:
     from ..client import StoryBot
@@ -116,8 +128,8 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     async def start(
         self,
         interaction: discord.Interaction,
-        premise: app_commands.Range[str, 1, 1000],
-        genre: app_commands.Range[str, 1, 40] | None = None,
+        premise: app_commands.Range[str, 1, MAX_INPUT],
+        genre: app_commands.Range[str, 1, MAX_GENRE_CHARS] | None = None,
         mode: Mode = "solo",
         preset: PresetName | None = None,
     ) -> None:
@@ -193,7 +205,9 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     )
     @app_commands.describe(text="Your line of the story")
     async def continue_(
-        self, interaction: discord.Interaction, text: app_commands.Range[str, 1, 1000] | None = None
+        self,
+        interaction: discord.Interaction,
+        text: app_commands.Range[str, 1, MAX_INPUT] | None = None,
     ) -> None:
         await self.do_continue(interaction, text)
 
@@ -317,7 +331,7 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         text="e.g. 'The fox is called Rusty and is afraid of water.' Empty clears it."
     )
     async def memory(
-        self, interaction: discord.Interaction, text: app_commands.Range[str, 0, 1000] = ""
+        self, interaction: discord.Interaction, text: app_commands.Range[str, 0, MAX_INPUT] = ""
     ) -> None:
         await in_time(
             interaction,
@@ -330,7 +344,9 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     @app_commands.command(name="note", description="Author's note: steers the next turns")
     @app_commands.describe(text="e.g. 'The mood turns spooky.' Empty clears it.")
     async def note(
-        self, interaction: discord.Interaction, text: app_commands.Range[str, 0, 400] = ""
+        self,
+        interaction: discord.Interaction,
+        text: app_commands.Range[str, 0, MAX_NOTE_CHARS] = "",
     ) -> None:
         await in_time(
             interaction,
@@ -351,9 +367,9 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
     async def lore(
         self,
         interaction: discord.Interaction,
-        name: app_commands.Range[str, 1, 60],
+        name: app_commands.Range[str, 1, MAX_LORE_NAME],
         triggers: app_commands.Range[str, 1, 200],
-        text: app_commands.Range[str, 1, 400],
+        text: app_commands.Range[str, 1, MAX_INPUT],
     ) -> None:
         card = await in_time(
             interaction,
@@ -378,7 +394,7 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
 
     @app_commands.command(name="lore-remove", description="Remove a lore card")
     async def lore_remove(
-        self, interaction: discord.Interaction, name: app_commands.Range[str, 1, 60]
+        self, interaction: discord.Interaction, name: app_commands.Range[str, 1, MAX_LORE_NAME]
     ) -> None:
         await in_time(
             interaction,
@@ -416,8 +432,8 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         preset: PresetName | None = None,
         temperature: app_commands.Range[float, 0.0, 2.0] | None = None,
         length: app_commands.Range[int, 16, 400] | None = None,
-        turn_timeout: app_commands.Range[int, 30, 86400] | None = None,
-        best_of: app_commands.Range[int, 1, 8] | None = None,
+        turn_timeout: app_commands.Range[int, TURN_TIMEOUT[0], TURN_TIMEOUT[1]] | None = None,
+        best_of: app_commands.Range[int, 1, MAX_BEST_OF] | None = None,
     ) -> None:
         channel, author = self.channel_of(interaction), self.author_of(interaction)
         if turn_timeout is not None:
@@ -487,7 +503,9 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
 
     @app_commands.command(name="idea", description="Suggest a premise to start from")
     async def idea(
-        self, interaction: discord.Interaction, genre: app_commands.Range[str, 1, 40] | None = None
+        self,
+        interaction: discord.Interaction,
+        genre: app_commands.Range[str, 1, MAX_GENRE_CHARS] | None = None,
     ) -> None:
         self.cooldown(interaction)
         await interaction.response.defer(thinking=True)
