@@ -162,12 +162,11 @@ class StoryBot(commands.Bot):
         )
         started = time.perf_counter()
         await self.engine.start()
-        model = self.engine.narrator.model
+        model = self.engine.narrator.info
         log.info(
-            "model %s on %s (%s), loaded in %.1f s",
+            "model %s on %s, loaded in %.1f s",
             model.model_id,
-            model.device,
-            str(getattr(model.model, "dtype", "?")).removeprefix("torch."),
+            model.describe(),
             time.perf_counter() - started,
         )
         promoted = await self.engine.registry.promoted()

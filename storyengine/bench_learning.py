@@ -331,7 +331,7 @@ class _Bench:
         from .best_of import base_copy
 
         if self._ppl_model is None:
-            self._ppl_model = base_copy(self.engine.narrator.model)
+            self._ppl_model = base_copy(self.engine.narrator.local_model)
         model = self._ppl_model
         if adapter is not None:
             model.load_adapter(adapter.name, str(adapter.path))

@@ -326,7 +326,7 @@ async def bench_soak(
             if device == "cuda":  # the KV cache lives there, not in the RSS
                 results["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
             results["setup"] = {
-                "model": engine.narrator.model.model_id,
+                "model": engine.narrator.info.model_id,
                 "device": device,
                 "minutes": config.minutes,
                 "channels": config.channels,

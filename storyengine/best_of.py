@@ -65,11 +65,13 @@ class RewardSource:
         self,
         settings: Settings,
         store: Store,
-        serving: Callable[[], LoadedModel],
+        serving: Callable[[], LoadedModel | None],
         *,
         keep: int = 4,
     ) -> None:
-        """`serving`: the serving model, whose base the reward models read."""
+        """`serving`: the serving model, whose base the reward models read; None when
+        the generator runs the model elsewhere (then the base model is loaded here, from
+        the settings, the first time a reward model is needed)."""
         from .reward import RewardRegistry, reward_dir
 
         self.serving = serving
@@ -99,6 +101,14 @@ class RewardSource:
 
         return score
 
+    def _read_base(self) -> LoadedModel:
+        serving = self.serving()
+        if serving is not None:
+            return base_copy(serving)
+        from .modeling import load_model
+
+        return load_model(self.settings.replace(adapter=None))
+
     async def _load(self, version: Any) -> Any:
         if version.version in self._loaded:
             self._loaded.move_to_end(version.version)
@@ -106,7 +116,7 @@ class RewardSource:
         async with self._lock:
             try:
                 if self._base is None:
-                    self._base = await asyncio.to_thread(base_copy, self.serving())
+                    self._base = await asyncio.to_thread(self._read_base)
                 model = await asyncio.to_thread(self.registry.load, version, self._base)
             except Exception:  # a broken file must not stop the stories: no best-of-n
                 log.exception("could not load reward model %s; writing one candidate", version)

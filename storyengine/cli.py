@@ -389,11 +389,10 @@ def _say_loading(settings: Settings) -> None:
 
 
 def _load_generator(settings: Settings) -> Any:
-    from .modeling import load_model
-    from .scheduler import BatchingGenerator
+    from .generators import make_generator
 
     _say_loading(settings)
-    return BatchingGenerator(load_model(settings))
+    return make_generator(settings)
 
 
 async def _generate(args: argparse.Namespace, settings: Settings) -> int:
@@ -405,10 +404,10 @@ async def _generate(args: argparse.Namespace, settings: Settings) -> int:
     generator = _load_generator(settings)
     if adapter is not None:
         await generator.use_adapter(*adapter)
-    model = generator.model
+    model = generator.info
     safety = SafetyFilter(
         max_input_chars=max(settings.max_input_chars, len(args.prompt)),
-        special_tokens=model.tokenizer.all_special_tokens,
+        special_tokens=model.special_tokens,
         blocklist=settings.blocklist,
     )
     prompt = safety.clean_input(args.prompt, what="The prompt")

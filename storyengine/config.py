@@ -87,6 +87,9 @@ class Settings:
     """Adapters kept loaded for serving at once (communities' own and the shared one);
     others are loaded again when next needed."""
     reaction_values: tuple[tuple[str, float], ...] = DEFAULT_REACTION_VALUES
+    generator: str = "batching"
+    """`STORY_GENERATOR`: what runs the model (`generators.GENERATORS`): `batching`, the
+    continuous-batching scheduler, or `sequential`, one request at a time."""
 
     def __post_init__(self) -> None:
         """Every settings object is valid, however it was made (`from_env`, a test, a
@@ -111,6 +114,10 @@ class Settings:
         if self.dtype.lower() not in DTYPES:
             raise ConfigError(
                 f"STORY_DTYPE: expected auto, float32, float16 or bfloat16, got {self.dtype!r}"
+            )
+        if self.generator not in ("batching", "sequential"):
+            raise ConfigError(
+                f"STORY_GENERATOR: expected batching or sequential, got {self.generator!r}"
             )
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(
@@ -213,6 +220,7 @@ class Settings:
             blocklist=blocklist,
             log_level=log_level,
             reaction_values=reactions,
+            generator=env.get("STORY_GENERATOR", "batching", str).lower(),
             **limited,
         )
 

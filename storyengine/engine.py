@@ -124,28 +124,20 @@ class StoryEngine:
     async def start(self) -> StoryEngine:
         await self.store.open()
         if self._generator is None:
-            from .modeling import load_model
-            from .scheduler import BatchingGenerator, SchedulerConfig
+            from .generators import make_generator
 
-            model = await _in_daemon_thread(load_model, self.settings)
-            self._generator = BatchingGenerator(
-                model,
-                SchedulerConfig(
-                    max_batch_size=self.settings.max_batch_size,
-                    max_tokens_in_flight=self.settings.max_tokens_in_flight,
-                    max_loaded_adapters=self.settings.max_loaded_adapters,
-                ),
-            )
-        model = self._generator.model
+            self._generator = await _in_daemon_thread(make_generator, self.settings)
         safety = SafetyFilter(
             max_input_chars=self.settings.max_input_chars,
             blocklist=self.settings.blocklist,
-            special_tokens=model.tokenizer.all_special_tokens,
+            special_tokens=self._generator.info.special_tokens,
         )
         self._narrator = Narrator(self._generator, safety)
         await self.registry.open()
         if self.rewards is None:
-            self.rewards = RewardSource(self.settings, self.store, lambda: self.narrator.model)
+            self.rewards = RewardSource(
+                self.settings, self.store, lambda: self.narrator.local_model
+            )
         await self.sync_adapter()
         return self
 
@@ -993,7 +985,7 @@ class StoryEngine:
     # -- internals ----------------------------------------------------------------
 
     def _builder(self, params: SamplingParams) -> ContextBuilder:
-        model = self.narrator.model
+        model = self.narrator.info
         return ContextBuilder(
             model.count_tokens,
             ContextBudget(window=model.context_window, reserve=params.max_new_tokens),
@@ -1165,7 +1157,7 @@ class StoryEngine:
         shown: str,
         reward: float | None = None,
     ) -> int:
-        model = self.narrator.model
+        model = self.narrator.info
         return await self.store.record_generation(
             reward=reward,
             **record,

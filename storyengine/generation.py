@@ -250,10 +250,37 @@ def empty_output(handle: GenerationHandle, finish: FinishReason) -> GenerationOu
     return GenerationOutput([], "", finish, len(handle.request.prompt_ids), elapsed, None)
 
 
-class Generator(Protocol):
-    """What the engine needs from whatever runs the model."""
+class ModelInfo(Protocol):
+    """What the engine needs to know of the model that writes, with no weights and no
+    device: a generator that runs the model elsewhere can describe it too. (A local
+    `LoadedModel` is one.)"""
 
-    model: LoadedModel
+    model_id: str
+
+    @property
+    def context_window(self) -> int: ...
+
+    @property
+    def special_tokens(self) -> list[str]: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def describe(self) -> str:
+        """Where and how it runs, for the start-up log."""
+        ...
+
+
+class Generator(Protocol):
+    """What the engine needs from whatever runs the model. Adapters are named by
+    version (`v0003`, or `BASE_ADAPTER`); a request's `adapter_path` tells a generator
+    that loads them locally where the files are."""
+
+    @property
+    def info(self) -> ModelInfo: ...
 
     def submit(self, request: GenerationRequest) -> GenerationHandle: ...
 
@@ -290,6 +317,10 @@ class SequentialGenerator:
         )
         self._thread = threading.Thread(target=self._work, name="story-generator", daemon=True)
         self._thread.start()
+
+    @property
+    def info(self) -> LoadedModel:
+        return self.model
 
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         handle = GenerationHandle(request, asyncio.get_running_loop())

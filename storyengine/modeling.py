@@ -87,6 +87,17 @@ class LoadedModel:
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text)) if text else 0
 
+    @property
+    def special_tokens(self) -> list[str]:
+        """The tokenizer's control tokens, as text (the safety filter removes them from
+        what people type)."""
+        return list(self.tokenizer.all_special_tokens)
+
+    def describe(self) -> str:
+        """Where and how it runs, for the start-up log: `cpu, float32`."""
+        dtype = str(getattr(self.model, "dtype", "?")).removeprefix("torch.")
+        return f"{self.device}, {dtype}"
+
 
 def resolve_device(name: str) -> torch.device:
     import torch

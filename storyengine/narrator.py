@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .errors import GenerationCancelled, GenerationFailed
-from .generation import GenerationOutput, GenerationRequest, Generator
+from .generation import GenerationOutput, GenerationRequest, Generator, ModelInfo
 from .modeling import LoadedModel
 from .safety import SafetyFilter
 from .sampling import SamplingParams
@@ -46,8 +46,15 @@ class Narrator:
         failed (what a front end's metrics count)."""
 
     @property
-    def model(self) -> LoadedModel:
-        return self.generator.model
+    def info(self) -> ModelInfo:
+        """The model that writes: its tokens, context window and id."""
+        return self.generator.info
+
+    @property
+    def local_model(self) -> LoadedModel | None:
+        """The model's weights in this process, if the generator runs it here (perplexity
+        and the reward model's base copy read them); None for one that runs elsewhere."""
+        return getattr(self.generator, "model", None)
 
     def polish(self, raw: str, *, echo_of: str | None = None) -> str:
         """Turn raw model text into what may be shown."""
@@ -152,7 +159,7 @@ class Narrator:
         on_handle: OnHandle | None,
         max_attempts: int,
     ) -> list[Narration]:
-        prompt_ids = self.model.encode(prompt)
+        prompt_ids = self.info.encode(prompt)
         for attempt in range(1, max_attempts + 1):
             request = GenerationRequest(
                 prompt_ids,

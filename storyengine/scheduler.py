@@ -185,6 +185,10 @@ class BatchingGenerator:
 
     # -- the caller's side (event loop) -------------------------------------------
 
+    @property
+    def info(self) -> LoadedModel:
+        return self.model
+
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         if request.params.beam_search:
             return self._submit_beams(request)

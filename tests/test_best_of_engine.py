@@ -16,7 +16,7 @@ PROMPT = "Once upon a time, Lily went to the park.\n"
 
 async def promote_a_reward_model(engine) -> RewardModel:
     """A real reward model, trained on a few labels on the engine's own base model."""
-    base = base_copy(engine.narrator.model)
+    base = base_copy(engine.narrator.local_model)
     liked = ["A cat sat on the bench.", "The cat purred.", "Her cat slept."]
     disliked = ["It rained all day.", "The ball was old.", "She went home."]
     examples = [
@@ -92,14 +92,14 @@ async def test_best_of_n_still_runs_once_an_adapter_is_served(tiny_engine):
     from test_adapters import lora_saver
 
     engine = tiny_engine
-    serving = engine.narrator.model
+    serving = engine.narrator.local_model
     plain = {k: v.clone() for k, v in serving.model.state_dict().items()}
     adapter = await engine.registry.register(lora_saver(serving.model, 3), method="kto")
     await engine.registry.promote(adapter.version)
     await engine.start_story("c", "Once upon a time, a fox.", author=ANN)  # now served
-    assert hasattr(engine.narrator.model.model, "peft_config")
+    assert hasattr(engine.narrator.local_model.model, "peft_config")
 
-    copied = base_copy(engine.narrator.model)
+    copied = base_copy(engine.narrator.local_model)
     own = copied.model.state_dict()
     assert not hasattr(copied.model, "peft_config") and own.keys() == plain.keys()
     assert all(torch.equal(own[k], plain[k]) for k in plain)  # the base, not the adapter

@@ -232,3 +232,84 @@ def test_a_start_cancelled_while_the_model_loads_does_not_wait_for_the_load(sett
     began = time.monotonic()
     asyncio.run(start_then_stop())
     assert time.monotonic() - began < 2
+
+
+class _ElsewhereInfo:
+    """A `ModelInfo` that is not a local model: what a generator running the model in
+    another process would describe."""
+
+    def __init__(self, tokenizer_of) -> None:
+        self._local = tokenizer_of
+        self.model_id = "elsewhere:" + tokenizer_of.model_id
+        self.context_window = tokenizer_of.context_window
+        self.special_tokens = list(tokenizer_of.special_tokens)
+
+    def encode(self, text):
+        return self._local.encode(text)
+
+    def decode(self, ids):
+        return self._local.decode(ids)
+
+    def count_tokens(self, text):
+        return self._local.count_tokens(text)
+
+    def describe(self):
+        return "another process"
+
+
+class _ElsewhereGenerator:
+    """The `Generator` interface and nothing more: no `.model` for the engine to reach."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.info = _ElsewhereInfo(inner.model)
+
+    def submit(self, request):
+        return self._inner.submit(request)
+
+    def submit_many(self, request, n):
+        return self._inner.submit_many(request, n)
+
+    async def use_adapter(self, name, path=None):
+        await self._inner.use_adapter(name, path)
+
+    async def close(self):
+        await self._inner.close()
+
+
+async def test_a_generator_without_a_local_model_tells_a_whole_story(settings, bundled_model):
+    generator = _ElsewhereGenerator(SequentialGenerator(bundled_model))
+    async with StoryEngine(settings, generator=generator) as engine:
+        assert engine.narrator.local_model is None
+        opening = await engine.start_story("c1", PREMISE, author=ANN)
+        turn = await engine.continue_story("c1", BEN, "The fox found a key.")
+        assert opening.text and turn.text
+        rows = await engine.store.db.execute_fetchall("SELECT DISTINCT model_id FROM generations")
+        assert [row[0] for row in rows] == [generator.info.model_id]
+
+
+@pytest.mark.parametrize("kind", ["batching", "sequential"])
+async def test_the_generator_is_the_one_the_settings_name(settings, kind):
+    from storyengine.generators import make_generator
+
+    generator = await asyncio.to_thread(make_generator, settings.replace(generator=kind))
+    try:
+        assert (
+            type(generator).__name__
+            == {
+                "batching": "BatchingGenerator",
+                "sequential": "SequentialGenerator",
+            }[kind]
+        )
+        assert generator.info.context_window == 1024
+    finally:
+        await generator.close()
+
+
+async def test_reward_models_read_a_base_model_of_their_own_without_a_local_one(engine):
+    from storyengine.best_of import RewardSource
+
+    source = RewardSource(engine.settings, engine.store, lambda: None)
+    base = await asyncio.to_thread(source._read_base)
+    assert base.model_id == engine.narrator.info.model_id
+    assert not base.is_peft and base.model is not engine.narrator.local_model.model
