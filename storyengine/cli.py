@@ -87,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_adapter_arg(chat)
 
+    service = sub.add_parser(
+        "serve",
+        help="the generator behind HTTP: OpenAI-compatible /v1/completions, /v1/models, "
+        "/health, /metrics",
+    )
+    service.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
+    )
+    service.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free)")
+    _add_storage_args(service, adapters=True)
+
     db = sub.add_parser(
         "db", help="the database: migrate, status, or backup FILE (safe while the bot runs)"
     )
@@ -342,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_generate(args, settings))
         if args.command == "chat":
             return asyncio.run(_chat(args, settings))
+        if args.command == "serve":
+            return asyncio.run(_serve(args, settings))
         if args.command == "db":
             return asyncio.run(_db(args, settings))
         if args.command == "train" and args.train == "sft":
@@ -420,6 +433,52 @@ async def _generate(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await generator.close()
     print(narration.text)
+    return 0
+
+
+async def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    """`storyengine serve`: until Ctrl-C or SIGTERM. With a database, adapter versions
+    can be named and the promoted one is served by default."""
+    import signal
+
+    from .adapters import AdapterRegistry
+    from .serve import CompletionService, serve
+    from .store import Store
+
+    if not 0 <= args.port <= 65535:
+        raise InvalidInput(f"--port must be 0..65535, got {args.port}")
+    generator = await asyncio.to_thread(_load_generator, settings)
+    store = None
+    try:
+        registry = None
+        if settings.db_path.exists():  # never create a database here
+            store = await Store(settings.db_path).open()
+            registry = AdapterRegistry(store, settings.adapter_dir)
+            promoted = await registry.promoted()
+            if promoted is not None:
+                await generator.use_adapter(promoted.name, str(promoted.path))
+        service = CompletionService(generator, defaults=settings.sampling, registry=registry)
+
+        def ready(port: int) -> None:
+            print(
+                f"serving {service.model_id} on http://{args.host}:{port}/v1 (Ctrl-C stops)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        task = asyncio.ensure_future(serve(service, args.host, args.port, ready=ready))
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except OSError as exc:  # the port is taken, the address is not this machine's
+            where = f"{args.host}:{args.port}"
+            raise InvalidInput(f"cannot listen on {where}: {exc.strerror}") from None
+    finally:
+        await generator.close()
+        if store is not None:
+            await store.close()
     return 0
 
 

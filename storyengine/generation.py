@@ -199,6 +199,12 @@ class GenerationHandle:
             raise GenerationCancelled(output)
         return output
 
+    async def outcome(self) -> GenerationOutput:
+        """The finished output, cancelled or not (a cancelled one holds what was
+        written before it stopped)."""
+        assert self._future is not None
+        return await asyncio.shield(self._future)
+
     async def stream(self) -> AsyncIterator[str]:
         """Yield the decoded text so far, each time it grows, until the request ends."""
         assert self._future is not None
