@@ -454,10 +454,8 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
         if settings.db_path.exists():  # never create a database here
             store = await Store(settings.db_path).open()
             registry = AdapterRegistry(store, settings.adapter_dir)
-            promoted = await registry.promoted()
-            if promoted is not None:
-                await generator.use_adapter(promoted.name, str(promoted.path))
         service = CompletionService(generator, defaults=settings.sampling, registry=registry)
+        await service.sync_promoted()
 
         def ready(port: int) -> None:
             print(

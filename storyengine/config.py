@@ -90,6 +90,10 @@ class Settings:
     generator: str = "batching"
     """`STORY_GENERATOR`: what runs the model (`generators.GENERATORS`): `batching`, the
     continuous-batching scheduler, or `sequential`, one request at a time."""
+    generator_url: str | None = None
+    """`STORY_GENERATOR_URL`: an OpenAI-compatible completions service that runs the
+    model (`storyengine serve`, vLLM, llama.cpp's server), e.g.
+    `http://gpu-box:8000/v1`; set, it replaces `generator`."""
 
     def __post_init__(self) -> None:
         """Every settings object is valid, however it was made (`from_env`, a test, a
@@ -118,6 +122,13 @@ class Settings:
         if self.generator not in ("batching", "sequential"):
             raise ConfigError(
                 f"STORY_GENERATOR: expected batching or sequential, got {self.generator!r}"
+            )
+        if self.generator_url is not None and not self.generator_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(
+                f"STORY_GENERATOR_URL: expected an http:// or https:// address, "
+                f"got {self.generator_url!r}"
             )
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(
@@ -221,6 +232,7 @@ class Settings:
             log_level=log_level,
             reaction_values=reactions,
             generator=env.get("STORY_GENERATOR", "batching", str).lower(),
+            generator_url=env.get("STORY_GENERATOR_URL", "", str) or None,
             **limited,
         )
 

@@ -3,8 +3,9 @@
 `STORY_GENERATOR` names one: `batching` (the default: the continuous-batching scheduler,
 many channels decoded together) or `sequential` (one request at a time with
 transformers' `generate`: simple, slower, and what beam search uses). Both run the model
-in this process; a generator that runs it elsewhere implements `generation.Generator`
-with its own `ModelInfo` and is handed to `StoryEngine(generator=...)`.
+in this process. `STORY_GENERATOR_URL` names a service that runs it elsewhere
+(`remote.RemoteGenerator`); any other generator implements `generation.Generator` with
+its own `ModelInfo` and is handed to `StoryEngine(generator=...)`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ GENERATORS = ("batching", "sequential")
 def make_generator(settings: Settings) -> Generator:
     """The generator `settings.generator` names, its model loaded. Blocking (seconds, a
     download on first use of a Hugging Face id): call it off the event loop."""
+    if settings.generator_url:
+        from .remote import connect
+
+        return connect(settings)
     from .modeling import load_model
 
     model = load_model(settings)

@@ -51,6 +51,8 @@ SAMPLING_FIELDS = {
     "no_repeat_ngram_size": ("no_repeat_ngram_size", int),
     "seed": ("seed", int),
     "max_tokens": ("max_new_tokens", int),
+    "num_beams": ("num_beams", int),  # Taleweaver's: beam search (the `focused` preset)
+    "length_penalty": ("length_penalty", float),
 }
 UNSUPPORTED = ("stop", "logprobs", "echo", "suffix", "logit_bias", "best_of")
 """Fields refused when set (rather than silently ignored): the client would be wrong
@@ -123,6 +125,9 @@ class CompletionService:
         self.registry = registry
         self.metrics = ServiceMetrics()
         self.model_id = generator.info.model_id
+        self.serving: str | None = None
+        """The adapter served by default (the registry's promoted one)."""
+        self._sync_lock = asyncio.Lock()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors_as_json])
@@ -155,12 +160,18 @@ class CompletionService:
         names = [self.model_id, "base"]
         if self.registry is not None:
             names += [v.name for v in await self.registry.list() if v.path.is_dir()]
-        created = int(time.time())
+        created, window = int(time.time()), self.generator.info.context_window
         return web.json_response(
             {
                 "object": "list",
                 "data": [
-                    {"id": n, "object": "model", "created": created, "owned_by": "taleweaver"}
+                    {
+                        "id": n,
+                        "object": "model",
+                        "created": created,
+                        "owned_by": "taleweaver",
+                        "max_model_len": window,
+                    }
                     for n in names
                 ],
             }
@@ -217,10 +228,17 @@ class CompletionService:
         if not isinstance(body, dict):
             raise RequestError(400, "The body must be a JSON object.")
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise RequestError(400, "`prompt` must be one non-empty string.", "prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]  # a batch of one
+        info = self.generator.info
+        if isinstance(prompt, str) and prompt:
+            ids = info.encode(prompt)
+        elif _token_ids(prompt):  # the protocol's other form: the prompt as token ids
+            ids = list(prompt)
+        else:
+            raise RequestError(
+                400, "`prompt` must be one non-empty string, or one list of token ids.", "prompt"
+            )
         for name in UNSUPPORTED:
             if body.get(name) not in (None, False, [], ""):
                 raise RequestError(400, f"`{name}` is not supported by this server.", name)
@@ -253,8 +271,6 @@ class CompletionService:
         if not isinstance(model, str):
             raise RequestError(400, "`model` must be a string.", "model")
         adapter, path = await self._adapter(model)
-        info = self.generator.info
-        ids = info.encode(prompt)
         room = info.context_window - params.max_new_tokens
         if len(ids) > room:
             raise RequestError(
@@ -267,6 +283,7 @@ class CompletionService:
 
     async def _adapter(self, model: str) -> tuple[str | None, str | None]:
         if model == self.model_id:
+            await self.sync_promoted()
             return None, None  # what is being served
         if model == "base":
             return BASE_ADAPTER, None
@@ -286,6 +303,21 @@ class CompletionService:
             min_new_tokens=completion.min_tokens,
             adapter_path=completion.adapter_path,
         )
+
+    async def sync_promoted(self) -> None:
+        """Serve the registry's promoted adapter by default, as the engine does: a
+        promotion made elsewhere (a training round, `adapters promote`) is picked up by
+        the next request; those in flight finish on the adapter they began with."""
+        if self.registry is None:
+            return
+        async with self._sync_lock:
+            promoted = await self.registry.promoted()
+            wanted = promoted.name if promoted is not None else None
+            if wanted != self.serving:
+                path = str(promoted.path) if promoted is not None else None
+                await self.generator.use_adapter(wanted, path)
+                self.serving = wanted
+                log.info("serving adapter %s by default", wanted or "none (the base model)")
 
     # -- answering ----------------------------------------------------------------
 
@@ -389,6 +421,14 @@ class CompletionService:
             self.metrics.count("failed")
             log.exception("completion failed")
             return _error(503, "The generator failed on this request; it has been logged.")
+
+
+def _token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    )
 
 
 def _whole(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
