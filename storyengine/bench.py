@@ -12,6 +12,12 @@ stay single. Its batch bound is the scheduler's times n, so that the channels' r
 as they do in the scheduler's run. A request's latency is when its last candidate
 finishes; its time to first token, when its candidates start (together); tokens/s
 counts every candidate's tokens.
+
+With `remote`, one more run sends the workload over HTTP to a completions service
+(`storyengine serve`) through the `RemoteGenerator`, streamed, as `STORY_GENERATOR_URL`
+does: `local` starts one on this machine with the same model and batch bound (what the
+HTTP hop costs), a URL uses that one (its base model only: the workload's adapters are
+this process's).
 """
 
 from __future__ import annotations
@@ -193,6 +199,7 @@ async def bench_serve(
     json_path: Path | None,
     max_batch_size: int | None = None,
     best_of: int = 1,
+    remote: str | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -214,17 +221,30 @@ async def bench_serve(
     if best_of > 1:
         wide = SchedulerConfig(max_batch_size=config.max_batch_size * best_of)
         runs.append(("best_of", BatchingGenerator(model, wide), best_of))
+    cleanups: list[Any] = []
+    if remote is not None:
+        remote_generator, stop = await _remote(model, config, remote)
+        runs.append(("remote", remote_generator, 1))
+        cleanups.append(stop)
+        if remote != "local":  # another machine's service knows nothing of our adapters
+            workload_for = {"remote": [_on_base(r) for r in workload]}
+        else:
+            workload_for = {}
+    else:
+        workload_for = {}
     for name, generator, n in runs:
         await run_workload(generator, warmup, 4, n)
         print(f"running {name}…", file=sys.stderr)
         results[name], outputs[name] = await run_workload(
-            generator, workload, concurrency, n, task=name
+            generator, workload_for.get(name, workload), concurrency, n, task=name
         )
         if isinstance(generator, BatchingGenerator):
             results[name]["prefilled_tokens"] = generator.prefilled_tokens
         await generator.close()
         if device == "cuda":
             torch.cuda.synchronize()
+    for stop in cleanups:
+        await stop()
 
     greedy = [i for i, r in enumerate(workload) if r.params.greedy]
     same = sum(outputs["baseline"][i] == outputs["scheduler"][i] for i in greedy)
@@ -238,6 +258,12 @@ async def bench_serve(
         sampled = [i for i, r in enumerate(workload) if not r.params.greedy]
         first = sum(outputs["best_of"][i] == outputs["scheduler"][i] for i in sampled)
         best["first_candidate_identical"] = f"{first}/{len(sampled)}"
+    if remote is not None:
+        served = results["remote"]
+        served["url"] = remote
+        served["throughput_ratio"] = served["tokens_per_s"] / results["scheduler"]["tokens_per_s"]
+        same_remote = sum(outputs["remote"][i] == outputs["scheduler"][i] for i in greedy)
+        served["greedy_identical"] = f"{same_remote}/{len(greedy)}"
     results["peak_rss_mb"] = _rss_mb()
     if device == "cuda":
         results["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -261,6 +287,42 @@ async def bench_serve(
     return results
 
 
+async def _remote(model: LoadedModel, config: SchedulerConfig, where: str) -> tuple[Any, Any]:
+    """A `RemoteGenerator` on a service: one started here on `model` (`local`), or the
+    one at `where`. Returns it and what stops what was started."""
+    from .remote import RemoteGenerator, RemoteModelInfo
+    from .serve import CompletionService, serve
+
+    served: BatchingGenerator | None = None
+    task: asyncio.Task[None] | None = None
+    if where == "local":
+        served = BatchingGenerator(model, config)
+        port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            serve(CompletionService(served), "127.0.0.1", 0, ready=port.set_result)
+        )
+        url = f"http://127.0.0.1:{await port}/v1"
+    else:
+        url = where.rstrip("/")
+    info = RemoteModelInfo(model.model_id, model.context_window, model.tokenizer, url)
+    generator = RemoteGenerator(info)
+
+    async def stop() -> None:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if served is not None:
+            await served.close()
+
+    return generator, stop
+
+
+def _on_base(request: GenerationRequest) -> GenerationRequest:
+    import dataclasses
+
+    return dataclasses.replace(request, adapter=None)
+
+
 def print_table(results: dict[str, Any]) -> None:
     setup = results["setup"]
     print(
@@ -272,11 +334,12 @@ def print_table(results: dict[str, Any]) -> None:
         f"{'':10} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'lat p50':>9} {'lat p95':>9}"
     )
     print(header)
-    for name in ("baseline", "scheduler", "best_of"):
+    for name in ("baseline", "scheduler", "best_of", "remote"):
         if name not in results:
             continue
         r = results[name]
         label = f"best-of-{r['n']}" if name == "best_of" else name
+        label = "over HTTP" if name == "remote" else label
         print(
             f"{label:10} {r['tokens_per_s']:9.1f} {r['ttft_p50_s']:8.2f}s {r['ttft_p95_s']:8.2f}s "
             f"{r['latency_p50_s']:8.2f}s {r['latency_p95_s']:8.2f}s"
@@ -294,4 +357,10 @@ def print_table(results: dict[str, Any]) -> None:
             f" · prefilled tokens {best['prefilled_tokens']} (scheduler"
             f" {results['scheduler']['prefilled_tokens']})"
             f" · first candidate identical {best['first_candidate_identical']}"
+        )
+    if "remote" in results:
+        served = results["remote"]
+        print(
+            f"over HTTP ({served['url']}): {served['throughput_ratio']:.2f}x the scheduler's"
+            f" throughput · greedy outputs identical {served['greedy_identical']}"
         )

@@ -220,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="also run the workload with N candidates per sampling request (1..16)",
     )
+    serve.add_argument(
+        "--remote",
+        nargs="?",
+        const="local",
+        metavar="URL",
+        help="also run the workload over HTTP through a completions service: one started "
+        "here (no URL), or the one at URL (e.g. http://gpu-box:8000/v1; base model only)",
+    )
     serve.add_argument("--json", type=Path, help="also write the figures to this file")
     learning = bench_sub.add_parser(
         "learning", help="simulated audience: rounds of generate, react, train, gate, promote"
@@ -577,6 +585,7 @@ async def _bench(args: argparse.Namespace) -> int:
         json_path=args.json,
         max_batch_size=args.max_batch_size,
         best_of=args.best_of,
+        remote=args.remote,
     )
     return 0
 

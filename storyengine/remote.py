@@ -150,6 +150,7 @@ class RemoteGenerator:
             "no_repeat_ngram_size": params.no_repeat_ngram_size,
             "min_tokens": request.min_new_tokens,
             "stream": True,
+            "return_token_ids": True,  # an extension; a server that does not know it ignores it
             "user": request.channel or None,
         }
         if params.seed is not None:
@@ -165,7 +166,7 @@ class RemoteGenerator:
 
     async def _run(self, handle: GenerationHandle) -> None:
         started = time.perf_counter()
-        text, finish, ttft = "", "length", None
+        text, finish, ttft, token_ids = "", "length", None, None
         try:
             session = await self._open()
             async with session.post(f"{self.url}/completions", json=self.body(handle.request)) as r:
@@ -188,6 +189,8 @@ class RemoteGenerator:
                         handle._publish_text(text)
                     if choice.get("finish_reason"):
                         finish = FINISH.get(choice["finish_reason"], "length")
+                    if isinstance(choice.get("token_ids"), list):
+                        token_ids = choice["token_ids"]
         except asyncio.CancelledError:  # the generator is closing
             finish = "cancelled"
         except GenerationFailed as exc:
@@ -199,7 +202,8 @@ class RemoteGenerator:
             return
         handle._finish(
             GenerationOutput(
-                self.info.encode(text) if text else [],
+                # the service's own ids when it says them, else the text's
+                token_ids if token_ids is not None else self.info.encode(text) if text else [],
                 text,
                 finish,  # type: ignore[arg-type]
                 len(handle.request.prompt_ids),

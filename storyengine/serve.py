@@ -105,6 +105,9 @@ class Completion:
     adapter_path: str | None
     model: str
     channel: str
+    token_ids: bool = False
+    """Taleweaver's (and recent vLLM's) `return_token_ids`: each choice also carries the
+    ids of the tokens it wrote (streamed: in the last event)."""
 
 
 class CompletionService:
@@ -279,7 +282,12 @@ class CompletionService:
                 f"prompt has {len(ids)} and max_tokens asks for {params.max_new_tokens}.",
                 "prompt",
             )
-        return Completion(ids, params, min_tokens, n, stream, adapter, path, model, channel)
+        token_ids = body.get("return_token_ids", False)
+        if not isinstance(token_ids, bool):
+            raise RequestError(400, "`return_token_ids` must be true or false.", "return_token_ids")
+        return Completion(
+            ids, params, min_tokens, n, stream, adapter, path, model, channel, token_ids
+        )
 
     async def _adapter(self, model: str) -> tuple[str | None, str | None]:
         if model == self.model_id:
@@ -287,6 +295,8 @@ class CompletionService:
             return None, None  # what is being served
         if model == "base":
             return BASE_ADAPTER, None
+        if model in self._loaded_names():  # loaded when the service started
+            return model, None
         number = model.lower().removeprefix("v")
         if self.registry is not None and number.isdigit():
             version = await self.registry.get(int(number))
@@ -326,14 +336,15 @@ class CompletionService:
         choices = []
         for index, output in enumerate(outputs):
             self._account(output)
-            choices.append(
-                {
-                    "index": index,
-                    "text": output.text,
-                    "logprobs": None,
-                    "finish_reason": FINISH[output.finish_reason],
-                }
-            )
+            choice = {
+                "index": index,
+                "text": output.text,
+                "logprobs": None,
+                "finish_reason": FINISH[output.finish_reason],
+            }
+            if completion.token_ids:
+                choice["token_ids"] = output.token_ids
+            choices.append(choice)
         completion_tokens = sum(len(o.token_ids) for o in outputs)
         return web.json_response(
             {
@@ -357,11 +368,9 @@ class CompletionService:
         envelope = self._envelope(completion)
         sent = ""
 
-        async def send(text: str, finish: str | None) -> None:
-            chunk = {
-                **envelope,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            }
+        async def send(text: str, finish: str | None, **extra: Any) -> None:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            chunk = {**envelope, "choices": [choice | extra]}
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
         async for text in handle.stream():
@@ -373,7 +382,8 @@ class CompletionService:
         output = await handle.outcome()
         self._account(output)
         tail = output.text[len(sent) :] if output.text.startswith(sent) else ""
-        await send(tail, FINISH[output.finish_reason])
+        extra = {"token_ids": output.token_ids} if completion.token_ids else {}
+        await send(tail, FINISH[output.finish_reason], **extra)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -393,10 +403,13 @@ class CompletionService:
         if output.ttft_s is not None:
             self.metrics.observe_ttft(output.ttft_s)
 
-    def _loaded_adapters(self) -> int:
+    def _loaded_names(self) -> set[str]:
         model = getattr(self.generator, "model", None)
         config = getattr(getattr(model, "model", None), "peft_config", None)
-        return len(config) if config else 0
+        return set(config) if config else set()
+
+    def _loaded_adapters(self) -> int:
+        return len(self._loaded_names())
 
     @web.middleware
     async def _errors_as_json(

@@ -46,3 +46,21 @@ def test_best_of_is_reported_beside_the_scheduler(tmp_path):
 def test_best_of_must_be_a_small_positive_number(tmp_path):
     result = run_cli("bench", "serve", "--best-of", "0", cwd=tmp_path)
     assert result.returncode == 2 and "--best-of" in result.stderr
+
+
+def test_remote_runs_the_workload_over_http(tmp_path):
+    """`--remote` (no URL): a service started here on the same model; its greedy
+    outputs are the scheduler's, token for token, adapters included."""
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        *("bench", "serve", "--concurrency", "3", "--requests", "6", "--max-new-tokens", "6"),
+        *("--remote", "--json", str(out)),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "over HTTP" in result.stdout
+    figures = json.loads(out.read_text())
+    remote = figures["remote"]
+    assert remote["url"] == "local" and remote["tokens"] == 6 * 6
+    assert remote["greedy_identical"] == "2/2"  # requests 0 and 4 are greedy
+    assert remote["throughput_ratio"] > 0

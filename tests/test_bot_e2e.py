@@ -39,8 +39,12 @@ class Env:
 
 
 class Harness:
-    def __init__(self, fake: FakeDiscord, db: Path, model) -> None:
+    def __init__(self, fake: FakeDiscord, db: Path, model, make_generator=None) -> None:
         self.fake, self.db, self.model = fake, db, model
+        self.make_generator = make_generator or self.in_process
+
+    async def in_process(self) -> BatchingGenerator:
+        return BatchingGenerator(self.model)
         self.env: Env | None = None
 
     async def start(self, *, turn_check_s: float = 0.1, **bot_settings) -> Env:
@@ -50,7 +54,7 @@ class Harness:
             device="cpu",
             sampling=SamplingParams(max_new_tokens=24, seed=3),
         )
-        engine = StoryEngine(settings, generator=BatchingGenerator(self.model))
+        engine = StoryEngine(settings, generator=await self.make_generator())
         bot = StoryBot(
             engine=engine,
             settings=BotSettings(
@@ -73,11 +77,40 @@ class Harness:
 
 @pytest.fixture
 async def harness(tmp_path, bundled_model, monkeypatch):
+    async for harness in _harness(tmp_path, bundled_model, monkeypatch):
+        yield harness
+
+
+@pytest.fixture
+async def served_harness(tmp_path, bundled_model, monkeypatch):
+    """The bot with its model behind a generation service (`storyengine serve`, in this
+    process, over real HTTP), as `STORY_GENERATOR_URL` runs it."""
+    from storyengine.remote import connect
+    from storyengine.serve import CompletionService, serve
+
+    served = BatchingGenerator(bundled_model)
+    service = CompletionService(served)
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(service, "127.0.0.1", 0, ready=port.set_result))
+    url = f"http://127.0.0.1:{await port}/v1"
+
+    async def remote():
+        settings = Settings(device="cpu", generator_url=url)
+        return await asyncio.to_thread(connect, settings)
+
+    async for harness in _harness(tmp_path, bundled_model, monkeypatch, remote):
+        yield harness
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await served.close()
+
+
+async def _harness(tmp_path, model, monkeypatch, make_generator=None):
     fake = FakeDiscord()
     await fake.start()
     monkeypatch.setattr(discord.http.Route, "BASE", fake.api_base)
     monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
-    harness = Harness(fake, tmp_path / "bot.db", bundled_model)
+    harness = Harness(fake, tmp_path / "bot.db", model, make_generator)
     await harness.start()
     yield harness
     await harness.stop()
@@ -100,6 +133,15 @@ async def finished(fake: FakeDiscord, record) -> dict:
 
 
 async def test_solo_story_start_continue_retry_undo_export(harness):
+    await solo_story(harness)
+
+
+async def test_a_solo_story_told_through_a_generation_service(served_harness):
+    await solo_story(served_harness)
+    assert served_harness.env.engine.narrator.local_model is None
+
+
+async def solo_story(harness) -> None:
     fake = harness.fake
     assert {c["name"] for c in fake.commands} == {"story", "storyadmin"}
     start = await fake.slash(
