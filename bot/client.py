@@ -13,7 +13,7 @@ from discord import app_commands
 from discord.ext import commands, tasks
 
 from storyengine.engine import StoryEngine
-from storyengine.training_scheduler import TrainingSchedule, TrainingScheduler
+from storyengine.training_scheduler import TrainingSchedule
 
 from .health import HealthServer, Metrics, interaction_name
 from .publish import report_error, safe
@@ -107,10 +107,8 @@ class StoryBot(commands.Bot):
         self.gateway_connected = False
         """True from READY (or RESUMED) until the gateway connection drops."""
         self.health: HealthServer | None = None
-        self.training = TrainingScheduler(
-            engine.settings,
-            engine.store,
-            TrainingSchedule(settings.train_min_new_feedback, settings.train_interval_s),
+        self.training = engine.training_scheduler(
+            TrainingSchedule(settings.train_min_new_feedback, settings.train_interval_s)
         )
         self.work = WorkTracker()
         self._shutdown: asyncio.Task[None] | None = None
@@ -169,22 +167,20 @@ class StoryBot(commands.Bot):
             model.describe(),
             time.perf_counter() - started,
         )
-        promoted = await self.engine.registry.promoted()
+        promoted = (await self.engine.learning.serving(None)).shared
         if promoted is not None:
             log.info("adapter: %s (promoted), from %s", promoted.name, absolute(promoted.path))
         elif settings.adapter:
             log.info("adapter: %s (STORY_ADAPTER)", absolute(settings.adapter))
         else:
             log.info("adapter: none, the base model tells the stories")
-        status = await self.engine.store.migration_status()
-        schema = max((m.version for m in status if m.applied_at), default=0)
-        rows = await self.engine.store.db.execute_fetchall("SELECT COUNT(*) FROM stories")
+        schema, stories = await self.engine.database_status()
         log.info(
             "database: %s (%s, schema %04d, %d stories)",
             absolute(settings.db_path),
             "new" if new_database else "existing",
             schema,
-            rows[0][0],
+            stories,
         )
         log.info(
             "adapters: %s; training round logs: %s",

@@ -94,12 +94,9 @@ def heartbeat_age(bot: StoryBot) -> tuple[float | None, float | None]:
 
 async def database_ok(bot: StoryBot) -> bool:
     try:
-        rows = await asyncio.wait_for(
-            bot.engine.store.db.execute_fetchall("SELECT 1"), DATABASE_TIMEOUT_S
-        )
+        return await asyncio.wait_for(bot.engine.database_reachable(), DATABASE_TIMEOUT_S)
     except Exception:  # closed, locked, gone: all mean "not reachable"
         return False
-    return bool(rows) and rows[0][0] == 1
 
 
 def narrator(bot: StoryBot) -> Any:

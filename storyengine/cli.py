@@ -822,7 +822,7 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     if interactive:
         loop.add_signal_handler(signal.SIGINT, lambda: engine.stop(channel) or _quit())
     try:
-        story = await engine.store.active_story(channel)
+        story = await engine.find_story(channel)
         if story is None:
             out.write(
                 f"No story in '{channel}' yet. Type /start PREMISE to begin, /help for help.\n"

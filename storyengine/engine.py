@@ -16,7 +16,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .adapters import AdapterRegistry
 from .best_of import RewardSource, Scorer
@@ -32,6 +32,7 @@ from .errors import (
     StoryEnded,
 )
 from .generation import BASE_ADAPTER, GenerationHandle, GenerationOutput, Generator
+from .learning_admin import LearningAdmin
 from .memory import ContextBudget, ContextBuilder, LoreCard, StoryMaterial
 from .narrator import Narration, Narrator, ProgressCallback
 from .permissions import Action, check
@@ -53,6 +54,9 @@ from .sampling import DEFAULT_PRESET, PRESETS, SamplingParams, preset
 from .store import FORMER_PLAYER, ReactionEvent, Store, is_alias
 from .text import split_sentences
 
+if TYPE_CHECKING:
+    from .training_scheduler import TrainingSchedule, TrainingScheduler
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -66,7 +70,6 @@ MAX_ID = 2**63 - 1
 BRIDGE_TOKENS = 40
 """Round-robin: the storyteller's bridge between two players' lines is short."""
 MAX_NOTE_CHARS = 400
-DIRECT_MESSAGES = "dm"
 """The community of stories told in private messages: no one can switch its learning on,
 so they are never trained on."""
 
@@ -110,6 +113,15 @@ class StoryEngine:
         self.reactions = ReactionRecorder(self.store)
         self.rewards: RewardSource | None = None
         """Where best-of-n gets its reward models (set by `start`)."""
+        self.learning = LearningAdmin(
+            self.store,
+            self.registry,
+            lambda: self.rewards,
+            self.sync_adapter,
+            self._stored_id,
+        )
+        """The learning loop as admins see it: switch, what is served, versions,
+        statistics, rollback."""
         self._serving: str | None = None
         """The adapter being served (its registry name), None for the configured one."""
         self._adapter_lock = asyncio.Lock()
@@ -938,23 +950,43 @@ class StoryEngine:
     # -- learning switch and statistics ----------------------------------------------
 
     async def set_learning(self, community: str, enabled: bool, *, by: str | None) -> None:
-        """Switch training on a community's stories and reactions on or off (off until
-        someone switches it on). Off also leaves out what was collected while it was on."""
-        community = clean_id(community, "The community")
-        if community == DIRECT_MESSAGES:
-            raise InvalidInput("Private sessions are never trained on.")
-        if by is not None:
-            by = (await self._who(Author(by, ""))).id
-        await self.store.set_learning(community, bool(enabled), by)
+        """Switch training on a community's stories and reactions on or off (see
+        `LearningAdmin.set_enabled`)."""
+        await self.learning.set_enabled(community, enabled, by=by)
 
     async def learning_enabled(self, community: str) -> bool:
-        return await self.store.learning_enabled(clean_id(community, "The community"))
+        return await self.learning.enabled(community)
 
     async def feedback_stats(self, community: str | None = None) -> list[dict[str, Any]]:
         """Per adapter version: generations shown, reactions, approval rate."""
-        if community is not None:
-            community = clean_id(community, "The community")
-        return await self.store.feedback_stats(community)
+        return await self.learning.feedback_stats(community)
+
+    async def _stored_id(self, user_id: str) -> str:
+        return (await self._who(Author(user_id, ""))).id
+
+    # -- the database, for operators ---------------------------------------------------
+
+    async def database_status(self) -> tuple[int, int]:
+        """(schema version, stories stored): what the bot says at start."""
+        status = await self.store.migration_status()
+        schema = max((m.version for m in status if m.applied_at), default=0)
+        rows = await self.store.db.execute_fetchall("SELECT COUNT(*) FROM stories")
+        return schema, int(rows[0][0])
+
+    async def database_reachable(self) -> bool:
+        """One trivial query answered (health checks bound it with a timeout)."""
+        rows = await self.store.db.execute_fetchall("SELECT 1")
+        return bool(rows) and rows[0][0] == 1
+
+    async def find_story(self, channel: str) -> Story | None:
+        """The channel's running story, or None."""
+        return await self.store.active_story(clean_id(channel, "The channel"))
+
+    def training_scheduler(self, schedule: TrainingSchedule) -> TrainingScheduler:
+        """What runs this engine's training rounds (as child processes) on `schedule`."""
+        from .training_scheduler import TrainingScheduler
+
+        return TrainingScheduler(self.settings, self.store, schedule)
 
     # -- privacy --------------------------------------------------------------------
 

@@ -9,6 +9,10 @@ StoryMode = Literal["solo", "round-robin", "companion"]
 MODES: tuple[StoryMode, ...] = ("solo", "round-robin", "companion")
 
 
+DIRECT_MESSAGES = "dm"
+"""The community of direct messages (and terminal sessions' default): never trained on."""
+
+
 @dataclass(frozen=True)
 class Author:
     """Who acts or wrote a turn: a Discord user id and display name, or a terminal user.

@@ -476,17 +476,16 @@ async def test_a_shutdown_lets_a_running_command_finish_its_reply(harness, monke
     """Found by the fuzz test: `/storyadmin stats` was still drawing when the bot closed,
     and its reply met a closed HTTP session ("command failed", an unretrieved task
     exception). A shutdown now waits for running commands as for stories."""
-    import bot.cogs.admin as admin
-
+    learning = harness.env.engine.learning
     entered, release = asyncio.Event(), asyncio.Event()
-    real = admin.feedback_summary
+    real = learning.summary
 
-    async def slow_summary(store, community):
+    async def slow_summary(community):
         entered.set()
         await release.wait()
-        return await real(store, community)
+        return await real(community)
 
-    monkeypatch.setattr(admin, "feedback_summary", slow_summary)
+    monkeypatch.setattr(learning, "summary", slow_summary)
     fake = harness.fake
     stats = await fake.slash(ADMIN, TEXT_CHANNEL, "stats", group="storyadmin")
     await asyncio.wait_for(entered.wait(), 30)

@@ -18,7 +18,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from storyengine.progress import text_bar
-from storyengine.stats import feedback_summary, render_chart, summary_lines
+from storyengine.stats import render_chart, summary_lines
 
 from ..publish import reply, safe
 
@@ -104,7 +104,7 @@ class AdminCog(
         # Drawing the chart takes a second or two: acknowledge first.
         await interaction.response.defer(ephemeral=True, thinking=True)
         community = str(interaction.guild_id)
-        summary = await feedback_summary(self.engine.store, community)
+        summary = await self.engine.learning.summary(community)
         lines = [
             f"**Learning** {'on' if await self.engine.learning_enabled(community) else 'off'}"
             f" · **serving** {await self.serving_here(community)}",
@@ -127,17 +127,7 @@ class AdminCog(
 
     async def serving_here(self, community: str) -> str:
         """What this server's stories are told with, in words."""
-        registry = self.engine.registry
-        own, shared = await registry.promoted(community), await registry.promoted(None)
-        adapter = (
-            f"{own.name} (this server's own)"
-            if own
-            else f"{shared.name} (shared)"
-            if shared
-            else "the base model"
-        )
-        reward = await self.engine.rewards.registry.serving_name(community)
-        return adapter + (f", best of the continuations by reward model {reward}" if reward else "")
+        return (await self.engine.learning.serving(community)).describe()
 
     def lineage(self, interaction: discord.Interaction, which: str | None) -> str | None:
         """The lineage an admin command acts on: this server's own (the default), or
@@ -166,7 +156,7 @@ class AdminCog(
         self, interaction: discord.Interaction, adapter: Lineage | None = None
     ) -> None:
         community = None if adapter == "shared" else str(interaction.guild_id)
-        versions = await self.engine.registry.lineage(community)
+        versions = await self.engine.learning.versions(community)
         if not versions:
             await self.reply(
                 interaction,
@@ -187,10 +177,7 @@ class AdminCog(
         self, interaction: discord.Interaction, adapter: Lineage | None = None
     ) -> None:
         community = self.lineage(interaction, adapter)
-        registry = self.engine.registry
-        before = await registry.promoted(community)
-        now = await registry.rollback(community)
-        await self.engine.sync_adapter()
+        before, now = await self.engine.learning.rollback(community)
         after = now.name if now else "the shared adapter" if community else "the base model"
         await self.reply(
             interaction,

@@ -18,14 +18,13 @@ from discord.ext import commands
 
 from storyengine.config import LIMITS, MAX_INPUT_CHARS
 from storyengine.engine import (
-    DIRECT_MESSAGES,
     MAX_GENRE_CHARS,
     MAX_LORE_NAME,
     MAX_NOTE_CHARS,
 )
 from storyengine.errors import InvalidInput, StoryError
 from storyengine.permissions import Action
-from storyengine.records import Author, Story
+from storyengine.records import DIRECT_MESSAGES, Author, Story
 from storyengine.safety import quoted
 from storyengine.sampling import MAX_BEST_OF
 
