@@ -118,7 +118,7 @@ class StoryBot(commands.Bot):
         from .cogs.admin import AdminCog
         from .cogs.feedback import FeedbackCog
         from .cogs.story import StoryCog
-        from .views import ChoiceButton, ContinueButton, RetryButton
+        from .views import ChoiceButton, ContinueButton, RetryButton, SwipeButton
 
         await self.start_health_server()  # first: a supervisor sees "starting" meanwhile
         await self.start_engine()
@@ -126,7 +126,7 @@ class StoryBot(commands.Bot):
         await self.add_cog(FeedbackCog(self))
         await self.add_cog(AdminCog(self))
         # Buttons on story messages keep working after a restart.
-        self.add_dynamic_items(ContinueButton, RetryButton, ChoiceButton)
+        self.add_dynamic_items(ContinueButton, RetryButton, SwipeButton, ChoiceButton)
         if self.settings.dev_guild_id:
             guild = discord.Object(self.settings.dev_guild_id)
             self.tree.copy_global_to(guild=guild)

@@ -73,6 +73,34 @@ class RetryButton(
         await cog.run_guarded(interaction, cog.do_retry, self.story_id)
 
 
+class SwipeButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"tw:swipe:(?P<story>\d+):(?P<position>\d+):(?P<step>prev|next)",
+):
+    """◀ or ▶ on the storyteller's reply: page through its alternatives in place."""
+
+    def __init__(self, story_id: int, position: int, step: str) -> None:
+        self.story_id, self.position, self.step = story_id, position, step
+        super().__init__(
+            discord.ui.Button(
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"tw:swipe:{story_id}:{position}:{step}",
+                emoji="◀️" if step == "prev" else "▶️",
+            )
+        )
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: Any, match: re.Match[str]
+    ) -> SwipeButton:
+        return cls(int(match["story"]), int(match["position"]), match["step"])
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        cog = _cog(interaction)
+        step = -1 if self.step == "prev" else 1
+        await cog.run_guarded(interaction, cog.do_swipe, self.story_id, self.position, step)
+
+
 def _with_story(prefix: str, story_id: int | None) -> str:
     return prefix if story_id is None else f"{prefix}:{story_id}"
 
@@ -107,12 +135,16 @@ class ChoiceButton(
         )
 
 
-def story_controls(story_id: int) -> discord.ui.View:
+def story_controls(story_id: int, position: int | None = None) -> discord.ui.View:
     """Continue and Retry, bound to one story: once it has ended, they say so instead of
-    acting on the channel's next story."""
+    acting on the channel's next story. With the reply's `position`, ◀ ▶ to swipe
+    through its alternatives (while it is the latest reply)."""
     view = discord.ui.View(timeout=None)
     view.add_item(ContinueButton(story_id))
     view.add_item(RetryButton(story_id))
+    if position is not None:
+        view.add_item(SwipeButton(story_id, position, "prev"))
+        view.add_item(SwipeButton(story_id, position, "next"))
     return view
 
 

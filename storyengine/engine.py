@@ -44,6 +44,7 @@ from .records import (
     ChoiceSet,
     ForgetReport,
     Story,
+    Swipe,
     Turn,
     TurnResult,
     TurnState,
@@ -491,7 +492,9 @@ class StoryEngine:
     async def choose_alternative(
         self, channel: str, number: int, *, by: Author | None = None
     ) -> Turn:
-        """Make alternative `number` (1-based, as listed by `alternatives`) the active one."""
+        """Make alternative `number` (1-based, as listed by `alternatives`) the active one.
+        The choice is a preference, as a companion choice is: the chosen one over the
+        others (replacing what the same person chose here before)."""
         actor = await self._actor(by)
         async with self._lock(clean_id(channel, "The channel")):
             story = await self.active_story(channel)
@@ -502,20 +505,64 @@ class StoryEngine:
             if not isinstance(number, int) or not 1 <= number <= len(options):
                 raise InvalidInput(f"Choose an alternative from 1 to {len(options)}.")
             chosen = options[number - 1]
-            current = next(t for t in options if t.status == "active")
-            if chosen.id != current.id:
-                await self.store.swap_active(current.id, chosen.id)
-            if actor is not None and not is_alias(actor.id) and chosen.generation_id:
-                # Picking one of the alternatives is a preference, as a companion choice is.
-                others = [t.generation_id for t in options if t.id != chosen.id]
-                rejected = [g for g in others if g is not None]
-                if rejected:
-                    await self.store.add_preference_pairs(
-                        chosen.generation_id, rejected, actor.id, "choice"
-                    )
+            await self._keep(options, chosen, actor, over=[t.generation_id for t in options])
             turn = await self.store.turn(chosen.id)
             assert turn is not None
             return turn
+
+    async def swipe(
+        self, channel: str, story_id: int, position: int, step: int, *, by: Author | None = None
+    ) -> Swipe:
+        """Show the storyteller's latest reply's previous (`step` -1) or next (+1)
+        alternative in its place (SillyTavern's swipes). The one kept is preferred over
+        those paged past: each swipe replaces the person's pairs among these alternatives
+        with "the one shown now over every one they have seen"."""
+        if step not in (-1, 1):
+            raise InvalidInput("A swipe goes one step back or forward.")
+        actor = await self._actor(by)
+        async with self._lock(clean_id(channel, "The channel")):
+            story = await self.active_story(channel, story_id)
+            await self._allow(story, actor, Action.REWRITE)
+            turns = await self.store.active_turns(story.id)
+            if not turns or turns[-1].kind != "bot" or turns[-1].position != position:
+                raise InvalidInput(
+                    "Only the storyteller's latest reply can be swiped; this one is part "
+                    "of the story now."
+                )
+            options = await self.store.alternatives(story.id, position)
+            shown = next(i for i, t in enumerate(options) if t.status == "active")
+            wanted = shown + step
+            if not 0 <= wanted < len(options):
+                raise NothingToRetry(
+                    "This is the first one."
+                    if step < 0
+                    else "This is the newest one: Retry writes another."
+                )
+            chosen = options[wanted]
+            seen = {options[shown].generation_id}
+            if actor is not None:
+                group = [t.generation_id for t in options if t.generation_id is not None]
+                seen |= await self.store.choices_among(group, actor.id)
+            await self._keep(options, chosen, actor, over=list(seen))
+            turn = await self.store.turn(chosen.id)
+            assert turn is not None
+            before = turns[-2] if len(turns) > 1 and turns[-2].kind == "user" else None
+            return Swipe(turn, wanted + 1, len(options), before)
+
+    async def _keep(
+        self, options: list[Turn], chosen: Turn, actor: Author | None, over: list[int | None]
+    ) -> None:
+        """Make `chosen` (one of `options`, a turn's alternatives) the active one; with a
+        person choosing, record it as preferred over the generations `over`."""
+        current = next(t for t in options if t.status == "active")
+        if chosen.id != current.id:
+            await self.store.swap_active(current.id, chosen.id)
+        if actor is None or is_alias(actor.id) or chosen.generation_id is None:
+            return
+        rejected = [g for g in over if g is not None and g != chosen.generation_id]
+        if rejected:
+            group = [t.generation_id for t in options if t.generation_id is not None]
+            await self.store.replace_choice(group, chosen.generation_id, rejected, actor.id)
 
     async def undo(self, channel: str, *, by: Author | None = None) -> list[Turn]:
         """Remove the most recent action (a user's line and the reply to it, or a bot

@@ -70,6 +70,21 @@ class TurnResult:
 
 
 @dataclass(frozen=True)
+class Swipe:
+    """The alternative a swipe shows: `number` of `total` (1-based), and the person's
+    line it answers, if any."""
+
+    turn: Turn
+    number: int
+    total: int
+    user_turn: Turn | None
+
+    @property
+    def text(self) -> str:
+        return self.turn.text
+
+
+@dataclass(frozen=True)
 class Player:
     user_id: str
     user_name: str

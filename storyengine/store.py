@@ -316,6 +316,39 @@ class AudienceStore:
                 [(chosen, r, user_id, source) for r in rejected],
             )
 
+    async def choices_among(self, group: list[int], user_id: str) -> set[int]:
+        """The generations of `group` that a user's preference pairs name (what they have
+        chosen between, among one turn's alternatives)."""
+        if not group:
+            return set()
+        marks = ",".join("?" * len(group))
+        rows = await self.db.execute_fetchall(
+            "SELECT chosen_generation_id, rejected_generation_id FROM preference_pairs"
+            f" WHERE user_id = ? AND chosen_generation_id IN ({marks})"
+            f" AND rejected_generation_id IN ({marks})",
+            (user_id, *group, *group),
+        )
+        return {gid for row in rows for gid in row}
+
+    async def replace_choice(
+        self, group: list[int], chosen: int, rejected: list[int], user_id: str
+    ) -> None:
+        """A user's preference among one turn's alternatives (`group`) is now `chosen`
+        over `rejected`: their earlier pairs among them are replaced, in one transaction,
+        so changing one's mind never leaves pairs that contradict each other."""
+        marks = ",".join("?" * len(group))
+        async with self.transaction() as db:
+            await db.execute(
+                "DELETE FROM preference_pairs WHERE user_id = ?"
+                f" AND chosen_generation_id IN ({marks}) AND rejected_generation_id IN ({marks})",
+                (user_id, *group, *group),
+            )
+            await db.executemany(
+                "INSERT INTO preference_pairs (chosen_generation_id, rejected_generation_id,"
+                " user_id, source) VALUES (?, ?, ?, 'choice')",
+                [(chosen, r, user_id) for r in rejected if r != chosen],
+            )
+
     async def import_feedback(self, rows: list[dict[str, Any]], batch: str) -> dict[str, int]:
         """Store checked feedback rows (`feedback.parse_import`) in one transaction: each
         original story becomes an ended story of the operator's own (trainable, keeping

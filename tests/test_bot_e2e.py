@@ -153,7 +153,13 @@ async def solo_story(harness) -> None:
     assert opening["allowed_mentions"] == {"parse": []}
     story = await harness.env.engine.active_story(str(TEXT_CHANNEL))
     custom_ids = [c["custom_id"] for row in opening["components"] for c in row["components"]]
-    assert custom_ids == [f"tw:continue:{story.id}", f"tw:retry:{story.id}"]
+    opening_turn = (await harness.env.engine.view(str(TEXT_CHANNEL))).turns[-1]
+    assert custom_ids == [
+        f"tw:continue:{story.id}",
+        f"tw:retry:{story.id}",
+        f"tw:swipe:{story.id}:{opening_turn.position}:prev",
+        f"tw:swipe:{story.id}:{opening_turn.position}:next",
+    ]
 
     cont = await fake.slash(BEN, TEXT_CHANNEL, "continue", text="The fox found a shiny key.")
     message = await finished(fake, cont)
@@ -219,6 +225,52 @@ async def test_an_ended_storys_buttons_do_not_act_on_the_next_story(harness):
     legacy = await fake.press(ANN, int(first["id"]), "tw:continue")
     await finished(fake, legacy)
     assert len((await engine.view(str(TEXT_CHANNEL))).turns) == len(second.turns) + 1
+
+
+async def test_swipes_page_the_latest_reply_and_keep_one_preference(harness):
+    fake, engine = harness.fake, harness.env.engine
+    channel = str(TEXT_CHANNEL)
+    await finished(
+        fake, await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a fox.")
+    )
+    reply = await finished(
+        fake, await fake.slash(ANN, TEXT_CHANNEL, "continue", text="The fox found a key.")
+    )
+    for _ in range(2):  # three alternatives in all, each shown in a message of its own
+        retry = await fake.press(ANN, int(reply["id"]), button(reply, "tw:retry"))
+        reply = await finished(fake, retry)
+    alts = [t.generation_id for t in await engine.alternatives(channel)]
+    assert len(alts) == 3
+    message_id = int(reply["id"])
+
+    async def swipe(prefix: str, expect: str):
+        press = await fake.press(ANN, message_id, button(fake.messages[message_id], prefix))
+        await said(fake, press, expect)
+        return press
+
+    await swipe("tw:swipe", "🔀 2/3")  # ◀ comes first
+    shown = fake.messages[message_id]["content"]
+    assert "**Ann:** The fox found a key." in shown
+    assert (await engine.view(channel)).turns[-1].generation_id == alts[1]
+    assert await ann_pairs(engine) == {(alts[1], alts[2])}
+    await swipe("tw:swipe", "🔀 1/3")
+    assert await ann_pairs(engine) == {(alts[0], alts[1]), (alts[0], alts[2])}
+    first = await swipe("tw:swipe", "This is the first one")
+    assert first.ephemeral
+    await swipe(button(fake.messages[message_id], "tw:swipe").replace("prev", "next"), "🔀 2/3")
+    # Changing one's mind replaces the pairs: the one kept over every one seen.
+    assert await ann_pairs(engine) == {(alts[1], alts[0]), (alts[1], alts[2])}
+    assert await engine.store.generation_for_message(str(message_id)) == alts[1]
+
+    await finished(fake, await fake.slash(ANN, TEXT_CHANNEL, "continue", text="A door opened."))
+    late = await fake.press(ANN, message_id, button(fake.messages[message_id], "tw:swipe"))
+    await said(fake, late, "Only the storyteller's latest reply can be swiped")
+    assert (await engine.view(channel)).turns[-3].generation_id == alts[1]
+
+
+async def ann_pairs(engine) -> set[tuple[int, int]]:
+    pairs = await engine.store.preference_pairs()
+    return {(c, r) for c, r, user, _ in pairs if user == str(ANN.id)}
 
 
 class Clock:

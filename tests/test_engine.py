@@ -313,3 +313,15 @@ async def test_reward_models_read_a_base_model_of_their_own_without_a_local_one(
     base = await asyncio.to_thread(source._read_base)
     assert base.model_id == engine.narrator.info.model_id
     assert not base.is_peft and base.model is not engine.narrator.local_model.model
+
+
+async def test_choosing_again_replaces_ones_earlier_choice(engine):
+    """`/pick 1` then `/pick 2`: one preference (2 over 1), not two that contradict."""
+    await engine.start_story("c1", PREMISE, author=ANN)
+    await engine.retry("c1", by=ANN)
+    first, second = [t.generation_id for t in await engine.alternatives("c1")]
+    await engine.choose_alternative("c1", 1, by=ANN)
+    await engine.choose_alternative("c1", 2, by=ANN)
+    await engine.choose_alternative("c1", 2, by=BEN)
+    pairs = {(c, r, user) for c, r, user, _ in await engine.store.preference_pairs()}
+    assert pairs == {(second, first, "u1"), (second, first, "u2")}

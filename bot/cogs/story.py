@@ -153,7 +153,8 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
                 community=self.community_of(interaction),
                 on_progress=pub.progress,
             )
-            view = None if mode == "companion" else story_controls(result.story.id)
+            controls = story_controls(result.story.id, result.turn.position)
+            view = None if mode == "companion" else controls
             await pub.finish(story_message(result.text, header=header), result.generation_id, view)
         if mode == "round-robin":
             await interaction.followup.send(
@@ -231,7 +232,7 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
             await pub.finish(
                 story_message(result.text, user_line=user_line),
                 result.generation_id,
-                story_controls(result.story.id),
+                story_controls(result.story.id, result.turn.position),
             )
         if story.mode == "round-robin":
             await interaction.followup.send(
@@ -278,8 +279,26 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
             await pub.finish(
                 story_message(result.text, header="🔁"),
                 result.generation_id,
-                story_controls(result.story.id),
+                story_controls(result.story.id, result.turn.position),
             )
+
+    async def do_swipe(
+        self, interaction: discord.Interaction, story_id: int, position: int, step: int
+    ) -> None:
+        """◀ ▶: the reply's previous or next alternative, in place of this message's."""
+        channel, author = self.channel_of(interaction), self.author_of(interaction)
+        swipe = await in_time(
+            interaction, self.engine.swipe(channel, story_id, position, step, by=author)
+        )
+        line = swipe.user_turn
+        text = story_message(
+            swipe.text,
+            user_line=(line.author_name or "Someone", line.text) if line else None,
+            header=f"🔀 {swipe.number}/{swipe.total}",
+        )
+        message = await update_message(interaction, text, view=story_controls(story_id, position))
+        if swipe.turn.generation_id is not None:  # reactions now count for this one
+            await self.engine.link_message(str(message.id), swipe.turn.generation_id)
 
     @app_commands.command(name="undo", description="Take back the last turn (a line and its reply)")
     async def undo(self, interaction: discord.Interaction) -> None:
