@@ -9,7 +9,8 @@ HELP = """\
 **Taleweaver** writes stories with you. Start one with `/story start`, then:
 • `/story continue [text]`: add your line (optional) and let me go on · `/story retry` · `/story undo`
 • `/story memory`, `/story note` (author's note), `/story lore` / `lore-list` / `lore-remove`: steer me
-• `/story recap` · `/story export` (a Markdown file) · `/story stop` · `/story end`
+• ◀ ▶ on my latest reply: page through its alternatives; the one you leave showing stays
+• `/story recap` · `/story context` (what I saw, only you see it) · `/story export` (a Markdown file) · `/story stop` · `/story end`
 • `/story settings`: style (preset, temperature, length, turn timeout) for this channel
 • Round-robin games: `/story join` · `/story leave` · `/story pass` · `/story turn`
 • Companion mode (`/story start mode:companion`): a private thread where you pick between my continuations

@@ -44,6 +44,7 @@ Commands (anything else you type is your line; the storyteller continues it):
   /lore                       list lore cards;  /unlore NAME  removes one
   /settings [preset=NAME] [temperature=T] [length=N] [best_of=N]   this channel's style
   /recap                      the story so far, in brief
+  /context                    what the storyteller saw for its last turn, part by part
   /export [FILE]              the story as Markdown (to FILE, or printed)
   /end                        end the story
   /help                       this help;  /quit  leave (the story stays open)
@@ -935,6 +936,8 @@ class _ChatSession:
             await self._settings(arg)
         elif command == "recap":
             self.say(await e.recap(ch))
+        elif command == "context":
+            self.say((await e.context(ch)).describe())
         elif command == "export":
             markdown = await e.export_markdown(ch)
             if arg:

@@ -33,7 +33,7 @@ from .errors import (
 )
 from .generation import BASE_ADAPTER, GenerationHandle, GenerationOutput, Generator
 from .learning_admin import LearningAdmin
-from .memory import ContextBudget, ContextBuilder, LoreCard, StoryMaterial
+from .memory import ContextBudget, ContextBuilder, ContextView, LoreCard, StoryMaterial
 from .narrator import Narration, Narrator, ProgressCallback
 from .permissions import Action, check
 from .reactions import ReactionRecorder
@@ -711,6 +711,33 @@ class StoryEngine:
         for handle in list(handles):
             handle.cancel()
         return True
+
+    async def context(self, channel: str) -> ContextView:
+        """What the model saw for the story's last reply, each part marked with its
+        tokens against its budget (NovelAI's context viewer)."""
+        story = await self.active_story(channel)
+        turns = await self.store.active_turns(story.id)
+        last = next((t for t in reversed(turns) if t.kind == "bot"), None)
+        record = await self.store.generation(last.generation_id) if last else None
+        if last is None or record is None:
+            raise InvalidInput("The storyteller has not written anything in this story yet.")
+        params = await self.sampling_for(channel)
+        written = record.get("params") or {}
+        if written.get("max_new_tokens"):  # the reply's own length set the room left
+            params = params.replace(max_new_tokens=int(written["max_new_tokens"]))
+        before = turns[: turns.index(last)]
+        material = self._material(story, before, await self.store.lore(story.id))
+        built = self._builder(params).build(material)
+        window = self.narrator.info.context_window
+        stored = str(record["prompt"])
+        return ContextView(
+            built.sections,
+            built.tokens,
+            window,
+            params.max_new_tokens,
+            stored == built.text,
+            stored,
+        )
 
     def opening_prompt(self, premise: str, params: SamplingParams | None = None) -> str:
         """The prompt a new story with `premise` opens with (what `start_story` hands

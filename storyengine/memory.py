@@ -66,6 +66,21 @@ class ContextBudget:
     """How many recent turns are scanned for lore triggers."""
 
 
+@dataclass(frozen=True)
+class ContextSection:
+    """One marked part of an assembled prompt, in prompt order (the context viewer)."""
+
+    kind: str
+    """genre, memory, lore, premise, summary, recent or note."""
+    text: str
+    tokens: int
+    budget: int | None
+    """The tokens its kind may use (None: fixed parts, never cut; recent turns share
+    what the others leave)."""
+    label: str = ""
+    """What it is, for a person: a lore card's name, how many turns."""
+
+
 @dataclass
 class AssembledPrompt:
     text: str
@@ -74,6 +89,49 @@ class AssembledPrompt:
     turns_summarised: int
     turns_dropped: int
     lore_used: list[str] = field(default_factory=list)
+    sections: list[ContextSection] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ContextView:
+    """What the model saw for a story's last reply, part by part (`/story context`)."""
+
+    sections: list[ContextSection]
+    tokens: int
+    window: int
+    reserve: int
+    exact: bool
+    """True when the parts rebuild the prompt the reply was written from exactly; False
+    when the story's notes or lore changed since (`prompt` is then what it really saw)."""
+    prompt: str
+
+    def describe(self) -> str:
+        """As text for a person: each part marked, with its tokens and its budget."""
+        lines = [
+            f"What the storyteller saw for its last reply: {self.tokens} of "
+            f"{self.window - self.reserve} tokens ({self.window} in its window, "
+            f"{self.reserve} kept for the reply)."
+        ]
+        if not self.exact:
+            lines.append(
+                "The notes or lore changed since that reply: this is the prompt as it was."
+            )
+            return "\n".join([*lines, "", self.prompt.strip()])
+        names = {
+            "genre": "Genre",
+            "memory": "Memory",
+            "lore": "Lore",
+            "premise": "Premise",
+            "summary": "Summary of older turns",
+            "recent": "Recent turns",
+            "note": "Author's note",
+        }
+        for section in self.sections:
+            budget = "never cut" if section.budget is None else f"budget {section.budget}"
+            label = f": {section.label}" if section.label else ""
+            lines.append(f"\n[{names[section.kind]}{label}] {section.tokens} tokens, {budget}")
+            lines.append(section.text)
+        return "\n".join(lines)
 
 
 class ContextBuilder:
@@ -172,7 +230,47 @@ class ContextBuilder:
             turns_summarised=summarised,
             turns_dropped=len(turns) - len(verbatim) - summarised,
             lore_used=lore_used,
+            sections=self._sections(story, lore_lines, lore_used, summary, verbatim),
         )
+
+    def _sections(
+        self,
+        story: StoryMaterial,
+        lore: list[str],
+        lore_names: list[str],
+        summary: list[str],
+        recent: list[str],
+    ) -> list[ContextSection]:
+        """The prompt's parts as `_render` lays them out, each with its token count."""
+        b = self.budget
+        recent_budget = b.window - b.reserve - self.fixed_tokens(story)
+
+        def part(kind: str, text: str, budget: int | None, label: str = "") -> ContextSection:
+            return ContextSection(kind, text, self.count(text) + 1, budget, label)
+
+        out = []
+        if story.genre:
+            out.append(part("genre", f"This is a {story.genre} story.", None))
+        if story.memory:
+            out.append(part("memory", story.memory, None))
+        out += [
+            part("lore", line, b.lore_tokens, name)
+            for line, name in zip(lore, lore_names, strict=True)
+        ]
+        out.append(part("premise", story.premise, None))
+        if summary:
+            out.append(
+                part("summary", " ".join(summary), b.summary_tokens, f"{len(summary)} turns")
+            )
+        depth = min(b.note_depth, len(recent))
+        before, after = recent[: len(recent) - depth], recent[len(recent) - depth :]
+        if before:
+            out.append(part("recent", "\n".join(before), recent_budget, f"{len(before)} turns"))
+        if story.authors_note:
+            out.append(part("note", f"[Author's note: {story.authors_note}]", None))
+        if after:
+            out.append(part("recent", "\n".join(after), recent_budget, f"{len(after)} turns"))
+        return out
 
     def _render(
         self, story: StoryMaterial, lore: list[str], summary: list[str], recent: list[str]

@@ -273,6 +273,20 @@ async def ann_pairs(engine) -> set[tuple[int, int]]:
     return {(c, r) for c, r, user, _ in pairs if user == str(ANN.id)}
 
 
+async def test_the_context_viewer_answers_only_the_one_who_asks(harness):
+    fake = harness.fake
+    await finished(
+        fake, await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a fox.")
+    )
+    await said(fake, await fake.slash(ANN, TEXT_CHANNEL, "memory", text="Rusty is shy."), "Memory")
+    await finished(fake, await fake.slash(BEN, TEXT_CHANNEL, "continue", text="Rusty hid."))
+    context = await fake.slash(BEN, TEXT_CHANNEL, "context")
+    await said(fake, context, "What the storyteller saw for its last reply")
+    text = "\n".join(replies_to(fake, context))
+    assert "[Memory] " in text and "Rusty is shy." in text and "[Recent turns: " in text
+    assert context.ephemeral
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1_000_000.0

@@ -325,3 +325,34 @@ async def test_choosing_again_replaces_ones_earlier_choice(engine):
     await engine.choose_alternative("c1", 2, by=BEN)
     pairs = {(c, r, user) for c, r, user, _ in await engine.store.preference_pairs()}
     assert pairs == {(second, first, "u1"), (second, first, "u2")}
+
+
+async def test_the_context_viewer_marks_every_part_of_what_the_model_saw(engine):
+    await engine.start_story("c1", PREMISE, author=ANN, genre="fairy tale")
+    with_opening = await engine.context("c1")
+    assert with_opening.exact and [s.kind for s in with_opening.sections] == ["genre", "premise"]
+    await engine.set_memory("c1", "The fox is called Rusty.", by=ANN)
+    await engine.add_lore("c1", "Rusty", "fox, rusty", "a red fox afraid of water", by=ANN)
+    await engine.set_authors_note("c1", "The mood turns spooky.", by=ANN)
+    for line in ("The fox found a key.", "Rusty opened a door.", "A wind blew."):
+        await engine.continue_story("c1", BEN, line)
+    view = await engine.context("c1")
+    assert view.exact  # the parts rebuild the stored prompt exactly
+    kinds = [s.kind for s in view.sections]
+    assert kinds[:4] == ["genre", "memory", "lore", "premise"] and "note" in kinds
+    assert "recent" in kinds and kinds[-1] == "recent"
+    lore = next(s for s in view.sections if s.kind == "lore")
+    assert lore.label == "Rusty" and lore.budget == 160
+    assert sum(s.tokens for s in view.sections) >= view.tokens - 2
+    text = view.describe()
+    assert "[Lore: Rusty]" in text and "[Author's note]" in text and "never cut" in text
+
+    await engine.set_memory("c1", "Now about an owl.", by=ANN)
+    changed = await engine.context("c1")
+    assert not changed.exact and "The fox is called Rusty." in changed.prompt
+    assert "changed since" in changed.describe()
+
+
+async def test_the_context_viewer_needs_a_reply_to_show(engine):
+    with pytest.raises(NoActiveStory):
+        await engine.context("nowhere")

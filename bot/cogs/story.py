@@ -300,6 +300,14 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         if swipe.turn.generation_id is not None:  # reactions now count for this one
             await self.engine.link_message(str(message.id), swipe.turn.generation_id)
 
+    @app_commands.command(
+        name="context", description="What the storyteller saw for its last reply (only you see it)"
+    )
+    async def context(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)  # private throughout
+        view = await self.engine.context(self.channel_of(interaction))
+        await self.say(interaction, view.describe(), ephemeral=True)
+
     @app_commands.command(name="undo", description="Take back the last turn (a line and its reply)")
     async def undo(self, interaction: discord.Interaction) -> None:
         removed = await in_time(
