@@ -8,7 +8,7 @@ from storyengine.safety import neutralize_mentions
 HELP = """\
 **Taleweaver** writes stories with you. Start one with `/story start`, then:
 • `/story continue [text]`: add your line (optional) and let me go on · `/story retry` · `/story undo`
-• `/story memory`, `/story note` (author's note), `/story lore` / `lore-list` / `lore-remove`: steer me
+• `/story memory`, `/story note` (author's note), `/story lore add` / `list` / `remove`: steer me
 • ◀ ▶ on my latest reply: page through its alternatives; the one you leave showing stays
 • `/story recap` · `/story context` (what I saw, only you see it) · `/story export` (a Markdown file) · `/story stop` · `/story end`
 • `/story settings`: style (preset, temperature, length, turn timeout) for this channel

@@ -46,6 +46,7 @@ Commands (anything else you type is your line; the storyteller continues it):
   /recap                      the story so far, in brief
   /context                    what the storyteller saw for its last turn, part by part
   /export [FILE]              the story as Markdown (to FILE, or printed)
+  /save FILE                  the story as a story file;  /load FILE  starts one here
   /end                        end the story
   /help                       this help;  /quit  leave (the story stays open)
 Ctrl-C while the storyteller writes stops it."""
@@ -855,6 +856,19 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _read_story_file(path: str) -> bytes:
+    from .saves import MAX_BYTES
+
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_BYTES:
+            raise InvalidInput(f"{path} is too large: a story file is at most {MAX_BYTES:,} bytes.")
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise InvalidInput(f"Cannot read {path}: {exc.strerror}.") from None
+
+
 def _write_text(path: str, text: str) -> None:
     Path(path).expanduser().write_text(text, encoding="utf-8")
 
@@ -945,6 +959,19 @@ class _ChatSession:
                 self.say(f"Exported to {arg}.")
             else:
                 self.say(markdown)
+        elif command == "save":
+            if not arg:
+                raise InvalidInput("Usage: /save FILE")
+            await asyncio.to_thread(_write_text, arg, await e.save_story(ch))
+            self.say(f"Saved to {arg}.")
+        elif command == "load":
+            if not arg:
+                raise InvalidInput("Usage: /load FILE")
+            raw = await asyncio.to_thread(_read_story_file, arg)
+            view = await e.load_story(ch, raw, author=self.author)
+            self.say(f'Loaded the story "{view.story.premise}" ({len(view.turns)} turns).')
+            if view.turns:
+                self.say(view.turns[-1].text)
         elif command == "end":
             story = await e.end_story(ch)
             self.say(

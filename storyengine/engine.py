@@ -50,7 +50,7 @@ from .records import (
     TurnState,
 )
 from .render import render_markdown, render_recap
-from .safety import SafetyFilter, clean_id, clean_name, quoted
+from .safety import SafetyFilter, clean_id, clean_name, normalize_text, quoted
 from .sampling import DEFAULT_PRESET, PRESETS, SamplingParams, preset
 from .store import FORMER_PLAYER, ReactionEvent, Store, is_alias
 from .text import split_sentences
@@ -675,6 +675,115 @@ class StoryEngine:
         return render_markdown(
             story, await self.store.active_turns(story.id), await self.store.lore(story.id)
         )
+
+    async def save_story(self, channel: str) -> str:
+        """The active story (or, if none, the channel's last one) as a story file (JSON,
+        `saves`): premise, style, notes, lore, and the turns with their alternatives."""
+        from .saves import SavedLore, SavedStory, SavedTurn
+
+        channel = clean_id(channel, "The channel")
+        story = await self.store.active_story(channel) or await self.store.latest_story(channel)
+        if story is None:
+            raise NoActiveStory(channel)
+        turns = []
+        for turn in await self.store.active_turns(story.id):
+            others = []
+            if turn.kind == "bot":
+                others = [
+                    t.text
+                    for t in await self.store.alternatives(story.id, turn.position)
+                    if t.id != turn.id
+                ]
+            author = turn.author_name if turn.kind == "user" else None
+            turns.append(SavedTurn(turn.kind, turn.text, author, tuple(others[-16:])))
+        preset_name, sampling = await self.store.channel_settings(channel)
+        lore = [SavedLore(c.name, c.triggers, c.text) for c in await self.store.lore(story.id)]
+        return SavedStory(
+            story.premise,
+            story.genre,
+            story.mode,
+            story.memory,
+            story.authors_note,
+            preset_name,
+            sampling,
+            tuple(lore),
+            tuple(turns),
+        ).to_json()
+
+    async def load_story(
+        self,
+        channel: str,
+        raw: bytes | str,
+        *,
+        author: Author,
+        community: str | None = None,
+    ) -> StoryView:
+        """Start a saved story (`save_story`'s file) in this channel: every field checked
+        first, then stored in one transaction. A round-robin game starts with whoever
+        loads it seated."""
+        from .saves import SavedLore, SavedStory, SavedTurn, parse
+
+        saved = parse(raw, max_text=self.settings.max_input_chars)
+        clean = self.safety.clean_input
+
+        def text(value: str, what: str, limit: int, *, required: bool = True) -> str:
+            return clean(value, what=what, required=required, limit=limit)
+
+        def story_text(value: str, what: str) -> str:
+            """A turn: as long as the file allows (a reply may be longer than what a
+            person may type at once), cleaned as any text is."""
+            cleaned = self.safety.strip_control_tokens(normalize_text(value).strip())
+            if not cleaned:
+                raise InvalidInput(f"{what} is empty.")
+            return cleaned
+
+        try:
+            params = preset(saved.preset).params if saved.preset else self.settings.sampling
+            params.replace(**saved.sampling)
+        except (InvalidInput, TypeError) as exc:
+            raise InvalidInput(f'"settings": {exc}') from None
+        saved = SavedStory(
+            text(saved.premise, "The premise", len(saved.premise) or 1),
+            text(saved.genre or "", "The genre", MAX_GENRE_CHARS, required=False) or None,
+            saved.mode,
+            text(saved.memory, "The memory", len(saved.memory) or 1, required=False),
+            text(saved.authors_note, "The author's note", MAX_NOTE_CHARS, required=False),
+            saved.preset,
+            saved.sampling,
+            tuple(
+                SavedLore(
+                    " ".join(text(c.name, "A card's name", MAX_LORE_NAME).split()),
+                    tuple(w for w in (" ".join(t.split()) for t in c.triggers) if w) or (c.name,),
+                    text(c.text, "A card's text", MAX_NOTE_CHARS),
+                )
+                for c in saved.lore
+            ),
+            tuple(
+                SavedTurn(
+                    t.kind,
+                    story_text(t.text, "A turn"),
+                    clean_name(t.author) if t.author else None,
+                    tuple(story_text(a, "An alternative") for a in t.alternatives),
+                )
+                for t in saved.turns
+            ),
+        )
+        self._builder(params).check_fits(
+            StoryMaterial(saved.premise, (), saved.genre, saved.memory, saved.authors_note)
+        )
+        loader = await self._who(author)
+        channel = clean_id(channel, "The channel")
+        async with self._lock(channel):
+            if await self.store.active_story(channel) is not None:
+                raise StoryAlreadyRunning(channel)
+            story = await self.store.import_story(
+                channel, saved, loaded_by=loader.id, community=community
+            )
+            if story.mode == "round-robin":
+                await self.store.add_player(story.id, loader.id, loader.name)
+                await self._advance_turn(story, after_seat=None)
+            log.info("story %d loaded in %s (%d turns)", story.id, channel, len(saved.turns))
+        return await self.view(channel)
 
     async def end_story(self, channel: str, *, by: Author | None = None) -> Story:
         """End the channel's story (stopping any generation in progress first)."""

@@ -19,13 +19,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
 from .errors import ConfigError, InvalidInput
 from .memory import LoreCard
 from .records import Player, Story, Turn
+
+if TYPE_CHECKING:
+    from .saves import SavedStory
 
 log = logging.getLogger(__name__)
 
@@ -950,6 +953,64 @@ class Store(AudienceStore):
             (channel, premise, genre, mode, created_by, community),
         )
         story = await self.story(cursor.lastrowid or 0)
+        assert story is not None
+        return story
+
+    async def import_story(
+        self,
+        channel: str,
+        saved: SavedStory,
+        *,
+        loaded_by: str,
+        community: str | None,
+    ) -> Story:
+        """A saved story (checked and cleaned) started in `channel`, all in one
+        transaction: nothing half-loaded. Its lines belong to whoever loads it (their id,
+        the saved display names) and, like its replies (no generation records), are never
+        trained on."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO stories (channel, premise, genre, mode, created_by, community,"
+                " memory, authors_note) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    channel,
+                    saved.premise,
+                    saved.genre,
+                    saved.mode,
+                    loaded_by,
+                    community,
+                    saved.memory,
+                    saved.authors_note,
+                ),
+            )
+            story_id = int(cursor.lastrowid or 0)
+            rows = []
+            for position, turn in enumerate(saved.turns, start=1):
+                user = turn.kind == "user"
+                author = (loaded_by, turn.author) if user else (None, None)
+                # Alternatives first (replaced), then the turn itself: ids keep the order.
+                rows += [
+                    (story_id, position, position, "bot", None, None, text, 1, "replaced")
+                    for text in turn.alternatives
+                ]
+                shown = (story_id, position, position, turn.kind, *author, turn.text, 1, "active")
+                rows.append(shown)
+            await db.executemany(
+                "INSERT INTO turns (story_id, position, action, kind, author_id, author_name,"
+                " text, train_excluded, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            await db.executemany(
+                "INSERT INTO lore_cards (story_id, name, triggers, text) VALUES (?, ?, ?, ?)",
+                [(story_id, c.name, json.dumps(list(c.triggers)), c.text) for c in saved.lore],
+            )
+            await db.execute(
+                "INSERT INTO channel_settings (channel, preset, sampling) VALUES (?, ?, ?)"
+                " ON CONFLICT (channel) DO UPDATE SET preset = excluded.preset,"
+                " sampling = excluded.sampling",
+                (channel, saved.preset, json.dumps(saved.sampling)),
+            )
+        story = await self.story(story_id)
         assert story is not None
         return story
 

@@ -68,6 +68,14 @@ class FakeUser:
 
 
 @dataclass
+class Upload:
+    """A file a user attaches to a slash command option (`fake.slash(..., file=Upload(...))`)."""
+
+    filename: str
+    data: bytes
+
+
+@dataclass
 class Call:
     method: str
     path: str
@@ -100,6 +108,8 @@ class FakeDiscord:
     def __init__(self) -> None:
         self.calls: list[Call] = []
         self.unexpected: list[str] = []
+        self.uploads: dict[str, bytes] = {}
+        """Files users attached to commands, by attachment id (served as the CDN does)."""
         self.messages: dict[int, dict[str, Any]] = {}
         self.reactions: list[tuple[int, str]] = []  # (message id, emoji) added by the bot
         self.interactions: dict[int, InteractionRecord] = {}
@@ -149,6 +159,7 @@ class FakeDiscord:
         r.add_post("/api/v10/channels/{channel}/threads", self._thread)
         r.add_get("/api/v10/channels/{channel}", self._get_channel)
         r.add_post("/api/v10/users/@me/channels", self._dm)
+        r.add_get("/attachments/{id}/{filename}", self._attachment)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -183,6 +194,7 @@ class FakeDiscord:
                 request.headers.get("Authorization") != "Bot " + TOKEN
                 and "/webhooks/" not in request.path
                 and "/interactions/" not in request.path
+                and not request.path.startswith("/attachments/")  # the CDN: no token
             ):
                 self.unexpected.append(f"no bot token on {request.method} {request.path}")
         try:
@@ -347,6 +359,13 @@ class FakeDiscord:
 
     async def _sync(self, request: web.Request) -> web.Response:
         commands = await request.json()
+        # Discord's limits: 25 options (subcommands, groups, parameters) at every level.
+        crowded = [
+            c["name"] for c in _nested(commands) if len(c.get("options") or []) > MAX_OPTIONS
+        ]
+        if crowded:
+            self.unexpected.append(f"more than {MAX_OPTIONS} options in {crowded}")
+            return _json({"message": "Invalid Form Body", "code": 50035}, status=400)
         self.commands = [
             {**c, "id": str(next(self._ids)), "application_id": str(BOT_ID), "version": "1"}
             for c in commands
@@ -518,6 +537,12 @@ class FakeDiscord:
         message["flags"] = message.get("flags", 0) & ~128  # no longer "thinking"
         message["edited_timestamp"] = "2026-01-01T00:00:01+00:00"
 
+    async def _attachment(self, request: web.Request) -> web.Response:
+        data = self.uploads.get(request.match_info["id"])
+        if data is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=data, content_type="application/octet-stream")
+
     # -- what the tests do ------------------------------------------------------------
 
     def dm_channel(self, user: FakeUser) -> int:
@@ -536,22 +561,39 @@ class FakeDiscord:
     async def slash(
         self, user: FakeUser, channel_id: int, sub: str, *, group: str = "story", **options: Any
     ) -> InteractionRecord:
-        """`/GROUP SUB option:value ...` typed by `user` in `channel_id`."""
+        """`/GROUP SUB option:value ...` typed by `user` in `channel_id` (`sub` may be
+        `"lore add"`: a subcommand group and its subcommand)."""
         kinds = {str: 3, int: 4, float: 10, bool: 5}
-        data = {
-            "id": self.command_id(group),
-            "name": group,
-            "type": 1,
-            "options": [
-                {
-                    "type": 1,
-                    "name": sub,
-                    "options": [
-                        {"type": kinds[type(v)], "name": k, "value": v} for k, v in options.items()
-                    ],
+        resolved: dict[str, Any] = {}
+        uploaded: set[str] = set()
+        for name, value in list(options.items()):
+            if isinstance(value, Upload):  # Discord uploads it first, then refers to it
+                attachment_id = str(next(self._ids))
+                self.uploads[attachment_id] = value.data
+                url = f"http://127.0.0.1:{self.port}/attachments/{attachment_id}/{value.filename}"
+                resolved[attachment_id] = {
+                    "id": attachment_id,
+                    "filename": value.filename,
+                    "size": len(value.data),
+                    "url": url,
+                    "proxy_url": url,
+                    "content_type": "application/json",
                 }
+                options[name] = attachment_id
+                uploaded.add(name)
+        command: dict[str, Any] = {
+            "type": 1,
+            "name": sub.split()[-1],
+            "options": [
+                {"type": 11 if k in uploaded else kinds[type(v)], "name": k, "value": v}
+                for k, v in options.items()
             ],
         }
+        if " " in sub:  # `lore add`: a subcommand of a subcommand group
+            command = {"type": 2, "name": sub.split()[0], "options": [command]}
+        data = {"id": self.command_id(group), "name": group, "type": 1, "options": [command]}
+        if resolved:
+            data["resolved"] = {"attachments": resolved}
         return await self._interact(user, channel_id, 2, data)
 
     async def press(self, user: FakeUser, message_id: int, custom_id: str) -> InteractionRecord:
@@ -647,6 +689,18 @@ class FakeDiscord:
 
 
 TOKEN = "MTAwMDAwMDAwMDAwMDAwMDAw.GabcDE.fake-token-for-tests-0123456789abcdef"
+
+
+MAX_OPTIONS = 25
+
+
+def _nested(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every command, subcommand group and subcommand in a sync payload."""
+    out = []
+    for command in commands:
+        out.append(command)
+        out += _nested([o for o in command.get("options") or [] if o.get("type") in (1, 2)])
+    return out
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -11,7 +11,7 @@ import discord
 import pytest
 import yarl
 from discord.gateway import DiscordWebSocket
-from fake_discord import GUILD_ID, TEXT_CHANNEL, TOKEN, FakeDiscord, FakeUser
+from fake_discord import GUILD_ID, OTHER_CHANNEL, TEXT_CHANNEL, TOKEN, FakeDiscord, FakeUser, Upload
 
 from bot.client import StoryBot
 from bot.settings import BotSettings
@@ -285,6 +285,32 @@ async def test_the_context_viewer_answers_only_the_one_who_asks(harness):
     text = "\n".join(replies_to(fake, context))
     assert "[Memory] " in text and "Rusty is shy." in text and "[Recent turns: " in text
     assert context.ephemeral
+
+
+async def test_save_then_load_in_another_channel_and_go_on(harness):
+    fake, engine = harness.fake, harness.env.engine
+    await finished(
+        fake, await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a fox.")
+    )
+    await finished(fake, await fake.slash(BEN, TEXT_CHANNEL, "continue", text="It found a key."))
+    save = await fake.slash(ANN, TEXT_CHANNEL, "save")
+    await fake.wait_for(lambda: save.original_id and fake.messages[save.original_id]["attachments"])
+    attachment = fake.messages[save.original_id]["attachments"][0]
+    assert attachment["filename"] == "taleweaver-story.json"
+    saved = attachment["data"]
+
+    load = await fake.slash(BEN, OTHER_CHANNEL, "load", file=Upload("story.json", saved))
+    await said(fake, load, "3 turns loaded")
+    loaded = fake.messages[load.original_id]
+    assert "It found a key." not in loaded["content"]  # the last turn is the reply
+    story = await engine.active_story(str(OTHER_CHANNEL))
+    assert button(loaded, "tw:continue") == f"tw:continue:{story.id}"
+    go_on = await fake.press(BEN, load.original_id, button(loaded, "tw:continue"))
+    await finished(fake, go_on)
+    assert len((await engine.view(str(OTHER_CHANNEL))).turns) == 4
+
+    broken = await fake.slash(BEN, TEXT_CHANNEL, "load", file=Upload("x.json", saved[:40]))
+    await said(fake, broken, "not JSON")
 
 
 class Clock:
@@ -700,7 +726,7 @@ async def test_who_may_do_what_through_commands_and_buttons(harness):
         "undo": {},
         "memory": {"text": "Cat rules."},
         "note": {"text": "Cat rules."},
-        "lore": {"name": "Cat", "triggers": "cat", "text": "The ruler."},
+        "lore add": {"name": "Cat", "triggers": "cat", "text": "The ruler."},
         "settings": {"temperature": 1.5},
         "end": {},
     }

@@ -85,9 +85,9 @@ def fuzz_command(rng: random.Random) -> tuple[str, dict]:
         ("stop", dict),
         ("memory", lambda: {"text": text()}),
         ("note", lambda: {"text": text()}),
-        ("lore", lambda: {"name": text(), "triggers": text(), "text": text()}),
-        ("lore-remove", lambda: {"name": text()}),
-        ("lore-list", dict),
+        ("lore add", lambda: {"name": text(), "triggers": text(), "text": text()}),
+        ("lore remove", lambda: {"name": text()}),
+        ("lore list", dict),
         (
             "settings",
             lambda: {

@@ -136,3 +136,34 @@ async def test_generate_serves_the_promoted_adapter_unless_told_otherwise(tmp_pa
         "generate", "x", "--adapter", "9", "--db", str(tmp_path / "g.db"), cwd=tmp_path
     )
     assert missing.returncode == 2 and "no adapter version 9" in missing.stderr
+
+
+@pytest.mark.slow
+def test_chat_saves_a_story_and_loads_it_in_another_channel(tmp_path):
+    saved = tmp_path / "story.json"
+    script = "\n".join(
+        [
+            "/start Once upon a time, a little fox lived in a wood.",
+            "The fox found a key.",
+            "/context",
+            f"/save {saved}",
+            "/quit",
+        ]
+    )
+    result = run_cli("chat", "--db", str(tmp_path / "c.db"), stdin=script + "\n", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "What the storyteller saw for its last reply" in result.stdout
+    assert "[Premise] " in result.stdout and "[Recent turns: 2 turns]" in result.stdout
+    assert json.loads(saved.read_text())["premise"].startswith("Once upon a time")
+    script = f"/load {saved}\nThe fox opened a door.\n/load {tmp_path}\n/quit\n"
+    result = run_cli(
+        "chat",
+        "--db",
+        str(tmp_path / "c.db"),
+        "--channel",
+        "elsewhere",
+        stdin=script,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "(3 turns)" in result.stdout and "Cannot read" in result.stdout

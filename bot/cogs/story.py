@@ -27,6 +27,7 @@ from storyengine.permissions import Action
 from storyengine.records import DIRECT_MESSAGES, Author, Story
 from storyengine.safety import quoted
 from storyengine.sampling import MAX_BEST_OF
+from storyengine.saves import MAX_BYTES as MAX_SAVE_BYTES
 
 from ..publish import (
     ChannelTarget,
@@ -337,6 +338,40 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         file = discord.File(io.BytesIO(markdown.encode("utf-8")), filename="story.md")
         await interaction.response.send_message("📜 Here is the story so far.", file=file)
 
+    @app_commands.command(
+        name="save", description="The story as a file, to load here or anywhere with /story load"
+    )
+    async def save(self, interaction: discord.Interaction) -> None:
+        saved = await self.engine.save_story(self.channel_of(interaction))
+        file = discord.File(io.BytesIO(saved.encode("utf-8")), filename="taleweaver-story.json")
+        await interaction.response.send_message(
+            "💾 The story, saved: `/story load` starts it again, in any channel.", file=file
+        )
+
+    @app_commands.command(name="load", description="Start a saved story in this channel")
+    @app_commands.describe(file="a file from /story save")
+    async def load(self, interaction: discord.Interaction, file: discord.Attachment) -> None:
+        if file.size > MAX_SAVE_BYTES:  # before downloading it
+            most = f"{MAX_SAVE_BYTES:,}"
+            raise InvalidInput(f"That file is too large: a story file is at most {most} bytes.")
+        await interaction.response.defer(thinking=True)
+        raw = await file.read()
+        view = await self.engine.load_story(
+            self.channel_of(interaction),
+            raw,
+            author=self.author_of(interaction),
+            community=self.community_of(interaction),
+        )
+        bots = [t for t in view.turns if t.kind == "bot"]
+        last = view.turns[-1].text if view.turns else ""
+        header = f"📂 **{view.story.premise}** ({len(view.turns)} turns loaded)"
+        controls = story_controls(view.story.id, bots[-1].position if bots else None)
+        await edit_reply(interaction, story_message(last, header=header), view=controls)
+        if view.story.mode == "round-robin":
+            await interaction.followup.send(
+                safe(describe_turn(await self.engine.turn_state(view.story.channel)))
+            )
+
     @app_commands.command(name="end", description="End the story in this channel")
     async def end(self, interaction: discord.Interaction) -> None:
         await in_time(
@@ -382,8 +417,12 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
         )
         await self.say(interaction, "✒️ Author's note set." if text else "✒️ Author's note cleared.")
 
-    @app_commands.command(
-        name="lore", description="A character or place, recalled when its trigger words appear"
+    lore_group = app_commands.Group(
+        name="lore", description="Character and place cards, recalled when a trigger word comes up"
+    )
+
+    @lore_group.command(
+        name="add", description="A character or place, recalled when its trigger words appear"
     )
     @app_commands.describe(
         name="e.g. Rusty",
@@ -408,17 +447,17 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
             f"📚 Lore card **{card.name}** saved (triggers: {', '.join(card.triggers)}).",
         )
 
-    @app_commands.command(name="lore-list", description="List this story's lore cards")
+    @lore_group.command(name="list", description="List this story's lore cards")
     async def lore_list(self, interaction: discord.Interaction) -> None:
         cards = await self.engine.lore(self.channel_of(interaction))
         lines = [f"**{c.name}** ({', '.join(c.triggers)}): {c.text}" for c in cards]
         await self.say(
             interaction,
-            "\n".join(lines) or "No lore cards yet: `/story lore` adds one.",
+            "\n".join(lines) or "No lore cards yet: `/story lore add` adds one.",
             ephemeral=True,
         )
 
-    @app_commands.command(name="lore-remove", description="Remove a lore card")
+    @lore_group.command(name="remove", description="Remove a lore card")
     async def lore_remove(
         self, interaction: discord.Interaction, name: app_commands.Range[str, 1, MAX_LORE_NAME]
     ) -> None:
