@@ -110,6 +110,11 @@ class RemoteGenerator:
     def alive(self) -> bool:
         return not self._closed
 
+    @property
+    def running(self) -> int:
+        """Requests streaming now (for metrics; the service queues them itself)."""
+        return len(self._tasks)
+
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         handle = GenerationHandle(request, asyncio.get_running_loop())
         if self._closed:
