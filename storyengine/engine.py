@@ -43,6 +43,7 @@ from .records import (
     ChoiceOption,
     ChoiceSet,
     ForgetReport,
+    ImportReport,
     Story,
     Swipe,
     Turn,
@@ -610,6 +611,23 @@ class StoryEngine:
         by: Author | None = None,
     ) -> LoreCard:
         """Add or replace a lore card. `triggers` may be a comma-separated string."""
+        card = self._lore_card(name, triggers, text)
+        actor = await self._actor(by)
+        async with self._lock(clean_id(channel, "The channel")):
+            story = await self.active_story(channel)
+            await self._allow(story, actor, Action.NOTES)
+            existing = await self.store.lore(story.id)
+            if len(existing) >= MAX_LORE_CARDS and name.lower() not in {
+                c.name.lower() for c in existing
+            }:
+                raise InvalidInput(f"A story may have at most {MAX_LORE_CARDS} lore cards.")
+            await self.store.upsert_lore(story.id, card)
+        return card
+
+    def _lore_card(
+        self, name: str, triggers: list[str] | tuple[str, ...] | str, text: str
+    ) -> LoreCard:
+        """A lore card made of what someone typed or imported: checked and cleaned."""
         name = " ".join(
             self.safety.clean_input(name, what="The card's name", limit=MAX_LORE_NAME).split()
         )
@@ -634,18 +652,52 @@ class StoryEngine:
                 f"{MAX_TRIGGER_CHARS} characters."
             )
         body = self.safety.clean_input(text, what="The card's text", limit=MAX_NOTE_CHARS)
-        card = LoreCard(name, words, body)
+        return LoreCard(name, words, body)
+
+    async def import_lore(
+        self, channel: str, raw: bytes, *, by: Author | None = None
+    ) -> ImportReport:
+        """A SillyTavern character card (JSON or PNG) or world info, or a NovelAI
+        lorebook, into the story: its entries become lore cards (replacing cards of the
+        same name), and a character card's personality and scenario become the memory
+        when the story has none. Everything is checked first; it lands whole or not."""
+        from .lorebooks import read
+
+        found = read(raw)
+        cards = [self._lore_card(c.name, c.triggers, c.text) for c in found.cards]
+        memory = self.safety.clean_input(found.memory, what="The card's memory", required=False)
         actor = await self._actor(by)
         async with self._lock(clean_id(channel, "The channel")):
             story = await self.active_story(channel)
             await self._allow(story, actor, Action.NOTES)
-            existing = await self.store.lore(story.id)
-            if len(existing) >= MAX_LORE_CARDS and name.lower() not in {
-                c.name.lower() for c in existing
-            }:
-                raise InvalidInput(f"A story may have at most {MAX_LORE_CARDS} lore cards.")
-            await self.store.upsert_lore(story.id, card)
-        return card
+            names = {c.name.lower() for c in await self.store.lore(story.id)}
+            names |= {c.name.lower() for c in cards}
+            if len(names) > MAX_LORE_CARDS:
+                raise InvalidInput(
+                    f"With this file the story would have {len(names)} lore cards; a story "
+                    f"may have at most {MAX_LORE_CARDS}."
+                )
+            set_memory = bool(memory) and not story.memory
+            if set_memory:
+                material = self._material(story, [], [])
+                self._builder(await self.sampling_for(channel)).check_fits(
+                    dataclasses.replace(material, memory=memory)
+                )
+            await self.store.import_lore(story.id, cards, memory if set_memory else None)
+        return ImportReport(
+            found.kind,
+            [c.name for c in cards],
+            set_memory,
+            bool(memory) and not set_memory,
+            found.shortened,
+            found.skipped,
+        )
+
+    async def lore_as_world_info(self, channel: str) -> str:
+        """The story's lore as SillyTavern world info JSON."""
+        from .lorebooks import world_info
+
+        return world_info(await self.lore(channel))
 
     async def remove_lore(self, channel: str, name: str, *, by: Author | None = None) -> None:
         name = " ".join(

@@ -70,6 +70,36 @@ class TurnResult:
 
 
 @dataclass(frozen=True)
+class ImportReport:
+    """What a card or lorebook import did."""
+
+    kind: str
+    cards: list[str]
+    """The lore cards added or replaced, by name."""
+    memory_set: bool
+    memory_kept: bool
+    """The file had a memory, and the story already had one (left as it was)."""
+    shortened: int
+    skipped: int
+
+    def describe(self) -> str:
+        parts = [f"Imported a {self.kind}: {len(self.cards)} lore card(s)"]
+        if self.cards:
+            parts[0] += (
+                " (" + ", ".join(self.cards[:10]) + (", …" if len(self.cards) > 10 else "") + ")"
+            )
+        if self.memory_set:
+            parts.append("its personality and scenario are now the story's memory")
+        if self.memory_kept:
+            parts.append("the story's memory was kept (the card's was not used)")
+        if self.shortened:
+            parts.append(f"{self.shortened} shortened to 400 characters")
+        if self.skipped:
+            parts.append(f"{self.skipped} disabled or empty left out")
+        return "; ".join(parts) + "."
+
+
+@dataclass(frozen=True)
 class Swipe:
     """The alternative a swipe shows: `number` of `total` (1-based), and the person's
     line it answers, if any."""

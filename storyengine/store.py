@@ -1167,6 +1167,19 @@ class Store(AudienceStore):
             (story_id, card.name, json.dumps(list(card.triggers)), card.text),
         )
 
+    async def import_lore(self, story_id: int, cards: list[LoreCard], memory: str | None) -> None:
+        """Lore cards (added, or replacing cards of the same name) and, with `memory`, the
+        story's memory, in one transaction: an import lands whole or not at all."""
+        async with self.transaction() as db:
+            await db.executemany(
+                "INSERT INTO lore_cards (story_id, name, triggers, text) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (story_id, name) DO UPDATE SET triggers = excluded.triggers,"
+                " text = excluded.text",
+                [(story_id, c.name, json.dumps(list(c.triggers)), c.text) for c in cards],
+            )
+            if memory is not None:
+                await db.execute("UPDATE stories SET memory = ? WHERE id = ?", (memory, story_id))
+
     async def lore(self, story_id: int) -> list[LoreCard]:
         rows = await self.db.execute_fetchall(
             "SELECT * FROM lore_cards WHERE story_id = ? ORDER BY id", (story_id,)
