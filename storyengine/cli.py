@@ -42,6 +42,9 @@ Commands (anything else you type is your line; the storyteller continues it):
   /note TEXT                  author's note: steers the next turns ("/note" clears)
   /lore NAME: TRIGGERS: TEXT  a character or place, recalled when a trigger word appears
   /lore                       list lore cards;  /unlore NAME  removes one
+  /import FILE                a SillyTavern card (JSON, PNG) or world info, or a NovelAI
+                              lorebook, into the story's lore
+  /export-lore FILE           the story's lore as SillyTavern world info
   /settings [preset=NAME] [temperature=T] [length=N] [best_of=N]   this channel's style
   /recap                      the story so far, in brief
   /context                    what the storyteller saw for its last turn, part by part
@@ -856,13 +859,14 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _read_story_file(path: str) -> bytes:
-    from .saves import MAX_BYTES
+def _read_file(path: str, kind: str) -> bytes:
+    """A story file or a lorebook from disk, size-checked before it is read."""
+    from . import lorebooks, saves
 
+    most = saves.MAX_BYTES if kind == "story" else lorebooks.MAX_BYTES
     try:
-        size = os.path.getsize(path)
-        if size > MAX_BYTES:
-            raise InvalidInput(f"{path} is too large: a story file is at most {MAX_BYTES:,} bytes.")
+        if os.path.getsize(path) > most:
+            raise InvalidInput(f"{path} is too large: a {kind} file is at most {most:,} bytes.")
         with open(path, "rb") as file:
             return file.read()
     except OSError as exc:
@@ -959,6 +963,16 @@ class _ChatSession:
                 self.say(f"Exported to {arg}.")
             else:
                 self.say(markdown)
+        elif command == "import":
+            if not arg:
+                raise InvalidInput("Usage: /import FILE")
+            raw = await asyncio.to_thread(_read_file, arg, "lorebook")
+            self.say((await e.import_lore(ch, raw, by=self.author)).describe())
+        elif command == "export-lore":
+            if not arg:
+                raise InvalidInput("Usage: /export-lore FILE")
+            await asyncio.to_thread(_write_text, arg, await e.lore_as_world_info(ch))
+            self.say(f"Exported the lore to {arg}.")
         elif command == "save":
             if not arg:
                 raise InvalidInput("Usage: /save FILE")
@@ -967,7 +981,7 @@ class _ChatSession:
         elif command == "load":
             if not arg:
                 raise InvalidInput("Usage: /load FILE")
-            raw = await asyncio.to_thread(_read_story_file, arg)
+            raw = await asyncio.to_thread(_read_file, arg, "story")
             view = await e.load_story(ch, raw, author=self.author)
             self.say(f'Loaded the story "{view.story.premise}" ({len(view.turns)} turns).')
             if view.turns:

@@ -313,6 +313,31 @@ async def test_save_then_load_in_another_channel_and_go_on(harness):
     await said(fake, broken, "not JSON")
 
 
+async def test_import_a_card_png_and_world_info_then_export_the_lore(harness):
+    from test_lorebooks import CARD, WORLD_INFO, card_png
+
+    fake, engine = harness.fake, harness.env.engine
+    await finished(
+        fake, await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a fox.")
+    )
+    card = await fake.slash(ANN, TEXT_CHANNEL, "import", file=Upload("rusty.png", card_png(CARD)))
+    await said(fake, card, "Imported a character card: 2 lore card(s) (Rusty, The river)")
+    assert (await engine.active_story(str(TEXT_CHANNEL))).memory.startswith("Shy, curious")
+    book = json.dumps(WORLD_INFO).encode()
+    world = await fake.slash(ANN, TEXT_CHANNEL, "import", file=Upload("world.json", book))
+    await said(fake, world, "Imported a world info: 2 lore card(s)")
+    bad = await fake.slash(ANN, TEXT_CHANNEL, "import", file=Upload("x.png", b"\x89PNG\r\n\x1a\n"))
+    await said(fake, bad, 'no "chara" text chunk')
+
+    export = await fake.slash(ANN, TEXT_CHANNEL, "lore export")
+    await fake.wait_for(
+        lambda: export.original_id and fake.messages[export.original_id]["attachments"]
+    )
+    exported = json.loads(fake.messages[export.original_id]["attachments"][0]["content"])
+    names = [e["comment"] for e in exported["entries"].values()]
+    assert names == ["Rusty", "The river", "Hoot", "oak"]
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1_000_000.0

@@ -23,6 +23,7 @@ from storyengine.engine import (
     MAX_NOTE_CHARS,
 )
 from storyengine.errors import InvalidInput, StoryError
+from storyengine.lorebooks import MAX_BYTES as MAX_LOREBOOK_BYTES
 from storyengine.permissions import Action
 from storyengine.records import DIRECT_MESSAGES, Author, Story
 from storyengine.safety import quoted
@@ -348,6 +349,24 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
             "💾 The story, saved: `/story load` starts it again, in any channel.", file=file
         )
 
+    @app_commands.command(
+        name="import", description="A character card or a lorebook into this story's lore"
+    )
+    @app_commands.describe(
+        file="a SillyTavern character card (JSON or PNG), SillyTavern world info or a "
+        "NovelAI lorebook"
+    )
+    async def import_(self, interaction: discord.Interaction, file: discord.Attachment) -> None:
+        if file.size > MAX_LOREBOOK_BYTES:  # before downloading it
+            most = f"{MAX_LOREBOOK_BYTES:,}"
+            raise InvalidInput(f"That file is too large: at most {most} bytes.")
+        await interaction.response.defer(thinking=True)
+        raw = await file.read()
+        report = await self.engine.import_lore(
+            self.channel_of(interaction), raw, by=self.author_of(interaction)
+        )
+        await self.say(interaction, "📚 " + report.describe())
+
     @app_commands.command(name="load", description="Start a saved story in this channel")
     @app_commands.describe(file="a file from /story save")
     async def load(self, interaction: discord.Interaction, file: discord.Attachment) -> None:
@@ -455,6 +474,14 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
             interaction,
             "\n".join(lines) or "No lore cards yet: `/story lore add` adds one.",
             ephemeral=True,
+        )
+
+    @lore_group.command(name="export", description="This story's lore as SillyTavern world info")
+    async def lore_export(self, interaction: discord.Interaction) -> None:
+        data = await self.engine.lore_as_world_info(self.channel_of(interaction))
+        file = discord.File(io.BytesIO(data.encode("utf-8")), filename="taleweaver-lore.json")
+        await interaction.response.send_message(
+            "📚 The lore as SillyTavern world info (`/story import` takes it back).", file=file
         )
 
     @lore_group.command(name="remove", description="Remove a lore card")
