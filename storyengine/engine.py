@@ -661,11 +661,20 @@ class StoryEngine:
         lorebook, into the story: its entries become lore cards (replacing cards of the
         same name), and a character card's personality and scenario become the memory
         when the story has none. Everything is checked first; it lands whole or not."""
-        from .lorebooks import read
+        from .lorebooks import fill_names, read
 
         found = read(raw)
-        cards = [self._lore_card(c.name, c.triggers, c.text) for c in found.cards]
-        memory = self.safety.clean_input(found.memory, what="The card's memory", required=False)
+        user = by.name if by is not None and by.name else "you"
+
+        def filled(text: str) -> str:
+            return fill_names(text, found.character, user)
+
+        cards = [self._lore_card(c.name, c.triggers, filled(c.text)) for c in found.cards]
+        memory = self.safety.clean_input(
+            filled(found.memory), what="The card's memory", required=False
+        )
+        if found.greeting and await self.find_story(channel) is None:
+            return await self._start_from_card(channel, found, cards, memory, filled, by)
         actor = await self._actor(by)
         async with self._lock(clean_id(channel, "The channel")):
             story = await self.active_story(channel)
@@ -691,6 +700,38 @@ class StoryEngine:
             bool(memory) and not set_memory,
             found.shortened,
             found.skipped,
+        )
+
+    async def _start_from_card(
+        self,
+        channel: str,
+        found: Any,
+        cards: list[LoreCard],
+        memory: str,
+        filled: Callable[[str], str],
+        by: Author | None,
+    ) -> ImportReport:
+        """No story here yet: a character card starts one, its scenario the premise
+        (else a line naming the character), its greeting (`first_mes`) the opening."""
+        from .saves import SavedLore, SavedStory, SavedTurn
+
+        premise = filled(found.scenario) or f"A story with {found.character}."
+        premise = self.safety.clean_input(premise, what="The card's scenario")
+        saved = SavedStory(
+            premise,
+            memory=memory,
+            lore=tuple(SavedLore(c.name, c.triggers, c.text) for c in cards),
+            turns=(SavedTurn("bot", filled(found.greeting)),),
+        )
+        await self.load_story(channel, saved.to_json(), author=by or Author("operator", "You"))
+        return ImportReport(
+            found.kind,
+            [c.name for c in cards],
+            bool(memory),
+            False,
+            found.shortened,
+            found.skipped,
+            started=True,
         )
 
     async def lore_as_world_info(self, channel: str) -> str:

@@ -39,6 +39,11 @@ class ImportedLore:
     cards: list[LoreCard] = field(default_factory=list)
     memory: str = ""
     """A character card's personality and scenario, for the story's memory."""
+    character: str = ""
+    """A character card's name."""
+    scenario: str = ""
+    greeting: str = ""
+    """A character card's `first_mes`: the opening of a story started from the card."""
     shortened: int = 0
     """Entries whose text was cut to fit a card."""
     skipped: int = 0
@@ -71,6 +76,13 @@ def read(raw: bytes) -> ImportedLore:
         'That file is not a SillyTavern character card ("spec": "chara_card_v2"), '
         'SillyTavern world info ("entries") or a NovelAI lorebook ("lorebookVersion").'
     )
+
+
+def fill_names(text: str, character: str, user: str) -> str:
+    """SillyTavern's placeholders, `{{char}}` and `{{user}}`, filled in."""
+    for placeholder, value in (("{{char}}", character), ("{{user}}", user)):
+        text = text.replace(placeholder, value).replace(placeholder.upper(), value)
+    return text.replace("<BOT>", character).replace("<USER>", user)
 
 
 def world_info(cards: list[LoreCard]) -> str:
@@ -111,6 +123,9 @@ def _card(data: dict[str, Any]) -> ImportedLore:
         out.shortened += cut
     memory = [_string(body, key, "data.") for key in ("personality", "scenario")]
     out.memory = "\n".join(part for part in memory if part)
+    out.character = _name(name)
+    out.scenario = _string(body, "scenario", "data.")
+    out.greeting = _string(body, "first_mes", "data.")
     book = body.get("character_book")
     if book is not None:
         if not isinstance(book, dict):

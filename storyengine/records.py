@@ -81,9 +81,12 @@ class ImportReport:
     """The file had a memory, and the story already had one (left as it was)."""
     shortened: int
     skipped: int
+    started: bool = False
+    """No story was running: a character card started one with its greeting."""
 
     def describe(self) -> str:
-        parts = [f"Imported a {self.kind}: {len(self.cards)} lore card(s)"]
+        verb = "Started a story from" if self.started else "Imported"
+        parts = [f"{verb} a {self.kind}: {len(self.cards)} lore card(s)"]
         if self.cards:
             parts[0] += (
                 " (" + ", ".join(self.cards[:10]) + (", …" if len(self.cards) > 10 else "") + ")"

@@ -337,6 +337,14 @@ async def test_import_a_card_png_and_world_info_then_export_the_lore(harness):
     names = [e["comment"] for e in exported["entries"].values()]
     assert names == ["Rusty", "The river", "Hoot", "oak"]
 
+    # Where no story runs, a card with a greeting starts one.
+    fresh = await fake.slash(BEN, OTHER_CHANNEL, "import", file=Upload("r.png", card_png(CARD)))
+    await said(fake, fresh, "Rusty peeks out of his den.")
+    opening = fake.messages[fresh.original_id]
+    assert "Started a story from a character card" in opening["content"]
+    go_on = await fake.press(BEN, fresh.original_id, button(opening, "tw:continue"))
+    await finished(fake, go_on)
+
 
 class Clock:
     def __init__(self) -> None:

@@ -174,3 +174,20 @@ async def test_a_bad_file_changes_nothing(tiny_engine):
             await engine.import_lore("c1", raw, by=ANN)
     assert [c.name for c in await engine.lore("c1")] == ["Moon"]
     assert (await engine.active_story("c1")).memory == ""
+
+
+async def test_a_card_with_a_greeting_starts_a_story_where_none_runs(tiny_engine):
+    engine = tiny_engine
+    card = json.loads(json.dumps(CARD))
+    card["data"]["first_mes"] = "{{char}} peeks out at {{user}}."
+    card["data"]["scenario"] = "{{char}} lives by the river."
+    report = await engine.import_lore("c9", json.dumps(card).encode(), by=ANN)
+    assert report.started and report.describe().startswith("Started a story from a character")
+    view = await engine.view("c9")
+    assert view.story.premise == "Rusty lives by the river."
+    assert [t.text for t in view.turns] == ["Rusty peeks out at Ann."]
+    assert [c.name for c in view.lore] == ["Rusty", "The river"]
+    await engine.continue_story("c9", ANN, "Ann waves.")  # and it goes on
+    # With a story running, the same card only adds its lore.
+    again = await engine.import_lore("c9", json.dumps(card).encode(), by=ANN)
+    assert not again.started and again.memory_kept

@@ -362,10 +362,19 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
             raise InvalidInput(f"That file is too large: at most {most} bytes.")
         await interaction.response.defer(thinking=True)
         raw = await file.read()
-        report = await self.engine.import_lore(
-            self.channel_of(interaction), raw, by=self.author_of(interaction)
+        channel = self.channel_of(interaction)
+        report = await self.engine.import_lore(channel, raw, by=self.author_of(interaction))
+        if not report.started:
+            await self.say(interaction, "📚 " + report.describe())
+            return
+        view = await self.engine.view(channel)  # a card's greeting opened a story
+        opening = view.turns[-1]
+        header = f"📖 **{view.story.premise}**\n📚 {report.describe()}"
+        await edit_reply(
+            interaction,
+            story_message(opening.text, header=header),
+            view=story_controls(view.story.id, opening.position),
         )
-        await self.say(interaction, "📚 " + report.describe())
 
     @app_commands.command(name="load", description="Start a saved story in this channel")
     @app_commands.describe(file="a file from /story save")
