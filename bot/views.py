@@ -4,6 +4,7 @@ they keep working after the bot restarts."""
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -183,3 +184,54 @@ class ConfirmView(discord.ui.View):
     @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
     async def no(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
         await self._answer(interaction, False)
+
+
+class CardDraftView(discord.ui.View):
+    """Keep / Again / Edit under a card the storyteller drafted, for whoever asked (it
+    lives in memory: after a restart, ask again)."""
+
+    def __init__(
+        self,
+        user_id: int,
+        keep: Callable[[discord.Interaction, str], Awaitable[None]],
+        again: Callable[[discord.Interaction], Awaitable[None]],
+        text: str,
+        *,
+        timeout: float = 900.0,
+    ) -> None:
+        super().__init__(timeout=timeout)
+        self.user_id, self._keep, self._again, self.text = user_id, keep, again, text
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if interaction.user.id != self.user_id:
+            await interaction.response.send_message(
+                "Only whoever asked for this card can keep it.", ephemeral=True
+            )
+            return False
+        return True
+
+    @discord.ui.button(label="Keep", style=discord.ButtonStyle.success, emoji="📚")
+    async def keep(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
+        await self._keep(interaction, self.text)
+
+    @discord.ui.button(label="Again", style=discord.ButtonStyle.secondary, emoji="🔁")
+    async def again(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
+        await self._again(interaction)
+
+    @discord.ui.button(label="Edit", style=discord.ButtonStyle.secondary, emoji="✏️")
+    async def edit(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
+        await interaction.response.send_modal(CardEditModal(self))
+
+
+class CardEditModal(discord.ui.Modal, title="Edit the card"):
+    text: discord.ui.TextInput[Any] = discord.ui.TextInput(
+        label="What the card says", style=discord.TextStyle.paragraph, max_length=400
+    )
+
+    def __init__(self, view: CardDraftView) -> None:
+        super().__init__()
+        self.view = view
+        self.text.default = view.text
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        await self.view._keep(interaction, str(self.text.value))

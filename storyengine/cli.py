@@ -42,6 +42,8 @@ Commands (anything else you type is your line; the storyteller continues it):
   /note TEXT                  author's note: steers the next turns ("/note" clears)
   /lore NAME: TRIGGERS: TEXT  a character or place, recalled when a trigger word appears
   /lore                       list lore cards;  /unlore NAME  removes one
+  /character [NAME] [HINT]    the storyteller drafts a character;  /setting [HINT]  a place
+  /keep                       keep the last draft as a lore card
   /import FILE                a SillyTavern card (JSON, PNG) or world info, or a NovelAI
                               lorebook, into the story's lore
   /export-lore FILE           the story's lore as SillyTavern world info
@@ -888,6 +890,8 @@ class _ChatSession:
         self.engine = engine
         self.channel = channel
         self.author = author
+        self.draft: Any = None
+        """The last card `/character` or `/setting` drafted, for `/keep`."""
         self.out = out
         self.printer = _Printer(out)
 
@@ -963,6 +967,18 @@ class _ChatSession:
                 self.say(f"Exported to {arg}.")
             else:
                 self.say(markdown)
+        elif command in ("character", "setting"):
+            name, _, hint = arg.partition(" ") if command == "character" else ("", "", arg)
+            self.draft = await e.draft_card(ch, command, name=name or None, hint=hint or None)
+            self.say(f"{self.draft.name}: {self.draft.text}\n(/keep adds it to the lore)")
+        elif command == "keep":
+            if self.draft is None:
+                raise InvalidInput("Nothing to keep: /character or /setting drafts a card.")
+            card = await e.add_lore(
+                ch, self.draft.name, self.draft.triggers, self.draft.text, by=self.author
+            )
+            self.draft = None
+            self.say(f"Kept lore card {card.name}.")
         elif command == "import":
             if not arg:
                 raise InvalidInput("Usage: /import FILE")

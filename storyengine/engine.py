@@ -72,6 +72,17 @@ MAX_ID = 2**63 - 1
 BRIDGE_TOKENS = 40
 """Round-robin: the storyteller's bridge between two players' lines is short."""
 MAX_NOTE_CHARS = 400
+CARD_LEADS = {
+    "character": ("{subject} looked", "{subject} wanted", "{subject} always"),
+    "setting": ("{subject} was", "It felt", "In the middle of it, there was"),
+}
+"""How a drafted card's sentences begin (`draft_card`): a story model continues
+sentences, it does not fill in forms."""
+CARD_NAMES = {
+    "character": ("Pip", "Mira", "Tobin", "Wren", "Juno", "Bram", "Lulu", "Otto"),
+    "setting": ("Old Mill", "Willow Pond", "Hilltop", "Lantern Market", "Deep Wood"),
+}
+"""Names for a card drafted without one."""
 """The community of stories told in private messages: no one can switch its learning on,
 so they are never trained on."""
 
@@ -957,6 +968,49 @@ class StoryEngine:
         narration = await self.narrator.narrate(opening, params, channel="ideas")
         first = split_sentences(narration.text)[:1]
         return self.safety.clean_output(f"{opening} {first[0] if first else narration.text}")
+
+    async def draft_card(
+        self,
+        channel: str,
+        kind: str,
+        *,
+        name: str | None = None,
+        hint: str | None = None,
+    ) -> LoreCard:
+        """A character (appearance, what they want, a quirk) or a setting (the place, its
+        mood, a detail) for the channel's story, written by the storyteller one sentence
+        at a time after the story's premise; not stored (`add_lore` keeps it)."""
+        if kind not in CARD_LEADS:
+            raise InvalidInput("A card is a character or a setting.")
+        name = " ".join(
+            self.safety.clean_input(
+                name, what="The name", required=False, limit=MAX_LORE_NAME
+            ).split()
+        )
+        hint = self.safety.clean_input(hint, what="The hint", required=False, limit=100)
+        story = await self.active_story(channel)
+        if not name:
+            taken = {c.name.lower() for c in await self.store.lore(story.id)}
+            choices = [n for n in CARD_NAMES[kind] if n.lower() not in taken] or CARD_NAMES[kind]
+            name = choices[len(taken) % len(choices)]
+        subject = name if kind == "character" else f"The {name.lower().removeprefix('the ')}"
+        context = story.premise + (f" {hint.rstrip('.')}." if hint else "")
+        params = (await self.sampling_for(channel)).replace(
+            max_new_tokens=28, num_beams=1, temperature=0.9, best_of=1, seed=None
+        )
+        sentences: list[str] = []
+        for lead in CARD_LEADS[kind]:
+            lead = lead.format(subject=subject)
+            prompt = "\n".join([context, " ".join(sentences), lead]).replace("\n\n", "\n")
+            narration = await self.narrator.narrate(prompt, params, channel=f"{channel}:cards")
+            first = split_sentences(narration.text)[:1]
+            if first:
+                sentences.append(f"{lead} {first[0]}")
+        text = self.safety.clean_output(" ".join(sentences)) or f"{subject}."
+        while len(text) > MAX_NOTE_CHARS and len(sentences) > 1:
+            sentences.pop()
+            text = self.safety.clean_output(" ".join(sentences))
+        return self._lore_card(name, [name], text[:MAX_NOTE_CHARS])
 
     # -- round-robin --------------------------------------------------------------
 

@@ -346,6 +346,37 @@ async def test_import_a_card_png_and_world_info_then_export_the_lore(harness):
     await finished(fake, go_on)
 
 
+def labelled(message: dict, label: str) -> str:
+    """The custom id of the message's button labelled `label`."""
+    return next(
+        c["custom_id"]
+        for row in message["components"]
+        for c in row["components"]
+        if c.get("label") == label
+    )
+
+
+async def test_the_storyteller_drafts_a_character_and_keep_makes_it_lore(harness):
+    fake, engine = harness.fake, harness.env.engine
+    await finished(
+        fake, await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a fox.")
+    )
+    draft = await fake.slash(ANN, TEXT_CHANNEL, "lore character", name="Rusty", hint="shy")
+    await said(fake, draft, "🧑 **Rusty**")
+    message = fake.messages[draft.original_id]
+    assert "Rusty looked" in message["content"] and await engine.lore(str(TEXT_CHANNEL)) == []
+    intruder = await fake.press(BEN, draft.original_id, labelled(message, "Keep"))
+    await said(fake, intruder, "Only whoever asked for this card can keep it")
+    again = await fake.press(ANN, draft.original_id, labelled(message, "Again"))
+    await fake.wait_for(lambda: again.acked_at)
+    keep = await fake.press(ANN, draft.original_id, labelled(message, "Keep"))
+    await fake.wait_for(lambda: "Kept: lore card **Rusty**" in message["content"])
+    assert keep.callback_type == 7 and message["components"] == []
+    cards = await engine.lore(str(TEXT_CHANNEL))
+    assert [(c.name, c.triggers) for c in cards] == [("Rusty", ("Rusty",))]
+    assert cards[0].text in message["content"]
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1_000_000.0

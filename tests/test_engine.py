@@ -356,3 +356,18 @@ async def test_the_context_viewer_marks_every_part_of_what_the_model_saw(engine)
 async def test_the_context_viewer_needs_a_reply_to_show(engine):
     with pytest.raises(NoActiveStory):
         await engine.context("nowhere")
+
+
+async def test_the_storyteller_drafts_characters_and_settings(engine):
+    await engine.start_story("c1", PREMISE, author=ANN)
+    rusty = await engine.draft_card("c1", "character", name="Rusty", hint="a shy fox")
+    assert rusty.name == "Rusty" and rusty.triggers == ("Rusty",)
+    assert rusty.text.startswith("Rusty looked") and len(rusty.text) <= 400
+    assert await engine.lore("c1") == []  # a draft, not a card yet
+    place = await engine.draft_card("c1", "setting", hint="a foggy marsh")
+    assert place.name == "Old Mill" and place.text.startswith("The old mill was")
+    await engine.add_lore("c1", rusty.name, rusty.triggers, rusty.text, by=ANN)
+    anon = await engine.draft_card("c1", "character")
+    assert anon.name == "Mira"  # names not yet taken in the story's lore
+    with pytest.raises(InvalidInput):
+        await engine.draft_card("c1", "spaceship")

@@ -146,6 +146,8 @@ def test_chat_saves_a_story_and_loads_it_in_another_channel(tmp_path):
             "/start Once upon a time, a little fox lived in a wood.",
             "The fox found a key.",
             "/context",
+            "/character Rusty a shy fox",
+            "/keep",
             f"/export-lore {tmp_path / 'lore.json'}",
             f"/import {tmp_path / 'lore.json'}",
             f"/save {saved}",
@@ -156,7 +158,8 @@ def test_chat_saves_a_story_and_loads_it_in_another_channel(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "What the storyteller saw for its last reply" in result.stdout
     assert "[Premise] " in result.stdout and "[Recent turns: 2 turns]" in result.stdout
-    assert "Imported a world info: 0 lore card(s)." in result.stdout
+    assert "Rusty: Rusty looked" in result.stdout and "Kept lore card Rusty." in result.stdout
+    assert "Imported a world info: 1 lore card(s) (Rusty)." in result.stdout
     assert json.loads(saved.read_text())["premise"].startswith("Once upon a time")
     script = f"/load {saved}\nThe fox opened a door.\n/load {tmp_path}\n/quit\n"
     result = run_cli(

@@ -24,6 +24,7 @@ from storyengine.engine import (
 )
 from storyengine.errors import InvalidInput, StoryError
 from storyengine.lorebooks import MAX_BYTES as MAX_LOREBOOK_BYTES
+from storyengine.memory import LoreCard
 from storyengine.permissions import Action
 from storyengine.records import DIRECT_MESSAGES, Author, Story
 from storyengine.safety import quoted
@@ -43,7 +44,7 @@ from ..publish import (
     update_message,
 )
 from ..render import HELP, PRIVACY, choice_message, describe_turn, quote_line, story_message
-from ..views import ConfirmView, choice_controls, story_controls
+from ..views import CardDraftView, ConfirmView, choice_controls, story_controls
 
 # Discord refuses what is past these before the bot sees it; the engine checks its own
 # configured limits (STORY_MAX_INPUT_CHARS) and says so.
@@ -484,6 +485,62 @@ class StoryCog(commands.GroupCog, group_name="story", group_description="Tell a 
             "\n".join(lines) or "No lore cards yet: `/story lore add` adds one.",
             ephemeral=True,
         )
+
+    @lore_group.command(name="character", description="The storyteller drafts a character")
+    @app_commands.describe(name="their name (or one is chosen)", hint="e.g. 'a shy fox'")
+    async def lore_character(
+        self,
+        interaction: discord.Interaction,
+        name: app_commands.Range[str, 1, MAX_LORE_NAME] | None = None,
+        hint: app_commands.Range[str, 1, 100] | None = None,
+    ) -> None:
+        await self.draft(interaction, "character", name, hint)
+
+    @lore_group.command(name="setting", description="The storyteller drafts a place")
+    @app_commands.describe(name="its name (or one is chosen)", hint="e.g. 'a foggy marsh'")
+    async def lore_setting(
+        self,
+        interaction: discord.Interaction,
+        name: app_commands.Range[str, 1, MAX_LORE_NAME] | None = None,
+        hint: app_commands.Range[str, 1, 100] | None = None,
+    ) -> None:
+        await self.draft(interaction, "setting", name, hint)
+
+    async def draft(
+        self, interaction: discord.Interaction, kind: str, name: str | None, hint: str | None
+    ) -> None:
+        """A drafted card, with Keep / Again / Edit for whoever asked."""
+        channel, author = self.channel_of(interaction), self.author_of(interaction)
+        await self.engine.check_allowed(channel, author, Action.NOTES)  # before any work
+        self.cooldown(interaction)
+        await interaction.response.defer(thinking=True)
+        icon = "🧑" if kind == "character" else "🏞️"
+
+        async def write() -> LoreCard:
+            async with self.bot.work.tracked():
+                return await self.engine.draft_card(channel, kind, name=name, hint=hint)
+
+        async def keep(press: discord.Interaction, text: str) -> None:
+            kept = await self.engine.add_lore(channel, card.name, card.triggers, text, by=author)
+            await update_message(
+                press,
+                f"📚 Kept: lore card **{kept.name}** (triggers: "
+                f"{', '.join(kept.triggers)}).\n{kept.text}",
+                view=None,
+            )
+
+        async def again(press: discord.Interaction) -> None:
+            nonlocal card
+            await press.response.defer()
+            card = await write()
+            controls.text = card.text
+            await press.edit_original_response(
+                content=safe(f"{icon} **{card.name}**\n{card.text}"), view=controls
+            )
+
+        card = await write()
+        controls = CardDraftView(interaction.user.id, keep, again, card.text)
+        await edit_reply(interaction, f"{icon} **{card.name}**\n{card.text}", view=controls)
 
     @lore_group.command(name="export", description="This story's lore as SillyTavern world info")
     async def lore_export(self, interaction: discord.Interaction) -> None:
