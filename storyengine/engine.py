@@ -628,7 +628,7 @@ class StoryEngine:
             story = await self.active_story(channel)
             await self._allow(story, actor, Action.NOTES)
             existing = await self.store.lore(story.id)
-            if len(existing) >= MAX_LORE_CARDS and name.lower() not in {
+            if len(existing) >= MAX_LORE_CARDS and card.name.lower() not in {
                 c.name.lower() for c in existing
             }:
                 raise InvalidInput(f"A story may have at most {MAX_LORE_CARDS} lore cards.")

@@ -371,3 +371,16 @@ async def test_the_storyteller_drafts_characters_and_settings(engine):
     assert anon.name == "Mira"  # names not yet taken in the story's lore
     with pytest.raises(InvalidInput):
         await engine.draft_card("c1", "spaceship")
+
+
+async def test_a_full_lore_still_takes_a_card_that_replaces_one(tiny_engine):
+    """At the limit, a card whose name matches one already there (once its spaces are
+    tidied, as names are stored) replaces it instead of being refused."""
+    await tiny_engine.start_story("c1", PREMISE, author=ANN)
+    for i in range(50):
+        await tiny_engine.add_lore("c1", f"Card {i}", f"w{i}", "text", by=ANN)
+    await tiny_engine.add_lore("c1", "  Card   7 ", "w7", "new text", by=ANN)
+    cards = {c.name: c.text for c in await tiny_engine.lore("c1")}
+    assert len(cards) == 50 and cards["Card 7"] == "new text"
+    with pytest.raises(InvalidInput, match="at most 50 lore cards"):
+        await tiny_engine.add_lore("c1", "Card 50", "w", "text", by=ANN)
