@@ -36,6 +36,7 @@ Commands (anything else you type is your line; the storyteller continues it):
   /retry                      write the storyteller's last turn again
   /alts                       list the alternatives written for the last turn
   /pick N                     make alternative N the story's turn (a preference, learned from)
+  /swipe [prev|next]          show the last turn's previous (or next) alternative in its place
   /good, /bad                 like or dislike the storyteller's last turn (learned from)
   /undo                       take back the last turn (your line and its reply)
   /memory TEXT                what the storyteller should always remember ("/memory" clears)
@@ -931,6 +932,16 @@ class _ChatSession:
             for i, turn in enumerate(alts, 1):
                 mark = "*" if turn.status == "active" else " "
                 self.say(f"{mark}{i}. {turn.text}")
+        elif command == "swipe":
+            if arg not in ("", "prev", "next"):
+                raise InvalidInput("Usage: /swipe [prev|next]")
+            view = await e.view(ch)
+            last = view.turns[-1] if view.turns else None
+            if last is None or last.kind != "bot":
+                raise InvalidInput("Only the storyteller's latest reply can be swiped.")
+            step = 1 if arg == "next" else -1
+            swipe = await e.swipe(ch, view.story.id, last.position, step, by=self.author)
+            self.say(f"({swipe.number}/{swipe.total}) {swipe.text}")
         elif command == "pick":
             if not arg.isdigit():
                 self.say("! Usage: /pick N (see /alts)")

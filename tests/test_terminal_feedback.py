@@ -145,6 +145,10 @@ def test_chat_saves_a_story_and_loads_it_in_another_channel(tmp_path):
         [
             "/start Once upon a time, a little fox lived in a wood.",
             "The fox found a key.",
+            "/retry",
+            "/swipe",
+            "/swipe",
+            "/swipe next",
             "/context",
             "/character Rusty a shy fox",
             "/keep",
@@ -156,6 +160,8 @@ def test_chat_saves_a_story_and_loads_it_in_another_channel(tmp_path):
     )
     result = run_cli("chat", "--db", str(tmp_path / "c.db"), stdin=script + "\n", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "(1/2) " in result.stdout and "This is the first one." in result.stdout
+    assert "(2/2) " in result.stdout
     assert "What the storyteller saw for its last reply" in result.stdout
     assert "[Premise] " in result.stdout and "[Recent turns: 2 turns]" in result.stdout
     assert "Rusty: Rusty looked" in result.stdout and "Kept lore card Rusty." in result.stdout
