@@ -17,8 +17,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class TokenizedText:
+    """Text and tokens by a model's tokenizer (`self.tokenizer`): what `ModelInfo` asks
+    for, the same wherever the model runs."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def encode(self, text: str) -> list[int]:
+        # split_special_tokens: a user typing "<|endoftext|>" gets those characters
+        # encoded as plain text, never the control token itself.
+        return list(self.tokenizer(text, split_special_tokens=True)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text)) if text else 0
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """The tokenizer's control tokens, as text (the safety filter removes them from
+        what people type)."""
+        return list(self.tokenizer.all_special_tokens)
+
+
 @dataclass
-class LoadedModel:
+class LoadedModel(TokenizedText):
     """A causal LM ready to generate, with what identifies it in generation records."""
 
     model: PreTrainedModel
@@ -76,23 +100,6 @@ class LoadedModel:
         pad = self.tokenizer.pad_token_id
         return int(pad if pad is not None else self.tokenizer.eos_token_id)
 
-    def encode(self, text: str) -> list[int]:
-        # split_special_tokens: a user typing "<|endoftext|>" gets those characters
-        # encoded as plain text, never the control token itself.
-        return list(self.tokenizer(text, split_special_tokens=True)["input_ids"])
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.encode(text)) if text else 0
-
-    @property
-    def special_tokens(self) -> list[str]:
-        """The tokenizer's control tokens, as text (the safety filter removes them from
-        what people type)."""
-        return list(self.tokenizer.all_special_tokens)
-
     def describe(self) -> str:
         """Where and how it runs, for the start-up log: `cpu, float32`."""
         dtype = str(getattr(self.model, "dtype", "?")).removeprefix("torch.")
@@ -125,19 +132,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_model(settings: Settings) -> LoadedModel:
     """Load the configured base model (and adapter). The bundled model never touches the
     network; any other id is resolved by Hugging Face as usual."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    offline: dict[str, Any] = {"local_files_only": True} if settings.uses_bundled_model else {}
-    path = settings.model_path
+    tokenizer = load_tokenizer(settings)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **offline)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **offline)
+        model = AutoModelForCausalLM.from_pretrained(
+            settings.model_path, dtype=dtype, **_offline(settings)
+        )
     except OSError as exc:
         raise ConfigError(f"STORY_BASE_MODEL: cannot load {settings.base_model!r}: {exc}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model_id = "bundled:tinystories-gpt2" if settings.uses_bundled_model else settings.base_model
     adapter_id = None
     if settings.adapter:
@@ -149,6 +154,25 @@ def load_model(settings: Settings) -> LoadedModel:
     model.eval()
     log.info("loaded %s (adapter %s) on %s as %s", model_id, adapter_id, device, dtype)
     return LoadedModel(model, tokenizer, model_id, adapter_id, device)
+
+
+def load_tokenizer(settings: Settings) -> PreTrainedTokenizerBase:
+    """The configured base model's tokenizer alone (a generator that runs the model
+    elsewhere needs only this here), with a pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(settings.model_path, **_offline(settings))
+    except OSError as exc:
+        raise ConfigError(f"STORY_BASE_MODEL: cannot load {settings.base_model!r}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _offline(settings: Settings) -> dict[str, Any]:
+    """The bundled model never touches the network."""
+    return {"local_files_only": True} if settings.uses_bundled_model else {}
 
 
 def load_for_training(settings: Settings) -> LoadedModel:

@@ -31,6 +31,7 @@ from .generation import (
     candidate_requests,
     empty_output,
 )
+from .modeling import TokenizedText, load_tokenizer
 
 if TYPE_CHECKING:
     import aiohttp
@@ -43,27 +44,14 @@ FINISH = {"stop": "eos", "length": "length", "abort": "cancelled"}
 
 
 @dataclass
-class RemoteModelInfo:
-    """The served model as the engine needs to know it: a local tokenizer, the
-    service's context window and model id."""
+class RemoteModelInfo(TokenizedText):
+    """The served model as the engine needs to know it: a local tokenizer (its text
+    and tokens as a local model's), the service's context window and model id."""
 
     model_id: str
     context_window: int
     tokenizer: Any
     url: str
-
-    @property
-    def special_tokens(self) -> list[str]:
-        return list(self.tokenizer.all_special_tokens)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, split_special_tokens=True)["input_ids"])
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.encode(text)) if text else 0
 
     def describe(self) -> str:
         return f"the service at {self.url}"
@@ -72,8 +60,6 @@ class RemoteModelInfo:
 def connect(settings: Settings, *, timeout_s: float = 10.0) -> RemoteGenerator:
     """Ask the service what it serves (`GET /v1/models`) and load the matching
     tokenizer (`STORY_BASE_MODEL`'s). Blocking: call it off the event loop."""
-    from transformers import AutoTokenizer
-
     url = (settings.generator_url or "").rstrip("/")
     try:
         with urllib.request.urlopen(f"{url}/models", timeout=timeout_s) as response:
@@ -84,7 +70,7 @@ def connect(settings: Settings, *, timeout_s: float = 10.0) -> RemoteGenerator:
         raise ConfigError(
             f"STORY_GENERATOR_URL: no completions service answers at {url} ({reason})"
         ) from None
-    tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+    tokenizer = load_tokenizer(settings)
     window = int(first.get("max_model_len") or getattr(tokenizer, "model_max_length", 1024))
     if window > 1_000_000:  # a tokenizer that does not say
         window = 1024
