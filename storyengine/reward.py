@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConfigError, InvalidInput
-from .evaluation import evidence
+from .evaluation import average_ranks, evidence
 from .feedback import FeedbackDatasets, LabelledExample, PreferencePair
 from .store import Store
 
@@ -665,7 +665,7 @@ def heldout_report(
         if not (p.chosen_generation_id in labelled and p.rejected_generation_id in labelled)
     ]
     liked = torch.tensor([e.label for e in labels], dtype=torch.bool)
-    ranks = _average_ranks(list(scores))
+    ranks = torch.tensor(average_ranks(list(scores)), dtype=torch.float64)
     n_pos, n_neg = int(liked.sum()), len(labels) - int(liked.sum())
     generator = torch.Generator().manual_seed(seed)
 
@@ -707,23 +707,6 @@ def heldout_report(
         label_auc=float(auc(ranks[liked].sum())) if n_pos and n_neg else None,
         judged_pairs=len(judged),
     )
-
-
-def _average_ranks(values: list[float]) -> torch.Tensor:
-    """1-based ranks, ties sharing their average rank."""
-    import torch
-
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return torch.tensor(ranks, dtype=torch.float64)
 
 
 def gate(
