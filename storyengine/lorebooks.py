@@ -69,9 +69,9 @@ def read(raw: bytes) -> ImportedLore:
     ):
         return _card(data)
     if "lorebookVersion" in data:
-        return _entries(data.get("entries"), "NovelAI lorebook", _novelai_entry)
+        return _entries(data.get("entries"), "NovelAI lorebook", NOVELAI)
     if "entries" in data:
-        return _entries(data.get("entries"), "world info", _world_info_entry)
+        return _entries(data.get("entries"), "world info", WORLD_INFO)
     raise InvalidInput(
         'That file is not a SillyTavern character card ("spec": "chara_card_v2"), '
         'SillyTavern world info ("entries") or a NovelAI lorebook ("lorebookVersion").'
@@ -130,14 +130,15 @@ def _card(data: dict[str, Any]) -> ImportedLore:
     if book is not None:
         if not isinstance(book, dict):
             raise InvalidInput('"data.character_book": expected an object.')
-        inner = _entries(book.get("entries"), "character book", _book_entry, "data.character_book.")
+        where = "data.character_book."
+        inner = _entries(book.get("entries"), "character book", CHARACTER_BOOK, where)
         out.cards += inner.cards
         out.shortened += inner.shortened
         out.skipped += inner.skipped
     return out
 
 
-def _entries(entries: Any, kind: str, convert: Any, where: str = "") -> ImportedLore:
+def _entries(entries: Any, kind: str, fields: _Fields, where: str = "") -> ImportedLore:
     if isinstance(entries, dict):  # SillyTavern keys its entries by uid
         items = list(entries.items())
     elif isinstance(entries, list):
@@ -153,7 +154,7 @@ def _entries(entries: Any, kind: str, convert: Any, where: str = "") -> Imported
         )
         if not isinstance(entry, dict):
             raise InvalidInput(f'"{path[:-1]}": expected an object.')
-        made = convert(entry, path)
+        made = _entry(entry, path, fields)
         if made is None:
             out.skipped += 1
             continue
@@ -164,38 +165,36 @@ def _entries(entries: Any, kind: str, convert: Any, where: str = "") -> Imported
     return out
 
 
-def _world_info_entry(entry: dict[str, Any], path: str) -> tuple[str, tuple[str, ...], str] | None:
-    keys = _keys(entry.get("key", []), f"{path}key")
-    content = _string(entry, "content", path)
-    if entry.get("disable") is True or not content.strip():
+@dataclass(frozen=True)
+class _Fields:
+    """Where a format keeps an entry's parts."""
+
+    keys: str
+    content: str
+    names: tuple[str, ...]
+    """Fields that may name the entry, first found wins (else its first key)."""
+    off: tuple[str, bool]
+    """The field, and its value, that switch an entry off."""
+
+
+WORLD_INFO = _Fields("key", "content", ("comment",), ("disable", True))
+CHARACTER_BOOK = _Fields("keys", "content", ("name", "comment"), ("enabled", False))
+NOVELAI = _Fields("keys", "text", ("displayName",), ("enabled", False))
+
+
+def _entry(
+    entry: dict[str, Any], path: str, fields: _Fields
+) -> tuple[str, tuple[str, ...], str] | None:
+    """(name, triggers, text) of one entry, or None for one that is off or empty."""
+    keys = _keys(entry.get(fields.keys, []), f"{path}{fields.keys}")
+    content = _string(entry, fields.content, path)
+    flag, off = fields.off
+    if entry.get(flag) is off or not content.strip():
         return None
-    name = _string(entry, "comment", path) or (keys[0] if keys else "")
+    named = (_string(entry, field, path) for field in fields.names)
+    name = next((n for n in named if n), "") or (keys[0] if keys else "")
     if not name:
-        raise InvalidInput(f'"{path}comment": an entry needs a name or at least one key.')
-    return name, keys or (_trigger(name),), content
-
-
-def _book_entry(entry: dict[str, Any], path: str) -> tuple[str, tuple[str, ...], str] | None:
-    keys = _keys(entry.get("keys", []), f"{path}keys")
-    content = _string(entry, "content", path)
-    if entry.get("enabled") is False or not content.strip():
-        return None
-    name = (
-        _string(entry, "name", path) or _string(entry, "comment", path) or (keys[0] if keys else "")
-    )
-    if not name:
-        raise InvalidInput(f'"{path}name": an entry needs a name or at least one key.')
-    return name, keys or (_trigger(name),), content
-
-
-def _novelai_entry(entry: dict[str, Any], path: str) -> tuple[str, tuple[str, ...], str] | None:
-    keys = _keys(entry.get("keys", []), f"{path}keys")
-    content = _string(entry, "text", path)
-    if entry.get("enabled") is False or not content.strip():
-        return None
-    name = _string(entry, "displayName", path) or (keys[0] if keys else "")
-    if not name:
-        raise InvalidInput(f'"{path}displayName": an entry needs a name or at least one key.')
+        raise InvalidInput(f'"{path}{fields.names[0]}": an entry needs a name or at least one key.')
     return name, keys or (_trigger(name),), content
 
 
