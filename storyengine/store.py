@@ -32,6 +32,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_UPSERT_LORE = (
+    "INSERT INTO lore_cards (story_id, name, triggers, text) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (story_id, name) DO UPDATE SET triggers = excluded.triggers,"
+    " text = excluded.text"
+)
+"""A lore card added, or replacing the story's card of the same name."""
+
+
+def _lore_row(story_id: int, card: Any) -> tuple[int, str, str, str]:
+    return (story_id, card.name, json.dumps(list(card.triggers)), card.text)
+
+
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -1000,10 +1012,7 @@ class Store(AudienceStore):
                 " text, train_excluded, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-            await db.executemany(
-                "INSERT INTO lore_cards (story_id, name, triggers, text) VALUES (?, ?, ?, ?)",
-                [(story_id, c.name, json.dumps(list(c.triggers)), c.text) for c in saved.lore],
-            )
+            await db.executemany(_UPSERT_LORE, [_lore_row(story_id, c) for c in saved.lore])
             await db.execute(
                 "INSERT INTO channel_settings (channel, preset, sampling) VALUES (?, ?, ?)"
                 " ON CONFLICT (channel) DO UPDATE SET preset = excluded.preset,"
@@ -1160,23 +1169,13 @@ class Store(AudienceStore):
     # -- lore ---------------------------------------------------------------------
 
     async def upsert_lore(self, story_id: int, card: LoreCard) -> None:
-        await self._write(
-            "INSERT INTO lore_cards (story_id, name, triggers, text) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (story_id, name) DO UPDATE SET triggers = excluded.triggers,"
-            " text = excluded.text",
-            (story_id, card.name, json.dumps(list(card.triggers)), card.text),
-        )
+        await self._write(_UPSERT_LORE, _lore_row(story_id, card))
 
     async def import_lore(self, story_id: int, cards: list[LoreCard], memory: str | None) -> None:
         """Lore cards (added, or replacing cards of the same name) and, with `memory`, the
         story's memory, in one transaction: an import lands whole or not at all."""
         async with self.transaction() as db:
-            await db.executemany(
-                "INSERT INTO lore_cards (story_id, name, triggers, text) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (story_id, name) DO UPDATE SET triggers = excluded.triggers,"
-                " text = excluded.text",
-                [(story_id, c.name, json.dumps(list(c.triggers)), c.text) for c in cards],
-            )
+            await db.executemany(_UPSERT_LORE, [_lore_row(story_id, c) for c in cards])
             if memory is not None:
                 await db.execute("UPDATE stories SET memory = ? WHERE id = ?", (memory, story_id))
 
