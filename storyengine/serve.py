@@ -153,7 +153,7 @@ class CompletionService:
         try:
             if completion.stream:
                 return await self._stream(request, completion, handles[0])
-            return await self._whole(completion, handles)
+            return await self._answer_whole(completion, handles)
         finally:
             for handle in handles:  # a client gone before the end: its rows stop next step
                 handle.cancel()
@@ -261,8 +261,8 @@ class CompletionService:
             params = self.defaults.replace(**changes)
         except InvalidInput as exc:
             raise RequestError(400, str(exc)) from None
-        min_tokens = _whole(body, "min_tokens", 0, 0, params.max_new_tokens)
-        n = _whole(body, "n", 1, 1, MAX_N)
+        min_tokens = _whole_number(body, "min_tokens", 0, 0, params.max_new_tokens)
+        n = _whole_number(body, "n", 1, 1, MAX_N)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise RequestError(400, "`stream` must be true or false.", "stream")
@@ -331,7 +331,7 @@ class CompletionService:
 
     # -- answering ----------------------------------------------------------------
 
-    async def _whole(self, completion: Completion, handles: list[Any]) -> web.Response:
+    async def _answer_whole(self, completion: Completion, handles: list[Any]) -> web.Response:
         outputs = [await h.outcome() for h in handles]  # cancelled ones too: what they wrote
         choices = []
         for index, output in enumerate(outputs):
@@ -444,7 +444,7 @@ def _token_ids(value: Any) -> bool:
     )
 
 
-def _whole(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+def _whole_number(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
     value = body.get(name, default)
     if value is None:
         return default
