@@ -935,12 +935,10 @@ class _ChatSession:
         elif command == "swipe":
             if arg not in ("", "prev", "next"):
                 raise InvalidInput("Usage: /swipe [prev|next]")
-            view = await e.view(ch)
-            last = view.turns[-1] if view.turns else None
-            if last is None or last.kind != "bot":
-                raise InvalidInput("Only the storyteller's latest reply can be swiped.")
+            view = await e.view(ch)  # the engine says whether the last turn swipes
+            position = view.turns[-1].position if view.turns else 0
             step = 1 if arg == "next" else -1
-            swipe = await e.swipe(ch, view.story.id, last.position, step, by=self.author)
+            swipe = await e.swipe(ch, view.story.id, position, step, by=self.author)
             self.say(f"({swipe.number}/{swipe.total}) {swipe.text}")
         elif command == "pick":
             if not arg.isdigit():
