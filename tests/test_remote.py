@@ -5,9 +5,6 @@ HTTP by the `RemoteGenerator`, compared with the same model served in process.""
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import signal
 import sqlite3
 import sys
 
@@ -15,6 +12,7 @@ import aiohttp
 import pytest
 from conftest import make_tiny_model
 from test_adapters import lora_saver
+from test_serve import clean_env, served
 
 from storyengine.adapters import AdapterRegistry
 from storyengine.config import Settings
@@ -133,34 +131,17 @@ async def test_a_service_that_does_not_answer_is_a_configuration_error(tmp_path)
 async def test_a_whole_chat_session_through_a_served_model(tmp_path):
     """`storyengine serve` in one process, `storyengine chat` in another, as a user
     would run them: the bundled model behind HTTP."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STORY_")}
-    env.update(HF_HUB_OFFLINE="1", STORY_DEVICE="cpu")
-    server = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "storyengine",
-        "serve",
-        "--port",
-        "0",
-        env={**env, "STORY_DATA_DIR": str(tmp_path / "server")},
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        line = b""
-        while b"serving" not in line:
-            line = await asyncio.wait_for(server.stderr.readline(), 120)
-        url = re.search(rb"http://\S+/v1", line).group().decode()
+    async with served(tmp_path / "server") as url:
         chat = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "storyengine",
             "chat",
-            env={
-                **env,
-                "STORY_DATA_DIR": str(tmp_path / "client"),
-                "STORY_GENERATOR_URL": url,
-                "STORY_MAX_NEW_TOKENS": "24",
-            },
+            env=clean_env(
+                STORY_DATA_DIR=str(tmp_path / "client"),
+                STORY_GENERATOR_URL=url,
+                STORY_MAX_NEW_TOKENS="24",
+            ),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -187,6 +168,3 @@ async def test_a_whole_chat_session_through_a_served_model(tmp_path):
         async with aiohttp.ClientSession() as http, http.get(url[:-3] + "/metrics") as response:
             metrics = await response.text()
         assert 'taleweaver_serve_requests_total{outcome="ok"} 3' in metrics
-    finally:
-        server.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(server.wait(), 30) == 0

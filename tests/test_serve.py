@@ -4,7 +4,14 @@ the batching scheduler with the tiny random GPT-2 (the words do not matter here)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -177,14 +184,16 @@ async def test_health_and_metrics(api):
         assert response.status == 503
 
 
-async def test_the_serve_command_answers_and_stops_on_sigterm(tmp_path):
-    import os
-    import re
-    import signal
-    import sys
-
+def clean_env(**more: str) -> dict[str, str]:
+    """This process's environment without its STORY_ settings, offline, on the CPU."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORY_")}
-    env.update(HF_HUB_OFFLINE="1", STORY_DEVICE="cpu", STORY_DATA_DIR=str(tmp_path))
+    return {**env, "HF_HUB_OFFLINE": "1", "STORY_DEVICE": "cpu", **more}
+
+
+@contextlib.asynccontextmanager
+async def served(data_dir: Path) -> AsyncIterator[str]:
+    """`storyengine serve --port 0` as a user runs it: its URL, from the line it
+    prints; on the way out, SIGTERM, and it must stop cleanly."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -192,21 +201,24 @@ async def test_the_serve_command_answers_and_stops_on_sigterm(tmp_path):
         "serve",
         "--port",
         "0",
-        env=env,
+        env=clean_env(STORY_DATA_DIR=str(data_dir)),
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        line = await asyncio.wait_for(process.stderr.readline(), 120)
+        line = b""
         while b"serving" not in line:
             line = await asyncio.wait_for(process.stderr.readline(), 120)
-        url = re.search(rb"http://\S+/v1", line).group().decode()
-        async with aiohttp.ClientSession() as http:
-            body = {"prompt": PROMPT, "max_tokens": 8, "seed": 1}
-            async with http.post(url + "/completions", json=body) as response:
-                answer = await response.json()
-        assert response.status == 200 and answer["model"] == "bundled:tinystories-gpt2"
-        assert not (tmp_path / "taleweaver.db").exists()  # serving never makes a database
+        yield re.search(rb"http://\S+/v1", line).group().decode()
     finally:
         process.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(process.wait(), 30)
     assert code == 0
+
+
+async def test_the_serve_command_answers_and_stops_on_sigterm(tmp_path):
+    async with served(tmp_path) as url, aiohttp.ClientSession() as http:
+        body = {"prompt": PROMPT, "max_tokens": 8, "seed": 1}
+        async with http.post(url + "/completions", json=body) as response:
+            answer = await response.json()
+    assert response.status == 200 and answer["model"] == "bundled:tinystories-gpt2"
+    assert not (tmp_path / "taleweaver.db").exists()  # serving never makes a database
