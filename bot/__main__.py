@@ -133,7 +133,7 @@ async def _run(token: str, settings: Settings, bot_settings: BotSettings) -> int
     import aiohttp
     import discord
 
-    from storyengine.engine import StoryEngine
+    from storyengine import StoryEngine
 
     from .client import StoryBot
 

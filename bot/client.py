@@ -12,8 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands, tasks
 
-from storyengine.engine import StoryEngine
-from storyengine.training_scheduler import TrainingSchedule
+from storyengine import StoryEngine, TrainingSchedule
 
 from .health import HealthServer, Metrics, interaction_name
 from .publish import report_error, safe

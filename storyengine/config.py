@@ -52,6 +52,13 @@ bot's options take theirs from here."""
 MAX_INPUT_CHARS = (20, 4000)
 """`STORY_MAX_INPUT_CHARS`'s bounds (a `generate` call may raise the ceiling for its own
 prompt)."""
+MAX_NOTE_CHARS = 400
+"""A memory, an author's note or a lore card's text, at most."""
+MAX_LORE_CARDS = 50
+MAX_LORE_NAME = 60
+MAX_TRIGGERS = 10
+MAX_TRIGGER_CHARS = 40
+MAX_GENRE_CHARS = 40
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -64,7 +64,7 @@ class GenerationFailed(StoryError):
 
 
 class NotAllowed(StoryError):
-    """The person acting may not do this to this story (see `storyengine.permissions`)."""
+    """The person acting may not do this to this story (see `storyengine.story.permissions`)."""
 
 
 class NotYourTurn(NotAllowed):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,7 +18,7 @@ DIRECT_MESSAGES = "dm"
 class Author:
     """Who acts or wrote a turn: a Discord user id and display name, or a terminal user.
     `moderator`: may manage the channel (Discord's Manage Messages), which overrides
-    story ownership (see `storyengine.permissions`)."""
+    story ownership (see `storyengine.story.permissions`)."""
 
     id: str
     name: str
@@ -162,3 +163,19 @@ class ForgetReport:
     feedback_deleted: int
     preferences_deleted: int
     turns_anonymised: int
+
+
+@dataclass(frozen=True)
+class LoreCard:
+    name: str
+    triggers: tuple[str, ...]
+    text: str
+    id: int | None = None
+
+    def render(self) -> str:
+        return f"[{self.name}: {self.text}]"
+
+    def triggered_by(self, text: str) -> bool:
+        return any(
+            re.search(r"\b" + re.escape(t) + r"\b", text, re.IGNORECASE) for t in self.triggers if t
+        )

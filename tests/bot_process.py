@@ -24,12 +24,12 @@ discord.http.Route.BASE = base + "/api/v10"
 DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(base.replace("http", "ws", 1) + "/gateway")
 
 if os.environ.get("FAKE_MIN_NEW_TOKENS"):
-    import storyengine.narrator
+    import storyengine.story.narrator
 
-    storyengine.narrator.MIN_NEW_TOKENS = int(os.environ["FAKE_MIN_NEW_TOKENS"])
+    storyengine.story.narrator.MIN_NEW_TOKENS = int(os.environ["FAKE_MIN_NEW_TOKENS"])
 
 if os.environ.get("FAKE_TRAINING_SECONDS"):
-    from storyengine.training_scheduler import TrainingScheduler
+    from storyengine.learning.scheduling import TrainingScheduler
 
     seconds, marker = os.environ["FAKE_TRAINING_SECONDS"], os.environ["FAKE_TRAINING_MARKER"]
 

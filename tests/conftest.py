@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from storyengine.config import Settings, bundled_model_path
-from storyengine.modeling import LoadedModel, load_model
+from storyengine.serving.modeling import LoadedModel, load_model
 
 
 def make_tiny_model(n_positions: int = 256, seed: int = 0) -> LoadedModel:
@@ -117,8 +117,8 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def engine(settings: Settings, bundled_model: LoadedModel) -> AsyncIterator[object]:
-    from storyengine.engine import StoryEngine
-    from storyengine.generation import SequentialGenerator
+    from storyengine.serving.generation import SequentialGenerator
+    from storyengine.story.engine import StoryEngine
 
     async with StoryEngine(settings, generator=SequentialGenerator(bundled_model)) as engine:
         yield engine
@@ -128,9 +128,9 @@ async def engine(settings: Settings, bundled_model: LoadedModel) -> AsyncIterato
 async def tiny_engine(tmp_path: Path) -> AsyncIterator[object]:
     """An engine on the tiny random GPT-2 with the batching scheduler (as production
     serves): for tests of story rules, where the words do not matter."""
-    from storyengine.engine import StoryEngine
     from storyengine.sampling import SamplingParams
-    from storyengine.scheduler import BatchingGenerator
+    from storyengine.serving.scheduler import BatchingGenerator
+    from storyengine.story.engine import StoryEngine
 
     settings = Settings(
         db_path=tmp_path / "tiny.db",

@@ -28,9 +28,9 @@ import os
 import sys
 from pathlib import Path
 
-from storyengine import adapters
-from storyengine.adapters import AdapterRegistry, round_lock
-from storyengine.store import Store
+from storyengine.learning import registry as adapters
+from storyengine.learning.registry import AdapterRegistry, round_lock
+from storyengine.storage.store import Store
 
 STEPS = ("writing", "renamed", "inserted", "promoting", "promoted")
 
@@ -97,7 +97,7 @@ async def registry_steps(step: str, db: Path, root: Path) -> None:
 
 async def round_steps(step: str, db: Path, root: Path, model_dir: Path) -> None:
     from storyengine.config import Settings
-    from storyengine.rounds import run_round
+    from storyengine.learning.rounds import run_round
 
     if step == "writing":
         from peft import PeftModel
@@ -115,9 +115,9 @@ async def round_steps(step: str, db: Path, root: Path, model_dir: Path) -> None:
 
 def round_config():
     """A round that trains the tiny model quickly and promotes what it learned."""
-    from storyengine.evaluation import GateConfig
-    from storyengine.rounds import RoundConfig
-    from storyengine.training import TrainConfig
+    from storyengine.learning.evaluation import GateConfig
+    from storyengine.learning.rounds import RoundConfig
+    from storyengine.learning.training import TrainConfig
 
     return RoundConfig(
         method="kto",

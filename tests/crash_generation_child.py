@@ -20,11 +20,11 @@ from pathlib import Path
 from conftest import make_tiny_model
 
 from storyengine.config import Settings
-from storyengine.engine import StoryEngine
 from storyengine.records import Author
 from storyengine.sampling import SamplingParams
-from storyengine.scheduler import BatchingGenerator
-from storyengine.store import Store
+from storyengine.serving.scheduler import BatchingGenerator
+from storyengine.storage.store import Store
+from storyengine.story.engine import StoryEngine
 
 
 def crash() -> None:

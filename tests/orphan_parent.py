@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from storyengine.config import Settings
-from storyengine.store import Store
-from storyengine.training_scheduler import TrainingSchedule, TrainingScheduler
+from storyengine.learning.scheduling import TrainingSchedule, TrainingScheduler
+from storyengine.storage.store import Store
 
 
 async def scheduler(db: str, adapters: str, command: list[str]) -> None:

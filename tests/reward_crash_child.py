@@ -22,10 +22,10 @@ import os
 import sys
 from pathlib import Path
 
-from storyengine import reward
-from storyengine.adapters import round_lock
-from storyengine.reward import HEAD_FILE, SPEC_FILE, TEMPORARY, RewardRegistry
-from storyengine.store import Store
+from storyengine.learning import reward
+from storyengine.learning.registry import round_lock
+from storyengine.learning.reward import HEAD_FILE, SPEC_FILE, TEMPORARY, RewardRegistry
+from storyengine.storage.store import Store
 
 STEPS = ("writing", "renamed", "inserted", "promoting", "promoted")
 
@@ -94,7 +94,7 @@ async def round_steps(step: str, db: Path, root: Path, lock_dir: Path, model_dir
     from crash_child import round_config
 
     from storyengine.config import Settings
-    from storyengine.rounds import run_round
+    from storyengine.learning.rounds import run_round
 
     if step == "writing":
         save = reward.RewardModel.save

@@ -7,9 +7,13 @@ import pytest
 import torch
 
 from storyengine.errors import GenerationFailed
-from storyengine.generation import ADAPTER_UNAVAILABLE, GenerationRequest, SequentialGenerator
 from storyengine.sampling import PRESETS, SamplingParams
-from storyengine.scheduler import BatchingGenerator, SchedulerConfig
+from storyengine.serving.generation import (
+    ADAPTER_UNAVAILABLE,
+    GenerationRequest,
+    SequentialGenerator,
+)
+from storyengine.serving.scheduler import BatchingGenerator, SchedulerConfig
 
 TEXT = "Once upon a time there was a little fox who lived by a river with his friend. " * 4
 

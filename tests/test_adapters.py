@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-from storyengine.adapters import AdapterRegistry, round_lock
-from storyengine.engine import StoryEngine
 from storyengine.errors import InvalidInput
+from storyengine.learning.registry import AdapterRegistry, round_lock
 from storyengine.records import Author
-from storyengine.scheduler import BatchingGenerator
-from storyengine.store import Store
+from storyengine.serving.scheduler import BatchingGenerator
+from storyengine.storage.store import Store
+from storyengine.story.engine import StoryEngine
 
 ANN = Author("1", "Ann")
 
@@ -161,9 +161,9 @@ async def asyncio_to_thread(fn, *args):
 async def test_a_served_adapter_can_be_evaluated_beside_serving(tiny_model, tmp_path):
     """Adapters loaded by the serving thread are inference tensors: evaluation must run
     them per call, not by switching the model's active adapter (which raised)."""
-    from storyengine.evaluation import perplexity
-    from storyengine.generation import GenerationRequest
+    from storyengine.learning.evaluation import perplexity
     from storyengine.sampling import SamplingParams
+    from storyengine.serving.generation import GenerationRequest
 
     model = copy.copy(tiny_model)
     model.model = copy.deepcopy(tiny_model.model)

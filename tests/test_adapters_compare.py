@@ -9,12 +9,12 @@ from test_adapters import lora_saver
 from test_cli import run_cli
 from test_reward import CAT, PROMPT, cat_world
 
-from storyengine.adapters import AdapterRegistry
-from storyengine.compare import compare_adapters, default_prompts
 from storyengine.config import Settings
 from storyengine.errors import InvalidInput
-from storyengine.reward import RewardModel, RewardRegistry, reward_dir
-from storyengine.store import Store
+from storyengine.learning.compare import compare_adapters, default_prompts
+from storyengine.learning.registry import AdapterRegistry
+from storyengine.learning.reward import RewardModel, RewardRegistry, reward_dir
+from storyengine.storage.store import Store
 
 PROMPTS = ["Once upon a time, a little fox", "Tom had a big red kite."]
 

@@ -4,10 +4,10 @@ what the Discord bot does."""
 import pytest
 
 from storyengine.config import Settings
-from storyengine.engine import BRIDGE_TOKENS, StoryEngine
 from storyengine.errors import ConfigError, InvalidInput, NotYourTurn
-from storyengine.generation import SequentialGenerator
 from storyengine.records import Author
+from storyengine.serving.generation import SequentialGenerator
+from storyengine.story.engine import BRIDGE_TOKENS, StoryEngine
 
 ANN, BEN, CAT = Author("1", "Ann"), Author("2", "Ben"), Author("3", "Cat")
 PREMISE = "Once upon a time, three friends found a map in an old book."

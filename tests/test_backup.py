@@ -11,10 +11,10 @@ import threading
 
 import pytest
 
-from storyengine import store as store_module
-from storyengine.cli import main as cli_main
+from storyengine.cli.main import main as cli_main
 from storyengine.errors import InvalidInput
-from storyengine.store import Store, load_migrations
+from storyengine.storage import store as store_module
+from storyengine.storage.store import Store, load_migrations
 
 
 class Writer(threading.Thread):
@@ -104,7 +104,7 @@ async def test_migrating_a_database_with_a_schema_backs_it_up_first(tmp_path, mo
     await store.close()
 
     monkeypatch.setattr(store_module, "load_migrations", lambda: every)
-    with caplog.at_level(logging.WARNING, logger="storyengine.store"):
+    with caplog.at_level(logging.WARNING, logger="storyengine.storage.store"):
         store = await Store(db).open()  # applies the last migration
     await store.close()
     backups = list(tmp_path.glob("stories.db.schema-*.bak"))

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from storyengine.audience import likes_animals, likes_cheerful, load_taste
-from storyengine.bench_learning import story_prompts
+from storyengine.bench.learning import story_prompts
+from storyengine.learning.audience import likes_animals, likes_cheerful, load_taste
 
 
 def test_tastes_and_prompts():
@@ -17,9 +17,9 @@ def test_tastes_and_prompts():
     assert likes_animals("go go go go go go go go go", prompt="p") is False  # repetitive
     assert likes_animals("", prompt="p") is None
     assert likes_cheerful("She smiled.", prompt="p") is True
-    assert load_taste("storyengine.audience:likes_cheerful") is likes_cheerful
+    assert load_taste("storyengine.learning.audience:likes_cheerful") is likes_cheerful
     with pytest.raises(ValueError):
-        load_taste("storyengine.audience")
+        load_taste("storyengine.learning.audience")
     prompts = story_prompts()
     assert len(prompts) == len(set(prompts)) > 500
     assert not any(likes_animals(p) for p in prompts)  # the prompts name no animal

@@ -11,12 +11,20 @@ import time
 
 import pytest
 
-from storyengine.bench_soak import Channel, Sample, SoakConfig, Tally, _soak, rss_mb, summarise
+from storyengine.bench.soak import (
+    Channel,
+    Sample,
+    SoakConfig,
+    Tally,
+    _soak,
+    rss_mb,
+    summarise,
+)
 from storyengine.config import Settings
-from storyengine.engine import StoryEngine
 from storyengine.sampling import SamplingParams
-from storyengine.scheduler import BatchingGenerator
-from storyengine.store import Store
+from storyengine.serving.scheduler import BatchingGenerator
+from storyengine.storage.store import Store
+from storyengine.story.engine import StoryEngine
 from tests.conftest import make_tiny_model
 
 

@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 
 from storyengine.errors import GenerationCancelled
-from storyengine.generation import BASE_ADAPTER, GenerationRequest, SequentialGenerator
 from storyengine.sampling import PRESETS, SamplingParams
-from storyengine.scheduler import BatchingGenerator, SchedulerConfig
+from storyengine.serving.generation import BASE_ADAPTER, GenerationRequest, SequentialGenerator
+from storyengine.serving.scheduler import BatchingGenerator, SchedulerConfig
 
 TEXT = (
     "Once upon a time there was a little girl named Lily. She loved to play outside in the "

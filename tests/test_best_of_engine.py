@@ -5,10 +5,10 @@ writes anew. Without a reward model, one candidate, as before."""
 
 from __future__ import annotations
 
-from storyengine.best_of import base_copy
-from storyengine.feedback import FeedbackDatasets, LabelledExample
+from storyengine.learning.best_of import base_copy
+from storyengine.learning.datasets import FeedbackDatasets, LabelledExample
+from storyengine.learning.reward import RewardConfig, RewardModel
 from storyengine.records import Author
-from storyengine.reward import RewardConfig, RewardModel
 
 ANN = Author("1", "Ann")
 PROMPT = "Once upon a time, Lily went to the park.\n"

@@ -16,10 +16,10 @@ from fake_discord import GUILD_ID, OTHER_CHANNEL, TEXT_CHANNEL, TOKEN, FakeDisco
 from bot.client import StoryBot
 from bot.settings import BotSettings
 from storyengine.config import Settings
-from storyengine.engine import StoryEngine
-from storyengine.feedback import build_datasets
+from storyengine.learning.datasets import build_datasets
 from storyengine.sampling import SamplingParams
-from storyengine.scheduler import BatchingGenerator
+from storyengine.serving.scheduler import BatchingGenerator
+from storyengine.story.engine import StoryEngine
 
 pytestmark = pytest.mark.slow
 
@@ -85,8 +85,8 @@ async def harness(tmp_path, bundled_model, monkeypatch):
 async def served_harness(tmp_path, bundled_model, monkeypatch):
     """The bot with its model behind a generation service (`storyengine serve`, in this
     process, over real HTTP), as `STORY_GENERATOR_URL` runs it."""
-    from storyengine.remote import connect
-    from storyengine.serve import CompletionService, serve
+    from storyengine.serving.remote import connect
+    from storyengine.serving.service import CompletionService, serve
 
     served = BatchingGenerator(bundled_model)
     service = CompletionService(served)
@@ -513,7 +513,7 @@ async def _settle(engine, generation, expected, seconds: float = 10.0) -> None:
 async def test_long_output_is_split_and_mentions_are_disabled(harness, monkeypatch):
     fake = harness.fake
     # The storyteller writes all 400 tokens (no early end), so the reply passes 2,000 characters.
-    monkeypatch.setattr("storyengine.narrator.MIN_NEW_TOKENS", 400)
+    monkeypatch.setattr("storyengine.story.narrator.MIN_NEW_TOKENS", 400)
     start = await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a bird flew.")
     await finished(fake, start)
     settings = await fake.slash(ANN, TEXT_CHANNEL, "settings", length=400)
@@ -546,7 +546,7 @@ async def test_long_output_is_split_and_mentions_are_disabled(harness, monkeypat
 
 async def test_stop_ends_a_generation_and_says_so(harness, monkeypatch):
     fake = harness.fake
-    monkeypatch.setattr("storyengine.narrator.MIN_NEW_TOKENS", 400)
+    monkeypatch.setattr("storyengine.story.narrator.MIN_NEW_TOKENS", 400)
     start = await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a frog hopped.")
     await finished(fake, start)
     await said(fake, await fake.slash(ANN, TEXT_CHANNEL, "settings", length=400), "length 400")

@@ -25,9 +25,9 @@ from fake_discord import OTHER_CHANNEL, TEXT_CHANNEL, TOKEN, FakeDiscord, FakeUs
 from bot.client import StoryBot
 from bot.settings import BotSettings
 from storyengine.config import Settings
-from storyengine.engine import StoryEngine
 from storyengine.sampling import SamplingParams
-from storyengine.scheduler import BatchingGenerator
+from storyengine.serving.scheduler import BatchingGenerator
+from storyengine.story.engine import StoryEngine
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from fake_discord import TEXT_CHANNEL, TOKEN, FakeDiscord
 from test_bot_e2e import ADMIN, ANN, BEN, Harness, finished
 
 from bot.cogs.admin import CHART_NAME
-from storyengine.stats import png_size
+from storyengine.learning.stats import png_size
 
 pytestmark = pytest.mark.slow
 

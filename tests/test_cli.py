@@ -137,7 +137,8 @@ def test_db_migrate_and_status(tmp_path):
 
 def test_storyengine_imports_no_discord_and_needs_no_token(tmp_path):
     code = (
-        "import sys, storyengine, storyengine.engine, storyengine.cli, storyengine.generation;"
+        "import sys, storyengine, storyengine.story.engine, storyengine.cli.main;"
+        "import storyengine.serving.generation;"
         "assert not any(m == 'discord' or m.startswith('discord.') for m in sys.modules), 'discord'"
     )
     env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}

@@ -7,15 +7,15 @@ from __future__ import annotations
 import pytest
 from conftest import record_text
 
-from storyengine.adapters import AdapterRegistry
 from storyengine.config import Settings
-from storyengine.engine import StoryEngine
-from storyengine.feedback import DatasetConfig, build_datasets
+from storyengine.learning.datasets import DatasetConfig, build_datasets
+from storyengine.learning.registry import AdapterRegistry
+from storyengine.learning.rounds import RoundConfig, run_round
+from storyengine.learning.scheduling import TrainingSchedule, TrainingScheduler
+from storyengine.learning.training import TrainConfig
 from storyengine.records import Author
-from storyengine.rounds import RoundConfig, run_round
-from storyengine.store import Store
-from storyengine.training import TrainConfig
-from storyengine.training_scheduler import TrainingSchedule, TrainingScheduler
+from storyengine.storage.store import Store
+from storyengine.story.engine import StoryEngine
 
 LIKED = "The little cat found a warm, sunny spot and purred happily."
 DISLIKED = "The dog barked and barked and barked at nothing at all."
@@ -55,7 +55,7 @@ async def test_datasets_and_due_rounds_are_per_community(tmp_path):
 
 @pytest.mark.slow
 async def test_a_community_round_grows_its_own_lineage_and_serves_it(tmp_path, own_bundled_model):
-    from storyengine.generation import SequentialGenerator
+    from storyengine.serving.generation import SequentialGenerator
 
     db = tmp_path / "s.db"
     store = await Store(db).open()

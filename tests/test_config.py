@@ -96,7 +96,7 @@ def test_env_example_lists_valid_settings():
 def test_storage_options_are_never_silently_dropped():
     """`--db`/`--dir` live on the commands that use them; one given before a subcommand
     is refused instead of being reset to the default by the subcommand."""
-    from storyengine.cli import build_parser
+    from storyengine.cli.main import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["adapters", "list", "--db", "x.db", "--dir", "ads"])

@@ -16,11 +16,11 @@ import pytest
 from crash_child import STEPS, fake_adapter, round_config
 from test_rounds import make_feedback
 
-from storyengine.adapters import AdapterRegistry
 from storyengine.config import Settings
-from storyengine.rounds import RoundConfig, run_round
-from storyengine.store import Store
-from storyengine.training import TrainConfig
+from storyengine.learning.registry import AdapterRegistry
+from storyengine.learning.rounds import RoundConfig, run_round
+from storyengine.learning.training import TrainConfig
+from storyengine.storage.store import Store
 
 CHILD = Path(__file__).parent / "crash_child.py"
 VERSION_DIR = re.compile(r"v(\d{4,})")

@@ -2,7 +2,6 @@ import asyncio
 
 import pytest
 
-from storyengine.engine import StoryEngine
 from storyengine.errors import (
     GenerationCancelled,
     InvalidInput,
@@ -11,8 +10,9 @@ from storyengine.errors import (
     NothingToUndo,
     StoryAlreadyRunning,
 )
-from storyengine.generation import SequentialGenerator
 from storyengine.records import Author
+from storyengine.serving.generation import SequentialGenerator
+from storyengine.story.engine import StoryEngine
 
 ANN = Author("u1", "Ann")
 BEN = Author("u2", "Ben")
@@ -212,7 +212,7 @@ def test_a_start_cancelled_while_the_model_loads_does_not_wait_for_the_load(sett
     # its stop deadline by the rest of the load.
     import time
 
-    from storyengine import modeling
+    from storyengine.serving import modeling
 
     def slow_load(settings):
         time.sleep(4)
@@ -290,7 +290,7 @@ async def test_a_generator_without_a_local_model_tells_a_whole_story(settings, b
 
 @pytest.mark.parametrize("kind", ["batching", "sequential"])
 async def test_the_generator_is_the_one_the_settings_name(settings, kind):
-    from storyengine.generators import make_generator
+    from storyengine.serving.generators import make_generator
 
     generator = await asyncio.to_thread(make_generator, settings.replace(generator=kind))
     try:
@@ -307,7 +307,7 @@ async def test_the_generator_is_the_one_the_settings_name(settings, kind):
 
 
 async def test_reward_models_read_a_base_model_of_their_own_without_a_local_one(engine):
-    from storyengine.best_of import RewardSource
+    from storyengine.learning.best_of import RewardSource
 
     source = RewardSource(engine.settings, engine.store, lambda: None)
     base = await asyncio.to_thread(source._read_base)

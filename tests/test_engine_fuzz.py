@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from storyengine.config import Settings
-from storyengine.engine import StoryEngine
 from storyengine.errors import StoryError
 from storyengine.records import Author
 from storyengine.sampling import SamplingParams
-from storyengine.scheduler import BatchingGenerator
+from storyengine.serving.scheduler import BatchingGenerator
+from storyengine.story.engine import StoryEngine
 
 hostile_text = st.one_of(
     st.text(max_size=60),

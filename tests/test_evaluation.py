@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from storyengine.evaluation import (
+from storyengine.learning.datasets import LabelledExample, PreferencePair
+from storyengine.learning.evaluation import (
     GateConfig,
     decide,
     perplexity,
@@ -14,9 +15,8 @@ from storyengine.evaluation import (
     repetition,
     sample_continuations,
 )
-from storyengine.feedback import LabelledExample, PreferencePair
+from storyengine.learning.training import TrainConfig, prepare_policy, train_adapter
 from storyengine.sampling import SamplingParams
-from storyengine.training import TrainConfig, prepare_policy, train_adapter
 
 STORY = (
     "Once upon a time, there was a little girl named Lily. She loved to play in the park "
@@ -129,7 +129,7 @@ def test_an_adapter_that_lowers_every_continuation_is_judged_by_their_order(monk
     alike; what counts is that liked ones now stand above disliked ones. (The gate used to
     ask for liked ones above zero and disliked ones below, so such an adapter scored 0.5
     and was never promoted.)"""
-    from storyengine import evaluation
+    from storyengine.learning import evaluation
 
     def logprob(model, tokenizer, prompt, completion, adapter):
         if adapter is None:

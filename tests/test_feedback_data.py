@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import record_text
 
-from storyengine.feedback import DatasetConfig, build_datasets, story_split
-from storyengine.store import Store
+from storyengine.learning.datasets import DatasetConfig, build_datasets, story_split
+from storyengine.storage.store import Store
 
 
 class World:

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from storyengine.errors import GenerationCancelled
-from storyengine.generation import GenerationRequest, SequentialGenerator
-from storyengine.narrator import Narrator
 from storyengine.safety import SafetyFilter
 from storyengine.sampling import PRESETS, SamplingParams
+from storyengine.serving.generation import GenerationRequest, SequentialGenerator
+from storyengine.story.narrator import Narrator
 
 
 async def test_stream_grows_and_matches_the_result(tiny_model):
@@ -119,7 +119,7 @@ async def test_a_failing_request_fails_alone_and_the_worker_goes_on():
     from conftest import make_tiny_lora_model
 
     from storyengine.errors import GenerationFailed
-    from storyengine.generation import UNUSABLE_SCORES
+    from storyengine.serving.generation import UNUSABLE_SCORES
 
     model = make_tiny_lora_model()  # its own copy: one adapter is damaged
     with torch.no_grad():

@@ -36,9 +36,9 @@ async def test_a_turn_killed_at_any_stage_leaves_a_story_that_goes_on(tmp_path, 
     from conftest import make_tiny_model
 
     from storyengine.config import Settings
-    from storyengine.engine import StoryEngine
     from storyengine.sampling import SamplingParams
-    from storyengine.scheduler import BatchingGenerator
+    from storyengine.serving.scheduler import BatchingGenerator
+    from storyengine.story.engine import StoryEngine
 
     db = tmp_path / "stories.db"
     crash_at(db, stage)

@@ -8,11 +8,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
-from storyengine import gpt2_decode, grouped_attention
-from storyengine.generation import BASE_ADAPTER
-from storyengine.grouped_attention import RowGroup
-from storyengine.kvcache import GrowableCache
-from storyengine.multilora import MultiLoRA
+from storyengine.serving import gpt2_decode, grouped_attention
+from storyengine.serving.generation import BASE_ADAPTER
+from storyengine.serving.grouped_attention import RowGroup
+from storyengine.serving.kvcache import GrowableCache
+from storyengine.serving.multilora import MultiLoRA
 
 LENGTHS = [11, 11, 7, 2]  # longest first, as the scheduler keeps its rows
 

@@ -7,11 +7,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from storyengine import gpt2_decode, grouped_attention
-from storyengine.generation import GenerationRequest
-from storyengine.grouped_attention import RowGroup, grouped_rows, plan_groups
 from storyengine.sampling import SamplingParams
-from storyengine.scheduler import BatchingGenerator
+from storyengine.serving import gpt2_decode, grouped_attention
+from storyengine.serving.generation import GenerationRequest
+from storyengine.serving.grouped_attention import RowGroup, grouped_rows, plan_groups
+from storyengine.serving.scheduler import BatchingGenerator
 
 
 def test_rows_of_one_length_are_one_unmasked_group():
@@ -145,7 +145,7 @@ async def test_other_models_decode_by_groups_through_transformers(monkeypatch):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from storyengine.config import bundled_model_path
-    from storyengine.modeling import LoadedModel
+    from storyengine.serving.modeling import LoadedModel
 
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_path(), local_files_only=True)
     torch.manual_seed(0)

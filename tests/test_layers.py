@@ -1,45 +1,134 @@
-"""Which part may reach which: read from the sources, so a shortcut fails here first."""
+"""Which part may reach which: read from the sources, so a shortcut fails here first.
+
+The map (README, "How it works"):
+
+    storyengine/                 shared vocabulary: config, errors, records, sampling,
+                                 saves, safety, text, progress, version
+      serving/   → shared        text from a model; knows no stories, SQL or training
+      storage/   → shared        every SQL statement
+      learning/  → serving, storage, shared
+      story/     → learning, serving, storage, shared
+      bench/, cli/               may use everything
+    bot/         → storyengine's public names and shared vocabulary, nothing deeper
+"""
 
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "storyengine"
+SHARED = {"config", "errors", "records", "sampling", "saves", "safety", "text", "progress"}
+SHARED |= {"version"}
+LAYERS = {"serving", "storage", "learning", "story", "bench", "cli", "migrations"}
+MAY_IMPORT = {
+    "shared": set(),
+    "serving": set(),
+    "storage": set(),
+    "learning": {"serving", "storage"},
+    "story": {"learning", "serving", "storage"},
+    "bench": LAYERS,
+    "cli": LAYERS,
+}
 
 
 def imports_and_attributes(path: Path) -> tuple[set[str], set[str]]:
-    """The modules a file imports, and every `a.b` attribute chain it spells."""
+    """The modules a file imports (absolute: `storyengine.x.y`), and every `a.b`
+    attribute chain it spells."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = path.relative_to(ROOT).with_suffix("").parts[:-1]
     modules: set[str] = set()
     chains: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             modules |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            modules.add(("." * node.level) + node.module)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(package[: len(package) - node.level + 1])
+                base += node.module.split(".") if node.module else []
+            else:
+                base = (node.module or "").split(".")
+            if node.module:
+                modules.add(".".join(base))
+            else:  # `from . import a, b` imports modules a and b
+                modules |= {".".join([*base, alias.name]) for alias in node.names}
         elif isinstance(node, ast.Attribute):
             chains.add(ast.unparse(node))
     return modules, chains
 
 
+def layer_of(module: str) -> str | None:
+    """`storyengine.story.engine` → story; `storyengine.config` → shared."""
+    parts = module.split(".")
+    if parts[0] != "storyengine" or len(parts) < 2:
+        return None
+    if parts[1] in LAYERS:
+        return parts[1]
+    return "shared" if parts[1] in SHARED else parts[1]
+
+
+def sources(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_every_module_has_a_place_on_the_map():
+    for path in sources(PACKAGE):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        if path.name in {"__init__.py", "__main__.py"} and path.parent == PACKAGE:
+            continue
+        assert layer_of(module) in MAY_IMPORT | {"migrations": set()}, module
+
+
+@pytest.mark.parametrize("layer", sorted(MAY_IMPORT))
+def test_each_layer_imports_only_what_the_map_allows(layer):
+    folder = PACKAGE if layer == "shared" else PACKAGE / layer
+    files = [p for p in sources(folder) if layer != "shared" or p.stem in SHARED]
+    assert files
+    allowed = MAY_IMPORT[layer] | {layer, "shared"}
+    for path in files:
+        modules, _ = imports_and_attributes(path)
+        reached = {layer_of(m) for m in modules} - {None}
+        assert reached <= allowed, (path.relative_to(ROOT), reached - allowed)
+
+
 def test_storyengine_never_imports_discord_or_the_bot():
-    for path in (ROOT / "storyengine").rglob("*.py"):
+    for path in sources(PACKAGE):
         modules, _ = imports_and_attributes(path)
         assert not {m for m in modules if m.split(".")[0] in {"discord", "bot"}}, path
+
+
+def test_the_bot_uses_only_the_public_api_and_the_shared_vocabulary():
+    for path in sources(ROOT / "bot"):
+        modules, _ = imports_and_attributes(path)
+        deeper = {m for m in modules if m.startswith("storyengine.") and layer_of(m) != "shared"}
+        assert not deeper, (path.relative_to(ROOT), deeper)
+
+
+def test_the_bots_public_names_exist():
+    import storyengine
+
+    for name in storyengine.__all__:
+        assert getattr(storyengine, name) is not None, name
 
 
 def test_the_bot_asks_the_engine_and_never_reaches_into_it():
     """The engine is a façade: the bot never touches its store, registry or reward
     source (what a server's admins need is `engine.learning`)."""
     inner = ("engine.store", "engine.registry", "engine.rewards", "engine._")
-    for path in (ROOT / "bot").rglob("*.py"):
+    for path in sources(ROOT / "bot"):
         _, chains = imports_and_attributes(path)
         reached = {c for c in chains if any(part in c for part in inner)}
         assert not reached, (path.name, reached)
 
 
-def test_the_service_and_the_remote_generator_know_nothing_of_stories():
-    """`serve` and `remote` are serving: no story rules, no database of stories."""
-    for name in ("serve.py", "remote.py", "generators.py"):
-        modules, _ = imports_and_attributes(ROOT / "storyengine" / name)
-        story_side = {".engine", ".narrator", ".memory", ".store", ".rounds", ".reward"}
-        assert not (modules & story_side), (name, modules & story_side)
+def test_a_module_of_the_flat_layout_still_imports_with_a_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("storyengine.store", None)
+    with pytest.warns(DeprecationWarning, match="storage.store"):
+        old = importlib.import_module("storyengine.store")
+    from storyengine.storage import store
+
+    assert old is store

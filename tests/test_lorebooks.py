@@ -10,8 +10,8 @@ import zlib
 import pytest
 
 from storyengine.errors import InvalidInput
-from storyengine.lorebooks import read, world_info
 from storyengine.records import Author
+from storyengine.story.lorebooks import read, world_info
 
 ANN = Author("u1", "Ann")
 PREMISE = "Once upon a time, a little fox lived at the edge of a big wood."

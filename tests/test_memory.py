@@ -1,7 +1,7 @@
 import pytest
 
 from storyengine.errors import InvalidInput
-from storyengine.memory import ContextBudget, ContextBuilder, LoreCard, StoryMaterial
+from storyengine.story.memory import ContextBudget, ContextBuilder, LoreCard, StoryMaterial
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from storyengine.errors import GenerationCancelled, GenerationFailed
-from storyengine.generation import SequentialGenerator
-from storyengine.narrator import Narrator
 from storyengine.safety import SafetyFilter
 from storyengine.sampling import SamplingParams
+from storyengine.serving.generation import SequentialGenerator
+from storyengine.story.narrator import Narrator
 
 
 async def test_outcomes_are_counted(tiny_model):

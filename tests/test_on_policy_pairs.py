@@ -4,8 +4,13 @@ in a real SQLite file, as the engine would write them), made into extra training
 import pytest
 from conftest import record_text
 
-from storyengine.feedback import DatasetConfig, build_datasets, on_policy_pairs, story_split
-from storyengine.store import Store
+from storyengine.learning.datasets import (
+    DatasetConfig,
+    build_datasets,
+    on_policy_pairs,
+    story_split,
+)
+from storyengine.storage.store import Store
 
 ALL_TRAIN = DatasetConfig(heldout_fraction=0.0)
 

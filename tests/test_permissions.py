@@ -1,6 +1,6 @@
 """Who may do what: every role against every story-changing command, in each mode.
 
-The expected table is written out here, independently of `storyengine.permissions`, so
+The expected table is written out here, independently of `storyengine.story.permissions`, so
 that a change to the rules shows up as a failing test. A refused command must change
 nothing."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from storyengine.records import Author
-from storyengine.store import USER_COLUMNS
+from storyengine.storage.store import USER_COLUMNS
 
 ZOE = Author("777000111", "Zyxwvut Qrpn")
 BEN = Author("202", "Ben")
@@ -71,7 +71,7 @@ def test_every_column_that_names_a_user_is_covered():
     import tempfile
     from pathlib import Path
 
-    from storyengine.store import Store
+    from storyengine.storage.store import Store
 
     async def columns() -> list[tuple[str, str]]:
         store = await Store(Path(tempfile.mkdtemp()) / "s.db").open()

@@ -10,9 +10,9 @@ import textwrap
 import pytest
 
 from storyengine.config import Settings
+from storyengine.learning.scheduling import TrainingSchedule, TrainingScheduler
 from storyengine.progress import PREFIX, Progress, ProgressUpdate, clock, resolve_mode, text_bar
-from storyengine.store import Store
-from storyengine.training_scheduler import TrainingSchedule, TrainingScheduler
+from storyengine.storage.store import Store
 
 
 class Clock:

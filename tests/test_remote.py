@@ -14,17 +14,17 @@ from conftest import make_tiny_model
 from test_adapters import lora_saver
 from test_serve import clean_env, served
 
-from storyengine.adapters import AdapterRegistry
 from storyengine.config import Settings
-from storyengine.engine import StoryEngine
 from storyengine.errors import ConfigError, GenerationFailed
-from storyengine.generation import GenerationRequest
+from storyengine.learning.registry import AdapterRegistry
 from storyengine.records import Author
-from storyengine.remote import connect
 from storyengine.sampling import SamplingParams
-from storyengine.scheduler import BatchingGenerator
-from storyengine.serve import CompletionService, serve
-from storyengine.store import Store
+from storyengine.serving.generation import GenerationRequest
+from storyengine.serving.remote import connect
+from storyengine.serving.scheduler import BatchingGenerator
+from storyengine.serving.service import CompletionService, serve
+from storyengine.storage.store import Store
+from storyengine.story.engine import StoryEngine
 
 ANN = Author("u1", "Ann")
 PREMISE = "Once upon a time, a little fox lived at the edge of a big wood."

@@ -10,15 +10,14 @@ from conftest import record_text
 
 from storyengine.config import Settings
 from storyengine.errors import InvalidInput
-from storyengine.feedback import (
+from storyengine.learning.datasets import (
     DatasetConfig,
     FeedbackDatasets,
     LabelledExample,
     PreferencePair,
     build_datasets,
 )
-from storyengine.modeling import LoadedModel
-from storyengine.reward import (
+from storyengine.learning.reward import (
     FeatureSpec,
     RewardConfig,
     RewardModel,
@@ -33,7 +32,8 @@ from storyengine.reward import (
     train_reward_model,
     training_split,
 )
-from storyengine.store import Store
+from storyengine.serving.modeling import LoadedModel
+from storyengine.storage.store import Store
 
 PROMPT = "Once upon a time, Lily went to the park and found a red ball.\n"
 CAT = [
@@ -226,7 +226,7 @@ def test_the_gate_rule():
     config = RewardConfig()
 
     def report(accuracy: float, p: float):
-        from storyengine.reward import HeldoutReport
+        from storyengine.learning.reward import HeldoutReport
 
         return HeldoutReport(accuracy, p, 10, accuracy, 0, None, None, 10)
 

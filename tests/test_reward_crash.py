@@ -16,9 +16,9 @@ from reward_crash_child import STEPS, fake_reward_model
 from test_rounds import make_feedback
 
 from storyengine.config import Settings
-from storyengine.reward import HEAD_FILE, TEMPORARY, RewardRegistry, reward_dir
-from storyengine.rounds import run_round
-from storyengine.store import Store
+from storyengine.learning.reward import HEAD_FILE, TEMPORARY, RewardRegistry, reward_dir
+from storyengine.learning.rounds import run_round
+from storyengine.storage.store import Store
 
 CHILD = Path(__file__).parent / "reward_crash_child.py"
 VERSION_DIR = re.compile(r"v(\d{4,})")

@@ -9,10 +9,10 @@ from crash_child import round_config
 from test_rounds import DISLIKED, LIKED, make_feedback
 
 from storyengine.config import Settings
-from storyengine.modeling import load_model
-from storyengine.reward import RewardConfig, RewardRegistry, reward_dir
-from storyengine.rounds import run_round
-from storyengine.store import Store
+from storyengine.learning.reward import RewardConfig, RewardRegistry, reward_dir
+from storyengine.learning.rounds import run_round
+from storyengine.serving.modeling import load_model
+from storyengine.storage.store import Store
 
 pytestmark = pytest.mark.slow
 

@@ -10,12 +10,12 @@ import pytest
 from conftest import record_text
 from crash_child import fake_adapter
 
-from storyengine.adapters import AdapterRegistry
 from storyengine.config import Settings
-from storyengine.feedback import DatasetConfig, story_split
-from storyengine.rounds import RoundConfig, run_round
-from storyengine.store import Store
-from storyengine.training import TrainConfig
+from storyengine.learning.datasets import DatasetConfig, story_split
+from storyengine.learning.registry import AdapterRegistry
+from storyengine.learning.rounds import RoundConfig, run_round
+from storyengine.learning.training import TrainConfig
+from storyengine.storage.store import Store
 
 
 async def rate(db, liked: int, disliked: int, *, heldout: tuple[int, int] = (2, 2)) -> None:
@@ -46,7 +46,7 @@ def no_model(monkeypatch):
     def load_for_training(settings):
         pytest.fail("a model was loaded for a round that cannot run")
 
-    monkeypatch.setattr("storyengine.modeling.load_for_training", load_for_training)
+    monkeypatch.setattr("storyengine.serving.modeling.load_for_training", load_for_training)
 
 
 async def skipped(tmp_path, config: RoundConfig | None = None) -> str:
@@ -192,8 +192,8 @@ async def test_train_round_prints_the_reason_and_exits_0(tmp_path):
 
 def test_rounds_that_can_run_are_not_skipped_by_the_checks():
     """The checks let through what trains: two-sided KTO examples, enough DPO pairs."""
-    from storyengine.feedback import FeedbackDatasets, LabelledExample
-    from storyengine.rounds import plan_round, skip_reason
+    from storyengine.learning.datasets import FeedbackDatasets, LabelledExample
+    from storyengine.learning.rounds import plan_round, skip_reason
 
     def example(label: bool, split: str, n: int) -> LabelledExample:
         return LabelledExample("p", f"c{n}", label, 1.0 if label else -1.0, n, split, n)

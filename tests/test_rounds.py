@@ -10,11 +10,11 @@ import sys
 import pytest
 from conftest import record_text
 
-from storyengine.adapters import AdapterRegistry
 from storyengine.config import Settings
-from storyengine.rounds import RoundConfig, run_round
-from storyengine.store import Store
-from storyengine.training import TrainConfig
+from storyengine.learning.registry import AdapterRegistry
+from storyengine.learning.rounds import RoundConfig, run_round
+from storyengine.learning.training import TrainConfig
+from storyengine.storage.store import Store
 
 pytestmark = pytest.mark.slow
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from storyengine.errors import GenerationCancelled
-from storyengine.generation import BASE_ADAPTER, GenerationRequest, SequentialGenerator
-from storyengine.multilora import MultiLoRA
 from storyengine.sampling import PRESETS, SamplingParams
-from storyengine.scheduler import BatchingGenerator, SchedulerConfig
+from storyengine.serving.generation import BASE_ADAPTER, GenerationRequest, SequentialGenerator
+from storyengine.serving.multilora import MultiLoRA
+from storyengine.serving.scheduler import BatchingGenerator, SchedulerConfig
 
 TEXT = (
     "Once upon a time there was a little girl named Lily. She loved to play outside in the "
@@ -300,7 +300,7 @@ def _draws(scores, params, rows=3000):
     own seeded generator."""
     from types import SimpleNamespace
 
-    from storyengine.scheduler import _sample_rows
+    from storyengine.serving.scheduler import _sample_rows
 
     seqs = [
         SimpleNamespace(

@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from storyengine.errors import GenerationCancelled, GenerationFailed
-from storyengine.generation import (
+from storyengine.sampling import PRESETS, SamplingParams
+from storyengine.serving.generation import (
     BASE_ADAPTER,
     STEP_FAILED,
     UNUSABLE_SCORES,
     GenerationRequest,
     SequentialGenerator,
 )
-from storyengine.sampling import PRESETS, SamplingParams
-from storyengine.scheduler import BatchingGenerator, SchedulerConfig
+from storyengine.serving.scheduler import BatchingGenerator, SchedulerConfig
 
 TEXT = "Once upon a time there was a little girl named Lily. She loved to play outside."
 
@@ -201,7 +201,7 @@ async def test_an_error_in_a_decoding_step_fails_the_batch_with_a_message_and_no
     """An error that belongs to no one row (out of memory, simulated here in the step
     itself) fails the requests running then, each with a message for the user (the
     error is logged), and the scheduler serves the next requests correctly."""
-    from storyengine import gpt2_decode
+    from storyengine.serving import gpt2_decode
 
     ids = tiny_model.encode(TEXT)
     requests = [
@@ -219,7 +219,7 @@ async def test_an_error_in_a_decoding_step_fails_the_batch_with_a_message_and_no
 
     monkeypatch.setattr(gpt2_decode, "decode_step", out_of_memory_once)
     scheduler = BatchingGenerator(tiny_model)
-    with caplog.at_level(logging.ERROR, logger="storyengine.scheduler"):
+    with caplog.at_level(logging.ERROR, logger="storyengine.serving.scheduler"):
         failures = await results([scheduler.submit(r) for r in requests])
     for failure in failures:
         assert isinstance(failure, GenerationFailed) and str(failure) == STEP_FAILED

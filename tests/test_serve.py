@@ -18,10 +18,10 @@ import pytest
 from conftest import make_tiny_model
 from test_adapters import lora_saver
 
-from storyengine.adapters import AdapterRegistry
-from storyengine.scheduler import BatchingGenerator
-from storyengine.serve import CompletionService, serve
-from storyengine.store import Store
+from storyengine.learning.registry import AdapterRegistry
+from storyengine.serving.scheduler import BatchingGenerator
+from storyengine.serving.service import CompletionService, serve
+from storyengine.storage.store import Store
 
 PROMPT = "Once upon a time, a little fox lived by the river."
 

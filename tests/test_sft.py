@@ -2,11 +2,11 @@
 
 import pytest
 
-from storyengine.adapters import AdapterRegistry
 from storyengine.config import Settings
 from storyengine.errors import InvalidInput
-from storyengine.sft import CorpusTrainConfig, load_corpus, run_sft, split_corpus, windows
-from storyengine.store import Store
+from storyengine.learning.registry import AdapterRegistry
+from storyengine.learning.sft import CorpusTrainConfig, load_corpus, run_sft, split_corpus, windows
+from storyengine.storage.store import Store
 
 FABLE = (
     "The {animal} said to the {other}: 'Slow and steady wins the race.' "

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from storyengine.cli import main as cli_main
-from storyengine.stats import DAYS, feedback_summary, png_size, render_chart, summary_lines
-from storyengine.store import ReactionEvent, Store
+from storyengine.cli.main import main as cli_main
+from storyengine.learning.stats import DAYS, feedback_summary, png_size, render_chart, summary_lines
+from storyengine.storage.store import ReactionEvent, Store
 
 
 async def generation(store: Store, story_id: int, adapter: str | None) -> int:

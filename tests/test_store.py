@@ -2,9 +2,9 @@ import sqlite3
 
 import pytest
 
-from storyengine import store as store_module
-from storyengine.memory import LoreCard
-from storyengine.store import Migration, Store, load_migrations
+from storyengine.records import LoreCard
+from storyengine.storage import store as store_module
+from storyengine.storage.store import Migration, Store, load_migrations
 
 
 def test_migrations_are_numbered_and_shipped_in_the_package():
@@ -84,8 +84,8 @@ async def test_turns_lore_and_settings_survive_reopening(tmp_path):
 async def test_stories_from_before_the_opt_in_are_never_trained_on(tmp_path, monkeypatch):
     """Migration 0004: a Discord story (channel id of digits) told before learning
     became opt-in is kept out of training; the operator's own (CLI) stories are not."""
-    import storyengine.store as store_module
-    from storyengine.feedback import build_datasets
+    import storyengine.storage.store as store_module
+    from storyengine.learning.datasets import build_datasets
 
     every = load_migrations()
     monkeypatch.setattr(store_module, "load_migrations", lambda: every[:3])

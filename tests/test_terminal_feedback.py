@@ -9,9 +9,9 @@ import pytest
 from test_cli import run_cli
 
 from storyengine.errors import InvalidInput
-from storyengine.feedback import build_datasets, parse_import
+from storyengine.learning.datasets import build_datasets, parse_import
 from storyengine.records import Author
-from storyengine.store import Store
+from storyengine.storage.store import Store
 
 ME = Author("terminal:me", "me")
 
@@ -113,7 +113,7 @@ def test_chat_good_bad_and_pick_reach_the_training_data(tmp_path):
 async def test_generate_serves_the_promoted_adapter_unless_told_otherwise(tmp_path, bundled_model):
     from test_adapters import lora_saver
 
-    from storyengine.adapters import AdapterRegistry
+    from storyengine.learning.registry import AdapterRegistry
 
     store = await Store(tmp_path / "g.db").open()
     registry = await AdapterRegistry(store, tmp_path / "adapters").open()

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from storyengine.training import (
+from storyengine.learning.training import (
     DriftGuard,
     NotEnoughData,
     TrainConfig,
@@ -168,7 +168,7 @@ def test_training_loads_the_base_model_in_a_precision_it_can_train_in(asked, tra
     """The serving default on a GPU is float16, whose weights train badly without loss
     scaling: a round loads float32 instead (bfloat16, when asked for, is kept)."""
     from storyengine.config import Settings
-    from storyengine.modeling import load_for_training
+    from storyengine.serving.modeling import load_for_training
 
     loaded = load_for_training(Settings(device="cpu", dtype=asked, adapter="some-adapter"))
     assert next(loaded.model.parameters()).dtype == getattr(torch, trained)

@@ -13,14 +13,14 @@ from conftest import record_text
 
 from storyengine.config import Settings
 from storyengine.errors import TrainingBusy
-from storyengine.rounds import RoundConfig, round_lock, run_round
-from storyengine.store import Store
-from storyengine.training_scheduler import (
+from storyengine.learning.rounds import RoundConfig, round_lock, run_round
+from storyengine.learning.scheduling import (
     TrainingSchedule,
     TrainingScheduler,
     child_environment,
     parse_db_time,
 )
+from storyengine.storage.store import Store
 
 
 @pytest.fixture
@@ -230,7 +230,7 @@ async def test_the_watchdog_ends_a_round_whose_parent_is_gone(tmp_path):
         str(log),
         *python(
             "import time\n"
-            "from storyengine.training_scheduler import watch_parent\n"
+            "from storyengine.learning.scheduling import watch_parent\n"
             "watch_parent(interval_s=0.1)\n"
             "print('watching', flush=True)\n"
             "time.sleep(120)\n"
@@ -251,7 +251,7 @@ async def test_the_watchdog_ends_a_round_whose_parent_is_gone(tmp_path):
 async def test_train_commands_watch_the_process_that_started_them(tmp_path, command):
     """`train round` and `train sft` end at once when TALEWEAVER_PARENT_PID is not their
     parent (it is gone): they start the watchdog before anything else."""
-    from storyengine.training_scheduler import PARENT_GONE_EXIT
+    from storyengine.learning.scheduling import PARENT_GONE_EXIT
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORY_")}
     env["TALEWEAVER_PARENT_PID"] = str(os.getppid())  # alive, but not the child's parent

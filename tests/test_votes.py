@@ -9,7 +9,7 @@ import sqlite3
 import time
 
 from storyengine.records import Author
-from storyengine.store import Store, load_migrations
+from storyengine.storage.store import Store, load_migrations
 
 ANN = Author("1", "Ann")
 

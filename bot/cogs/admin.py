@@ -17,13 +17,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from storyengine import render_chart, summary_lines
 from storyengine.progress import text_bar
-from storyengine.stats import render_chart, summary_lines
 
 from ..publish import reply, safe
 
 if TYPE_CHECKING:
-    from storyengine.training_scheduler import TrainingJob
+    from storyengine import TrainingJob
 
     from ..client import StoryBot
 

@@ -16,20 +16,17 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from storyengine.config import LIMITS, MAX_INPUT_CHARS
-from storyengine.engine import (
+from storyengine import MAX_BEST_OF, MAX_LOREBOOK_BYTES, MAX_SAVE_BYTES, Action
+from storyengine.config import (
+    LIMITS,
     MAX_GENRE_CHARS,
+    MAX_INPUT_CHARS,
     MAX_LORE_NAME,
     MAX_NOTE_CHARS,
 )
 from storyengine.errors import InvalidInput, StoryError
-from storyengine.lorebooks import MAX_BYTES as MAX_LOREBOOK_BYTES
-from storyengine.memory import LoreCard
-from storyengine.permissions import Action
-from storyengine.records import DIRECT_MESSAGES, Author, Story
+from storyengine.records import DIRECT_MESSAGES, Author, LoreCard, Story
 from storyengine.safety import quoted
-from storyengine.sampling import MAX_BEST_OF
-from storyengine.saves import MAX_BYTES as MAX_SAVE_BYTES
 
 from ..publish import (
     ChannelTarget,

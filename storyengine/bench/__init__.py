@@ -1,0 +1,1 @@
+"""Benchmarks that print figures: `storyengine bench serve|learning|soak`."""

@@ -1,0 +1,314 @@
+"""The evaluation gate: is a newly trained adapter better, and no worse where it matters?
+
+Measured on held-out data (stories on the held-out side of the split):
+* preference accuracy: how often a model's implicit reward, log p_model(y|x) minus
+  log p_base(y|x), ranks the chosen continuation over the rejected one, and a liked one
+  over a disliked one (ties count half); the candidate must beat the adapter it would
+  replace;
+* perplexity on held-out story text, against both the current adapter (at most
+  `max_ppl_increase` worse) and the bare base model (at most `max_ppl_vs_base` worse, so
+  drift cannot pile up round after round);
+* repetition (share of repeated 4-grams) and distinct-2 on sampled continuations, which
+  may not get worse by more than a bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from itertools import pairwise
+from typing import Any
+
+from ..sampling import SamplingParams
+from .datasets import LabelledExample, PreferencePair
+from .training import adapter_kwargs, evaluating
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_ppl_increase: float = 0.05
+    max_ppl_vs_base: float = 0.05
+    max_repeat4_increase: float = 0.02
+    max_distinct2_drop: float = 0.05
+    max_examples: int = 400
+    """At most this many held-out examples are scored (they cost a forward pass each)."""
+    samples: int = 32
+    """Continuations sampled from each adapter for repetition and distinct-2 (0: skip)."""
+    sample_tokens: int = 64
+
+
+@dataclass(frozen=True)
+class GateReport:
+    passed: bool
+    reasons: tuple[str, ...]
+    preference_accuracy: float
+    current_preference_accuracy: float
+    perplexity: float
+    current_perplexity: float
+    base_perplexity: float
+    repeat4: float | None = None
+    current_repeat4: float | None = None
+    distinct2: float | None = None
+    current_distinct2: float | None = None
+    heldout_pairs: int = 0
+    heldout_examples: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _logprob(
+    model: Any, tokenizer: Any, prompt: str, completion: str, adapter: str | None
+) -> float:
+    from .training import completion_logprob
+
+    return completion_logprob(model, tokenizer, prompt, completion, adapter=adapter)
+
+
+def preference_accuracy(
+    model: Any,
+    tokenizer: Any,
+    adapter: str | None,
+    pairs: Sequence[PreferencePair],
+    examples: Sequence[LabelledExample],
+) -> float:
+    """How often the adapter's implicit reward (its log-likelihood ratio to the base
+    model) ranks held-out feedback the way people did: the chosen continuation of a pair
+    above the rejected one, and a liked continuation above a disliked one (every liked
+    one against every disliked one, the area under the ROC curve). Ties count half, so
+    the base model itself, whose reward is zero everywhere, scores 0.5. The two kinds
+    are weighted by how much evidence each holds (`evidence`), so one held-out pair
+    cannot outweigh forty labels.
+
+    Only the order of rewards matters, never their sign: preference training lowers the
+    likelihood of most continuations, liked ones too, and what the audience can feel is
+    whether liked ones became likelier than disliked ones. A rank statistic is also
+    balanced by construction, so it stays meaningful when nearly all reactions are 👎,
+    and comparing every liked with every disliked continuation uses all the labels a
+    round holds out, not only the few pairs."""
+    cache: dict[tuple[str, str], float] = {}
+
+    def reward(prompt: str, text: str) -> float:
+        if adapter is None:
+            return 0.0
+        key = (prompt, text)
+        if key not in cache:
+            cache[key] = _logprob(model, tokenizer, prompt, text, adapter) - _logprob(
+                model, tokenizer, prompt, text, None
+            )
+        return cache[key]
+
+    kinds: list[tuple[float, float]] = []  # (accuracy, weight)
+    if pairs:
+        right = [_right(reward(p.prompt, p.chosen) - reward(p.prompt, p.rejected)) for p in pairs]
+        kinds.append((sum(right) / len(right), evidence(len(pairs))))
+    liked = [reward(e.prompt, e.completion) for e in examples if e.label]
+    disliked = [reward(e.prompt, e.completion) for e in examples if not e.label]
+    if liked and disliked:
+        kinds.append((ranked_above(liked, disliked), evidence(len(liked), len(disliked))))
+    total = sum(weight for _, weight in kinds)
+    return sum(value * weight for value, weight in kinds) / total if kinds else 0.5
+
+
+def evidence(pairs_or_liked: int, disliked: int | None = None) -> float:
+    """How many independent comparisons a kind of held-out feedback is worth: its count
+    for pairs; for liked against disliked labels, the harmonic mean of the two counts
+    times two (1 liked and 40 disliked decide about as much as two pairs, not forty)."""
+    if disliked is None:
+        return float(pairs_or_liked)
+    liked = pairs_or_liked
+    return 2 * liked * disliked / (liked + disliked) if liked and disliked else 0.0
+
+
+def _right(margin: float) -> float:
+    return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
+
+
+def ranked_above(higher: Sequence[float], lower: Sequence[float]) -> float:
+    """Share of (h, l) couples with h > l, ties counting half: the area under the ROC
+    curve of scores meant to put `higher` first (Mann-Whitney, from average ranks)."""
+    n, m = len(higher), len(lower)
+    rank_sum = sum(average_ranks([*higher, *lower])[:n])
+    return (rank_sum - n * (n + 1) / 2) / (n * m)
+
+
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def perplexity(
+    model: Any, tokenizer: Any, adapter: str | None, texts: Sequence[str], max_tokens: int = 512
+) -> float:
+    import torch
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for text in texts:
+        ids = tokenizer(text)["input_ids"][:max_tokens]
+        if len(ids) < 2:
+            continue
+        batch = torch.tensor([ids], device=device)
+        with torch.no_grad(), evaluating(model):
+            logits = model(input_ids=batch, **adapter_kwargs(model, adapter)).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[0, :-1].float(), batch[0, 1:], reduction="sum"
+        )
+        total += float(loss)
+        count += len(ids) - 1
+    return math.exp(total / count) if count else float("nan")
+
+
+def sample_continuations(
+    model: Any,
+    tokenizer: Any,
+    adapter: str | None,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    *,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_prompt_tokens: int = 256,
+) -> list[str]:
+    """One sampled continuation per prompt, in batches (prompts left-padded, each cut
+    to its last `max_prompt_tokens`), with the storyteller's sampling parameters."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[str] = []
+    # Seeded, without touching the caller's random state (a serving engine may share it).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            out.extend(
+                _sample_batch(
+                    model,
+                    tokenizer,
+                    adapter,
+                    prompts[start : start + batch_size],
+                    params,
+                    max_prompt_tokens,
+                )
+            )
+    return out
+
+
+def _sample_batch(
+    model: Any,
+    tokenizer: Any,
+    adapter: str | None,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    max_prompt_tokens: int,
+) -> list[str]:
+    """One batch of `sample_continuations`."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.eos_token_id
+    texts: list[str] = []
+    batch = [tokenizer(p)["input_ids"][-max_prompt_tokens:] for p in prompts]
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+    sampling: dict[str, Any] = {"do_sample": False}
+    if not params.greedy:
+        sampling = {
+            "do_sample": True,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+        }
+    kwargs = adapter_kwargs(model, adapter)
+    if kwargs:
+        kwargs["adapter_names"] = kwargs["adapter_names"] * len(batch)
+    with torch.no_grad(), evaluating(model):
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            repetition_penalty=params.repetition_penalty,
+            no_repeat_ngram_size=params.no_repeat_ngram_size,
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=pad,
+            **sampling,
+            **kwargs,
+        )
+    for row in generated[:, width:].tolist():
+        if pad in row:
+            row = row[: row.index(pad)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def repetition(texts: Sequence[str]) -> tuple[float, float]:
+    """(share of 4-grams that repeat an earlier 4-gram of the same text, distinct-2
+    across all texts)."""
+    repeated = total4 = 0
+    bigrams: list[tuple[str, str]] = []
+    for text in texts:
+        words = text.lower().split()
+        grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+        total4 += len(grams)
+        repeated += len(grams) - len(set(grams))
+        bigrams.extend(pairwise(words))
+    repeat4 = repeated / total4 if total4 else 0.0
+    distinct2 = len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+    return repeat4, distinct2
+
+
+def decide(
+    config: GateConfig,
+    *,
+    accuracy: float,
+    current_accuracy: float,
+    ppl: float,
+    current_ppl: float,
+    base_ppl: float,
+    samples: tuple[Sequence[str], Sequence[str]] | None = None,
+    heldout_pairs: int = 0,
+    heldout_examples: int = 0,
+) -> GateReport:
+    reasons = []
+    if not accuracy > current_accuracy:
+        reasons.append(f"preference accuracy {accuracy:.3f} does not beat {current_accuracy:.3f}")
+    if ppl > current_ppl * (1 + config.max_ppl_increase):
+        reasons.append(
+            f"perplexity {ppl:.2f} is over {current_ppl:.2f} + {config.max_ppl_increase:.0%}"
+        )
+    if ppl > base_ppl * (1 + config.max_ppl_vs_base):
+        bound = f"{base_ppl:.2f} + {config.max_ppl_vs_base:.0%}"
+        reasons.append(f"perplexity {ppl:.2f} drifted past the base model's {bound}")
+    rep = cur_rep = dis = cur_dis = None
+    if samples is not None:
+        rep, dis = repetition(samples[0])
+        cur_rep, cur_dis = repetition(samples[1])
+        if rep > cur_rep + config.max_repeat4_increase:
+            reasons.append(f"repeated 4-grams rose from {cur_rep:.3f} to {rep:.3f}")
+        if dis < cur_dis - config.max_distinct2_drop:
+            reasons.append(f"distinct-2 fell from {cur_dis:.3f} to {dis:.3f}")
+    return GateReport(
+        passed=not reasons,
+        reasons=tuple(reasons),
+        preference_accuracy=accuracy,
+        current_preference_accuracy=current_accuracy,
+        perplexity=ppl,
+        current_perplexity=current_ppl,
+        base_perplexity=base_ppl,
+        repeat4=rep,
+        current_repeat4=cur_rep,
+        distinct2=dis,
+        current_distinct2=cur_dis,
+        heldout_pairs=heldout_pairs,
+        heldout_examples=heldout_examples,
+    )

@@ -1,0 +1,482 @@
+"""A learning round, end to end: feedback → datasets → train → gate → register →
+promote or reject. `storyengine train round` runs it in its own process.
+
+A round that runs (once the adapter it starts from has loaded) first trains the reward
+model (`reward`) on all the feedback there is, judges it on the held-out side, registers
+it and promotes or rejects it; then it trains the adapter. The reward model's figures
+are the round's `metrics["reward"]`, and its line is printed before the round's outcome.
+
+A round that cannot run on the feedback there is (too little of it, none held out to
+judge with, KTO examples that are all liked or all disliked, a served adapter missing
+on disk) is *skipped* before any model loads: recorded as a finished run whose error is
+the reason, in a sentence for a person. So is one whose served adapter does not load on
+the base model (known only once that is loaded). Anything else that stops a round is a
+failure, recorded with its message.
+
+Crash safety: every step leaves a state the next round starts from. The adapter is
+registered only after training and evaluation (files first, then its row; see
+`adapters`), and the run notes the version and the newest generation its data came from
+as soon as the version is registered, so a crash after the promotion still keeps the
+next round from learning the same feedback again; promotion is one transaction; the
+database is touched in short transactions. The next round, holding the round lock,
+sweeps what a killed one left in the adapter directory and marks its run interrupted.
+Killing a round therefore leaves the served adapter and the database as they were, or
+with the new version fully promoted. The reward model's registry works the same way
+(swept by the next round, holding the same lock); one killed after the reward model's
+promotion leaves it promoted, and the next round trains and judges a new one anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from ..config import Settings
+from ..sampling import SamplingParams
+from ..serving.modeling import LoadedModel
+from ..storage.store import Store
+from ..text import split_sentences
+from .datasets import (
+    DatasetConfig,
+    FeedbackDatasets,
+    LabelledExample,
+    PreferencePair,
+    build_datasets,
+)
+from .evaluation import (
+    GateConfig,
+    decide,
+    perplexity,
+    preference_accuracy,
+    sample_continuations,
+)
+from .registry import SAME_LINEAGE, AdapterRegistry, AdapterVersion, round_lock
+from .reward import (
+    RewardConfig,
+    RewardRegistry,
+    reward_dir,
+    reward_skip_reason,
+    reward_summary,
+    train_reward_model,
+)
+from .training import DriftGuard, TrainConfig, prepare_policy, train_adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    method: Literal["auto", "kto", "dpo"] = "auto"
+    """auto: DPO when there are enough pairs, else KTO."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    drift_guard: float | None = 0.6
+    """Training stops once perplexity on held-out stories has used this share of the
+    gate's perplexity bounds (against the base model and the adapter the round started
+    from), keeping the weights of the last check under it. It measures half of the
+    held-out stories and the gate the other half. None: train the whole schedule."""
+    guard_retries: int = 2
+    """When the guard stops training at its first check, train again at half the learning
+    rate, at most this many times: late rounds, close to the bounds, take smaller steps."""
+    community: str | None = None
+    """The lineage this round trains: a community's own (its feedback only, starting
+    from what it is served: its own adapter, else the shared one), or None for the
+    shared one (all trainable feedback)."""
+    reward: RewardConfig | None = field(default_factory=RewardConfig)
+    """The reward model trained at the start of each round that runs (None: none). It
+    learns from all the feedback (not only what came in since the last promoted
+    adapter): it is trained afresh each time, and a few hundred examples cost seconds."""
+
+    def __post_init__(self) -> None:
+        if self.drift_guard is not None and not 0 < self.drift_guard <= 1:
+            raise ValueError("drift_guard must be in (0, 1], or None")
+        if self.guard_retries < 0:
+            raise ValueError("guard_retries must be 0 or more")
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    status: Literal["promoted", "rejected", "skipped"]
+    reason: str
+    version: AdapterVersion | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+GATE_SAMPLES_KEPT = 4
+"""Gate samples kept in a version's report, beside its parent's for the same prompts."""
+
+
+def heldout_stories() -> list[str]:
+    """Stories the bundled model never saw (shipped in the package), for perplexity."""
+    from importlib import resources
+
+    text = resources.files("storyengine").joinpath("data/heldout_stories.txt").read_text("utf-8")
+    return [s.strip() for s in text.split("<|endoftext|>") if s.strip()]
+
+
+def gate_prompts(
+    pairs: list[PreferencePair], examples: list[LabelledExample], stories: list[str], n: int
+) -> list[str]:
+    """Prompts to sample from for the gate's repetition figures: the held-out feedback's
+    prompts (what the audience was shown), topped up with openings of held-out stories."""
+    prompts = list(dict.fromkeys([p.prompt for p in pairs] + [e.prompt for e in examples]))
+    openings = [" ".join(split_sentences(story)[:2]) for story in stories]
+    return (prompts + [o for o in openings if o])[:n]
+
+
+def drift_guard(
+    policy: Any, tokenizer: Any, texts: list[str], gate: GateConfig, share: float
+) -> DriftGuard:
+    """A guard that stops training once perplexity on `texts` has used `share` of the
+    gate's bounds against the base model and against the adapter training starts from
+    (the policy's "default" adapter, before training)."""
+    base = perplexity(policy, tokenizer, None, texts)
+    start = perplexity(policy, tokenizer, "default", texts)
+    limit = min(
+        base * (1 + share * gate.max_ppl_vs_base), start * (1 + share * gate.max_ppl_increase)
+    )
+    return DriftGuard(lambda: perplexity(policy, tokenizer, "default", texts), limit, every=1)
+
+
+def choose_method(config: RoundConfig, data: FeedbackDatasets) -> tuple[str, list[dict[str, Any]]]:
+    pairs = [p for p in data.pairs if p.split == "train"]
+    examples = [e for e in data.examples if e.split == "train"]
+    method = config.method
+    if method == "auto":
+        method = "dpo" if len(pairs) >= config.train.min_examples else "kto"
+    if method == "dpo":
+        return "dpo", [
+            {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs
+        ]
+    return "kto", [
+        {"prompt": e.prompt, "completion": e.completion, "label": e.label} for e in examples
+    ]
+
+
+async def run_round(
+    settings: Settings, config: RoundConfig, *, say: Callable[[str], None] = print
+) -> RoundResult:
+    with round_lock(settings.adapter_dir):
+        return await _run_round(settings, config, say)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a round would train on and judge with, decided before any model loads."""
+
+    method: str
+    rows: list[dict[str, Any]]
+    heldout_pairs: list[PreferencePair]
+    heldout_examples: list[LabelledExample]
+
+    @property
+    def counts(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "train_rows": len(self.rows),
+            "heldout_pairs": len(self.heldout_pairs),
+            "heldout_examples": len(self.heldout_examples),
+        }
+
+
+def plan_round(config: RoundConfig, data: FeedbackDatasets) -> RoundPlan:
+    method, rows = choose_method(config, data)
+    return RoundPlan(
+        method,
+        rows,
+        [p for p in data.pairs if p.split == "heldout"][: config.gate.max_examples],
+        [e for e in data.examples if e.split == "heldout"][: config.gate.max_examples],
+    )
+
+
+def skip_reason(config: RoundConfig, plan: RoundPlan) -> str | None:
+    """Why this feedback cannot make a round yet, as a sentence for a person; None when
+    it can. Everything here is known before a model loads, so a round that cannot run
+    costs nothing."""
+    n, need = len(plan.rows), config.train.min_examples
+    held = len(plan.heldout_pairs) + len(plan.heldout_examples)
+    if plan.method == "dpo" and n < need:  # asked for: `auto` picks DPO only with enough
+        return (
+            f"not enough feedback yet for DPO: {n} preference pairs (a round needs {need}),"
+            f" {held} held out; pairs come from companion choices, retries and"
+            " continuations of one opening rated apart (`--method auto` trains KTO on"
+            " single reactions meanwhile)"
+        )
+    if n < need:
+        return (
+            f"not enough feedback yet: {n} training examples (a round needs {need}),"
+            f" {held} held out"
+        )
+    if plan.method == "kto":
+        liked = sum(1 for row in plan.rows if row["label"])
+        if liked in (0, n):
+            side, other = ("liked (👍)", "👎") if liked else ("disliked (👎)", "👍")
+            return (
+                f"all {n} rated continuations to learn from are {side}: the storyteller"
+                " learns from the difference between liked and disliked continuations;"
+                f" wait for some {other} or companion choices"
+            )
+    if not held:
+        return (
+            f"no held-out feedback yet to judge a new adapter on: {n} training examples,"
+            " none held out (the gate judges on the feedback of stories kept out of"
+            f" training, {config.data.heldout_fraction:.0%} of them)"
+        )
+    return None
+
+
+async def _run_round(
+    settings: Settings, config: RoundConfig, say: Callable[[str], None]
+) -> RoundResult:
+    store = await Store(settings.db_path).open()
+    try:
+        # We hold the round lock: leftovers are a killed round's, and so are runs
+        # still 'running'.
+        registry = await AdapterRegistry(store, settings.adapter_dir).open(locked=True)
+        rewards = await RewardRegistry(
+            store, reward_dir(settings), lock_dir=settings.adapter_dir
+        ).open(locked=True)
+        await store.interrupt_training_runs()
+        rows_ = await store.db.execute_fetchall(
+            "SELECT COALESCE(MAX(r.data_until), 0) FROM training_runs r"
+            " JOIN adapters a ON a.version = r.version WHERE a.status IN ('promoted', 'retired')"
+            f" AND {SAME_LINEAGE.replace('community', 'a.community')}",
+            (config.community,),
+        )
+        newest = await store.db.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM generations")
+        data_until = int(newest[0][0])
+        data_config = replace(
+            config.data, train_after_generation=int(rows_[0][0]), community=config.community
+        )
+        data = await build_datasets(store, data_config)
+        plan = plan_round(config, data)
+        # A community's first round starts from the shared adapter it has been served.
+        current = await registry.serving(config.community)
+        reason = skip_reason(config, plan) or missing_adapter(current)
+        # The reward model learns from all the feedback there is, through the same
+        # consent, forget-me and caps; it may train when the adapter cannot yet.
+        all_data = await build_datasets(store, replace(data_config, train_after_generation=0))
+        reward_reason = (
+            reward_skip_reason(config.reward, all_data) if config.reward is not None else ""
+        )
+        run_id = await store.start_training_run(plan.method, config.community)
+        if reason is not None and (config.reward is None or reward_reason is not None):
+            await store.finish_training_run(
+                run_id, version=None, error=reason, data_until=data_until
+            )
+            return RoundResult("skipped", reason)
+        if reason is not None:  # only the reward model: it reads the bare base model
+            from ..serving.modeling import load_for_training
+
+            assert config.reward is not None
+            try:
+                loaded = await asyncio.to_thread(load_for_training, settings)
+                reward = await train_reward_model(
+                    rewards, loaded, all_data, config.reward, community=config.community
+                )
+            except Exception as exc:
+                await store.fail_training_run(run_id, exc)
+                raise
+            say(reward_summary(reward))
+            await store.finish_training_run(
+                run_id, version=None, error=reason, data_until=data_until
+            )
+            return RoundResult("skipped", reason, metrics={"reward": reward})
+
+        async def registered(version: int) -> None:
+            # At once, not when the run finishes: a crash after the promotion must not
+            # lose which data the promoted adapter has learned from.
+            await store.set_training_run_version(run_id, version, data_until)
+
+        reward: dict[str, Any] = {}
+
+        async def train_reward(loaded: LoadedModel) -> None:
+            if config.reward is None:
+                return
+            if reward_reason is not None:
+                reward.update(status="skipped", reason=reward_reason)
+                return
+            reward.update(
+                await train_reward_model(
+                    rewards, loaded, all_data, config.reward, community=config.community
+                )
+            )
+
+        try:
+            result = await _train_and_gate(
+                settings, config, registry, plan, current, registered, say, train_reward
+            )
+        except Exception as exc:
+            await store.fail_training_run(run_id, exc)
+            raise
+        if reward:
+            say(reward_summary(reward))
+            result = replace(result, metrics={**result.metrics, "reward": reward})
+        await store.finish_training_run(
+            run_id,
+            version=result.version.version if result.version else None,
+            error=result.reason or None,
+            data_until=data_until,
+        )
+        return result
+    finally:
+        await store.close()
+
+
+def missing_adapter(current: AdapterVersion | None) -> str | None:
+    """Why a round cannot start from the served adapter: its files are gone."""
+    if current is None or (current.path / "adapter_config.json").is_file():
+        return None
+    return (
+        f"the served adapter {current.name} is missing on disk ({current.path}): restore"
+        " it, or go back to the one before with `storyengine adapters rollback`"
+    )
+
+
+def unloadable_adapter(current: AdapterVersion, model_id: str, exc: Exception) -> str:
+    """Why a round cannot start from the served adapter: it does not load on the base
+    model (trained on another one, or its files are damaged)."""
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    if len(detail) > 160:
+        detail = detail[:159] + "…"
+    return (
+        f"the served adapter {current.name} does not load on the base model {model_id}"
+        f" ({detail}): serve another (`storyengine adapters rollback`), or set"
+        " STORY_BASE_MODEL back to the model it was trained on"
+    )
+
+
+async def _train_and_gate(
+    settings: Settings,
+    config: RoundConfig,
+    registry: AdapterRegistry,
+    plan: RoundPlan,
+    current: AdapterVersion | None,
+    registered: Callable[[int], Awaitable[None]],
+    say: Callable[[str], None],
+    train_reward: Callable[[LoadedModel], Awaitable[None]] | None = None,
+) -> RoundResult:
+    from ..serving.modeling import load_for_training
+
+    method, rows = plan.method, plan.rows
+    heldout_pairs, heldout_examples = plan.heldout_pairs, plan.heldout_examples
+    texts = heldout_stories()
+    gate_texts, guard_texts = texts[::2], texts[1::2]
+    loaded = await asyncio.to_thread(load_for_training, settings)
+    train = replace(config.train, method=method).resolved()  # type: ignore[arg-type]
+    if train_reward is not None:  # on the bare base model, before LoRA layers go in
+        await train_reward(loaded)
+    try:
+        policy = prepare_policy(loaded.model, current.path if current else None, train)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if current is None:  # a fresh LoRA that does not fit: a bug, not the user's
+            raise
+        return RoundResult("skipped", unloadable_adapter(current, loaded.model_id, exc))
+    tok = loaded.tokenizer
+    guard = None
+    if config.drift_guard:
+        guard = await asyncio.to_thread(
+            drift_guard, policy, tok, guard_texts, config.gate, config.drift_guard
+        )
+    say(
+        f"training {method} on {len(rows)} examples (lr {train.learning_rate:g}, "
+        f"{train.epochs:g} epochs), starting from {current.name if current else 'a fresh adapter'}"
+        + (f"; stops if held-out perplexity passes {guard.limit:.2f}" if guard else "")
+    )
+    for retry in range(config.guard_retries + 1):
+        figures = await asyncio.to_thread(
+            train_adapter, policy, tok, rows, train, progress=say, guard=guard
+        )
+        if guard is None or guard.stopped_at != 0 or retry == config.guard_retries:
+            break
+        # The first steps already went too far: smaller ones may still fit.
+        train = replace(train, learning_rate=train.learning_rate / 2)
+        guard = replace(guard, checks=[], stopped_at=None)
+        say(f"the first step went past the limit; training again at lr {train.learning_rate:g}")
+    if guard is not None and guard.stopped_at == 0:
+        return RoundResult(
+            "skipped",
+            "no room left under the perplexity bounds: the drift guard stopped training "
+            f"at its first check (held-out perplexity {guard.checks[-1][1]:.2f}, "
+            f"limit {guard.limit:.2f})",
+        )
+    stopped = ""
+    if guard is not None and guard.stopped_at is not None:
+        stopped = f", stopped by the drift guard: kept step {guard.stopped_at}"
+    say(
+        f"trained in {figures['seconds']:.0f} s (loss {figures['train_loss']:.3f}{stopped}); "
+        "evaluating"
+    )
+    reference = None
+    if current is not None:  # the adapter being served, to compare against
+        policy.load_adapter(str(current.path), adapter_name="current")
+        reference = "current"
+
+    def evaluate() -> dict[str, Any]:
+        return {
+            "accuracy": preference_accuracy(
+                policy, tok, "default", heldout_pairs, heldout_examples
+            ),
+            "current_accuracy": preference_accuracy(
+                policy, tok, reference, heldout_pairs, heldout_examples
+            ),
+            "ppl": perplexity(policy, tok, "default", gate_texts),
+            "current_ppl": perplexity(policy, tok, reference, gate_texts),
+            "base_ppl": perplexity(policy, tok, None, gate_texts),
+        }
+
+    scores = await asyncio.to_thread(evaluate)
+    samples = None
+    if config.gate.samples:
+        say(f"sampling {config.gate.samples} continuations from each adapter")
+        prompts = gate_prompts(heldout_pairs, heldout_examples, texts, config.gate.samples)
+        params = SamplingParams(max_new_tokens=config.gate.sample_tokens)
+
+        def sample(adapter: str | None) -> list[str]:
+            return sample_continuations(policy, tok, adapter, prompts, params, seed=train.seed)
+
+        samples = (
+            await asyncio.to_thread(sample, "default"),
+            await asyncio.to_thread(sample, reference),
+        )
+    report = decide(
+        config.gate,
+        accuracy=scores["accuracy"],
+        current_accuracy=scores["current_accuracy"],
+        ppl=scores["ppl"],
+        current_ppl=scores["current_ppl"],
+        base_ppl=scores["base_ppl"],
+        samples=samples,
+        heldout_pairs=len(heldout_pairs),
+        heldout_examples=len(heldout_examples),
+    )
+    metrics = {**report.to_dict(), "train": figures}
+    if samples is not None:  # what it writes beside what its parent wrote, same seeds
+        metrics["samples"] = [
+            {"prompt": prompt, "this": this, "parent": parent}
+            for prompt, this, parent in list(zip(prompts, *samples, strict=True))[
+                :GATE_SAMPLES_KEPT
+            ]
+        ]
+    policy.set_adapter("default")
+    version = await registry.register(
+        lambda d: policy.save_pretrained(str(d), selected_adapters=["default"]),
+        method=method,
+        parent_version=current.version if current else None,
+        metrics=json.loads(json.dumps(metrics, default=str)),
+        data_counts=plan.counts,
+        community=config.community,
+    )
+    await registered(version.version)
+    if report.passed:
+        version = await registry.promote(version.version)
+        return RoundResult("promoted", "", version, metrics)
+    await registry.reject(version.version)
+    return RoundResult(
+        "rejected", "; ".join(report.reasons), await registry.get(version.version), metrics
+    )

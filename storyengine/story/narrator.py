@@ -1,0 +1,205 @@
+"""From prompt text to a clean continuation: generation plus the rules every output obeys.
+
+A continuation ends at a sentence boundary (never mid-word), holds no end-of-text token,
+does not echo the user's line back, and passes the safety filter. The narrator knows
+nothing about stories or storage; the engine and `storyengine generate` both use it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from ..errors import GenerationCancelled, GenerationFailed
+from ..safety import SafetyFilter
+from ..sampling import SamplingParams
+from ..serving.generation import GenerationOutput, GenerationRequest, Generator, ModelInfo
+from ..serving.modeling import LoadedModel
+from ..text import trim_to_sentence
+
+ProgressCallback = Callable[[str], Awaitable[None]]
+OnHandle = Callable[[object], None]
+
+MIN_NEW_TOKENS = 8
+"""Keeps the model from ending the story on its very first token."""
+
+_BRACKETED = re.compile(r"\[[^\]\n]*\]?")
+
+
+@dataclass
+class Narration:
+    text: str
+    """What is shown and stored as the bot's turn."""
+    prompt_ids: list[int]
+    output: GenerationOutput
+    params: SamplingParams
+    attempts: int
+
+
+class Narrator:
+    def __init__(self, generator: Generator, safety: SafetyFilter) -> None:
+        self.generator = generator
+        self.safety = safety
+        self.outcomes: dict[str, int] = {}
+        """Continuations written so far, by how they ended: eos, length, cancelled or
+        failed (what a front end's metrics count)."""
+
+    @property
+    def info(self) -> ModelInfo:
+        """The model that writes: its tokens, context window and id."""
+        return self.generator.info
+
+    @property
+    def local_model(self) -> LoadedModel | None:
+        """The model's weights in this process, if the generator runs it here (perplexity
+        and the reward model's base copy read them); None for one that runs elsewhere."""
+        return getattr(self.generator, "model", None)
+
+    def polish(self, raw: str, *, echo_of: str | None = None) -> str:
+        """Turn raw model text into what may be shown."""
+        text = raw.lstrip()
+        if echo_of and text.startswith(echo_of.strip()):
+            text = text[len(echo_of.strip()) :].lstrip()
+        # Bracketed lines are the prompt's own notation (author's note, lore); a model
+        # that imitates them is not telling the story.
+        text = _BRACKETED.sub("", text)
+        text = re.sub(r"[ \t]{2,}", " ", text)
+        text = re.sub(r"\n{3,}", "\n\n", text)
+        return self.safety.clean_output(trim_to_sentence(text))
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    async def narrate(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        channel: str = "",
+        adapter: str | None = None,
+        adapter_path: str | None = None,
+        echo_of: str | None = None,
+        on_progress: ProgressCallback | None = None,
+        on_handle: OnHandle | None = None,
+        max_attempts: int = 3,
+    ) -> Narration:
+        """Continue `prompt`. Retries (with a new seed) when the model produces nothing
+        usable; raises `GenerationCancelled` if cancelled, `GenerationFailed` if it never
+        produces a sentence."""
+        candidates = await self.narrate_candidates(
+            prompt,
+            params,
+            1,
+            channel=channel,
+            adapter=adapter,
+            adapter_path=adapter_path,
+            echo_of=echo_of,
+            on_progress=on_progress,
+            on_handle=on_handle,
+            max_attempts=max_attempts,
+        )
+        return candidates[0]
+
+    async def narrate_candidates(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        n: int,
+        *,
+        channel: str = "",
+        adapter: str | None = None,
+        adapter_path: str | None = None,
+        echo_of: str | None = None,
+        on_progress: ProgressCallback | None = None,
+        on_handle: OnHandle | None = None,
+        max_attempts: int = 3,
+    ) -> list[Narration]:
+        """Up to `n` continuations of `prompt` written together (best-of-n: one prefill,
+        n seeds), each polished; those that say nothing are dropped. The first
+        candidate's text is what `on_progress` shows while they are written. Retries
+        (with new seeds) while none is usable; raises `GenerationCancelled` if cancelled,
+        `GenerationFailed` if none ever produces a sentence. Each call's outcome is
+        counted in `outcomes` (by the candidates' finish reasons, or cancelled, or
+        failed)."""
+        try:
+            candidates = await self._candidates(
+                prompt,
+                params,
+                n,
+                channel=channel,
+                adapter=adapter,
+                adapter_path=adapter_path,
+                echo_of=echo_of,
+                on_progress=on_progress,
+                on_handle=on_handle,
+                max_attempts=max_attempts,
+            )
+        except GenerationCancelled:
+            self._count("cancelled")
+            raise
+        except GenerationFailed:
+            self._count("failed")
+            raise
+        for candidate in candidates:
+            self._count(candidate.output.finish_reason)
+        return candidates
+
+    async def _candidates(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        n: int,
+        *,
+        channel: str,
+        adapter: str | None,
+        adapter_path: str | None,
+        echo_of: str | None,
+        on_progress: ProgressCallback | None,
+        on_handle: OnHandle | None,
+        max_attempts: int,
+    ) -> list[Narration]:
+        prompt_ids = self.info.encode(prompt)
+        for attempt in range(1, max_attempts + 1):
+            request = GenerationRequest(
+                prompt_ids,
+                params,
+                channel=channel,
+                adapter=adapter,
+                adapter_path=adapter_path,
+                min_new_tokens=MIN_NEW_TOKENS,
+            )
+            handles = (
+                self.generator.submit_many(request, n)
+                if n > 1
+                else [self.generator.submit(request)]
+            )
+            if on_handle is not None:
+                for handle in handles:
+                    on_handle(handle)
+            try:
+                shown = ""
+                async for raw in handles[0].stream():
+                    text = self.polish(raw, echo_of=echo_of)
+                    if on_progress is not None and text and text != shown:
+                        shown = text
+                        await on_progress(text)
+                outputs = [await handle.result() for handle in handles]
+            except BaseException:
+                for handle in handles:  # one stopped or failed: the others stop too
+                    handle.cancel()
+                raise
+            usable = []
+            for handle, output in zip(handles, outputs, strict=True):
+                text = self.polish(output.text, echo_of=echo_of)
+                if text:
+                    usable.append(
+                        Narration(text, prompt_ids, output, handle.request.params, attempt)
+                    )
+            if usable:
+                return usable
+            if params.seed is not None:
+                params = params.replace(seed=params.seed + n)
+        raise GenerationFailed(
+            "The storyteller could not find the words this time. Try again, or add a line."
+        )
