@@ -7,7 +7,8 @@ from storyengine.config import Settings
 from storyengine.errors import ConfigError, InvalidInput, NotYourTurn
 from storyengine.records import Author
 from storyengine.serving.generation import SequentialGenerator
-from storyengine.story.engine import BRIDGE_TOKENS, StoryEngine
+from storyengine.story.engine import StoryEngine
+from storyengine.story.telling import BRIDGE_TOKENS
 
 ANN, BEN, CAT = Author("1", "Ann"), Author("2", "Ben"), Author("3", "Cat")
 PREMISE = "Once upon a time, three friends found a map in an old book."

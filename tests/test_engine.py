@@ -203,7 +203,7 @@ async def test_a_channel_keeps_no_lock_once_its_operations_are_done(engine):
         engine.continue_story("thread-1", ANN, "One."), engine.export_markdown("thread-1")
     )
     await engine.end_story("thread-1")
-    assert "thread-1" not in engine._locks
+    assert "thread-1" not in engine.stories.locks
 
 
 def test_a_start_cancelled_while_the_model_loads_does_not_wait_for_the_load(settings, monkeypatch):

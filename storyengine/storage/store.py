@@ -905,6 +905,20 @@ class Store(AudienceStore):
             MigrationStatus(m.version, m.name, applied.get(m.version)) for m in load_migrations()
         ]
 
+    async def schema_version(self) -> int:
+        """The newest migration applied (0 for an empty database)."""
+        status = await self.migration_status()
+        return max((m.version for m in status if m.applied_at), default=0)
+
+    async def story_count(self) -> int:
+        rows = await self.db.execute_fetchall("SELECT COUNT(*) FROM stories")
+        return int(rows[0][0])
+
+    async def ping(self) -> bool:
+        """One trivial query answered."""
+        rows = await self.db.execute_fetchall("SELECT 1")
+        return bool(rows) and rows[0][0] == 1
+
     async def backup(self, path: Path | str) -> Path:
         """A consistent copy of the database at `path` (SQLite's online backup API, from
         a connection of its own: safe while this one and others write). Only what was
