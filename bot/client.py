@@ -47,6 +47,8 @@ class WorkTracker:
 
     def __init__(self) -> None:
         self.count = 0
+        self.waiting = 0
+        """How many are waiting for the replies to finish (a shutdown, while it waits)."""
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -69,7 +71,11 @@ class WorkTracker:
             self.end()
 
     async def idle(self) -> None:
-        await self._idle.wait()
+        self.waiting += 1
+        try:
+            await self._idle.wait()
+        finally:
+            self.waiting -= 1
 
 
 class TrackedTree(app_commands.CommandTree):

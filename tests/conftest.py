@@ -1,5 +1,8 @@
 """Shared fixtures: real models (the bundled one, and tiny random GPT-2s built in code),
-real SQLite files in temporary directories. Nothing is downloaded."""
+real SQLite files in temporary directories. Nothing is downloaded.
+
+The folders mirror the package (story, serving, storage, learning, bot, cli, bench), and
+each test is marked with its folder's name: `pytest -m serving` runs the serving tests."""
 
 from __future__ import annotations
 
@@ -8,71 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from storyengine.config import Settings, bundled_model_path
+from storyengine.config import Settings
 from storyengine.serving.modeling import LoadedModel, load_model
-
-
-def make_tiny_model(n_positions: int = 256, seed: int = 0) -> LoadedModel:
-    """A 2-layer random GPT-2 with the bundled tokenizer: instant, deterministic."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path(), local_files_only=True)
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=n_positions,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    model = GPT2LMHeadModel(config).eval()
-    return LoadedModel(model, tokenizer, "test:tiny-gpt2", None, torch.device("cpu"))
-
-
-def make_tiny_lora_model(seed: int = 0) -> LoadedModel:
-    """The tiny GPT-2 with two random (non-zero) LoRA adapters, "fox" and "owl"."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    loaded = make_tiny_model(seed=seed)
-    torch.manual_seed(seed + 1)
-    config = {
-        "r": 4,
-        "lora_alpha": 8,
-        "target_modules": ["c_attn", "c_proj", "c_fc"],
-        "fan_in_fan_out": True,
-        "init_lora_weights": False,
-    }
-    model = get_peft_model(loaded.model, LoraConfig(**config), adapter_name="fox")
-    model.add_adapter("owl", LoraConfig(**{**config, "r": 2}))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # large enough that each adapter changes the greedy text
-            param.data.normal_(0, 0.5)
-    model.eval()
-    return LoadedModel(model, loaded.tokenizer, "test:tiny-gpt2+lora", "fox", loaded.device)
-
-
-async def record_text(store, story_id: int, prompt: str, output: str) -> int:
-    """A generation record as the engine writes one, for tests that need only its text."""
-    return await store.record_generation(
-        story_id=story_id,
-        channel="c",
-        prompt=prompt,
-        output=output,
-        raw_output=output,
-        params={},
-        model_id="m",
-        adapter_id=None,
-        prompt_tokens=5,
-        output_tokens=5,
-        finish_reason="eos",
-        latency_s=0.1,
-        ttft_s=0.01,
-    )
+from tests.helpers.models import make_tiny_lora_model, make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -117,10 +58,11 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def engine(settings: Settings, bundled_model: LoadedModel) -> AsyncIterator[object]:
-    from storyengine.serving.generation import SequentialGenerator
+    """An engine on the bundled model with the batching scheduler, as production serves."""
+    from storyengine.serving.scheduler import BatchingGenerator
     from storyengine.story.engine import StoryEngine
 
-    async with StoryEngine(settings, generator=SequentialGenerator(bundled_model)) as engine:
+    async with StoryEngine(settings, generator=BatchingGenerator(bundled_model)) as engine:
         yield engine
 
 
@@ -140,3 +82,14 @@ async def tiny_engine(tmp_path: Path) -> AsyncIterator[object]:
     )
     async with StoryEngine(settings, generator=BatchingGenerator(make_tiny_model())) as engine:
         yield engine
+
+
+LAYERS = ("story", "serving", "storage", "learning", "bot", "cli", "bench")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(__file__).parent
+    for item in items:
+        folder = item.path.relative_to(root).parts[0]
+        if folder in LAYERS:
+            item.add_marker(folder)

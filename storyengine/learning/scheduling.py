@@ -200,6 +200,8 @@ class TrainingScheduler:
         self.command = list(command) if command is not None else self.default_command()
         self.clock = clock
         self.nice = nice
+        self.checks = 0
+        """How many times `maybe_start` has looked for a due round."""
         self.job: TrainingJob | None = None
         """The running round, or the last one this process started."""
         self.outcomes: dict[str, int] = {}
@@ -256,7 +258,9 @@ class TrainingScheduler:
         return reason, community
 
     async def maybe_start(self) -> TrainingJob | None:
+        """Start the round that is due, if one is (the bot's training clock calls this)."""
         found = await self.next_round()
+        self.checks += 1
         return await self.start(found[0], community=found[1]) if found else None
 
     async def start(self, reason: str, *, community: str | None = None) -> TrainingJob:

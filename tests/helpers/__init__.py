@@ -1,0 +1,1 @@
+"""What several tests share: the fake Discord, tiny models, crash children."""

@@ -1,0 +1,124 @@
+"""The reward model in a learning round: trained and judged first, on all the feedback,
+registered, reported; the adapter's round goes on as before."""
+
+from dataclasses import replace
+
+import pytest
+
+from storyengine.config import Settings
+from storyengine.learning.reward import RewardConfig, RewardRegistry, reward_dir
+from storyengine.learning.rounds import run_round
+from storyengine.serving.modeling import load_model
+from storyengine.storage.store import Store
+from tests.helpers.crash_child import round_config
+from tests.helpers.models import make_tiny_model, record_text
+from tests.learning.test_rounds import DISLIKED, LIKED, make_feedback
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def settings(tmp_path):
+    loaded = make_tiny_model(n_positions=1024)  # held-out stories run to 512 tokens
+    path = tmp_path / "tiny-gpt2"
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return Settings(
+        db_path=tmp_path / "s.db",
+        adapter_dir=tmp_path / "adapters",
+        base_model=str(path),
+        device="cpu",
+    )
+
+
+async def more_feedback(db, first: int, stories: int) -> None:
+    """Like make_feedback, for stories numbered from `first`."""
+    store = await Store(db).open()
+    for n in range(first, first + stories):
+        story = await store.create_story(f"c{n}", "P.", genre=None, mode="solo", created_by="u")
+        prompt = f"Once upon a time, in story number {n}, there was a garden.\n"
+        for text, value in ((LIKED, 1.0), (DISLIKED, -1.0)):
+            g = await record_text(store, story.id, prompt, text)
+            await store.set_feedback(g, f"user{n % 7}", "👍" if value > 0 else "👎", value)
+    await store.close()
+
+
+async def test_a_round_trains_and_reports_its_reward_model_first(settings):
+    await make_feedback(settings.db_path, stories=20)
+    lines: list[str] = []
+    result = await run_round(settings, round_config(), say=lines.append)
+    assert result.status == "promoted", result
+
+    reward = result.metrics["reward"]
+    assert reward["status"] == "promoted" and reward["version"] == 1
+    # 16 stories on the training side (4 held out), each a pair and two labels.
+    assert (reward["train"]["pairs"], reward["train"]["labels"]) == (16, 32)
+    assert (reward["pairs"], reward["labels"]) == (4, 8)
+    assert reward["label_auc"] == 1.0 and reward["p_value"] < 0.05
+    assert lines[0].startswith("training kto on")  # the adapter's lines come as before
+    assert lines[-1].startswith("reward model r1 promoted: held-out accuracy 1.00 (p = 0.0")
+    assert "trained on 16 pairs and 32 labels" in lines[-1]
+
+    store = await Store(settings.db_path).open()
+    registry = RewardRegistry(store, reward_dir(settings), lock_dir=settings.adapter_dir)
+    (version,) = await registry.list()
+    assert version.status == "promoted" and version.community is None
+    assert version.data_counts == {
+        "train_pairs": 16,
+        "train_labels": 32,
+        "heldout_pairs": 4,
+        "heldout_labels": 8,
+    }
+    # What the round registered scores on the served base model, liked above disliked.
+    model = registry.load(version, load_model(settings))
+    liked, disliked = model.score(
+        ["Once upon a time, there was a garden.\n"] * 2, [LIKED, DISLIKED]
+    )
+    assert liked > disliked
+
+    # The next round: the adapter learns from the new feedback only, the reward model
+    # from all of it, and is judged against r1 on the same held-out examples.
+    await store.close()
+    await more_feedback(settings.db_path, 21, 10)
+    result = await run_round(settings, round_config(), say=lines.append)
+    reward = result.metrics["reward"]
+    assert reward["train"]["labels"] > 32 and reward["current_version"] == 1
+    assert result.metrics["train"]["examples"] < reward["train"]["labels"]
+    assert reward["status"] == "promoted", reward  # as good as r1: it replaces it
+
+
+async def test_too_little_for_a_reward_model_is_said_and_the_adapter_still_trains(settings):
+    await make_feedback(settings.db_path, stories=20)
+    config = replace(round_config(), reward=RewardConfig(min_heldout=100))
+    lines: list[str] = []
+    result = await run_round(settings, config, say=lines.append)
+    assert result.status == "promoted"
+    assert result.metrics["reward"] == {
+        "status": "skipped",
+        "reason": "too little held-out feedback to judge one: 12 held-out examples"
+        " (a reward model needs 100)",
+    }
+    assert lines[-1] == "reward model skipped: " + result.metrics["reward"]["reason"]
+    assert not reward_dir(settings).exists()
+
+
+async def test_the_reward_model_learns_even_when_the_adapter_cannot_yet(settings):
+    """DPO asked for and too few preference pairs: the adapter's round is skipped, with
+    its reason, but the reward model (which learns from single reactions too) trains,
+    and best-of-n can start serving better continuations right away."""
+    await make_feedback(settings.db_path, stories=20)
+    lines: list[str] = []
+    config = replace(round_config(), method="dpo")
+    config = replace(config, train=replace(config.train, min_examples=1000))
+    result = await run_round(settings, config, say=lines.append)
+    assert result.status == "skipped" and "preference pairs" in result.reason
+    assert result.metrics["reward"]["status"] == "promoted"
+    assert lines[-1].startswith("reward model r1 promoted")
+    store = await Store(settings.db_path).open()
+    try:
+        rewards = RewardRegistry(store, reward_dir(settings), lock_dir=settings.adapter_dir)
+        assert (await rewards.promoted()).version == 1
+        runs = await store.db.execute_fetchall("SELECT status, version FROM training_runs")
+        assert [tuple(r) for r in runs] == [("done", None)]
+    finally:
+        await store.close()
