@@ -13,6 +13,7 @@ The map (README, "How it works"):
 """
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,19 @@ def test_a_module_of_the_flat_layout_still_imports_with_a_warning():
     from storyengine.storage import store
 
     assert old is store
+
+
+def test_every_sql_statement_lives_in_storage():
+    statement = re.compile(r"\s*(SELECT |INSERT |UPDATE \w+ SET |DELETE FROM |CREATE |PRAGMA )")
+    for path in sources(PACKAGE):
+        if "storage" in path.relative_to(PACKAGE).parts:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        found = [
+            node.value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and statement.match(node.value)
+        ]
+        assert not found, (path.relative_to(ROOT), found[:2])

@@ -36,7 +36,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from ..storage.store import TRAINABLE_STORY, Store
+from ..storage.store import Store
 
 Split = Literal["train", "heldout"]
 
@@ -111,33 +111,6 @@ def story_split(story_id: int, config: DatasetConfig) -> Split:
     return "heldout" if digest[0] / 256 < config.heldout_fraction else "train"
 
 
-async def _trainable_generations(
-    store: Store, config: DatasetConfig, where: str = "", columns: str = ""
-) -> dict[int, dict[str, Any]]:
-    """Finished generations of stories that may be trained on (consent), by id: of one
-    community when `config.community` says so."""
-    if config.community is not None:
-        where += " AND s.community = ?"
-    rows = await store.db.execute_fetchall(
-        f"SELECT g.id, g.story_id, g.prompt, g.output{columns} FROM generations g"
-        " JOIN stories s ON s.id = g.story_id"
-        f" WHERE g.output != '' AND g.finish_reason != 'cancelled' AND {TRAINABLE_STORY}" + where,
-        (config.community,) if config.community is not None else (),
-    )
-    return {r["id"]: dict(r) for r in rows}
-
-
-async def _excluded_lines(store: Store) -> dict[int, list[str]]:
-    """Per story, the lines of users who asked to be forgotten: a prompt holding one is
-    never trained on."""
-    excluded = defaultdict(list)
-    for r in await store.db.execute_fetchall(
-        "SELECT story_id, text FROM turns WHERE train_excluded = 1"
-    ):
-        excluded[r[0]].append(r[1])
-    return excluded
-
-
 def _usable(
     generations: dict[int, dict[str, Any]], excluded: dict[int, list[str]], generation_id: int
 ) -> dict[str, Any] | None:
@@ -157,9 +130,8 @@ def _pair_split(chosen: dict[str, Any], rejected: dict[str, Any], config: Datase
 
 async def build_datasets(store: Store, config: DatasetConfig | None = None) -> FeedbackDatasets:
     config = config or DatasetConfig()
-    db = store.db
-    generations = await _trainable_generations(store, config)
-    excluded = await _excluded_lines(store)
+    generations = await store.trainable_generations(config.community)
+    excluded = await store.excluded_lines()
 
     def usable(generation_id: int) -> dict[str, Any] | None:
         return _usable(generations, excluded, generation_id)
@@ -191,25 +163,13 @@ async def build_datasets(store: Store, config: DatasetConfig | None = None) -> F
         )
 
     seen: set[tuple[int, int]] = set()
-    weights = {
-        (r[0], r[1]): float(r[2])
-        for r in await db.execute_fetchall(
-            "SELECT chosen_generation_id, rejected_generation_id, MAX(weight)"
-            " FROM preference_pairs GROUP BY chosen_generation_id, rejected_generation_id"
-        )
-    }
+    weights = await store.pair_weights()
     for chosen_id, rejected_id, _, _ in await store.preference_pairs():
         seen.add((chosen_id, rejected_id))
         add_pair(chosen_id, rejected_id, "choice", weights.get((chosen_id, rejected_id), 1.0))
 
     # A retry whose replacement the audience then liked: the replacement wins.
-    for r in await db.execute_fetchall(
-        "SELECT old.generation_id, new.generation_id FROM turns old JOIN turns new"
-        " ON new.story_id = old.story_id AND new.position = old.position AND new.id > old.id"
-        " WHERE old.kind = 'bot' AND new.kind = 'bot' AND old.status = 'replaced'"
-        " AND old.generation_id IS NOT NULL AND new.generation_id IS NOT NULL"
-    ):
-        old, new = r[0], r[1]
+    for old, new in await store.retried_generations():
         if scores.get(new, 0.0) > 0 and (new, old) not in seen:
             seen.add((new, old))
             add_pair(new, old, "retry")
@@ -260,14 +220,8 @@ async def on_policy_pairs(
     apply as to people's pairs. Held-out ones are returned (marked so) but are for
     nothing: neither trained on (their stories are held out) nor judged with."""
     config = config or DatasetConfig()
-    generations = await _trainable_generations(
-        store,
-        config,
-        " AND g.reward IS NOT NULL AND (g.candidate_of IS NOT NULL OR g.id IN"
-        " (SELECT candidate_of FROM generations WHERE candidate_of IS NOT NULL))",
-        ", g.reward, COALESCE(g.candidate_of, g.id) AS grp",
-    )
-    excluded = await _excluded_lines(store)
+    generations = await store.trainable_generations(config.community, scored_candidates=True)
+    excluded = await store.excluded_lines()
     groups: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
     for gid in sorted(generations):
         g = _usable(generations, excluded, gid)
@@ -302,17 +256,9 @@ async def on_policy_pairs(
 
 async def _net_scores(store: Store, config: DatasetConfig) -> dict[int, float]:
     """Each generation's weighted sum of reaction values."""
-    rows = await store.db.execute_fetchall(
-        "SELECT f.generation_id, f.user_id, f.value FROM votes f"
-        " WHERE f.value != 0 AND f.user_id NOT IN (SELECT user_id FROM forgotten_users)"
-    )
+    rows = await store.counted_votes()
     # Rounds are the spans of generations between two training rounds' data.
-    bounds = sorted(
-        r[0]
-        for r in await store.db.execute_fetchall(
-            "SELECT DISTINCT data_until FROM training_runs WHERE data_until IS NOT NULL"
-        )
-    )
+    bounds = await store.round_bounds()
     votes: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for generation_id, user_id, value in rows:
         votes[user_id].append((generation_id, value))

@@ -130,8 +130,8 @@ class AdapterRegistry:
         row (call it holding the round lock)."""
         if not self.root.is_dir():
             return
-        rows = await self.store.db.execute_fetchall("SELECT version FROM adapters")
-        moved = await asyncio.to_thread(sweep_directory, self.root, {int(r[0]) for r in rows})
+        known = await self.store.adapter_versions()
+        moved = await asyncio.to_thread(sweep_directory, self.root, known)
         for path in moved:
             log.warning(
                 "adapter directory %s has no registry row (left by a killed round, or the"
@@ -153,9 +153,9 @@ class AdapterRegistry:
         """Write a new candidate version: `save(directory)` writes the adapter files
         (peft's `save_pretrained`), in a worker thread. `community`: the lineage it
         belongs to (None: the shared one)."""
-        rows = await self.store.db.execute_fetchall("SELECT MAX(version) FROM adapters")
+        newest = await self.store.newest_adapter_version()
         # Past every directory too: one a crash left without a row must not block us.
-        version = max(int(rows[0][0] or 0), await asyncio.to_thread(newest_on_disk, self.root)) + 1
+        version = max(newest, await asyncio.to_thread(newest_on_disk, self.root)) + 1
         final = self.root / f"v{version:04d}"
         meta = {
             "version": version,
@@ -180,47 +180,35 @@ class AdapterRegistry:
                 raise
 
         await asyncio.to_thread(write)
-        await self.store._write(
-            "INSERT INTO adapters (version, path, parent_version, method, metrics, data_counts,"
-            " community) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                version,
-                str(final),
-                parent_version,
-                method,
-                json.dumps(meta["metrics"]),
-                json.dumps(meta["data_counts"]),
-                community,
-            ),
+        await self.store.add_adapter(
+            version,
+            str(final),
+            parent_version=parent_version,
+            method=method,
+            metrics=meta["metrics"],
+            data_counts=meta["data_counts"],
+            community=community,
         )
         found = await self.get(version)
         assert found is not None
         return found
 
     async def get(self, version: int) -> AdapterVersion | None:
-        rows = await self.store.db.execute_fetchall(
-            "SELECT * FROM adapters WHERE version = ?", (version,)
-        )
-        return _version(rows[0]) if rows else None
+        row = await self.store.adapter(version)
+        return _version(row) if row else None
 
     async def list(self) -> list[AdapterVersion]:
         """Every version, of every lineage."""
-        rows = await self.store.db.execute_fetchall("SELECT * FROM adapters ORDER BY version")
-        return [_version(r) for r in rows]
+        return [_version(r) for r in await self.store.adapters()]
 
     async def lineage(self, community: str | None) -> list[AdapterVersion]:
         """One lineage's versions: a community's own, or (None) the shared ones."""
-        rows = await self.store.db.execute_fetchall(
-            f"SELECT * FROM adapters WHERE {SAME_LINEAGE} ORDER BY version", (community,)
-        )
-        return [_version(r) for r in rows]
+        return [_version(r) for r in await self.store.adapters(community, every=False)]
 
     async def promoted(self, community: str | None = None) -> AdapterVersion | None:
         """The version a lineage serves (None: the shared lineage's)."""
-        rows = await self.store.db.execute_fetchall(
-            f"SELECT * FROM adapters WHERE status = 'promoted' AND {SAME_LINEAGE}", (community,)
-        )
-        return _version(rows[0]) if rows else None
+        row = await self.store.promoted_adapter(community)
+        return _version(row) if row else None
 
     async def serving(self, community: str | None) -> AdapterVersion | None:
         """What a community's stories are served: its own promoted version, else the
@@ -229,9 +217,7 @@ class AdapterRegistry:
         return own or await self.promoted(None)
 
     async def set_metrics(self, version: int, metrics: dict[str, Any]) -> None:
-        await self.store._write(
-            "UPDATE adapters SET metrics = ? WHERE version = ?", (json.dumps(metrics), version)
-        )
+        await self.store.set_adapter_metrics(version, metrics)
 
     async def promote(self, version: int) -> AdapterVersion:
         """Serve `version` from now on; the version served before is retired."""
@@ -240,26 +226,13 @@ class AdapterRegistry:
             raise InvalidInput(f"There is no adapter version {version}.")
         if not (target.path / "adapter_config.json").is_file():
             raise InvalidInput(f"Adapter version {version} is missing on disk ({target.path}).")
-        async with self.store.transaction() as db:
-            await db.execute(
-                f"UPDATE adapters SET status = 'retired' WHERE status = 'promoted'"
-                f" AND {SAME_LINEAGE}",
-                (target.community,),
-            )
-            await db.execute(
-                "UPDATE adapters SET status = 'promoted',"
-                " promoted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE version = ?",
-                (version,),
-            )
+        await self.store.promote_adapter(version, target.community)
         promoted = await self.get(version)
         assert promoted is not None
         return promoted
 
     async def reject(self, version: int) -> None:
-        await self.store._write(
-            "UPDATE adapters SET status = 'rejected' WHERE version = ? AND status = 'candidate'",
-            (version,),
-        )
+        await self.store.reject_adapter(version)
 
     async def rollback(self, community: str | None = None) -> AdapterVersion | None:
         """Retire a lineage's promoted version and serve the one it promoted before (the
@@ -272,24 +245,8 @@ class AdapterRegistry:
                 if community is not None
                 else "No adapter is promoted: the base model is already being served."
             )
-        rows = await self.store.db.execute_fetchall(
-            "SELECT version FROM adapters WHERE status = 'retired' AND promoted_at IS NOT NULL"
-            f" AND version != ? AND {SAME_LINEAGE} ORDER BY promoted_at DESC LIMIT 1",
-            (current.version, community),
-        )
-        async with self.store.transaction() as db:
-            await db.execute(
-                "UPDATE adapters SET status = 'rejected' WHERE version = ?", (current.version,)
-            )
-            if rows:
-                await db.execute(
-                    "UPDATE adapters SET status = 'promoted' WHERE version = ?", (rows[0][0],)
-                )
+        await self.store.roll_back_adapter(current.version, community)
         return await self.promoted(community)
-
-
-SAME_LINEAGE = "COALESCE(community, '') = COALESCE(?, '')"
-"""SQL: the row belongs to the lineage given as the parameter (NULL: the shared one)."""
 
 
 def newest_on_disk(root: Path) -> int:

@@ -54,7 +54,7 @@ from .evaluation import (
     preference_accuracy,
     sample_continuations,
 )
-from .registry import SAME_LINEAGE, AdapterRegistry, AdapterVersion, round_lock
+from .registry import AdapterRegistry, AdapterVersion, round_lock
 from .reward import (
     RewardConfig,
     RewardRegistry,
@@ -242,16 +242,9 @@ async def _run_round(
             store, reward_dir(settings), lock_dir=settings.adapter_dir
         ).open(locked=True)
         await store.interrupt_training_runs()
-        rows_ = await store.db.execute_fetchall(
-            "SELECT COALESCE(MAX(r.data_until), 0) FROM training_runs r"
-            " JOIN adapters a ON a.version = r.version WHERE a.status IN ('promoted', 'retired')"
-            f" AND {SAME_LINEAGE.replace('community', 'a.community')}",
-            (config.community,),
-        )
-        newest = await store.db.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM generations")
-        data_until = int(newest[0][0])
+        trained_until, data_until = await store.data_window(config.community)
         data_config = replace(
-            config.data, train_after_generation=int(rows_[0][0]), community=config.community
+            config.data, train_after_generation=trained_until, community=config.community
         )
         data = await build_datasets(store, data_config)
         plan = plan_round(config, data)

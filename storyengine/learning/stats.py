@@ -47,18 +47,7 @@ async def reactions_per_day(
     split by what they count as; days without votes are zeros."""
     today = today or datetime.now(UTC).date()
     first = today - timedelta(days=days - 1)
-    where, params = "WHERE f.created_at >= ?", [first.isoformat()]
-    if community:
-        where += " AND s.community = ?"
-        params.append(community)
-    rows = await store.db.execute_fetchall(
-        "SELECT substr(f.created_at, 1, 10) AS day, COALESCE(SUM(f.value > 0), 0),"
-        " COALESCE(SUM(f.value < 0), 0), COALESCE(SUM(f.value = 0), 0)"
-        " FROM votes f JOIN generations g ON g.id = f.generation_id"
-        f" JOIN stories s ON s.id = g.story_id {where} GROUP BY day",
-        params,
-    )
-    found = {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in rows}
+    found = await store.votes_per_day(first.isoformat(), community or None)
     out = []
     for i in range(days):
         day = first + timedelta(days=i)

@@ -13,7 +13,7 @@ import pytest
 
 from storyengine.cli.main import main as cli_main
 from storyengine.errors import InvalidInput
-from storyengine.storage import store as store_module
+from storyengine.storage import database as store_module
 from storyengine.storage.store import Store, load_migrations
 
 

@@ -3,7 +3,7 @@ import sqlite3
 import pytest
 
 from storyengine.records import LoreCard
-from storyengine.storage import store as store_module
+from storyengine.storage import database as store_module
 from storyengine.storage.store import Migration, Store, load_migrations
 
 
@@ -84,7 +84,7 @@ async def test_turns_lore_and_settings_survive_reopening(tmp_path):
 async def test_stories_from_before_the_opt_in_are_never_trained_on(tmp_path, monkeypatch):
     """Migration 0004: a Discord story (channel id of digits) told before learning
     became opt-in is kept out of training; the operator's own (CLI) stories are not."""
-    import storyengine.storage.store as store_module
+    import storyengine.storage.database as store_module
     from storyengine.learning.datasets import build_datasets
 
     every = load_migrations()

@@ -1,0 +1,166 @@
+"""Training runs (what each round did) and reward model versions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiosqlite
+
+from .database import Repository
+
+
+class TrainingRepository(Repository):
+    async def interrupt_training_runs(self) -> None:
+        """Mark runs still 'running' as failed: call it holding the round lock, when
+        any such run was killed."""
+        await self._write(
+            "UPDATE training_runs SET status = 'failed', error = 'interrupted',"
+            " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE status = 'running'"
+        )
+
+    async def start_training_run(self, method: str, community: str | None = None) -> int:
+        """A run of `community`'s lineage (None: the shared one) starts."""
+        cursor = await self._write(
+            "INSERT INTO training_runs (method, community) VALUES (?, ?)", (method, community)
+        )
+        return int(cursor.lastrowid or 0)
+
+    async def fail_training_run(self, run_id: int, exc: BaseException) -> None:
+        """Record what stopped the run: its message, or its type when it has none."""
+        await self._write(
+            "UPDATE training_runs SET status = 'failed', error = ?,"
+            " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+            ((str(exc) or type(exc).__name__)[:500], run_id),
+        )
+
+    async def finish_training_run(
+        self,
+        run_id: int,
+        *,
+        version: int | None,
+        error: str | None = None,
+        data_until: int | None = None,
+    ) -> None:
+        await self._write(
+            "UPDATE training_runs SET status = 'done', version = ?, error = ?, data_until = ?,"
+            " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+            (version, error, data_until, run_id),
+        )
+
+    async def set_training_run_version(
+        self, run_id: int, version: int, data_until: int | None
+    ) -> None:
+        """Note on a running run the version it registered and the newest generation its
+        data came from, as soon as the version exists: a run killed after that still
+        keeps the next round from learning the same feedback again."""
+        await self._write(
+            "UPDATE training_runs SET version = ?, data_until = ? WHERE id = ?",
+            (version, data_until, run_id),
+        )
+
+    async def last_training_start(self, community: str | None = None) -> str | None:
+        """When the newest training run of a lineage started (a community's own, or
+        None: the shared one), as the database writes times."""
+        rows = await self.db.execute_fetchall(
+            "SELECT MAX(started_at) FROM training_runs"
+            " WHERE COALESCE(community, '') = COALESCE(?, '')",
+            (community,),
+        )
+        return rows[0][0]
+
+    async def add_reward_model(
+        self,
+        version: int,
+        path: str,
+        *,
+        community: str | None,
+        metrics: dict[str, Any],
+        data_counts: dict[str, Any],
+    ) -> None:
+        await self._write(
+            "INSERT INTO reward_models (version, community, path, metrics, data_counts)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (version, community, path, json.dumps(metrics), json.dumps(data_counts)),
+        )
+
+    async def reward_model(self, version: int) -> dict[str, Any] | None:
+        rows = await self.db.execute_fetchall(
+            "SELECT * FROM reward_models WHERE version = ?", (version,)
+        )
+        return _reward_row(rows[0]) if rows else None
+
+    async def reward_models(self) -> list[dict[str, Any]]:
+        """Every reward model version, of every lineage, oldest first."""
+        rows = await self.db.execute_fetchall("SELECT * FROM reward_models ORDER BY version")
+        return [_reward_row(r) for r in rows]
+
+    async def promoted_reward_model(self, community: str | None) -> dict[str, Any] | None:
+        rows = await self.db.execute_fetchall(
+            "SELECT * FROM reward_models WHERE status = 'promoted'"
+            " AND COALESCE(community, '') = COALESCE(?, '')",
+            (community,),
+        )
+        return _reward_row(rows[0]) if rows else None
+
+    async def newest_reward_model_version(self) -> int:
+        rows = await self.db.execute_fetchall("SELECT COALESCE(MAX(version), 0) FROM reward_models")
+        return int(rows[0][0])
+
+    async def promote_reward_model(self, version: int) -> None:
+        """Promote `version` in its lineage; the one promoted there before is retired.
+        One transaction."""
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE reward_models SET status = 'retired' WHERE status = 'promoted'"
+                " AND COALESCE(community, '') ="
+                " (SELECT COALESCE(community, '') FROM reward_models WHERE version = ?)",
+                (version,),
+            )
+            await db.execute(
+                "UPDATE reward_models SET status = 'promoted',"
+                " promoted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE version = ?",
+                (version,),
+            )
+
+    async def reject_reward_model(self, version: int) -> None:
+        await self._write(
+            "UPDATE reward_models SET status = 'rejected'"
+            " WHERE version = ? AND status = 'candidate'",
+            (version,),
+        )
+
+    async def rollback_reward_model(self, community: str | None) -> int | None:
+        """Reject the lineage's promoted version and promote the one promoted before it
+        (the most recently promoted retired one). Returns the version promoted now (None:
+        none). One transaction; nothing changes when none is promoted."""
+        async with self.transaction() as db:
+            same = "COALESCE(community, '') = COALESCE(?, '')"
+            current = await db.execute_fetchall(
+                f"SELECT version FROM reward_models WHERE status = 'promoted' AND {same}",
+                (community,),
+            )
+            if not current:
+                return None
+            await db.execute(
+                "UPDATE reward_models SET status = 'rejected' WHERE version = ?",
+                (current[0][0],),
+            )
+            before = await db.execute_fetchall(
+                "SELECT version FROM reward_models WHERE status = 'retired'"
+                f" AND promoted_at IS NOT NULL AND {same} ORDER BY promoted_at DESC LIMIT 1",
+                (community,),
+            )
+            if before:
+                await db.execute(
+                    "UPDATE reward_models SET status = 'promoted' WHERE version = ?",
+                    (before[0][0],),
+                )
+        return before[0][0] if before else None
+
+
+def _reward_row(row: aiosqlite.Row) -> dict[str, Any]:
+    record = dict(row)
+    record["metrics"] = json.loads(record["metrics"])
+    record["data_counts"] = json.loads(record["data_counts"])
+    return record
