@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -17,6 +18,9 @@ from storyengine import StoryEngine, TrainingSchedule
 from .health import HealthServer, Metrics, interaction_name
 from .publish import report_error, safe
 from .settings import BotSettings
+
+if TYPE_CHECKING:
+    from .cogs.story import StoryCog
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,8 @@ class StoryBot(commands.Bot):
             TrainingSchedule(settings.train_min_new_feedback, settings.train_interval_s)
         )
         self.work = WorkTracker()
+        self.story_commands: StoryCog | None = None
+        """The `/story` cog, which the story buttons act through (set in `setup_hook`)."""
         self._shutdown: asyncio.Task[None] | None = None
         self.tree.on_error = self.on_app_command_error  # type: ignore[method-assign]
 
@@ -127,7 +133,8 @@ class StoryBot(commands.Bot):
 
         await self.start_health_server()  # first: a supervisor sees "starting" meanwhile
         await self.start_engine()
-        await self.add_cog(StoryCog(self))
+        self.story_commands = StoryCog(self)
+        await self.add_cog(self.story_commands)
         await self.add_cog(FeedbackCog(self))
         await self.add_cog(AdminCog(self))
         # Buttons on story messages keep working after a restart.

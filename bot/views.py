@@ -10,13 +10,16 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 if TYPE_CHECKING:
+    from .client import StoryBot
     from .cogs.story import StoryCog
 
 
-def _cog(interaction: discord.Interaction) -> StoryCog:
-    cog = interaction.client.get_cog("StoryCog")  # type: ignore[attr-defined]
-    assert cog is not None
-    return cog  # type: ignore[return-value]
+def _cog(interaction: discord.Interaction[StoryBot]) -> StoryCog:
+    """The `/story` commands, whose actions the story buttons share."""
+    cog = interaction.client.story_commands
+    if cog is None:
+        raise RuntimeError("the /story commands are not loaded")
+    return cog
 
 
 class ContinueButton(
@@ -42,7 +45,7 @@ class ContinueButton(
     ) -> ContinueButton:
         return cls(_story_of(match))
 
-    async def callback(self, interaction: discord.Interaction) -> None:
+    async def callback(self, interaction: discord.Interaction[StoryBot]) -> None:
         cog = _cog(interaction)
         await cog.run_guarded(interaction, cog.do_continue, None, self.story_id)
 
@@ -69,7 +72,7 @@ class RetryButton(
     ) -> RetryButton:
         return cls(_story_of(match))
 
-    async def callback(self, interaction: discord.Interaction) -> None:
+    async def callback(self, interaction: discord.Interaction[StoryBot]) -> None:
         cog = _cog(interaction)
         await cog.run_guarded(interaction, cog.do_retry, self.story_id)
 
@@ -96,7 +99,7 @@ class SwipeButton(
     ) -> SwipeButton:
         return cls(int(match["story"]), int(match["position"]), match["step"])
 
-    async def callback(self, interaction: discord.Interaction) -> None:
+    async def callback(self, interaction: discord.Interaction[StoryBot]) -> None:
         cog = _cog(interaction)
         step = -1 if self.step == "prev" else 1
         await cog.run_guarded(interaction, cog.do_swipe, self.story_id, self.position, step)

@@ -1,0 +1,93 @@
+"""What every `/story` command shares: who acts, where, the per-user cooldown, replies
+and the error handling of buttons."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+import discord
+from discord.ext import commands
+
+from storyengine.config import (
+    LIMITS,
+    MAX_INPUT_CHARS,
+)
+from storyengine.errors import StoryError
+from storyengine.records import DIRECT_MESSAGES, Author
+
+from ...publish import (
+    reply,
+    report_error,
+)
+
+# Discord refuses what is past these before the bot sees it; the engine checks its own
+# configured limits (STORY_MAX_INPUT_CHARS) and says so.
+MAX_INPUT = MAX_INPUT_CHARS[1]
+TURN_TIMEOUT = LIMITS["turn_timeout_s"][1:]
+
+if TYPE_CHECKING:
+    from ...client import StoryBot
+
+Mode = Literal["solo", "round-robin", "companion"]
+PresetName = Literal["balanced", "gentle", "wild", "focused"]
+
+
+class Cooldown(StoryError):
+    pass
+
+
+class StoryCommands:
+    """The `/story` cog's shared part; the cog (`StoryCog`) is this and one class per
+    concern, mixed together into the one `/story` group."""
+
+    def __init__(self, bot: StoryBot) -> None:
+        self.bot = bot
+        self.engine = bot.engine
+        self._cooldowns = commands.CooldownMapping(
+            commands.Cooldown(1, bot.settings.cooldown_s), lambda i: i.user.id
+        )
+        """One generating command per user per `BOT_COOLDOWN_S` (expired entries are
+        dropped by the mapping)."""
+
+    @staticmethod
+    def channel_of(interaction: discord.Interaction) -> str:
+        return str(interaction.channel_id)
+
+    @staticmethod
+    def community_of(interaction: discord.Interaction) -> str:
+        """The server a story is told in (its learning switch applies), or the private
+        community of direct messages, which is never trained on."""
+        return str(interaction.guild_id) if interaction.guild_id else DIRECT_MESSAGES
+
+    @staticmethod
+    def author_of(interaction: discord.Interaction) -> Author:
+        """Who acts: a moderator (Manage Messages here) may override a story's owner."""
+        return Author(
+            str(interaction.user.id),
+            interaction.user.display_name,
+            moderator=bool(interaction.guild_id and interaction.permissions.manage_messages),
+        )
+
+    def cooldown(self, interaction: discord.Interaction) -> None:
+        """Per-user pause between generating commands."""
+        if self.bot.settings.cooldown_s <= 0:
+            return
+        wait = self._cooldowns.update_rate_limit(interaction)
+        if wait:
+            raise Cooldown(f"Easy there, storyteller! Try again in {wait:.0f} s.")
+
+    async def run_guarded(
+        self, interaction: discord.Interaction, action: Callable[..., Awaitable[None]], *args: Any
+    ) -> None:
+        """Run a button's action with the same error handling as a command."""
+        try:
+            await action(interaction, *args)
+        except Exception as exc:
+            await report_error(interaction, exc)
+
+    async def say(
+        self, interaction: discord.Interaction, text: str, *, ephemeral: bool = False
+    ) -> None:
+        """Reply with `text`, split over several messages if it is long."""
+        await reply(interaction, text, ephemeral=ephemeral)
