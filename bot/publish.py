@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import discord
 from discord import app_commands
@@ -51,11 +51,11 @@ class InteractionTarget:
     async def edit_first(
         self, content: str, view: discord.ui.View | None = None
     ) -> discord.Message:
-        kwargs = {"view": view} if view is not None else {}
+        kwargs: dict[str, Any] = {"view": view} if view is not None else {}
         return await self.interaction.edit_original_response(content=safe(content), **kwargs)
 
     async def send(self, content: str, view: discord.ui.View | None = None) -> discord.Message:
-        kwargs = {"view": view} if view is not None else {}
+        kwargs: dict[str, Any] = {"view": view} if view is not None else {}
         return await self.interaction.followup.send(safe(content), wait=True, **kwargs)
 
 
@@ -70,7 +70,7 @@ class ChannelTarget:
     async def edit_first(
         self, content: str, view: discord.ui.View | None = None
     ) -> discord.Message:
-        kwargs = {"view": view} if view is not None else {}
+        kwargs: dict[str, Any] = {"view": view} if view is not None else {}
         if self._first is None:
             self._first = await self.channel.send(safe(content), **kwargs)
         else:
@@ -78,7 +78,7 @@ class ChannelTarget:
         return self._first
 
     async def send(self, content: str, view: discord.ui.View | None = None) -> discord.Message:
-        kwargs = {"view": view} if view is not None else {}
+        kwargs: dict[str, Any] = {"view": view} if view is not None else {}
         return await self.channel.send(safe(content), **kwargs)
 
 
@@ -212,7 +212,7 @@ async def edit_reply(
     interaction: discord.Interaction, text: str, *, view: discord.ui.View | None = None
 ) -> None:
     """Replace a deferred (or earlier) reply's text, mentions defused, cut to fit."""
-    kwargs = {"view": view} if view is not None else {}
+    kwargs: dict[str, Any] = {"view": view} if view is not None else {}
     await interaction.edit_original_response(content=safe(text), **kwargs)
 
 

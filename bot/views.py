@@ -133,7 +133,7 @@ class ChoiceButton(
     ) -> ChoiceButton:
         return cls(int(match["choice"]), int(match["position"]))
 
-    async def callback(self, interaction: discord.Interaction) -> None:
+    async def callback(self, interaction: discord.Interaction[StoryBot]) -> None:
         await _cog(interaction).run_guarded(
             interaction, _cog(interaction).do_choose, self.choice_id, self.position
         )

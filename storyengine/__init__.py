@@ -11,6 +11,7 @@ import importlib.util
 import sys
 import types
 import warnings
+from typing import TYPE_CHECKING
 
 from .config import Settings
 from .errors import (
@@ -28,6 +29,13 @@ from .records import Author, LoreCard, Story, Turn, TurnResult
 from .sampling import MAX_BEST_OF, PRESETS, SamplingParams
 from .saves import MAX_BYTES as MAX_SAVE_BYTES
 from .version import __version__
+
+if TYPE_CHECKING:  # loaded on first use (`__getattr__`)
+    from .learning.scheduling import TrainingJob, TrainingSchedule
+    from .learning.stats import render_chart, summary_lines
+    from .story.engine import StoryEngine, StoryView
+    from .story.lorebooks import MAX_BYTES as MAX_LOREBOOK_BYTES
+    from .story.permissions import Action
 
 __all__ = [
     "MAX_BEST_OF",

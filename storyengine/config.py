@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from .errors import ConfigError, InvalidInput
 from .sampling import DEFAULT_PRESET, SamplingParams, preset
@@ -31,8 +31,6 @@ twice in two runs of six."""
 
 BUNDLED_MODEL = "bundled"
 """`STORY_BASE_MODEL` value (the default) that selects the model shipped in the package."""
-
-T = TypeVar("T")
 
 
 def bundled_model_path() -> Path:
@@ -279,7 +277,7 @@ class _Env:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
 
-    def get(self, name: str, default: T, kind: Callable[[str], Any]) -> Any:
+    def get(self, name: str, default: Any, kind: Callable[[str], Any]) -> Any:
         raw = self._environ.get(name)
         if raw is None or raw.strip() == "":
             return default

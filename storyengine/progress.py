@@ -110,9 +110,9 @@ def resolve_mode(stream: TextIO | None = None, environ: dict[str, str] | None = 
     wanted = (environ if environ is not None else os.environ).get(PROGRESS_VAR, "").strip()
     if wanted in ("bar", "lines", "json", "off"):
         return wanted  # type: ignore[return-value]
-    stream = stream if stream is not None else sys.stderr
+    target: TextIO = stream if stream is not None else sys.stderr
     try:
-        return "bar" if stream.isatty() else "lines"
+        return "bar" if target.isatty() else "lines"
     except (AttributeError, ValueError):  # a closed or odd stream
         return "lines"
 
@@ -120,14 +120,14 @@ def resolve_mode(stream: TextIO | None = None, environ: dict[str, str] | None = 
 def echo(line: str, file: TextIO | None = None) -> None:
     """Print a line without tearing a progress bar that is being drawn (tqdm's write
     clears active bars and draws them again below the line)."""
-    file = file if file is not None else sys.stdout
+    out: TextIO = file if file is not None else sys.stdout
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm comes with transformers
-        print(line, file=file, flush=True)
+        print(line, file=out, flush=True)
         return
-    tqdm.write(line, file=file)
-    file.flush()
+    tqdm.write(line, file=out)
+    out.flush()
 
 
 class Progress:

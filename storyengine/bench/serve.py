@@ -79,7 +79,7 @@ def build_model(kind: str, device: str) -> LoadedModel:
         raise ValueError(f"unknown model {kind!r}")
     dev = torch.device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    base = base.to(dev, dtype=dtype).eval()
+    base = base.to(dev, dtype=dtype).eval()  # pyright: ignore[reportArgumentType]
     lora = {
         "r": 8,
         "lora_alpha": 16,

@@ -13,7 +13,8 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from ..config import Settings
 from ..errors import StoryError
@@ -21,7 +22,7 @@ from ..progress import resolve_mode
 from . import bench, chat, db, learning, models
 from .parser import build_parser
 
-Command = Callable[..., Awaitable[int]]
+Command = Callable[..., Coroutine[Any, Any, int]]
 COMMANDS: dict[tuple[str, str | None], Command] = {
     ("generate", None): models.run_generate,
     ("serve", None): models.run_serve,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable
+from typing import cast
 
 Taste = Callable[..., bool | None]
 
@@ -135,4 +136,4 @@ def load_taste(spec: str) -> Taste:
     taste = getattr(importlib.import_module(module_name), function, None)
     if not callable(taste):
         raise ValueError(f"{spec!r} is not a function")
-    return taste
+    return cast(Taste, taste)

@@ -320,9 +320,9 @@ def fit_head(
 
     def loss_fn() -> torch.Tensor:
         loss = 0.5 * l2 * weight.dot(weight)
-        if pc is not None:
+        if pc is not None and pr is not None and pw is not None:
             loss = loss + (pw * torch.nn.functional.softplus(-(pc - pr) @ weight)).sum()
-        if lx is not None:
+        if lx is not None and ly is not None and lw is not None:
             loss = loss + (lw * torch.nn.functional.softplus(-ly * (lx @ weight + bias))).sum()
         return loss
 

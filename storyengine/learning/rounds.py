@@ -388,7 +388,7 @@ async def _train_and_gate(
         if guard is None or guard.stopped_at != 0 or retry == config.guard_retries:
             break
         # The first steps already went too far: smaller ones may still fit.
-        train = replace(train, learning_rate=train.learning_rate / 2)
+        train = replace(train, learning_rate=(train.learning_rate or 0.0) / 2)  # resolved
         guard = replace(guard, checks=[], stopped_at=None)
         say(f"the first step went past the limit; training again at lr {train.learning_rate:g}")
     if guard is not None and guard.stopped_at == 0:

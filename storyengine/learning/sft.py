@@ -140,7 +140,7 @@ def train_on_windows(
     import datasets
     from datasets import Dataset
     from transformers import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig, SFTTrainer  # pyright: ignore[reportPrivateImportUsage]
 
     datasets.disable_progress_bars()
     started = time.perf_counter()

@@ -219,7 +219,7 @@ def train_adapter(
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="taleweaver-train-") as scratch:
         if config.method == "kto":
-            from trl import KTOConfig, KTOTrainer
+            from trl import KTOConfig, KTOTrainer  # pyright: ignore[reportPrivateImportUsage]
 
             desirable, undesirable = kto_weights(rows)
             args = KTOConfig(
@@ -236,7 +236,7 @@ def train_adapter(
                 callbacks=callbacks,
             )
         else:
-            from trl import DPOConfig, DPOTrainer
+            from trl import DPOConfig, DPOTrainer  # pyright: ignore[reportPrivateImportUsage]
 
             losses: dict[str, Any] = {}
             if config.sft_weight:

@@ -1,3 +1,8 @@
+# pyright: reportAttributeAccessIssue=false, reportIndexIssue=false, reportCallIssue=false
+# pyright: reportArgumentType=false, reportOperatorIssue=false, reportReturnType=false
+# pyright: reportGeneralTypeIssues=false, reportOptionalMemberAccess=false, reportAssignmentType=false
+# (This module walks transformers' and peft's module trees by name; torch types every
+# submodule attribute as `Tensor | Module`, which makes these checks noise here.)
 """A GPT-2 model's prefill and decoding steps, straight from its weights.
 
 A decoding step of a small model is mostly overhead: on a 2-core CPU, a one-token

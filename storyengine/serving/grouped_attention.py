@@ -133,7 +133,7 @@ def attend(
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
-def install(model: nn.Module) -> bool:
+def install(model: Any) -> bool:
     """Route `model`'s attention through `attention`, which is SDPA outside a grouped
     block. False (nothing changed) when the model does not use SDPA attention."""
     from transformers import AttentionInterface

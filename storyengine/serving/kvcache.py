@@ -1,3 +1,8 @@
+# pyright: reportAttributeAccessIssue=false, reportIndexIssue=false, reportCallIssue=false
+# pyright: reportArgumentType=false, reportOperatorIssue=false, reportReturnType=false
+# pyright: reportGeneralTypeIssues=false, reportOptionalMemberAccess=false, reportAssignmentType=false
+# (This module walks transformers' and peft's module trees by name; torch types every
+# submodule attribute as `Tensor | Module`, which makes these checks noise here.)
 """A KV cache for the batching scheduler that grows in place.
 
 transformers' `DynamicLayer` concatenates each step's keys and values onto the cache,

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ class TokenizedText:
 class LoadedModel(TokenizedText):
     """A causal LM ready to generate, with what identifies it in generation records."""
 
-    model: PreTrainedModel
+    model: Any
+    """A transformers `PreTrainedModel`, or a peft `PeftModel` around one when adapters
+    are loaded (typed loosely: the scheduler reaches into both)."""
     tokenizer: PreTrainedTokenizerBase
     model_id: str
     adapter_id: str | None
@@ -93,12 +95,12 @@ class LoadedModel(TokenizedText):
 
     @property
     def eos_token_id(self) -> int:
-        return int(self.tokenizer.eos_token_id)
+        return int(self.tokenizer.eos_token_id)  # pyright: ignore[reportArgumentType]
 
     @property
     def pad_token_id(self) -> int:
         pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+        return int(pad if pad is not None else self.eos_token_id)  # pyright: ignore[reportArgumentType]
 
     def describe(self) -> str:
         """Where and how it runs, for the start-up log: `cpu, float32`."""
@@ -150,7 +152,7 @@ def load_model(settings: Settings) -> LoadedModel:
 
         model = PeftModel.from_pretrained(model, settings.adapter, adapter_name="default")
         adapter_id = "default"
-    model.to(device)
+    model.to(device)  # pyright: ignore[reportArgumentType]
     model.eval()
     log.info("loaded %s (adapter %s) on %s as %s", model_id, adapter_id, device, dtype)
     return LoadedModel(model, tokenizer, model_id, adapter_id, device)

@@ -1,3 +1,8 @@
+# pyright: reportAttributeAccessIssue=false, reportIndexIssue=false, reportCallIssue=false
+# pyright: reportArgumentType=false, reportOperatorIssue=false, reportReturnType=false
+# pyright: reportGeneralTypeIssues=false, reportOptionalMemberAccess=false, reportAssignmentType=false
+# (This module walks transformers' and peft's module trees by name; torch types every
+# submodule attribute as `Tensor | Module`, which makes these checks noise here.)
 """Many LoRA adapters in one batch: each row of a batch with its own adapter.
 
 peft can mix adapters in one batch (`adapter_names=`), but it loops over the adapters

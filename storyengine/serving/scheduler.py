@@ -61,7 +61,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import GenerationFailed
 from . import gpt2_decode, grouped_attention
@@ -269,7 +269,7 @@ class BatchingGenerator:
             before = self.model.default_adapter
             job()
             now = self.model.default_adapter
-            if now == name and path is not None:
+            if now == name and name is not None and path is not None:
                 self._loaded.add(name)
             self._retiring.discard(now or "")
             if before in self._loaded and before != now:
@@ -586,7 +586,8 @@ class BatchingGenerator:
             cache,
             [seq.adapter],
         )
-        return last, [(layer.keys, layer.values) for layer in cache.layers]
+        layers = cast(list[Any], cache.layers)  # our own `GrowingLayer`s
+        return last, [(layer.keys, layer.values) for layer in layers]
 
     def _merge(
         self, admitted: list[list[_Sequence]], kvs: list[list[tuple[torch.Tensor, torch.Tensor]]]

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiohttp import web
 
@@ -257,7 +257,7 @@ class CompletionService:
         if isinstance(prompt, str) and prompt:
             ids = info.encode(prompt)
         elif _token_ids(prompt):  # the protocol's other form: the prompt as token ids
-            ids = list(prompt)
+            ids = [int(t) for t in cast(list[int], prompt)]
         else:
             raise RequestError(
                 400, "`prompt` must be one non-empty string, or one list of token ids.", "prompt"

@@ -7,19 +7,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .database import Repository
-
-SAME_LINEAGE = "COALESCE(community, '') = COALESCE(?, '')"
-"""SQL: the row belongs to the lineage given as the parameter (NULL: the shared one)."""
+from .database import SAME_LINEAGE, Repository
 
 
 class AdapterRepository(Repository):
     async def adapter_versions(self) -> set[int]:
-        rows = await self.db.execute_fetchall("SELECT version FROM adapters")
+        rows = await self.fetch("SELECT version FROM adapters")
         return {int(r[0]) for r in rows}
 
     async def newest_adapter_version(self) -> int:
-        rows = await self.db.execute_fetchall("SELECT MAX(version) FROM adapters")
+        rows = await self.fetch("SELECT MAX(version) FROM adapters")
         return int(rows[0][0] or 0)
 
     async def add_adapter(
@@ -48,23 +45,21 @@ class AdapterRepository(Repository):
         )
 
     async def adapter(self, version: int) -> dict[str, Any] | None:
-        rows = await self.db.execute_fetchall(
-            "SELECT * FROM adapters WHERE version = ?", (version,)
-        )
+        rows = await self.fetch("SELECT * FROM adapters WHERE version = ?", (version,))
         return dict(rows[0]) if rows else None
 
     async def adapters(self, community: str | None = None, *, every: bool = True) -> list[dict]:
         """Every version (`every`), or one lineage's, oldest first."""
         if every:
-            rows = await self.db.execute_fetchall("SELECT * FROM adapters ORDER BY version")
+            rows = await self.fetch("SELECT * FROM adapters ORDER BY version")
         else:
-            rows = await self.db.execute_fetchall(
+            rows = await self.fetch(
                 f"SELECT * FROM adapters WHERE {SAME_LINEAGE} ORDER BY version", (community,)
             )
         return [dict(r) for r in rows]
 
     async def promoted_adapter(self, community: str | None) -> dict[str, Any] | None:
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             f"SELECT * FROM adapters WHERE status = 'promoted' AND {SAME_LINEAGE}", (community,)
         )
         return dict(rows[0]) if rows else None
@@ -97,7 +92,7 @@ class AdapterRepository(Repository):
     async def roll_back_adapter(self, current: int, community: str | None) -> None:
         """Reject the promoted `current` and promote again the lineage's most recently
         promoted retired version, if there is one."""
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT version FROM adapters WHERE status = 'retired' AND promoted_at IS NOT NULL"
             f" AND version != ? AND {SAME_LINEAGE} ORDER BY promoted_at DESC LIMIT 1",
             (current, community),
@@ -115,11 +110,11 @@ class AdapterRepository(Repository):
         """A round's data window: (the newest generation the lineage's served versions
         were trained on, the newest generation now). Generation ids are the one
         watermark for "feedback since the last round"."""
-        served = await self.db.execute_fetchall(
+        served = await self.fetch(
             "SELECT COALESCE(MAX(r.data_until), 0) FROM training_runs r"
             " JOIN adapters a ON a.version = r.version WHERE a.status IN ('promoted', 'retired')"
             f" AND {SAME_LINEAGE.replace('community', 'a.community')}",
             (community,),
         )
-        newest = await self.db.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM generations")
+        newest = await self.fetch("SELECT COALESCE(MAX(id), 0) FROM generations")
         return int(served[0][0]), int(newest[0][0])

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -98,6 +98,11 @@ def pre_migration_backup_path(db_path: Path, schema_version: int, now: datetime)
     return db_path.with_name(f"{db_path.name}.schema-{schema_version:04d}.{stamp}.bak")
 
 
+SAME_LINEAGE = "COALESCE(community, '') = COALESCE(?, '')"
+"""SQL: the row belongs to the lineage (of adapters, of reward models) given as the
+parameter: a community's, or (NULL) the shared one."""
+
+
 class Repository:
     """A group of queries over the connection that `Database` owns; the repositories are
     mixed into `Store`, which is all of them over one connection."""
@@ -106,8 +111,12 @@ class Repository:
     _write: Callable[..., Awaitable[aiosqlite.Cursor]]
     transaction: Callable[[], Any]
 
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        """Every row a query returns."""
+        return list(await self.db.execute_fetchall(sql, params))
 
-class Database:
+
+class Database(Repository):
     """One aiosqlite connection. Every write runs inside `transaction()`, which
     serialises writers: coroutines share the connection, so one's open transaction
     must never swallow another's statements."""
@@ -151,7 +160,7 @@ class Database:
     async def _refuse_unknown_migrations(self) -> None:
         """A database that a newer release migrated may hold what this release does not
         understand: refuse it rather than misread or damage it."""
-        rows = await self.db.execute_fetchall("SELECT version, name FROM schema_migrations")
+        rows = await self.fetch("SELECT version, name FROM schema_migrations")
         known = {m.version for m in load_migrations()}
         unknown = sorted((r[0], r[1]) for r in rows if r[0] not in known)
         if unknown:
@@ -194,7 +203,7 @@ class Database:
             return await db.execute(sql, params)
 
     async def migration_status(self) -> list[MigrationStatus]:
-        rows = await self.db.execute_fetchall("SELECT version, applied_at FROM schema_migrations")
+        rows = await self.fetch("SELECT version, applied_at FROM schema_migrations")
         applied = {r["version"]: r["applied_at"] for r in rows}
         return [
             MigrationStatus(m.version, m.name, applied.get(m.version)) for m in load_migrations()
@@ -207,7 +216,7 @@ class Database:
 
     async def ping(self) -> bool:
         """One trivial query answered."""
-        rows = await self.db.execute_fetchall("SELECT 1")
+        rows = await self.fetch("SELECT 1")
         return bool(rows) and rows[0][0] == 1
 
     async def backup(self, path: Path | str) -> Path:

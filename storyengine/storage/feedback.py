@@ -90,9 +90,7 @@ class FeedbackRepository(Repository):
         )
 
     async def generation(self, generation_id: int) -> dict[str, Any] | None:
-        rows = await self.db.execute_fetchall(
-            "SELECT * FROM generations WHERE id = ?", (generation_id,)
-        )
+        rows = await self.fetch("SELECT * FROM generations WHERE id = ?", (generation_id,))
         if not rows:
             return None
         record = dict(rows[0])
@@ -109,7 +107,7 @@ class FeedbackRepository(Repository):
         return cursor.rowcount > 0
 
     async def generation_for_message(self, message_id: str) -> int | None:
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT generation_id FROM story_messages WHERE message_id = ?", (message_id,)
         )
         return rows[0][0] if rows else None
@@ -146,18 +144,22 @@ class FeedbackRepository(Repository):
             users = sorted({e.user_id for e in events})
             linked: dict[str, int] = {}
             for chunk in _chunks(messages):
-                rows = await db.execute_fetchall(
-                    "SELECT message_id, generation_id FROM story_messages WHERE message_id IN"
-                    f" ({', '.join('?' * len(chunk))})",
-                    chunk,
+                rows = list(
+                    await db.execute_fetchall(
+                        "SELECT message_id, generation_id FROM story_messages WHERE message_id IN"
+                        f" ({', '.join('?' * len(chunk))})",
+                        chunk,
+                    )
                 )
                 linked.update({r[0]: r[1] for r in rows})
             forgotten: set[str] = set()
             for chunk in _chunks(users):
-                rows = await db.execute_fetchall(
-                    "SELECT user_id FROM forgotten_users WHERE user_id IN"
-                    f" ({', '.join('?' * len(chunk))})",
-                    chunk,
+                rows = list(
+                    await db.execute_fetchall(
+                        "SELECT user_id FROM forgotten_users WHERE user_id IN"
+                        f" ({', '.join('?' * len(chunk))})",
+                        chunk,
+                    )
                 )
                 forgotten.update(r[0] for r in rows)
             # Within a batch only each vote's last event matters (added: there, with its
@@ -185,7 +187,7 @@ class FeedbackRepository(Repository):
     async def feedback(self, generation_id: int) -> list[tuple[str, str, float]]:
         """The votes on a generation: (user, emoji, value), one per user and emoji however
         many of its messages carry it."""
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT user_id, emoji, value FROM votes WHERE generation_id = ?"
             " ORDER BY created_at, user_id, emoji",
             (generation_id,),
@@ -209,12 +211,12 @@ class FeedbackRepository(Repository):
 
     async def choice(self, choice_id: int) -> tuple[int, int, str, list[int]] | None:
         """(story_id, action, status, generation ids by position) of a choice."""
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT story_id, action, status FROM choices WHERE id = ?", (choice_id,)
         )
         if not rows:
             return None
-        options = await self.db.execute_fetchall(
+        options = await self.fetch(
             "SELECT generation_id FROM choice_options WHERE choice_id = ? ORDER BY position",
             (choice_id,),
         )
@@ -249,7 +251,7 @@ class FeedbackRepository(Repository):
         if not group:
             return set()
         marks = ",".join("?" * len(group))
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT chosen_generation_id, rejected_generation_id FROM preference_pairs"
             f" WHERE user_id = ? AND chosen_generation_id IN ({marks})"
             f" AND rejected_generation_id IN ({marks})",
@@ -332,16 +334,14 @@ class FeedbackRepository(Repository):
         return counts
 
     async def preference_pairs(self) -> list[tuple[int, int, str | None, str]]:
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT chosen_generation_id, rejected_generation_id, user_id, source"
             " FROM preference_pairs ORDER BY id"
         )
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def learning_enabled(self, community: str) -> bool:
-        rows = await self.db.execute_fetchall(
-            "SELECT learning FROM communities WHERE id = ?", (community,)
-        )
+        rows = await self.fetch("SELECT learning FROM communities WHERE id = ?", (community,))
         return bool(rows and rows[0][0])
 
     async def set_learning(self, community: str, enabled: bool, updated_by: str | None) -> None:
@@ -356,7 +356,7 @@ class FeedbackRepository(Repository):
     async def trainable_story_ids(self) -> set[int]:
         """Stories that may be trained on: told outside any community (the operator's
         own, through the CLI or the library), or in a community whose learning is on."""
-        rows = await self.db.execute_fetchall(f"SELECT s.id FROM stories s WHERE {TRAINABLE_STORY}")
+        rows = await self.fetch(f"SELECT s.id FROM stories s WHERE {TRAINABLE_STORY}")
         return {r[0] for r in rows}
 
     async def new_feedback_count(self, since: str | None, community: str | None = None) -> int:
@@ -366,7 +366,7 @@ class FeedbackRepository(Repository):
         since = since or ""
         only = " AND s.community = ?" if community is not None else ""
         extra = (community,) if community is not None else ()
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT (SELECT COUNT(*) FROM votes f JOIN generations g ON g.id = f.generation_id"
             f" JOIN stories s ON s.id = g.story_id WHERE f.value != 0 AND f.created_at > ?"
             f" AND {TRAINABLE_STORY}{only})"
@@ -378,9 +378,7 @@ class FeedbackRepository(Repository):
 
     async def learning_communities(self) -> list[str]:
         """The communities whose learning is on."""
-        rows = await self.db.execute_fetchall(
-            "SELECT id FROM communities WHERE learning = 1 ORDER BY id"
-        )
+        rows = await self.fetch("SELECT id FROM communities WHERE learning = 1 ORDER BY id")
         return [r[0] for r in rows]
 
     async def feedback_stats(self, community: str | None) -> list[dict[str, Any]]:
@@ -388,7 +386,7 @@ class FeedbackRepository(Repository):
         got a reaction, 👍-style and 👎-style votes, and the approval rate
         liked / (liked + disliked). Limited to one community's stories when given."""
         where, params = ("WHERE s.community = ?", (community,)) if community else ("", ())
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT g.adapter_id AS adapter, COUNT(DISTINCT g.id) AS generations,"
             " COUNT(DISTINCT f.generation_id) AS reacted,"
             " COALESCE(SUM(f.value > 0), 0) AS liked, COALESCE(SUM(f.value < 0), 0) AS disliked"
@@ -421,7 +419,7 @@ class FeedbackRepository(Repository):
             )
         if community is not None:
             where += " AND s.community = ?"
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             f"SELECT g.id, g.story_id, g.prompt, g.output{columns} FROM generations g"
             " JOIN stories s ON s.id = g.story_id"
             f" WHERE g.output != '' AND g.finish_reason != 'cancelled' AND {TRAINABLE_STORY}"
@@ -434,15 +432,13 @@ class FeedbackRepository(Repository):
         """Per story, the lines of users who asked to be forgotten: a prompt holding one
         is never trained on."""
         excluded: dict[int, list[str]] = {}
-        for r in await self.db.execute_fetchall(
-            "SELECT story_id, text FROM turns WHERE train_excluded = 1"
-        ):
+        for r in await self.fetch("SELECT story_id, text FROM turns WHERE train_excluded = 1"):
             excluded.setdefault(r[0], []).append(r[1])
         return excluded
 
     async def pair_weights(self) -> dict[tuple[int, int], float]:
         """Each stored preference pair's weight (the highest, where several people made it)."""
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT chosen_generation_id, rejected_generation_id, MAX(weight)"
             " FROM preference_pairs GROUP BY chosen_generation_id, rejected_generation_id"
         )
@@ -450,7 +446,7 @@ class FeedbackRepository(Repository):
 
     async def retried_generations(self) -> list[tuple[int, int]]:
         """(replaced, replacement) for every storyteller turn that a retry replaced."""
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT old.generation_id, new.generation_id FROM turns old JOIN turns new"
             " ON new.story_id = old.story_id AND new.position = old.position AND new.id > old.id"
             " WHERE old.kind = 'bot' AND new.kind = 'bot' AND old.status = 'replaced'"
@@ -461,7 +457,7 @@ class FeedbackRepository(Repository):
     async def counted_votes(self) -> list[tuple[int, str, float]]:
         """(generation, user, value) of every vote that counts (not neutral, not by
         someone forgotten)."""
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT f.generation_id, f.user_id, f.value FROM votes f"
             " WHERE f.value != 0 AND f.user_id NOT IN (SELECT user_id FROM forgotten_users)"
         )
@@ -469,7 +465,7 @@ class FeedbackRepository(Repository):
 
     async def round_bounds(self) -> list[int]:
         """The newest generation each training round's data reached, in order."""
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT DISTINCT data_until FROM training_runs WHERE data_until IS NOT NULL"
         )
         return sorted(r[0] for r in rows)
@@ -483,7 +479,7 @@ class FeedbackRepository(Repository):
         if community:
             where += " AND s.community = ?"
             params.append(community)
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT substr(f.created_at, 1, 10) AS day, COALESCE(SUM(f.value > 0), 0),"
             " COALESCE(SUM(f.value < 0), 0), COALESCE(SUM(f.value = 0), 0)"
             " FROM votes f JOIN generations g ON g.id = f.generation_id"

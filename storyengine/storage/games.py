@@ -8,7 +8,7 @@ from .database import Repository
 
 class GameRepository(Repository):
     async def players(self, story_id: int) -> list[Player]:
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT * FROM players WHERE story_id = ? ORDER BY seat", (story_id,)
         )
         return [Player(r["user_id"], r["user_name"], r["seat"], bool(r["active"])) for r in rows]
@@ -16,8 +16,10 @@ class GameRepository(Repository):
     async def add_player(self, story_id: int, user_id: str, user_name: str) -> None:
         """Seat a player at the end of the order (a returning player too)."""
         async with self.transaction() as db:
-            rows = await db.execute_fetchall(
-                "SELECT COALESCE(MAX(seat), 0) + 1 FROM players WHERE story_id = ?", (story_id,)
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT COALESCE(MAX(seat), 0) + 1 FROM players WHERE story_id = ?", (story_id,)
+                )
             )
             await db.execute(
                 "INSERT INTO players (story_id, user_id, user_name, seat) VALUES (?, ?, ?, ?)"
@@ -39,13 +41,13 @@ class GameRepository(Repository):
         )
 
     async def turn_pointer(self, story_id: int) -> tuple[int | None, float | None]:
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT current_seat, turn_deadline FROM stories WHERE id = ?", (story_id,)
         )
         return (rows[0][0], rows[0][1]) if rows else (None, None)
 
     async def overdue_turns(self, now: float) -> list[str]:
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT channel FROM stories WHERE status = 'active' AND mode = 'round-robin'"
             " AND turn_deadline IS NOT NULL AND turn_deadline <= ? ORDER BY turn_deadline",
             (now,),
@@ -53,7 +55,7 @@ class GameRepository(Repository):
         return [r[0] for r in rows]
 
     async def turn_timeout(self, channel: str) -> int | None:
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT turn_timeout_s FROM channel_settings WHERE channel = ?", (channel,)
         )
         return rows[0][0] if rows else None

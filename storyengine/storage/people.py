@@ -44,16 +44,12 @@ def is_alias(user_id: str | None) -> bool:
 
 class PeopleRepository(Repository):
     async def is_forgotten(self, user_id: str) -> bool:
-        rows = await self.db.execute_fetchall(
-            "SELECT 1 FROM forgotten_users WHERE user_id = ?", (user_id,)
-        )
+        rows = await self.fetch("SELECT 1 FROM forgotten_users WHERE user_id = ?", (user_id,))
         return bool(rows)
 
     async def forgotten_alias(self, user_id: str) -> str | None:
         """The alias that stands for a forgotten user, or None if they are not."""
-        rows = await self.db.execute_fetchall(
-            "SELECT alias FROM forgotten_users WHERE user_id = ?", (user_id,)
-        )
+        rows = await self.fetch("SELECT alias FROM forgotten_users WHERE user_id = ?", (user_id,))
         return rows[0][0] if rows else None
 
     async def forget_user(self, user_id: str) -> tuple[int, int, int]:
@@ -63,8 +59,10 @@ class PeopleRepository(Repository):
         anonymised and excluded from training. Remember the id, so nothing of theirs is
         recorded again and what they do later is stored under the alias."""
         async with self.transaction() as db:
-            rows = await db.execute_fetchall(
-                "SELECT alias FROM forgotten_users WHERE user_id = ?", (user_id,)
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT alias FROM forgotten_users WHERE user_id = ?", (user_id,)
+                )
             )
             alias = rows[0][0] if rows else new_alias()
             await db.execute(

@@ -102,25 +102,23 @@ class StoryRepository(Repository):
         return story
 
     async def story(self, story_id: int) -> Story | None:
-        rows = await self.db.execute_fetchall("SELECT * FROM stories WHERE id = ?", (story_id,))
+        rows = await self.fetch("SELECT * FROM stories WHERE id = ?", (story_id,))
         return _story(rows[0]) if rows else None
 
     async def active_story(self, channel: str) -> Story | None:
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT * FROM stories WHERE channel = ? AND status = 'active'", (channel,)
         )
         return _story(rows[0]) if rows else None
 
     async def latest_story(self, channel: str) -> Story | None:
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT * FROM stories WHERE channel = ? ORDER BY id DESC LIMIT 1", (channel,)
         )
         return _story(rows[0]) if rows else None
 
     async def active_stories(self) -> list[Story]:
-        rows = await self.db.execute_fetchall(
-            "SELECT * FROM stories WHERE status = 'active' ORDER BY id"
-        )
+        rows = await self.fetch("SELECT * FROM stories WHERE status = 'active' ORDER BY id")
         return [_story(r) for r in rows]
 
     async def update_story(self, story_id: int, **fields: Any) -> None:
@@ -140,11 +138,11 @@ class StoryRepository(Repository):
         )
 
     async def story_count(self) -> int:
-        rows = await self.db.execute_fetchall("SELECT COUNT(*) FROM stories")
+        rows = await self.fetch("SELECT COUNT(*) FROM stories")
         return int(rows[0][0])
 
     async def next_action(self, story_id: int) -> int:
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT COALESCE(MAX(action), 0) + 1 FROM turns WHERE story_id = ?", (story_id,)
         )
         return int(rows[0][0])
@@ -169,9 +167,11 @@ class StoryRepository(Repository):
         replaced, in one transaction."""
         async with self.transaction() as db:
             if position is None:
-                rows = await db.execute_fetchall(
-                    "SELECT COALESCE(MAX(position), 0) + 1 FROM turns WHERE story_id = ?",
-                    (story_id,),
+                rows = list(
+                    await db.execute_fetchall(
+                        "SELECT COALESCE(MAX(position), 0) + 1 FROM turns WHERE story_id = ?",
+                        (story_id,),
+                    )
                 )
                 position = int(rows[0][0])
             if replacing is not None:
@@ -198,11 +198,11 @@ class StoryRepository(Repository):
         return turn
 
     async def turn(self, turn_id: int) -> Turn | None:
-        rows = await self.db.execute_fetchall("SELECT * FROM turns WHERE id = ?", (turn_id,))
+        rows = await self.fetch("SELECT * FROM turns WHERE id = ?", (turn_id,))
         return _turn(rows[0]) if rows else None
 
     async def active_turns(self, story_id: int) -> list[Turn]:
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT * FROM turns WHERE story_id = ? AND status = 'active' ORDER BY position, id",
             (story_id,),
         )
@@ -210,7 +210,7 @@ class StoryRepository(Repository):
 
     async def alternatives(self, story_id: int, position: int) -> list[Turn]:
         """Bot turns written for one position (the retry stack), oldest first."""
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT * FROM turns WHERE story_id = ? AND position = ? AND kind = 'bot'"
             " AND status IN ('active', 'replaced') ORDER BY id",
             (story_id, position),
@@ -222,7 +222,7 @@ class StoryRepository(Repository):
         model scored below it (what a retry shows next), or None."""
         if turn.generation_id is None:
             return None
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT t.* FROM turns t JOIN generations g ON g.id = t.generation_id"
             " JOIN generations shown ON shown.id = ?"
             " WHERE t.story_id = ? AND t.position = ? AND t.kind = 'bot'"
@@ -258,7 +258,7 @@ class StoryRepository(Repository):
                 await db.execute("UPDATE stories SET memory = ? WHERE id = ?", (memory, story_id))
 
     async def lore(self, story_id: int) -> list[LoreCard]:
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT * FROM lore_cards WHERE story_id = ? ORDER BY id", (story_id,)
         )
         return [
@@ -274,7 +274,7 @@ class StoryRepository(Repository):
         return cursor.rowcount > 0
 
     async def channel_settings(self, channel: str) -> tuple[str | None, dict[str, Any]]:
-        rows = await self.db.execute_fetchall(
+        rows = await self.fetch(
             "SELECT preset, sampling FROM channel_settings WHERE channel = ?", (channel,)
         )
         if not rows:

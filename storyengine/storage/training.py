@@ -7,7 +7,7 @@ from typing import Any
 
 import aiosqlite
 
-from .database import Repository
+from .database import SAME_LINEAGE, Repository
 
 
 class TrainingRepository(Repository):
@@ -62,9 +62,8 @@ class TrainingRepository(Repository):
     async def last_training_start(self, community: str | None = None) -> str | None:
         """When the newest training run of a lineage started (a community's own, or
         None: the shared one), as the database writes times."""
-        rows = await self.db.execute_fetchall(
-            "SELECT MAX(started_at) FROM training_runs"
-            " WHERE COALESCE(community, '') = COALESCE(?, '')",
+        rows = await self.fetch(
+            f"SELECT MAX(started_at) FROM training_runs WHERE {SAME_LINEAGE}",
             (community,),
         )
         return rows[0][0]
@@ -85,26 +84,23 @@ class TrainingRepository(Repository):
         )
 
     async def reward_model(self, version: int) -> dict[str, Any] | None:
-        rows = await self.db.execute_fetchall(
-            "SELECT * FROM reward_models WHERE version = ?", (version,)
-        )
+        rows = await self.fetch("SELECT * FROM reward_models WHERE version = ?", (version,))
         return _reward_row(rows[0]) if rows else None
 
     async def reward_models(self) -> list[dict[str, Any]]:
         """Every reward model version, of every lineage, oldest first."""
-        rows = await self.db.execute_fetchall("SELECT * FROM reward_models ORDER BY version")
+        rows = await self.fetch("SELECT * FROM reward_models ORDER BY version")
         return [_reward_row(r) for r in rows]
 
     async def promoted_reward_model(self, community: str | None) -> dict[str, Any] | None:
-        rows = await self.db.execute_fetchall(
-            "SELECT * FROM reward_models WHERE status = 'promoted'"
-            " AND COALESCE(community, '') = COALESCE(?, '')",
+        rows = await self.fetch(
+            f"SELECT * FROM reward_models WHERE status = 'promoted' AND {SAME_LINEAGE}",
             (community,),
         )
         return _reward_row(rows[0]) if rows else None
 
     async def newest_reward_model_version(self) -> int:
-        rows = await self.db.execute_fetchall("SELECT COALESCE(MAX(version), 0) FROM reward_models")
+        rows = await self.fetch("SELECT COALESCE(MAX(version), 0) FROM reward_models")
         return int(rows[0][0])
 
     async def promote_reward_model(self, version: int) -> None:
@@ -135,10 +131,12 @@ class TrainingRepository(Repository):
         (the most recently promoted retired one). Returns the version promoted now (None:
         none). One transaction; nothing changes when none is promoted."""
         async with self.transaction() as db:
-            same = "COALESCE(community, '') = COALESCE(?, '')"
-            current = await db.execute_fetchall(
-                f"SELECT version FROM reward_models WHERE status = 'promoted' AND {same}",
-                (community,),
+            current = list(
+                await db.execute_fetchall(
+                    "SELECT version FROM reward_models WHERE status = 'promoted'"
+                    f" AND {SAME_LINEAGE}",
+                    (community,),
+                )
             )
             if not current:
                 return None
@@ -146,10 +144,13 @@ class TrainingRepository(Repository):
                 "UPDATE reward_models SET status = 'rejected' WHERE version = ?",
                 (current[0][0],),
             )
-            before = await db.execute_fetchall(
-                "SELECT version FROM reward_models WHERE status = 'retired'"
-                f" AND promoted_at IS NOT NULL AND {same} ORDER BY promoted_at DESC LIMIT 1",
-                (community,),
+            before = list(
+                await db.execute_fetchall(
+                    "SELECT version FROM reward_models WHERE status = 'retired'"
+                    f" AND promoted_at IS NOT NULL AND {SAME_LINEAGE}"
+                    " ORDER BY promoted_at DESC LIMIT 1",
+                    (community,),
+                )
             )
             if before:
                 await db.execute(

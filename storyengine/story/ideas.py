@@ -66,18 +66,19 @@ class Ideas:
         at a time after the story's premise; not stored (`add_lore` keeps it)."""
         if kind not in CARD_LEADS:
             raise InvalidInput("A card is a character or a setting.")
-        name = " ".join(
-            self.stories.safety.clean_input(
-                name, what="The name", required=False, limit=MAX_LORE_NAME
-            ).split()
+        given = self.stories.safety.clean_input(
+            name, what="The name", required=False, limit=MAX_LORE_NAME
         )
+        card_name = " ".join(given.split())
         hint = self.stories.safety.clean_input(hint, what="The hint", required=False, limit=100)
         story = await self.stories.active(channel)
-        if not name:
+        if not card_name:
             taken = {c.name.lower() for c in await self.store.lore(story.id)}
             choices = [n for n in CARD_NAMES[kind] if n.lower() not in taken] or CARD_NAMES[kind]
-            name = choices[len(taken) % len(choices)]
-        subject = name if kind == "character" else f"The {name.lower().removeprefix('the ')}"
+            card_name = choices[len(taken) % len(choices)]
+        subject = (
+            card_name if kind == "character" else f"The {card_name.lower().removeprefix('the ')}"
+        )
         context = story.premise + (f" {hint.rstrip('.')}." if hint else "")
         params = (await self.stories.sampling_for(channel)).replace(
             max_new_tokens=28, num_beams=1, temperature=0.9, best_of=1, seed=None
@@ -96,4 +97,4 @@ class Ideas:
         while len(text) > MAX_NOTE_CHARS and len(sentences) > 1:
             sentences.pop()
             text = self.stories.safety.clean_output(" ".join(sentences))
-        return self.notes.lore_card(name, [name], text[:MAX_NOTE_CHARS])
+        return self.notes.lore_card(card_name, [card_name], text[:MAX_NOTE_CHARS])

@@ -248,7 +248,11 @@ class Notes:
         story = await self.stories.active(channel)
         turns = await self.store.active_turns(story.id)
         last = next((t for t in reversed(turns) if t.kind == "bot"), None)
-        record = await self.store.generation(last.generation_id) if last else None
+        record = (
+            await self.store.generation(last.generation_id)
+            if last is not None and last.generation_id is not None
+            else None
+        )
         if last is None or record is None:
             raise InvalidInput("The storyteller has not written anything in this story yet.")
         params = await self.stories.sampling_for(channel)

@@ -37,7 +37,7 @@ class Cooldown(StoryError):
     pass
 
 
-class StoryCommands:
+class StoryCommands(commands.Cog):
     """The `/story` cog's shared part; the cog (`StoryCog`) is this and one class per
     concern, mixed together into the one `/story` group."""
 
@@ -45,7 +45,7 @@ class StoryCommands:
         self.bot = bot
         self.engine = bot.engine
         self._cooldowns = commands.CooldownMapping(
-            commands.Cooldown(1, bot.settings.cooldown_s), lambda i: i.user.id
+            commands.Cooldown(1, bot.settings.cooldown_s), _user_id
         )
         """One generating command per user per `BOT_COOLDOWN_S` (expired entries are
         dropped by the mapping)."""
@@ -91,3 +91,7 @@ class StoryCommands:
     ) -> None:
         """Reply with `text`, split over several messages if it is long."""
         await reply(interaction, text, ephemeral=ephemeral)
+
+
+def _user_id(interaction: discord.Interaction) -> int:
+    return interaction.user.id
