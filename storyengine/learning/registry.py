@@ -149,10 +149,13 @@ class AdapterRegistry:
         metrics: dict[str, Any] | None = None,
         data_counts: dict[str, Any] | None = None,
         community: str | None = None,
+        recipe: dict[str, Any] | None = None,
     ) -> AdapterVersion:
         """Write a new candidate version: `save(directory)` writes the adapter files
         (peft's `save_pretrained`), in a worker thread. `community`: the lineage it
-        belongs to (None: the shared one)."""
+        belongs to (None: the shared one). `recipe`: what reproduces it (the method's
+        configuration, seed, base model, data window, gate settings), kept in the
+        version's `taleweaver.json` as a nanoGPT checkpoint keeps its config."""
         newest = await self.store.newest_adapter_version()
         # Past every directory too: one a crash left without a row must not block us.
         version = max(newest, await asyncio.to_thread(newest_on_disk, self.root)) + 1
@@ -164,6 +167,7 @@ class AdapterRegistry:
             "parent_version": parent_version,
             "metrics": metrics or {},
             "data_counts": data_counts or {},
+            "recipe": json.loads(json.dumps(recipe or {}, default=str)),
         }
 
         def write() -> None:

@@ -32,13 +32,12 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from ..config import Settings
 from ..sampling import SamplingParams
 from ..serving.modeling import LoadedModel
-from ..storage.store import Store
 from ..text import split_sentences
 from .datasets import (
     DatasetConfig,
@@ -54,7 +53,7 @@ from .evaluation import (
     preference_accuracy,
     sample_continuations,
 )
-from .registry import AdapterRegistry, AdapterVersion, round_lock
+from .registry import AdapterRegistry, AdapterVersion
 from .reward import (
     RewardConfig,
     RewardRegistry,
@@ -63,6 +62,7 @@ from .reward import (
     reward_summary,
     train_reward_model,
 )
+from .runs import TrainingRun, training_run
 from .training import DriftGuard, TrainConfig, prepare_policy, train_adapter
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,8 @@ def choose_method(config: RoundConfig, data: FeedbackDatasets) -> tuple[str, lis
 async def run_round(
     settings: Settings, config: RoundConfig, *, say: Callable[[str], None] = print
 ) -> RoundResult:
-    with round_lock(settings.adapter_dir):
-        return await _run_round(settings, config, say)
+    async with training_run(settings) as run:
+        return await _run_round(settings, config, run, say)
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,9 @@ class RoundPlan:
     rows: list[dict[str, Any]]
     heldout_pairs: list[PreferencePair]
     heldout_examples: list[LabelledExample]
+    window: tuple[int, int] = (0, 0)
+    """The generations whose feedback is new to this lineage: after the first, up to
+    the second (generation ids are the one watermark)."""
 
     @property
     def counts(self) -> dict[str, Any]:
@@ -231,94 +234,63 @@ def skip_reason(config: RoundConfig, plan: RoundPlan) -> str | None:
 
 
 async def _run_round(
-    settings: Settings, config: RoundConfig, say: Callable[[str], None]
+    settings: Settings, config: RoundConfig, run: TrainingRun, say: Callable[[str], None]
 ) -> RoundResult:
-    store = await Store(settings.db_path).open()
-    try:
-        # We hold the round lock: leftovers are a killed round's, and so are runs
-        # still 'running'.
-        registry = await AdapterRegistry(store, settings.adapter_dir).open(locked=True)
-        rewards = await RewardRegistry(
-            store, reward_dir(settings), lock_dir=settings.adapter_dir
-        ).open(locked=True)
-        await store.interrupt_training_runs()
-        trained_until, data_until = await store.data_window(config.community)
-        data_config = replace(
-            config.data, train_after_generation=trained_until, community=config.community
+    store, registry = run.store, run.registry
+    rewards = await RewardRegistry(store, reward_dir(settings), lock_dir=settings.adapter_dir).open(
+        locked=True
+    )
+    trained_until, run.data_until = await store.data_window(config.community)
+    data_config = replace(
+        config.data, train_after_generation=trained_until, community=config.community
+    )
+    data = await build_datasets(store, data_config)
+    plan = replace(plan_round(config, data), window=(trained_until, run.data_until))
+    # A community's first round starts from the shared adapter it has been served.
+    current = await registry.serving(config.community)
+    reason = skip_reason(config, plan) or missing_adapter(current)
+    # The reward model learns from all the feedback there is, through the same
+    # consent, forget-me and caps; it may train when the adapter cannot yet.
+    all_data = await build_datasets(store, replace(data_config, train_after_generation=0))
+    reward_reason = reward_skip_reason(config.reward, all_data) if config.reward is not None else ""
+    await run.begin(plan.method, config.community)
+    if reason is not None and (config.reward is None or reward_reason is not None):
+        run.end(error=reason)
+        return RoundResult("skipped", reason)
+    if reason is not None:  # only the reward model: it reads the bare base model
+        from ..serving.modeling import load_for_training
+
+        assert config.reward is not None
+        loaded = await asyncio.to_thread(load_for_training, settings)
+        reward = await train_reward_model(
+            rewards, loaded, all_data, config.reward, community=config.community
         )
-        data = await build_datasets(store, data_config)
-        plan = plan_round(config, data)
-        # A community's first round starts from the shared adapter it has been served.
-        current = await registry.serving(config.community)
-        reason = skip_reason(config, plan) or missing_adapter(current)
-        # The reward model learns from all the feedback there is, through the same
-        # consent, forget-me and caps; it may train when the adapter cannot yet.
-        all_data = await build_datasets(store, replace(data_config, train_after_generation=0))
-        reward_reason = (
-            reward_skip_reason(config.reward, all_data) if config.reward is not None else ""
+        say(reward_summary(reward))
+        run.end(error=reason)
+        return RoundResult("skipped", reason, metrics={"reward": reward})
+
+    reward: dict[str, Any] = {}
+
+    async def train_reward(loaded: LoadedModel) -> None:
+        if config.reward is None:
+            return
+        if reward_reason is not None:
+            reward.update(status="skipped", reason=reward_reason)
+            return
+        reward.update(
+            await train_reward_model(
+                rewards, loaded, all_data, config.reward, community=config.community
+            )
         )
-        run_id = await store.start_training_run(plan.method, config.community)
-        if reason is not None and (config.reward is None or reward_reason is not None):
-            await store.finish_training_run(
-                run_id, version=None, error=reason, data_until=data_until
-            )
-            return RoundResult("skipped", reason)
-        if reason is not None:  # only the reward model: it reads the bare base model
-            from ..serving.modeling import load_for_training
 
-            assert config.reward is not None
-            try:
-                loaded = await asyncio.to_thread(load_for_training, settings)
-                reward = await train_reward_model(
-                    rewards, loaded, all_data, config.reward, community=config.community
-                )
-            except Exception as exc:
-                await store.fail_training_run(run_id, exc)
-                raise
-            say(reward_summary(reward))
-            await store.finish_training_run(
-                run_id, version=None, error=reason, data_until=data_until
-            )
-            return RoundResult("skipped", reason, metrics={"reward": reward})
-
-        async def registered(version: int) -> None:
-            # At once, not when the run finishes: a crash after the promotion must not
-            # lose which data the promoted adapter has learned from.
-            await store.set_training_run_version(run_id, version, data_until)
-
-        reward: dict[str, Any] = {}
-
-        async def train_reward(loaded: LoadedModel) -> None:
-            if config.reward is None:
-                return
-            if reward_reason is not None:
-                reward.update(status="skipped", reason=reward_reason)
-                return
-            reward.update(
-                await train_reward_model(
-                    rewards, loaded, all_data, config.reward, community=config.community
-                )
-            )
-
-        try:
-            result = await _train_and_gate(
-                settings, config, registry, plan, current, registered, say, train_reward
-            )
-        except Exception as exc:
-            await store.fail_training_run(run_id, exc)
-            raise
-        if reward:
-            say(reward_summary(reward))
-            result = replace(result, metrics={**result.metrics, "reward": reward})
-        await store.finish_training_run(
-            run_id,
-            version=result.version.version if result.version else None,
-            error=result.reason or None,
-            data_until=data_until,
-        )
-        return result
-    finally:
-        await store.close()
+    result = await _train_and_gate(
+        settings, config, registry, plan, current, run.registered, say, train_reward
+    )
+    if reward:
+        say(reward_summary(reward))
+        result = replace(result, metrics={**result.metrics, "reward": reward})
+    run.end(version=result.version.version if result.version else None, error=result.reason or None)
+    return result
 
 
 def missing_adapter(current: AdapterVersion | None) -> str | None:
@@ -464,6 +436,12 @@ async def _train_and_gate(
         metrics=json.loads(json.dumps(metrics, default=str)),
         data_counts=plan.counts,
         community=config.community,
+        recipe={
+            "round": asdict(config),
+            "train": asdict(train),
+            "base_model": settings.base_model,
+            "data_window": {"after_generation": plan.window[0], "until": plan.window[1]},
+        },
     )
     await registered(version.version)
     if report.passed:

@@ -22,16 +22,15 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import Settings
 from ..errors import InvalidInput
-from ..storage.store import Store
 from .evaluation import perplexity
-from .registry import AdapterRegistry
-from .rounds import heldout_stories, round_lock
+from .rounds import heldout_stories
+from .runs import TrainingRun, training_run
 from .training import TrainConfig, prepare_policy, progress_callback, runs_on_cpu
 
 log = logging.getLogger(__name__)
@@ -193,17 +192,13 @@ async def run_sft(
     """Train, evaluate and register a corpus adapter. Returns (version, promoted,
     report)."""
     texts = await asyncio.to_thread(load_corpus, corpus)
-    with round_lock(settings.adapter_dir):
-        store = await Store(settings.db_path).open()
-        try:
-            return await _run_sft(settings, store, corpus, texts, config, say)
-        finally:
-            await store.close()
+    async with training_run(settings) as run:
+        return await _run_sft(settings, run, corpus, texts, config, say)
 
 
 async def _run_sft(
     settings: Settings,
-    store: Store,
+    run: TrainingRun,
     corpus: Path,
     texts: list[str],
     config: CorpusTrainConfig,
@@ -211,9 +206,7 @@ async def _run_sft(
 ) -> tuple[int, bool, dict[str, Any]]:
     from ..serving.modeling import load_for_training
 
-    # We hold the round lock: leftovers and runs still 'running' are a killed round's.
-    registry = await AdapterRegistry(store, settings.adapter_dir).open(locked=True)
-    await store.interrupt_training_runs()
+    registry = run.registry
     start = await registry.promoted() if config.from_promoted else None
     loaded = await asyncio.to_thread(load_for_training, settings)
     tok = loaded.tokenizer
@@ -223,54 +216,51 @@ async def _run_sft(
     lora = TrainConfig(seed=config.seed)
     policy = prepare_policy(loaded.model, start.path if start else None, lora)
     stories = heldout_stories()
-    run_id = await store.start_training_run("sft")
-    try:
+    await run.begin("sft")
 
-        def before() -> dict[str, float]:
-            return {
-                "corpus_ppl_before": perplexity(policy, tok, "default", heldout),
-                "stories_ppl_before": perplexity(policy, tok, "default", stories),
-            }
+    def before() -> dict[str, float]:
+        return {
+            "corpus_ppl_before": perplexity(policy, tok, "default", heldout),
+            "stories_ppl_before": perplexity(policy, tok, "default", stories),
+        }
 
-        report: dict[str, Any] = await asyncio.to_thread(before)
-        say(
-            f"training on {len(train)} windows of up to {config.max_length} tokens from "
-            f"{len(texts)} text(s) ({len(heldout)} held out), starting from "
-            f"{start.name if start else 'a fresh adapter'}"
-        )
-        report["train"] = await asyncio.to_thread(train_on_windows, policy, tok, train, config, say)
+    report: dict[str, Any] = await asyncio.to_thread(before)
+    say(
+        f"training on {len(train)} windows of up to {config.max_length} tokens from "
+        f"{len(texts)} text(s) ({len(heldout)} held out), starting from "
+        f"{start.name if start else 'a fresh adapter'}"
+    )
+    report["train"] = await asyncio.to_thread(train_on_windows, policy, tok, train, config, say)
 
-        def after() -> dict[str, float]:
-            return {
-                "corpus_ppl": perplexity(policy, tok, "default", heldout),
-                "stories_ppl": perplexity(policy, tok, "default", stories),
-                "base_stories_ppl": perplexity(policy, tok, None, stories),
-            }
+    def after() -> dict[str, float]:
+        return {
+            "corpus_ppl": perplexity(policy, tok, "default", heldout),
+            "stories_ppl": perplexity(policy, tok, "default", stories),
+            "base_stories_ppl": perplexity(policy, tok, None, stories),
+        }
 
-        report.update(await asyncio.to_thread(after))
-        say(
-            f"held-out corpus perplexity {report['corpus_ppl_before']:.2f} → "
-            f"{report['corpus_ppl']:.2f}; held-out stories {report['stories_ppl_before']:.2f}"
-            f" → {report['stories_ppl']:.2f}"
-        )
-        improved = report["corpus_ppl"] < report["corpus_ppl_before"]
-        report["passed"] = improved
-        report["reasons"] = [] if improved else ["the corpus perplexity did not improve"]
-        policy.set_adapter("default")
-        version = await registry.register(
-            lambda d: policy.save_pretrained(str(d), selected_adapters=["default"]),
-            method="sft",
-            parent_version=start.version if start else None,
-            metrics=json.loads(json.dumps(report, default=str)),
-            data_counts={"corpus": str(corpus), "texts": len(texts), "heldout": len(heldout)},
-        )
-        await store.set_training_run_version(run_id, version.version, None)
-        promoted = False
-        if config.promote and improved:
-            await registry.promote(version.version)
-            promoted = True
-    except BaseException as exc:
-        await store.fail_training_run(run_id, exc)
-        raise
-    await store.finish_training_run(run_id, version=version.version)
+    report.update(await asyncio.to_thread(after))
+    say(
+        f"held-out corpus perplexity {report['corpus_ppl_before']:.2f} → "
+        f"{report['corpus_ppl']:.2f}; held-out stories {report['stories_ppl_before']:.2f}"
+        f" → {report['stories_ppl']:.2f}"
+    )
+    improved = report["corpus_ppl"] < report["corpus_ppl_before"]
+    report["passed"] = improved
+    report["reasons"] = [] if improved else ["the corpus perplexity did not improve"]
+    policy.set_adapter("default")
+    version = await registry.register(
+        lambda d: policy.save_pretrained(str(d), selected_adapters=["default"]),
+        method="sft",
+        parent_version=start.version if start else None,
+        metrics=json.loads(json.dumps(report, default=str)),
+        data_counts={"corpus": str(corpus), "texts": len(texts), "heldout": len(heldout)},
+        recipe={"sft": asdict(config), "lora": asdict(lora), "base_model": settings.base_model},
+    )
+    await run.registered(version.version)
+    promoted = False
+    if config.promote and improved:
+        await registry.promote(version.version)
+        promoted = True
+    run.end(version=version.version)
     return version.version, promoted, report

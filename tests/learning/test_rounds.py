@@ -6,6 +6,7 @@ import os
 import signal
 import sqlite3
 import sys
+from dataclasses import asdict
 
 import pytest
 
@@ -64,6 +65,14 @@ async def test_a_round_trains_gates_and_registers(tmp_path):
     assert any(s["this"] != s["parent"] for s in kept)
     report = json.loads((result.version.path / "taleweaver.json").read_text())
     assert report["metrics"]["samples"] == kept
+    # What reproduces the version travels with it (nanoGPT's checkpoints carry their
+    # config): the method's settings as trained, the base model, the data window.
+    recipe = report["recipe"]
+    assert recipe["base_model"] == settings.base_model
+    assert recipe["train"]["method"] == "kto" and recipe["train"]["learning_rate"] == 5e-4
+    assert recipe["train"]["seed"] == config.train.seed and recipe["train"]["epochs"] > 0
+    assert recipe["round"]["gate"] == json.loads(json.dumps(asdict(config.gate)))
+    assert recipe["data_window"] == {"after_generation": 0, "until": 60}  # 60 generations
     store = await Store(db).open()
     registry = await AdapterRegistry(store, settings.adapter_dir).open()
     versions = await registry.list()
