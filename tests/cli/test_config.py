@@ -74,7 +74,6 @@ def test_cli_reports_a_bad_setting_in_one_line(tmp_path):
 
 def test_env_example_lists_valid_settings():
     """`.env.example` parses as it stands, and names every setting the code reads."""
-    import re
     from pathlib import Path
 
     from dotenv import dotenv_values
@@ -85,12 +84,33 @@ def test_env_example_lists_valid_settings():
     values = {k: v for k, v in dotenv_values(root / ".env.example").items() if v is not None}
     Settings.from_env(values)
     BotSettings.from_env(values)
+    read = variables_read(root)
+    assert read <= set(values) | {"DISCORD_TOKEN"}, read - set(values)
+
+
+def variables_read(root):
+    """Every environment variable the code reads (by name, as a string), but the one the
+    bot sets for its own training rounds."""
+    import re
+
     sources = "\n".join(
-        p.read_text() for p in [*root.glob("storyengine/*.py"), *root.glob("bot/*.py")]
+        p.read_text() for p in [*root.glob("storyengine/**/*.py"), *root.glob("bot/**/*.py")]
     )
     read = set(re.findall(r'"((?:STORY|BOT|TRAIN)_[A-Z_]+|DEV_GUILD_ID|DISCORD_TOKEN)"', sources))
-    internal = {"STORY_PARENT_PID"}  # set by the bot for its training rounds, not by people
-    assert read <= set(values) | {"DISCORD_TOKEN"} | internal, read - set(values)
+    return read - {"STORY_PARENT_PID"}
+
+
+def test_the_readme_table_explains_every_setting():
+    """README's Configuration table has a row for every variable the code reads."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    named = {name for row in rows for name in re.findall(r"`([A-Z_]+)`", row.split("|")[1])}
+    assert variables_read(root) <= named, variables_read(root) - named
 
 
 def test_storage_options_are_never_silently_dropped():
