@@ -4,8 +4,8 @@ handler runs and no buffer is flushed, as with kill -9 or a power cut. The tests
 test_crash_recovery.py start it, then open the same files and check that the next
 round runs.
 
-    python tests/crash_child.py registry STEP DB ADAPTER_DIR
-    python tests/crash_child.py round STEP DB ADAPTER_DIR MODEL_DIR
+    python tests/helpers/crash_child.py registry STEP DB ADAPTER_DIR
+    python tests/helpers/crash_child.py round STEP DB ADAPTER_DIR MODEL_DIR
 
 STEP is where it dies:
   writing    while the adapter's files are being written (its temporary directory)

@@ -17,6 +17,9 @@ import os
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: `tests.helpers` from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from storyengine.config import Settings
 from storyengine.records import Author
 from storyengine.sampling import SamplingParams

@@ -3,8 +3,8 @@ of a whole learning round's reward step: `os._exit(9)` right there, as with kill
 power cut (see crash_child.py, which does the same for adapters). The tests in
 test_reward_crash.py start it, then open the same files.
 
-    python tests/reward_crash_child.py registry STEP DB REWARD_DIR ADAPTER_DIR
-    python tests/reward_crash_child.py round STEP DB REWARD_DIR ADAPTER_DIR MODEL_DIR
+    python tests/helpers/reward_crash_child.py registry STEP DB REWARD_DIR ADAPTER_DIR
+    python tests/helpers/reward_crash_child.py round STEP DB REWARD_DIR ADAPTER_DIR MODEL_DIR
 
 STEP is where it dies:
   writing    while the reward model's files are being written (its temporary directory)
@@ -21,6 +21,9 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: `tests.helpers` from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from storyengine.learning import reward
 from storyengine.learning.registry import round_lock
