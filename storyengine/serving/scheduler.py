@@ -57,7 +57,7 @@ import inspect
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -83,6 +83,7 @@ from .generation import (
 )
 from .kvcache import GrowableCache
 from .multilora import MultiLoRA
+from .policy import FairQueue, Room, Shape
 
 if TYPE_CHECKING:
     import torch
@@ -152,8 +153,9 @@ class BatchingGenerator:
         # Beam search is not batched: it runs beside the batch, on adapters loaded here.
         self._beams = SequentialGenerator(model, max_loaded_adapters=None)
         self._inbox: deque[_Group] = deque()
-        self._waiting: OrderedDict[str, deque[_Group]] = OrderedDict()
-        """Per channel, its requests in order; a group is one request's candidates."""
+        self._waiting: FairQueue[_Group] = FairQueue()
+        """Per channel, its requests in order (`policy`); a group is one request's
+        candidates."""
         self._wake = threading.Condition()
         self._closed = False
         self._running: list[_Sequence] = []
@@ -230,7 +232,7 @@ class BatchingGenerator:
                     handle._finish(empty_output(handle, "cancelled"))
                 return
             self._inbox.append(group)
-            position = sum(len(q) for q in self._waiting.values()) + len(self._inbox) - 1
+            position = len(self._waiting) + len(self._inbox) - 1
             for handle in group:
                 handle.queue_position = position
             self._wake.notify()
@@ -298,7 +300,7 @@ class BatchingGenerator:
     def waiting(self) -> int:
         """Requests submitted and not yet admitted to the batch (for metrics)."""
         with self._wake:
-            return len(self._inbox) + sum(len(q) for q in list(self._waiting.values()))
+            return len(self._inbox) + len(self._waiting)
 
     @property
     def alive(self) -> bool:
@@ -318,15 +320,14 @@ class BatchingGenerator:
                         and not self._control
                         and not self._inbox
                         and not self._running
-                        and not any(self._waiting.values())
+                        and not self._waiting
                     ):
                         self._wake.wait()
                     if self._closed:
                         break
                     while self._inbox:
                         group = self._inbox.popleft()
-                        channel = group[0].request.channel
-                        self._waiting.setdefault(channel, deque()).append(group)
+                        self._waiting.push(group[0].request.channel, group)
                 try:
                     self._step()
                 except Exception as exc:  # no one row's fault: fail the batch, start afresh
@@ -339,8 +340,7 @@ class BatchingGenerator:
             seq.handle.cancel()
             self._resolve(seq, "cancelled")
         with self._wake:  # submit() adds no more once closed
-            groups = [*(g for q in self._waiting.values() for g in q), *self._inbox]
-            self._waiting.clear()
+            groups = [*self._waiting.clear(), *self._inbox]
             self._inbox.clear()
             control = list(self._control)  # e.g. beam searches to hand over: they end too
             self._control.clear()
@@ -393,7 +393,7 @@ class BatchingGenerator:
         default)."""
         in_use: set[str | None] = {s.adapter for s in self._running}
         with self._wake:
-            groups = [*(g for q in self._waiting.values() for g in q), *self._inbox]
+            groups = [*self._waiting, *self._inbox]
         in_use |= {h.request.adapter for g in groups for h in g}
         return in_use | self._beams.adapters_in_use()
 
@@ -414,76 +414,56 @@ class BatchingGenerator:
 
     def _drop_cancelled_waiting(self) -> None:
         """Cancelled requests leave the queues (a group keeps its other candidates)."""
-        for channel in list(self._waiting):
-            queue = self._waiting[channel]
-            for group in list(queue):
-                for handle in [h for h in group if h.cancelled]:
-                    group.remove(handle)
-                    handle._finish(empty_output(handle, "cancelled"))
-                if not group:
-                    queue.remove(group)
-            if not queue:
-                del self._waiting[channel]
+
+        def gone(group: _Group) -> bool:
+            for handle in [h for h in group if h.cancelled]:
+                group.remove(handle)
+                handle._finish(empty_output(handle, "cancelled"))
+            return not group
+
+        self._waiting.remove(gone)
 
     def _admit(self) -> list[list[_Sequence]]:
-        """Take waiting requests round-robin over channels while there is room, a group of
-        candidates whole or not at all: if the next in turn does not fit, it keeps its
-        turn and the others wait behind it (nothing slips past it for ever)."""
+        """Let waiting requests in while the batch has room (`FairQueue.admit`: channels
+        in turn, a group of candidates whole), each prepared here: its adapter loaded,
+        its sequences made. One that cannot be prepared fails alone."""
         cfg = self.config
-        rows = len(self._running)
-        in_flight = sum(s.cost for s in self._running)
-        prefill = 0
-        admitted: list[list[_Sequence]] = []
-        while self._waiting:
-            channel, queue = next(iter(self._waiting.items()))
-            group = queue[0]
-            request = group[0].request
-            prompt_len, max_new = self._shape(request)
-            cost = len(group) * (prompt_len + max_new)
-            if rows + len(group) > cfg.max_batch_size:
-                break
-            if admitted and (
-                in_flight + cost > cfg.max_tokens_in_flight
-                or prefill + prompt_len > cfg.prefill_tokens_per_step
-            ):
-                break
-            if not admitted and self._running and in_flight + cost > cfg.max_tokens_in_flight:
-                break
-            queue.popleft()
-            # Rotate: this channel goes to the back of the line.
-            del self._waiting[channel]
-            if queue:
-                self._waiting[channel] = queue
+        room = Room(
+            cfg.max_batch_size,
+            cfg.max_tokens_in_flight,
+            cfg.prefill_tokens_per_step,
+            rows=len(self._running),
+            tokens=sum(s.cost for s in self._running),
+        )
+        prepared: list[list[_Sequence]] = []
+
+        def accept(group: _Group) -> bool:
             try:
-                if self.adapters.prepare(request):
+                if self.adapters.prepare(group[0].request):
                     self._attach_network()
-                seqs = [self._new_sequence(handle) for handle in group]
+                prepared.append([self._new_sequence(handle) for handle in group])
+                return True
             except Exception as exc:  # e.g. an adapter that is not loaded: this one fails
                 if not isinstance(exc, ValueError | GenerationFailed):
                     log.exception("admission failed")
                     exc = generation_failed(STEP_FAILED, exc)
                 for handle in group:
                     handle._finish(exc)
-                continue
-            admitted.append(seqs)
-            rows += len(seqs)
-            in_flight += cost
-            prefill += prompt_len
-        return admitted
+                return False
+
+        self._waiting.admit(room, self._group_shape, accept)
+        return prepared
+
+    def _group_shape(self, group: _Group) -> Shape:
+        prompt_len, max_new = self._shape(group[0].request)
+        return Shape(len(group), prompt_len, max_new)
 
     def _update_queue_positions(self) -> None:
         """Each waiting request's place in the round-robin (a group's candidates share
         theirs: a best-of-n request is one request ahead of the others)."""
-        queues = [list(q) for q in self._waiting.values()]
-        position = 0
-        depth = 0
-        while any(depth < len(q) for q in queues):
-            for q in queues:
-                if depth < len(q):
-                    for handle in q[depth]:
-                        handle.queue_position = position
-                    position += 1
-            depth += 1
+        for group, position in self._waiting.positions():
+            for handle in group:
+                handle.queue_position = position
 
     def _new_sequence(self, handle: GenerationHandle) -> _Sequence:
         import torch
