@@ -176,6 +176,38 @@ def kto_weights(rows: list[dict[str, Any]]) -> tuple[float, float]:
     return 1.0, 1.0
 
 
+def _kto_trainer(
+    policy: Any, tokenizer: Any, data: Any, config: TrainConfig, common: dict[str, Any], out: str
+) -> Any:
+    """KTO on single 👍/👎 labels (prompt, completion, label), the two sides weighted
+    within TRL's guidance (`kto_weights`)."""
+    from trl import KTOConfig, KTOTrainer  # pyright: ignore[reportPrivateImportUsage]
+
+    desirable, undesirable = kto_weights(list(data))
+    args = KTOConfig(
+        output_dir=out, desirable_weight=desirable, undesirable_weight=undesirable, **common
+    )
+    return KTOTrainer(model=policy, args=args, train_dataset=data, processing_class=tokenizer)
+
+
+def _dpo_trainer(
+    policy: Any, tokenizer: Any, data: Any, config: TrainConfig, common: dict[str, Any], out: str
+) -> Any:
+    """DPO on preference pairs (prompt, chosen, rejected), with `sft_weight` an added
+    likelihood term on the chosen continuations (RPO)."""
+    from trl import DPOConfig, DPOTrainer  # pyright: ignore[reportPrivateImportUsage]
+
+    losses: dict[str, Any] = {}
+    if config.sft_weight:
+        losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, config.sft_weight]}
+    args = DPOConfig(output_dir=out, **common, **losses)
+    return DPOTrainer(model=policy, args=args, train_dataset=data, processing_class=tokenizer)
+
+
+TRAINERS: dict[str, Callable[..., Any]] = {"kto": _kto_trainer, "dpo": _dpo_trainer}
+"""Each preference method and what builds its TRL trainer from the shared arguments."""
+
+
 def train_adapter(
     policy: Any,
     tokenizer: Any,
@@ -218,37 +250,10 @@ def train_adapter(
     }
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="taleweaver-train-") as scratch:
-        if config.method == "kto":
-            from trl import KTOConfig, KTOTrainer  # pyright: ignore[reportPrivateImportUsage]
-
-            desirable, undesirable = kto_weights(rows)
-            args = KTOConfig(
-                output_dir=scratch,
-                desirable_weight=desirable,
-                undesirable_weight=undesirable,
-                **common,
-            )
-            trainer: Any = KTOTrainer(
-                model=policy,
-                args=args,
-                train_dataset=Dataset.from_list(rows),
-                processing_class=tokenizer,
-                callbacks=callbacks,
-            )
-        else:
-            from trl import DPOConfig, DPOTrainer  # pyright: ignore[reportPrivateImportUsage]
-
-            losses: dict[str, Any] = {}
-            if config.sft_weight:
-                losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, config.sft_weight]}
-            args = DPOConfig(output_dir=scratch, **common, **losses)
-            trainer = DPOTrainer(
-                model=policy,
-                args=args,
-                train_dataset=Dataset.from_list(rows),
-                processing_class=tokenizer,
-                callbacks=callbacks,
-            )
+        make_trainer = TRAINERS[config.method]
+        trainer = make_trainer(policy, tokenizer, Dataset.from_list(rows), config, common, scratch)
+        for callback in callbacks or []:
+            trainer.add_callback(callback)
         trainer.remove_callback(PrinterCallback)  # progress goes through `progress`
         if progress is not None:
             trainer.add_callback(progress_callback(progress))

@@ -1,8 +1,8 @@
 """What every part of the engine shares: finding a channel's story, who acts and what
 they may do, the channel's lock and style, and the prompt builder.
 
-The engine's collaborators (games, telling, companion, notes, files, ideas, audience)
-each hold one `Stories`; none holds another's state.
+The engine's collaborators (telling, writing, games, companion, notes, files, ideas,
+feedback, privacy) each hold the one `Stories` and the few collaborators they call.
 """
 
 from __future__ import annotations

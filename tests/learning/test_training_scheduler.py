@@ -12,7 +12,8 @@ import pytest
 
 from storyengine.config import Settings
 from storyengine.errors import TrainingBusy
-from storyengine.learning.rounds import RoundConfig, round_lock, run_round
+from storyengine.learning.registry import round_lock
+from storyengine.learning.rounds import RoundConfig, run_round
 from storyengine.learning.scheduling import (
     TrainingSchedule,
     TrainingScheduler,
