@@ -82,6 +82,26 @@ class SamplingParams:
         """A copy with `changes` applied; `None` values leave a field as it is."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    def generate_kwargs(self) -> dict[str, Any]:
+        """These parameters as transformers' `generate()` takes them: the one
+        translation, for sequential generation and the gate's samples alike (the
+        batching scheduler samples with its own sampler from the parameters)."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+        }
+        if self.beam_search:
+            kwargs.update(num_beams=self.num_beams, length_penalty=self.length_penalty)
+            kwargs.update(do_sample=False)
+        elif self.greedy:
+            kwargs.update(do_sample=False)
+        else:
+            kwargs.update(
+                do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k
+            )
+        return kwargs
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -222,14 +222,6 @@ def _sample_batch(
     width = max(len(ids) for ids in batch)
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-    sampling: dict[str, Any] = {"do_sample": False}
-    if not params.greedy:
-        sampling = {
-            "do_sample": True,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "top_k": params.top_k,
-        }
     kwargs = adapter_kwargs(model, adapter)
     if kwargs:
         kwargs["adapter_names"] = kwargs["adapter_names"] * len(batch)
@@ -237,11 +229,8 @@ def _sample_batch(
         generated = model.generate(
             input_ids=input_ids,
             attention_mask=mask,
-            repetition_penalty=params.repetition_penalty,
-            no_repeat_ngram_size=params.no_repeat_ngram_size,
-            max_new_tokens=params.max_new_tokens,
             pad_token_id=pad,
-            **sampling,
+            **params.replace(num_beams=1).generate_kwargs(),  # samples, never beams
             **kwargs,
         )
     for row in generated[:, width:].tolist():

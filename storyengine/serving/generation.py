@@ -575,27 +575,15 @@ def run_generate(model: LoadedModel, handle: GenerationHandle) -> GenerationOutp
     kwargs_adapter = {"adapter_names": [adapter]} if model.is_peft else {}
     input_ids = torch.tensor([request.prompt_ids], device=model.device)
     kwargs: dict[str, object] = {
-        "max_new_tokens": params.max_new_tokens,
+        **params.generate_kwargs(),
         "min_new_tokens": min(request.min_new_tokens, params.max_new_tokens),
-        "repetition_penalty": params.repetition_penalty,
-        "no_repeat_ngram_size": params.no_repeat_ngram_size,
         "pad_token_id": model.pad_token_id,
         "eos_token_id": model.eos_token_id,
         "stopping_criteria": StoppingCriteriaList([_Cancel()]),
         "logits_processor": LogitsProcessorList([_Refuse()]),
         **kwargs_adapter,
     }
-    if params.beam_search:
-        kwargs.update(
-            num_beams=params.num_beams, length_penalty=params.length_penalty, do_sample=False
-        )
-    elif params.greedy:
-        kwargs.update(do_sample=False)
-        kwargs["streamer"] = _Stream()
-    else:
-        kwargs.update(
-            do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k
-        )
+    if not params.beam_search:  # beams are returned whole, at the end
         kwargs["streamer"] = _Stream()
     with torch.inference_mode():
         out = model.model.generate(

@@ -58,3 +58,22 @@ def test_nan_and_infinities_are_refused_for_every_float_field(name, value):
 
 def test_every_float_field_is_checked():
     assert FLOAT_FIELDS == ["temperature", "top_p", "repetition_penalty", "length_penalty"]
+
+
+def test_one_translation_for_transformers_generate():
+    from storyengine.sampling import SamplingParams
+
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, max_new_tokens=20)
+    assert sampled.generate_kwargs() == {
+        "max_new_tokens": 20,
+        "repetition_penalty": sampled.repetition_penalty,
+        "no_repeat_ngram_size": sampled.no_repeat_ngram_size,
+        "do_sample": True,
+        "temperature": 0.8,
+        "top_p": 0.9,
+        "top_k": 40,
+    }
+    assert SamplingParams(temperature=0.0).generate_kwargs()["do_sample"] is False
+    beams = SamplingParams(num_beams=4, length_penalty=1.5).generate_kwargs()
+    assert beams["num_beams"] == 4 and beams["length_penalty"] == 1.5
+    assert beams["do_sample"] is False and "temperature" not in beams
