@@ -50,6 +50,8 @@ bot's options take theirs from here."""
 MAX_INPUT_CHARS = (20, 4000)
 """`STORY_MAX_INPUT_CHARS`'s bounds (a `generate` call may raise the ceiling for its own
 prompt)."""
+MAX_ID = 2**63 - 1
+"""Largest id a database row can have (SQLite's INTEGER)."""
 MAX_NOTE_CHARS = 400
 """A memory, an author's note or a lore card's text, at most."""
 MAX_LORE_CARDS = 50

@@ -20,8 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "storyengine"
-SHARED = {"config", "errors", "records", "sampling", "saves", "safety", "text", "progress"}
-SHARED |= {"version"}
+SHARED = {"config", "errors", "records", "sampling", "saves", "safety", "text"}
+SHARED |= {"progress", "version"}
 LAYERS = {"serving", "storage", "learning", "story", "bench", "cli", "migrations"}
 MAY_IMPORT = {
     "shared": set(),

@@ -21,15 +21,20 @@ log = logging.getLogger(__name__)
 
 class StoryAdapters:
     def __init__(
-        self, settings: Settings, registry: AdapterRegistry, *, pinned: str | None = None
+        self,
+        settings: Settings,
+        registry: AdapterRegistry,
+        generator: Generator | None = None,
+        *,
+        pinned: str | None = None,
     ) -> None:
-        """`pinned`: serve this registry version ("3" or "v3") or "base" (the bare base
-        model) instead of following the registry's promotions."""
+        """`generator`: a ready one (else the engine's start makes it). `pinned`: serve
+        this registry version ("3" or "v3") or "base" (the bare base model) instead of
+        following the registry's promotions."""
         self.settings = settings
         self.registry = registry
         self.pinned = pinned.strip().lower() if pinned else None
-        self.generator: Generator | None = None
-        """Set by the engine's start."""
+        self.generator = generator
         self.rewards: RewardSource | None = None
         """Where best-of-n gets its reward models (set by the engine's start)."""
         self._serving: str | None = None

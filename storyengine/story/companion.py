@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from ..config import MAX_ID
 from ..errors import InvalidInput
 from ..records import Author, ChoiceOption, ChoiceSet, TurnResult
 from ..sampling import DEFAULT_PRESET, PRESETS
@@ -15,9 +16,6 @@ from .games import RoundRobin
 from .permissions import Action
 from .stories import Stories
 from .telling import Teller
-
-MAX_ID = 2**63 - 1
-"""Largest id a database row can have (SQLite's INTEGER)."""
 
 
 class Companion:

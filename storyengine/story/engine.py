@@ -102,8 +102,7 @@ class StoryEngine:
         self.registry = AdapterRegistry(self.store, settings.adapter_dir)
         self.reactions = ReactionRecorder(self.store)
         self.stories = Stories(settings, self.store)
-        self.adapters = StoryAdapters(settings, self.registry, pinned=adapter)
-        self.adapters.generator = generator
+        self.adapters = StoryAdapters(settings, self.registry, generator, pinned=adapter)
         self.writer = Writer(self.stories, self.adapters)
         self.games = RoundRobin(self.stories)
         self.teller = Teller(self.stories, self.games, self.writer)

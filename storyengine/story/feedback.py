@@ -4,11 +4,11 @@ in batches by `ReactionRecorder`) and 👍/👎 ratings from front ends without 
 
 from __future__ import annotations
 
+from ..config import MAX_ID
 from ..errors import InvalidInput, NothingToRetry
 from ..records import Author
 from ..safety import clean_id
 from ..storage.store import ReactionEvent, is_alias
-from .companion import MAX_ID
 from .reactions import ReactionRecorder
 from .stories import Stories
 

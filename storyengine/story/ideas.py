@@ -4,7 +4,7 @@ drafted one sentence at a time.
 
 from __future__ import annotations
 
-from ..config import MAX_GENRE_CHARS, MAX_LORE_NAME, MAX_NOTE_CHARS
+from ..config import MAX_GENRE_CHARS, MAX_NOTE_CHARS
 from ..errors import InvalidInput
 from ..records import LoreCard
 from ..sampling import SamplingParams
@@ -66,10 +66,7 @@ class Ideas:
         at a time after the story's premise; not stored (`add_lore` keeps it)."""
         if kind not in CARD_LEADS:
             raise InvalidInput("A card is a character or a setting.")
-        given = self.stories.safety.clean_input(
-            name, what="The name", required=False, limit=MAX_LORE_NAME
-        )
-        card_name = " ".join(given.split())
+        card_name = self.notes.card_name(name, what="The name", required=False)
         hint = self.stories.safety.clean_input(hint, what="The hint", required=False, limit=100)
         story = await self.stories.active(channel)
         if not card_name:

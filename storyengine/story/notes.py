@@ -105,15 +105,20 @@ class Notes:
             await self.store.upsert_lore(story.id, card)
         return card
 
+    def card_name(
+        self, name: str | None, *, what: str = "The card's name", required: bool = True
+    ) -> str:
+        """A card's name as typed: checked, cleaned, its spaces collapsed."""
+        cleaned = self.stories.safety.clean_input(
+            name, what=what, required=required, limit=MAX_LORE_NAME
+        )
+        return " ".join(cleaned.split())
+
     def lore_card(
         self, name: str, triggers: list[str] | tuple[str, ...] | str, text: str
     ) -> LoreCard:
         """A lore card made of what someone typed or imported: checked and cleaned."""
-        name = " ".join(
-            self.stories.safety.clean_input(
-                name, what="The card's name", limit=MAX_LORE_NAME
-            ).split()
-        )
+        name = self.card_name(name)
         if isinstance(triggers, str):
             triggers = triggers.split(",")
         if len(triggers) > 100:
@@ -226,11 +231,7 @@ class Notes:
         return world_info(await self.lore(channel))
 
     async def remove_lore(self, channel: str, name: str, *, by: Author | None = None) -> None:
-        name = " ".join(
-            self.stories.safety.clean_input(
-                name, what="The card's name", limit=MAX_LORE_NAME
-            ).split()
-        )
+        name = self.card_name(name)
         actor = await self.stories.actor(by)
         async with self.stories.lock(channel):
             story = await self.stories.active(channel)
