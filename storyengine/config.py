@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, InvalidInput
-from .sampling import DEFAULT_PRESET, SamplingParams, preset
+from .options import check_settings, described, option, read_env
+from .sampling import DEFAULT_PRESET, MAX_BEST_OF, PRESETS, SamplingParams, preset
 
 DEFAULT_REACTION_VALUES: tuple[tuple[str, float], ...] = (
     ("👍", 1.0),
@@ -37,19 +38,9 @@ def bundled_model_path() -> Path:
     return Path(__file__).resolve().parent / "models" / "tinystories-gpt2"
 
 
-LIMITS: dict[str, tuple[str, int, int | None]] = {
-    "max_batch_size": ("STORY_MAX_BATCH_SIZE", 1, 256),
-    "max_tokens_in_flight": ("STORY_MAX_TOKENS_IN_FLIGHT", 1024, None),
-    "turn_timeout_s": ("STORY_TURN_TIMEOUT", 30, 7 * 86400),
-    "best_of": ("STORY_BEST_OF", 1, 8),
-    "max_loaded_adapters": ("STORY_MAX_LOADED_ADAPTERS", 1, 256),
-}
-"""Whole-number settings: field → (environment variable, lowest, highest or None). The
-one place their bounds are written: `Settings` checks them whenever one is made, and the
-bot's options take theirs from here."""
 MAX_INPUT_CHARS = (20, 4000)
 """`STORY_MAX_INPUT_CHARS`'s bounds (a `generate` call may raise the ceiling for its own
-prompt)."""
+prompt, so a settings object made in code checks only the floor)."""
 MAX_ID = 2**63 - 1
 """Largest id a database row can have (SQLite's INTEGER)."""
 MAX_NOTE_CHARS = 400
@@ -59,88 +50,171 @@ MAX_LORE_NAME = 60
 MAX_TRIGGERS = 10
 MAX_TRIGGER_CHARS = 40
 MAX_GENRE_CHARS = 40
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+GENERATORS = ("batching", "sequential")
+
+
+def _device(value: str) -> str | None:
+    device = value.lower()
+    ok = device in {"auto", "cpu", "mps"} or device.startswith("cuda")
+    return None if ok else "auto, cpu, cuda, cuda:N or mps"
+
+
+def _url(value: str) -> str | None:
+    return None if value.startswith(("http://", "https://")) else "an http:// or https:// address"
+
+
+def _adapter_dir(raw: str) -> str:
+    if not Path(raw).is_dir():
+        raise ValueError(f"{raw!r} is not a directory holding a LoRA adapter")
+    return raw
+
+
+def _preset_name(raw: str) -> str:
+    try:
+        return preset(raw).name
+    except InvalidInput as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _words(raw: str) -> tuple[str, ...]:
+    return tuple(w.strip().lower() for w in raw.split(",") if w.strip())
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the engine needs to run. Each field maps to one `STORY_*` variable."""
+    """Everything the engine needs to run. Each field says its `STORY_*` variable, its
+    help and its bounds (`options.option`); `from_env` reads them all in one loop, and
+    every object is checked when it is made, however it was made."""
 
-    db_path: Path = Path("taleweaver.db")
-    base_model: str = BUNDLED_MODEL
-    adapter: str | None = None
-    adapter_dir: Path = Path("adapters")
-    data_dir: Path = Path(".")
-    """`STORY_DATA_DIR`: where the database, the adapter registry and the logs go unless
-    each is set on its own (`from_env` derives their defaults from it)."""
-    log_dir: Path | None = None
-    """Where training rounds write their logs; None: `<adapter_dir>/logs`."""
-    device: str = "auto"
-    dtype: str = "auto"
-    preset: str = DEFAULT_PRESET
+    db_path: Path = option(
+        Path("taleweaver.db"),
+        env="STORY_DB_PATH",
+        help="SQLite file holding stories, turns, notes and every generation record "
+        "(default: taleweaver.db in STORY_DATA_DIR)",
+    )
+    base_model: str = option(
+        BUNDLED_MODEL,
+        env="STORY_BASE_MODEL",
+        help="bundled (the story model shipped in the package), a Hugging Face causal LM id "
+        "or a local directory",
+    )
+    adapter: str | None = option(
+        None,
+        env="STORY_ADAPTER",
+        parse=_adapter_dir,
+        help="a directory with a LoRA adapter to apply on top (instead of the registry's)",
+    )
+    adapter_dir: Path = option(
+        Path("adapters"),
+        env="STORY_ADAPTER_DIR",
+        help="the adapter registry (default: adapters/ in STORY_DATA_DIR)",
+    )
+    data_dir: Path = option(
+        Path("."),
+        env="STORY_DATA_DIR",
+        check=lambda path: "a directory" if path.exists() and not path.is_dir() else None,
+        help="where the database, the adapter registry and the logs go unless each is set "
+        "on its own",
+    )
+    log_dir: Path | None = option(
+        None,
+        env="STORY_LOG_DIR",
+        help="where training rounds write their logs (default: logs/ in STORY_DATA_DIR when "
+        "that is set, else <adapter_dir>/logs)",
+    )
+    device: str = option(
+        "auto",
+        env="STORY_DEVICE",
+        parse=str.lower,
+        check=_device,
+        help="auto, cpu, cuda, cuda:N or mps",
+    )
+    dtype: str = option(
+        "auto", env="STORY_DTYPE", parse=str.lower, choices=DTYPES, help="the model's weights' type"
+    )
+    preset: str = option(
+        DEFAULT_PRESET,
+        env="STORY_PRESET",
+        parse=_preset_name,
+        choices=tuple(PRESETS),
+        help="the style preset the sampling defaults start from",
+    )
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    max_input_chars: int = 1000
-    blocklist: tuple[str, ...] = ()
-    log_level: str = "WARNING"
-    max_batch_size: int = 16
-    max_tokens_in_flight: int = 32768
-    turn_timeout_s: int = 600
-    best_of: int = DEFAULT_BEST_OF
-    """Continuations written per turn once a reward model is served (a channel may set
-    its own); 1 turns best-of-n off."""
-    max_loaded_adapters: int = 8
-    """Adapters kept loaded for serving at once (communities' own and the shared one);
-    others are loaded again when next needed."""
-    reaction_values: tuple[tuple[str, float], ...] = DEFAULT_REACTION_VALUES
-    generator: str = "batching"
-    """`STORY_GENERATOR`: what runs the model (`generators.GENERATORS`): `batching`, the
-    continuous-batching scheduler, or `sequential`, one request at a time."""
-    generator_url: str | None = None
-    """`STORY_GENERATOR_URL`: an OpenAI-compatible completions service that runs the
-    model (`storyengine serve`, vLLM, llama.cpp's server), e.g.
-    `http://gpu-box:8000/v1`; set, it replaces `generator`."""
+    """The preset's parameters with the `STORY_TEMPERATURE`... overrides (`SAMPLING_VARS`)."""
+    max_input_chars: int = option(
+        1000,
+        env="STORY_MAX_INPUT_CHARS",
+        low=MAX_INPUT_CHARS[0],
+        help="longest text a user may send at once",
+    )
+    blocklist: tuple[str, ...] = option(
+        (), env="STORY_BLOCKLIST", parse=_words, help="words masked in the storyteller's output"
+    )
+    log_level: str = option(
+        "WARNING", env="STORY_LOG_LEVEL", parse=str.upper, choices=LOG_LEVELS, help="log level"
+    )
+    max_batch_size: int = option(
+        16,
+        env="STORY_MAX_BATCH_SIZE",
+        low=1,
+        high=256,
+        help="most stories written at the same time in one batch",
+    )
+    max_tokens_in_flight: int = option(
+        32768,
+        env="STORY_MAX_TOKENS_IN_FLIGHT",
+        low=1024,
+        help="bound on prompt + reply tokens of the stories being written at once",
+    )
+    turn_timeout_s: int = option(
+        600,
+        env="STORY_TURN_TIMEOUT",
+        low=30,
+        high=7 * 86400,
+        help="round-robin: seconds before an untaken turn passes to the next player",
+    )
+    best_of: int = option(
+        DEFAULT_BEST_OF,
+        env="STORY_BEST_OF",
+        low=1,
+        high=MAX_BEST_OF,
+        help="continuations written per turn once a reward model is served, the best shown "
+        "(a channel may set its own; 1: off)",
+    )
+    max_loaded_adapters: int = option(
+        8,
+        env="STORY_MAX_LOADED_ADAPTERS",
+        low=1,
+        high=256,
+        help="adapters kept loaded for serving at once; others are loaded again when needed",
+    )
+    reaction_values: tuple[tuple[str, float], ...] = option(
+        DEFAULT_REACTION_VALUES,
+        env="STORY_REACTION_VALUES",
+        parse=lambda raw: _parse_reaction_values(raw),
+        help="what each reaction counts as, EMOJI=VALUE pairs",
+    )
+    generator: str = option(
+        "batching",
+        env="STORY_GENERATOR",
+        parse=str.lower,
+        choices=GENERATORS,
+        help="what runs the model: the continuous-batching scheduler or one request at a time",
+    )
+    generator_url: str | None = option(
+        None,
+        env="STORY_GENERATOR_URL",
+        check=_url,
+        help="an OpenAI-compatible completions service that runs the model instead "
+        "(storyengine serve, vLLM, llama.cpp's server)",
+    )
 
     def __post_init__(self) -> None:
         """Every settings object is valid, however it was made (`from_env`, a test, a
         library user); a bad value raises `ConfigError` naming its variable."""
-        for name, (variable, low, high) in LIMITS.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{variable}: expected a whole number, got {value!r}")
-            if value < low or (high is not None and value > high):
-                span = f"{low}..{high}" if high is not None else f"at least {low}"
-                raise ConfigError(f"{variable}: must be {span}, got {value}")
-        if self.max_input_chars < MAX_INPUT_CHARS[0]:
-            raise ConfigError(
-                f"STORY_MAX_INPUT_CHARS: must be at least {MAX_INPUT_CHARS[0]}, "
-                f"got {self.max_input_chars}"
-            )
-        device = self.device.lower()
-        if not (device in {"auto", "cpu", "mps"} or device.startswith("cuda")):
-            raise ConfigError(
-                f"STORY_DEVICE: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
-            )
-        if self.dtype.lower() not in DTYPES:
-            raise ConfigError(
-                f"STORY_DTYPE: expected auto, float32, float16 or bfloat16, got {self.dtype!r}"
-            )
-        if self.generator not in ("batching", "sequential"):
-            raise ConfigError(
-                f"STORY_GENERATOR: expected batching or sequential, got {self.generator!r}"
-            )
-        if self.generator_url is not None and not self.generator_url.startswith(
-            ("http://", "https://")
-        ):
-            raise ConfigError(
-                f"STORY_GENERATOR_URL: expected an http:// or https:// address, "
-                f"got {self.generator_url!r}"
-            )
-        if self.log_level.upper() not in LOG_LEVELS:
-            raise ConfigError(
-                f"STORY_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"
-            )
+        check_settings(self)
 
     @property
     def uses_bundled_model(self) -> bool:
@@ -177,71 +251,64 @@ class Settings:
                 # The working directory's `.env` (not one above the installed package).
                 load_dotenv(find_dotenv(usecwd=True), override=False)
             environ = os.environ
-        env = _Env(environ)
-
-        preset_name = env.get("STORY_PRESET", DEFAULT_PRESET, str)
-        try:
-            base = preset(preset_name).params
-        except InvalidInput as exc:
-            raise ConfigError(f"STORY_PRESET: {exc}") from None
-        sampling = base
-        for key, (var, kind) in _SAMPLING_VARS.items():
-            value = env.get(var, None, kind)
-            if value is None:
-                continue
-            try:
-                sampling = sampling.replace(**{key: value})
-            except InvalidInput as exc:
-                raise ConfigError(f"{var}: {exc}") from None
-
-        device = env.get("STORY_DEVICE", "auto", str).lower()
-        dtype = env.get("STORY_DTYPE", "auto", str).lower()
-        max_input = env.get("STORY_MAX_INPUT_CHARS", 1000, int)
-        if not MAX_INPUT_CHARS[0] <= max_input <= MAX_INPUT_CHARS[1]:
+        values = read_env(cls, environ)
+        values.setdefault("log_level", default_log_level.upper())
+        if values.get("max_input_chars", 0) > MAX_INPUT_CHARS[1]:
             low, high = MAX_INPUT_CHARS
-            raise ConfigError(f"STORY_MAX_INPUT_CHARS: must be {low}..{high}, got {max_input}")
-        log_level = env.get("STORY_LOG_LEVEL", default_log_level, str).upper()
-        base_model = env.get("STORY_BASE_MODEL", BUNDLED_MODEL, str) or BUNDLED_MODEL
-        adapter = env.get("STORY_ADAPTER", "", str) or None
-        if adapter is not None and not Path(adapter).is_dir():
             raise ConfigError(
-                f"STORY_ADAPTER: {adapter!r} is not a directory holding a LoRA adapter"
+                f"STORY_MAX_INPUT_CHARS: must be {low}..{high}, got {values['max_input_chars']}"
             )
-        defaults = cls.__dataclass_fields__
-        limited = {
-            name: env.get(variable, defaults[name].default, int)
-            for name, (variable, _, _) in LIMITS.items()
-        }
-        reactions = _parse_reaction_values(env.get("STORY_REACTION_VALUES", "", str))
-        blocklist = tuple(
-            w.strip().lower() for w in env.get("STORY_BLOCKLIST", "", str).split(",") if w.strip()
-        )
-        data_dir = Path(env.get("STORY_DATA_DIR", ".", str)).expanduser()
-        if data_dir.exists() and not data_dir.is_dir():
-            raise ConfigError(f"STORY_DATA_DIR: {str(data_dir)!r} is a file, not a directory")
+        values["sampling"] = _sampling(values.get("preset", DEFAULT_PRESET), environ)
         # Set on its own, a path is taken as given; else it goes in the data directory.
         # Without STORY_DATA_DIR the logs stay where they always were, in the registry.
-        log_dir = env.get("STORY_LOG_DIR", "", str)
-        data_dir_set = bool((environ.get("STORY_DATA_DIR") or "").strip())
-        return cls(
-            db_path=Path(env.get("STORY_DB_PATH", "", str) or data_dir / "taleweaver.db"),
-            base_model=base_model,
-            adapter=adapter,
-            adapter_dir=Path(env.get("STORY_ADAPTER_DIR", "", str) or data_dir / "adapters"),
-            data_dir=data_dir,
-            log_dir=Path(log_dir) if log_dir else (data_dir / "logs" if data_dir_set else None),
-            device=device,
-            dtype=dtype,
-            preset=preset_name.lower(),
-            sampling=sampling,
-            max_input_chars=max_input,
-            blocklist=blocklist,
-            log_level=log_level,
-            reaction_values=reactions,
-            generator=env.get("STORY_GENERATOR", "batching", str).lower(),
-            generator_url=env.get("STORY_GENERATOR_URL", "", str) or None,
-            **limited,
-        )
+        if "data_dir" in values:
+            data_dir = values["data_dir"]
+            values.setdefault("db_path", data_dir / "taleweaver.db")
+            values.setdefault("adapter_dir", data_dir / "adapters")
+            values.setdefault("log_dir", data_dir / "logs")
+        return cls(**values)
+
+
+SAMPLING_VARS: dict[str, str] = {
+    "temperature": "STORY_TEMPERATURE",
+    "top_p": "STORY_TOP_P",
+    "top_k": "STORY_TOP_K",
+    "repetition_penalty": "STORY_REPETITION_PENALTY",
+    "no_repeat_ngram_size": "STORY_NO_REPEAT_NGRAM_SIZE",
+    "max_new_tokens": "STORY_MAX_NEW_TOKENS",
+}
+"""The sampling defaults the environment may override: `SamplingParams` field →
+variable (the parameters check their own values)."""
+
+
+def _sampling(preset_name: str, environ: Mapping[str, str]) -> SamplingParams:
+    """The preset's parameters with the environment's overrides."""
+    sampling = preset(preset_name).params
+    defaults = SamplingParams()
+    for key, variable in SAMPLING_VARS.items():
+        raw = (environ.get(variable) or "").strip()
+        if not raw:
+            continue
+        kind = int if isinstance(getattr(defaults, key), int) else float
+        try:
+            value = kind(raw)
+        except ValueError:
+            expected = "a whole number" if kind is int else "a number"
+            raise ConfigError(f"{variable}: expected {expected}, got {raw!r}") from None
+        try:
+            sampling = sampling.replace(**{key: value})
+        except InvalidInput as exc:
+            raise ConfigError(f"{variable}: {exc}") from None
+    return sampling
+
+
+LIMITS: dict[str, tuple[str, int, int | None]] = {
+    f.name: (f.metadata["env"], f.metadata["low"], f.metadata["high"])
+    for f, kind in described(Settings)
+    if kind is int and f.metadata["low"] is not None
+}
+"""Whole-number settings with bounds: field → (variable, lowest, highest or None), read
+from the fields (the bot's options take theirs from here)."""
 
 
 def _parse_reaction_values(raw: str) -> tuple[tuple[str, float], ...]:
@@ -261,30 +328,3 @@ def _parse_reaction_values(raw: str) -> tuple[tuple[str, float], ...]:
                 f"got {item.strip()!r}"
             ) from None
     return tuple(pairs)
-
-
-_SAMPLING_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "temperature": ("STORY_TEMPERATURE", float),
-    "top_p": ("STORY_TOP_P", float),
-    "top_k": ("STORY_TOP_K", int),
-    "repetition_penalty": ("STORY_REPETITION_PENALTY", float),
-    "no_repeat_ngram_size": ("STORY_NO_REPEAT_NGRAM_SIZE", int),
-    "max_new_tokens": ("STORY_MAX_NEW_TOKENS", int),
-}
-
-
-class _Env:
-    """Typed access to environment variables with errors that name the variable."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-
-    def get(self, name: str, default: Any, kind: Callable[[str], Any]) -> Any:
-        raw = self._environ.get(name)
-        if raw is None or raw.strip() == "":
-            return default
-        try:
-            return kind(raw.strip())
-        except ValueError:
-            expected = {int: "a whole number", float: "a number"}.get(kind, "a value")  # type: ignore[call-overload]
-            raise ConfigError(f"{name}: expected {expected}, got {raw.strip()!r}") from None

@@ -2,8 +2,8 @@
 
 The map (README, "How it works"):
 
-    storyengine/                 shared vocabulary: config, errors, records, sampling,
-                                 saves, safety, text, progress, version
+    storyengine/                 shared vocabulary: config, options, errors, records,
+                                 sampling, saves, safety, text, progress, version
       serving/   → shared        text from a model; knows no stories, SQL or training
       storage/   → shared        every SQL statement
       learning/  → serving, storage, shared
@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "storyengine"
 SHARED = {"config", "errors", "records", "sampling", "saves", "safety", "text"}
-SHARED |= {"progress", "version"}
+SHARED |= {"progress", "version", "options"}
 LAYERS = {"serving", "storage", "learning", "story", "bench", "cli", "migrations"}
 MAY_IMPORT = {
     "shared": set(),

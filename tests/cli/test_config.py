@@ -198,3 +198,52 @@ def test_the_bots_options_take_the_engines_bounds():
         LIMITS["turn_timeout_s"][1:]
     )
     assert options["best_of"].max_value == MAX_BEST_OF == LIMITS["best_of"][2]
+
+
+def described_variables():
+    """Every variable a settings field reads, from the fields themselves."""
+    from bot.settings import BotSettings
+    from storyengine.config import SAMPLING_VARS
+    from storyengine.options import described
+
+    fields = [f for cls in (Settings, BotSettings) for f, _ in described(cls)]
+    return {f.metadata["env"] for f in fields if f.metadata["env"]} | set(SAMPLING_VARS.values())
+
+
+def test_each_setting_is_described_once_and_documented_everywhere():
+    """The fields are the one source: each has its variable and its help; `.env.example`
+    lists exactly those variables (and the token, and the progress style the progress
+    module reads), and README's table explains each."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from dotenv import dotenv_values
+
+    from bot.settings import BotSettings
+
+    for cls in (Settings, BotSettings):
+        for f in dataclasses.fields(cls):
+            if f.name == "sampling":  # the preset plus SAMPLING_VARS
+                continue
+            assert f.metadata.get("env") and f.metadata.get("help"), f"{cls.__name__}.{f.name}"
+    root = Path(__file__).resolve().parents[2]
+    example = set(dotenv_values(root / ".env.example"))
+    assert example == described_variables() | {"DISCORD_TOKEN", "STORY_PROGRESS"}
+    readme = (root / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    named = {name for row in rows for name in re.findall(r"`([A-Z_]+)`", row)}
+    assert described_variables() - named == set()
+
+
+def test_bot_settings_made_in_code_are_checked():
+    from bot.settings import BotSettings
+
+    with pytest.raises(ConfigError, match="^BOT_EDIT_INTERVAL:"):
+        BotSettings(edit_interval_s=0.0)
+    with pytest.raises(ConfigError, match="^BOT_HEALTH_PORT:"):
+        BotSettings(health_port=70000)
+    with pytest.raises(ConfigError, match="^TRAIN_MIN_NEW_FEEDBACK: expected a whole number"):
+        BotSettings(train_min_new_feedback=2.5)  # type: ignore[arg-type]
+    assert BotSettings.from_env({"BOT_HEALTH_PORT": "0"}).health_port == 0
