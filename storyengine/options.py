@@ -37,6 +37,8 @@ def option(
     flags: Sequence[str] = (),
     low: float | None = None,
     high: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
     choices: Sequence[Any] | None = None,
     parse: Parse | None = None,
     check: Callable[[Any], str | None] | None = None,
@@ -46,7 +48,8 @@ def option(
     """A dataclass field described once.
 
     `env`: the environment variable that sets it; `flags`: its command-line spelling
-    (default `--field-name`); `low`/`high`: inclusive bounds; `choices`: the allowed
+    (default `--field-name`); `low`/`high`: inclusive bounds, `above`/`below`
+    exclusive ones; `choices`: the allowed
     values (a `Literal` type gives them too); `parse`: raw text to value, where the
     field's type does not say how; `check`: returns what was expected when a value is
     wrong; `cli=False` keeps it off the command line."""
@@ -56,6 +59,8 @@ def option(
         "flags": tuple(flags),
         "low": low,
         "high": high,
+        "above": above,
+        "below": below,
         "choices": tuple(choices) if choices is not None else None,
         "parse": parse,
         "check": check,
@@ -121,18 +126,18 @@ def check(
         if value is None and optional:
             continue
         meta = field.metadata
-        low, high = meta["low"], meta["high"]
         if base is int and (isinstance(value, bool) or not isinstance(value, int)):
             raise error(f"{name(field)}: expected a whole number, got {value!r}")
-        if low is not None or high is not None:
+        if (span := _span(meta)) is not None:
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise error(f"{name(field)}: expected a number, got {value!r}")
-            if (low is not None and value < low) or (high is not None and value > high):
-                span = (
-                    f"{low:g}..{high:g}"
-                    if low is not None and high is not None
-                    else (f"at least {low:g}" if low is not None else f"at most {high:g}")
-                )
+            low, high, above, below = (meta[k] for k in ("low", "high", "above", "below"))
+            if (
+                (low is not None and value < low)
+                or (high is not None and value > high)
+                or (above is not None and value <= above)
+                or (below is not None and value >= below)
+            ):
                 raise error(f"{name(field)}: must be {span}, got {value!r}")
         allowed = _choices(field, kind)
         if allowed is not None and value not in allowed:
@@ -142,14 +147,33 @@ def check(
             raise error(f"{name(field)}: expected {expected}, got {value!r}")
 
 
+def _span(meta: Mapping[str, Any]) -> str | None:
+    """How a field's bounds read: `1..256`, `at least 1`, `above 0 and below 1`."""
+    low, high, above, below = (meta[k] for k in ("low", "high", "above", "below"))
+    if low is not None and high is not None:
+        return f"{low:g}..{high:g}"
+    parts = [
+        f"{word} {bound:g}"
+        for word, bound in (
+            ("at least", low),
+            ("at most", high),
+            ("above", above),
+            ("below", below),
+        )
+        if bound is not None
+    ]
+    return " and ".join(parts) or None
+
+
 def check_settings(obj: Any) -> None:
     """`check` for settings read from the environment: errors name the variable."""
     check(obj, name=lambda f: f.metadata["env"] or f.name, error=ConfigError)
 
 
 def check_options(obj: Any) -> None:
-    """`check` for command-line configs: errors name the option."""
-    check(obj, name=lambda f: flags_of(f)[0], error=InvalidInput)
+    """`check` for command-line configs: errors (`ValueError`, as a library user gets
+    them; `from_args` turns them into `InvalidInput`) name the option."""
+    check(obj, name=lambda f: flags_of(f)[0], error=ValueError)
 
 
 def read_env(cls: type, environ: Mapping[str, str]) -> dict[str, Any]:
@@ -193,10 +217,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[st
         if default not in (None, (), dataclasses.MISSING):
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             help_text = f"{help_text} (default: {shown})"
-        kwargs: dict[str, Any] = {"dest": field.name, "help": help_text}
+        metavar = flags_of(field)[0].lstrip("-").upper().replace("-", "_")
+        kwargs: dict[str, Any] = {"dest": field.name, "help": help_text, "metavar": metavar}
         allowed = _choices(field, kind)
         if allowed is not None:
-            kwargs["choices"] = allowed
+            kwargs["choices"], kwargs["metavar"] = allowed, None
         else:
             kwargs["type"] = _parser_for(field, kind)
         if default is dataclasses.MISSING:
@@ -209,7 +234,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[st
 def from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
     """`cls` made from the options `add_options` gave it (and `values`), its checks'
     errors as `InvalidInput` for the command line."""
-    given = {f.name: getattr(args, f.name) for f, _ in described(cls) if hasattr(args, f.name)}
+    given = {
+        f.name: getattr(args, f.name)
+        for f, _ in described(cls)
+        if f.metadata["cli"] and hasattr(args, f.name)
+    }
     try:
         return cls(**{**given, **values})
     except ValueError as exc:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import DEFAULT_BEST_OF, Settings
+from ..config import Settings
 from ..learning.audience import Taste, load_taste
 from ..learning.datasets import DatasetConfig
 from ..learning.evaluation import perplexity, repetition
@@ -46,6 +46,7 @@ from ..progress import Progress
 from ..records import Author
 from ..sampling import SamplingParams
 from ..serving.generation import BASE_ADAPTER
+from .configs import LearningBenchConfig
 
 NAMES = ("Lily", "Tom", "Mia", "Ben", "Sue", "Max", "Anna", "Sam", "Lucy", "Jack", "Emma", "Leo")
 PLACES = (
@@ -80,42 +81,6 @@ def story_prompts(seed: int = 0) -> list[str]:
     ]
     random.Random(seed).shuffle(prompts)
     return prompts
-
-
-@dataclass(frozen=True)
-class LearningBenchConfig:
-    rounds: int = 3
-    reactions: int = 200
-    """Continuations the audience reacts to in each round (per community)."""
-    openings: int = 2
-    """Openings shown per prompt (as retries show them): the audience's verdicts on
-    them make preference pairs as well as single labels."""
-    eval_samples: int = 200
-    """Fresh prompts per approval measurement."""
-    max_new_tokens: int = 64
-    learning_rate: float | None = None
-    """None: the method's default."""
-    epochs: float | None = None
-    method: str = "auto"
-    """As the bot trains: DPO with enough preference pairs, else KTO."""
-    seed: int = 0
-    best_of: int = DEFAULT_BEST_OF
-    """Candidates per turn once a reward model is promoted (1: best-of-n off)."""
-    communities: tuple[str, ...] = ()
-    """Tastes of simulated communities learning side by side (empty: one audience, the
-    shared lineage)."""
-
-    def __post_init__(self) -> None:
-        if self.rounds < 0:
-            raise ValueError("--rounds must be 0 or more")
-        if not 1 <= self.openings <= self.reactions:
-            raise ValueError("--openings must be at least 1 and at most --reactions")
-        if self.eval_samples < 1 or self.max_new_tokens < 1:
-            raise ValueError("--eval-samples and --max-new-tokens must be at least 1")
-        if not 1 <= self.best_of <= 8:
-            raise ValueError("--best-of must be 1..8")
-        if len(set(self.communities)) != len(self.communities):
-            raise ValueError("--communities names each taste once")
 
 
 @dataclass

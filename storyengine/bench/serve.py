@@ -37,6 +37,7 @@ from ..sampling import PRESETS, SamplingParams
 from ..serving.generation import BASE_ADAPTER, GenerationRequest, Generator, SequentialGenerator
 from ..serving.modeling import LoadedModel
 from ..serving.scheduler import BatchingGenerator, SchedulerConfig
+from .configs import ServeBenchConfig
 
 _STORY = (
     "Once upon a time, in a small village by the sea, there lived a girl named Mia. "
@@ -190,17 +191,10 @@ def _rss_mb() -> float:
 
 
 async def bench_serve(
-    *,
-    model_kind: str,
-    concurrency: int,
-    requests: int,
-    max_new_tokens: int,
-    device: str,
-    json_path: Path | None,
-    max_batch_size: int | None = None,
-    best_of: int = 1,
-    remote: str | None = None,
+    config: ServeBenchConfig, *, device: str, json_path: Path | None = None
 ) -> dict[str, Any]:
+    model_kind, concurrency, requests = config.model, config.concurrency, config.requests
+    max_new_tokens, best_of, remote = config.max_new_tokens, config.best_of, config.remote
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -213,17 +207,17 @@ async def bench_serve(
 
     results: dict[str, Any] = {}
     outputs: dict[str, list[list[int]]] = {}
-    config = SchedulerConfig(max_batch_size=max_batch_size or max(concurrency, 1))
+    scheduling = SchedulerConfig(max_batch_size=config.max_batch_size or concurrency)
     runs: list[tuple[str, Generator, int]] = [
         ("baseline", SequentialGenerator(model), 1),
-        ("scheduler", BatchingGenerator(model, config), 1),
+        ("scheduler", BatchingGenerator(model, scheduling), 1),
     ]
     if best_of > 1:
-        wide = SchedulerConfig(max_batch_size=config.max_batch_size * best_of)
+        wide = SchedulerConfig(max_batch_size=scheduling.max_batch_size * best_of)
         runs.append(("best_of", BatchingGenerator(model, wide), best_of))
     cleanups: list[Any] = []
     if remote is not None:
-        remote_generator, stop = await _remote(model, config, remote)
+        remote_generator, stop = await _remote(model, scheduling, remote)
         runs.append(("remote", remote_generator, 1))
         cleanups.append(stop)
         if remote != "local":  # another machine's service knows nothing of our adapters
@@ -276,7 +270,7 @@ async def bench_serve(
         "max_new_tokens": max_new_tokens,
         "prompt_lengths": list(PROMPT_LENGTHS),
         "adapters": list(ADAPTERS),
-        "max_batch_size": config.max_batch_size,
+        "max_batch_size": scheduling.max_batch_size,
         "best_of": best_of,
         "torch_threads": torch.get_num_threads(),
     }

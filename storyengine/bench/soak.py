@@ -46,6 +46,7 @@ from ..config import Settings
 from ..errors import StoryAlreadyRunning, StoryError
 from ..records import Author
 from ..sampling import SamplingParams
+from .configs import SoakConfig
 
 PREMISES = (
     "A little fox finds a lantern that glows only when someone tells the truth. "
@@ -109,38 +110,6 @@ KV cache has held full-context stories."""
 WINDOW = 0.1
 """RSS after warm-up and at the end: medians over this fraction of the run, since one
 sample swings with what the batch holds at that instant (tens of percent)."""
-
-
-@dataclass(frozen=True)
-class SoakConfig:
-    minutes: float = 5.0
-    channels: int = 16
-    max_new_tokens: int = 48
-    sample_every: float = 5.0
-    warmup: float = 0.2
-    """Fraction of the run before memory is taken as warmed up."""
-    seed: int = 0
-    trace_top: int = 0
-    """With N > 0, compare tracemalloc snapshots (end of warm-up and end of run) and
-    report the N places where Python's own allocations grew most."""
-
-    def __post_init__(self) -> None:
-        if not self.minutes > 0:
-            raise ValueError("--minutes must be more than 0")
-        if self.channels < 1:
-            raise ValueError("--channels must be at least 1")
-        if not 1 <= self.max_new_tokens <= 512:
-            raise ValueError("--max-new-tokens must be 1..512")
-        if not self.sample_every > 0:
-            raise ValueError("--sample-every must be more than 0 seconds")
-        if not 0 <= self.warmup < 1:
-            raise ValueError("--warmup must be a fraction from 0 to below 1")
-        if self.trace_top < 0:
-            raise ValueError("--trace-top must be 0 or more")
-
-    @property
-    def seconds(self) -> float:
-        return self.minutes * 60
 
 
 @dataclass

@@ -10,6 +10,7 @@ import sys
 from ..config import Settings
 from ..errors import InvalidInput
 from ..learning.training import TrainConfig
+from ..options import from_args
 from ..progress import echo
 from .common import say_loading, write_text
 
@@ -22,15 +23,7 @@ async def run_train_sft(args: argparse.Namespace, settings: Settings) -> int:
 
     watch_parent()  # started by a bot: end with it
 
-    config = CorpusTrainConfig(
-        learning_rate=args.lr,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        from_promoted=args.from_promoted,
-        promote=args.promote,
-    )
+    config = from_args(CorpusTrainConfig, args)
     say_loading(settings)
     version, promoted, report = await run_sft(settings, args.corpus, config, say=echo)
     if promoted:
@@ -47,12 +40,7 @@ async def run_train_round(args: argparse.Namespace, settings: Settings) -> int:
     from ..learning.scheduling import watch_parent
 
     watch_parent()  # started by a bot: end with it
-    try:
-        train = TrainConfig(
-            learning_rate=args.lr, epochs=args.epochs, min_examples=args.min_examples
-        )
-    except ValueError as exc:
-        raise InvalidInput(str(exc)) from None
+    train = from_args(TrainConfig, args)
     result = await run_round(
         settings,
         RoundConfig(method=args.method, train=train, community=args.community),

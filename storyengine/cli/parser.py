@@ -7,23 +7,15 @@ import logging
 import os
 from pathlib import Path
 
-from ..config import DEFAULT_BEST_OF, Settings
-from ..learning.training import METHOD_DEFAULTS, TrainConfig
+from ..bench.configs import LearningBenchConfig, ServeBenchConfig, SoakConfig
+from ..config import Settings
+from ..learning.sft import CorpusTrainConfig
+from ..learning.training import TrainConfig
+from ..options import add_options
 from ..sampling import PRESETS, SamplingParams, preset
 from ..version import __version__
 
 log = logging.getLogger(__name__)
-
-
-def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
-    """--lr and --epochs, with the training methods' defaults (METHOD_DEFAULTS) shown."""
-    (dpo_lr, dpo_epochs), (kto_lr, kto_epochs) = METHOD_DEFAULTS["dpo"], METHOD_DEFAULTS["kto"]
-    parser.add_argument(
-        "--lr", type=float, help=f"learning rate (default: DPO {dpo_lr:g}, KTO {kto_lr:g})"
-    )
-    parser.add_argument(
-        "--epochs", type=float, help=f"(default: DPO {dpo_epochs:g}, KTO {kto_epochs:g})"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     feedback = sub.add_parser("feedback", help="training data made from the audience's feedback")
     feedback_sub = feedback.add_subparsers(dest="feedback", required=True, metavar="ACTION")
     export = feedback_sub.add_parser("export", help="write preference pairs and labelled examples")
-    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.add_argument("--format", choices=["jsonl"], default="jsonl", help="file format")
     export.add_argument("--out", type=Path, help="file to write (default: standard output)")
     _add_storage_args(export)
     import_ = feedback_sub.add_parser(
@@ -98,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: DPO with enough preference pairs, else KTO",
     )
-    _add_schedule_args(round_)
-    round_.add_argument("--min-examples", type=int, default=TrainConfig.min_examples)
+    add_options(round_, TrainConfig)
     round_.add_argument(
         "--community",
         metavar="ID",
@@ -116,21 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE_OR_DIR",
         help="a UTF-8 text file, or a folder of .txt files; stories separated by <|endoftext|>",
     )
-    sft.add_argument("--lr", type=float, default=2e-4, help="learning rate (default: 2e-4)")
-    sft.add_argument("--epochs", type=float, default=1.0)
-    sft.add_argument("--max-steps", type=int, help="stop after this many steps (big corpora)")
-    sft.add_argument("--max-length", type=int, default=256, help="tokens per training window")
-    sft.add_argument("--batch-size", type=int, default=8)
-    sft.add_argument(
-        "--from-promoted",
-        action="store_true",
-        help="start from the promoted adapter (default: a fresh LoRA)",
-    )
-    sft.add_argument(
-        "--promote",
-        action="store_true",
-        help="serve the new adapter if its held-out corpus perplexity improved",
-    )
+    add_options(sft, CorpusTrainConfig)
     _add_storage_args(sft, adapters=True)
 
     adapters = sub.add_parser("adapters", help="the LoRA adapter registry")
@@ -151,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--prompt", action="append", metavar="TEXT", help="a prompt of your own (repeatable)"
     )
-    compare.add_argument("--max-new-tokens", type=int, default=64)
+    compare.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens per continuation (default 64)"
+    )
     compare.add_argument("--seed", type=int, default=0, help="the same seed for A and B")
     compare.add_argument(
         "--community", help="score with this community's reward model (else the shared one)"
@@ -164,27 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = bench_sub.add_parser(
         "serve", help="naive sequential generation vs the batching scheduler"
     )
-    serve.add_argument(
-        "--model",
-        choices=["default", "gpt2-config"],
-        default="default",
-        help="bundled model, or GPT-2 small's architecture with random weights",
-    )
-    serve.add_argument("--concurrency", type=int, default=16, help="simulated channels")
-    serve.add_argument("--requests", type=int, default=64, help="requests in all")
-    serve.add_argument("--max-new-tokens", type=int, default=64)
-    serve.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    serve.add_argument(
-        "--max-batch-size", type=int, help="scheduler batch bound (default: concurrency)"
-    )
-    serve.add_argument(
-        "--best-of",
-        type=int,
-        default=1,
-        choices=range(1, 17),
-        metavar="N",
-        help="also run the workload with N candidates per sampling request (1..16)",
-    )
+    add_options(serve, ServeBenchConfig)
+    _add_device_arg(serve)
     serve.add_argument(
         "--remote",
         nargs="?",
@@ -193,76 +153,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run the workload over HTTP through a completions service: one started "
         "here (no URL), or the one at URL (e.g. http://gpu-box:8000/v1; base model only)",
     )
-    serve.add_argument("--json", type=Path, help="also write the figures to this file")
+    _add_json_arg(serve)
     learning = bench_sub.add_parser(
         "learning", help="simulated audience: rounds of generate, react, train, gate, promote"
     )
-    learning.add_argument("--rounds", type=int, default=3)
+    add_options(learning, LearningBenchConfig)
     learning.add_argument(
         "--taste",
         default="animals",
         help="a shipped taste (animals, cheerful, gloomy, dialogue, short) or "
         "MODULE:FUNCTION(continuation, *, prompt) -> True/False/None",
     )
-    learning.add_argument(
-        "--communities",
-        metavar="TASTE_A,TASTE_B",
-        help="several simulated servers, each with its own taste and adapter lineage, "
-        "beside a shared-adapter arm (instead of --taste)",
-    )
-    learning.add_argument(
-        "--best-of",
-        type=int,
-        default=DEFAULT_BEST_OF,
-        help="candidates per turn once a reward model is promoted (1: best-of-n off)",
-    )
-    learning.add_argument("--reactions", type=int, default=200, help="reactions per round")
-    learning.add_argument(
-        "--openings", type=int, default=2, help="openings shown per prompt (as retries show them)"
-    )
-    learning.add_argument(
-        "--eval-samples", type=int, default=200, help="continuations per approval measurement"
-    )
-    learning.add_argument("--max-new-tokens", type=int, default=64)
-    # auto by default, so the bench measures what the bot's rounds do; lr and epochs:
-    # METHOD_DEFAULTS.
-    learning.add_argument(
-        "--method",
-        choices=["auto", "kto", "dpo"],
-        default="auto",
-        help="auto (as the bot trains): DPO with enough preference pairs, else KTO",
-    )
-    _add_schedule_args(learning)
-    learning.add_argument(
-        "--seed", type=int, default=0, help="changes the prompts, the split and the training"
-    )
-    learning.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    learning.add_argument("--json", type=Path, help="also write the figures to this file")
+    _add_device_arg(learning)
+    _add_json_arg(learning)
     soak = bench_sub.add_parser(
         "soak", help="channels telling stories in a closed loop: memory over time"
     )
-    soak.add_argument("--minutes", type=float, default=5.0, help="how long the load runs")
-    soak.add_argument("--channels", type=int, default=16, help="simulated channels")
-    soak.add_argument("--max-new-tokens", type=int, default=48, help="per storyteller turn")
-    soak.add_argument("--sample-every", type=float, default=5.0, help="seconds between RSS samples")
-    soak.add_argument(
-        "--warmup",
-        type=float,
-        default=0.2,
-        help="warm-up lasts at least this fraction of the run (and 30 turns per channel)",
-    )
-    soak.add_argument("--seed", type=int, default=0, help="changes what the channels do")
-    soak.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_options(soak, SoakConfig)
+    _add_device_arg(soak)
     soak.add_argument("--db", type=Path, help="SQLite file (default: a temporary one)")
-    soak.add_argument(
-        "--trace-top",
-        type=int,
-        default=0,
-        metavar="N",
-        help="tracemalloc: the N places where Python's allocations grew after warm-up (slow)",
-    )
-    soak.add_argument("--json", type=Path, help="also write the figures to this file")
+    _add_json_arg(soak)
     return parser
+
+
+def _add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs"
+    )
+
+
+def _add_json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
 
 
 def _add_adapter_arg(parser: argparse.ArgumentParser) -> None:
@@ -286,13 +207,13 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--preset", choices=sorted(PRESETS), help="style preset (default: STORY_PRESET)"
     )
-    group.add_argument("--max-new-tokens", type=int)
-    group.add_argument("--seed", type=int)
+    group.add_argument("--max-new-tokens", type=int, help="length of the continuation in tokens")
+    group.add_argument("--seed", type=int, help="the same seed gives the same continuation")
     group.add_argument("--temperature", type=float, help="0 = greedy")
-    group.add_argument("--top-p", type=float)
+    group.add_argument("--top-p", type=float, help="nucleus sampling: keep this much probability")
     group.add_argument("--top-k", type=int, help="0 = off")
-    group.add_argument("--repetition-penalty", type=float)
-    group.add_argument("--no-repeat-ngram-size", type=int)
+    group.add_argument("--repetition-penalty", type=float, help="1 = off; above 1 repeats less")
+    group.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram this long")
     group.add_argument("--num-beams", type=int, help="more than 1: beam search instead of sampling")
     group.add_argument("--length-penalty", type=float, help="beam search only")
 

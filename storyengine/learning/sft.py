@@ -28,6 +28,7 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import InvalidInput
+from ..options import check_options, option
 from .evaluation import perplexity
 from .rounds import heldout_stories
 from .runs import TrainingRun, training_run
@@ -40,33 +41,27 @@ SEPARATOR = "<|endoftext|>"
 
 @dataclass(frozen=True)
 class CorpusTrainConfig:
-    learning_rate: float = 2e-4
-    epochs: float = 1.0
-    max_steps: int | None = None
-    """Stop after this many steps (a big corpus); None: the whole epochs."""
-    max_length: int = 256
-    """Tokens per training window."""
-    batch_size: int = 8
-    heldout_fraction: float = 0.05
-    max_heldout: int = 64
-    """At most this many held-out texts are scored."""
-    from_promoted: bool = False
-    """Start from the promoted adapter instead of a fresh LoRA."""
-    promote: bool = False
-    seed: int = 0
+    """`storyengine train sft`: its options are these fields (`options.add_options`)."""
+
+    learning_rate: float = option(2e-4, flags=("--lr",), above=0, below=1, help="learning rate")
+    epochs: float = option(1.0, above=0, help="passes over the corpus")
+    max_steps: int | None = option(None, low=1, help="stop after this many steps (big corpora)")
+    max_length: int = option(256, low=16, high=4096, help="tokens per training window")
+    batch_size: int = option(8, low=1, help="training windows per step")
+    heldout_fraction: float = option(
+        0.05, above=0, below=1, help="share of the corpus held out to measure perplexity"
+    )
+    max_heldout: int = option(64, low=1, help="at most this many held-out texts are scored")
+    from_promoted: bool = option(
+        False, help="start from the promoted adapter (default: a fresh LoRA)"
+    )
+    promote: bool = option(
+        False, help="serve the new adapter if its held-out corpus perplexity improved"
+    )
+    seed: int = option(0, help="changes the held-out split and the training order")
 
     def __post_init__(self) -> None:
-        checks = [
-            (0 < self.learning_rate < 1, "--lr must be in (0, 1)"),
-            (self.epochs > 0, "--epochs must be positive"),
-            (self.max_steps is None or self.max_steps > 0, "--max-steps must be positive"),
-            (16 <= self.max_length <= 4096, "--max-length must be 16..4096"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (0 < self.heldout_fraction < 1, "the held-out fraction must be in (0, 1)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InvalidInput(message)
+        check_options(self)
 
 
 def load_corpus(path: Path) -> list[str]:

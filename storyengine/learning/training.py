@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from ..options import check_options, option
+
 log = logging.getLogger(__name__)
 
 
@@ -40,37 +42,51 @@ the pairs, overshot perplexity by 13 and 27 %. KTO at 1e-4 for one epoch barely 
 the model in three rounds; at 3e-4 it overshot perplexity."""
 
 
+LEARNING_RATE_HELP = "learning rate (default: DPO {:g}, KTO {:g})".format(
+    METHOD_DEFAULTS["dpo"][0], METHOD_DEFAULTS["kto"][0]
+)
+EPOCHS_HELP = "passes over the round's examples (default: DPO {:g}, KTO {:g})".format(
+    METHOD_DEFAULTS["dpo"][1], METHOD_DEFAULTS["kto"][1]
+)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    method: Literal["kto", "dpo"] = "kto"
-    learning_rate: float | None = None
-    """None: the method's default (METHOD_DEFAULTS)."""
-    epochs: float | None = None
-    beta: float = 0.1
-    sft_weight: float = 0.0
-    """DPO only: weight of an added negative log-likelihood of the chosen continuations
-    (RPO). DPO alone tends to lower the likelihood of chosen and rejected alike, which
-    shows as held-out perplexity rising; the added term holds the chosen ones up."""
-    batch_size: int = 8
-    lora_r: int = 16
-    lora_alpha: int = 32
-    target_modules: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
-    max_length: int = 1024
-    seed: int = 0
-    min_examples: int = 8
-    """Fewer examples than this (pairs for DPO) and the round does not train."""
+    """One preference round's training, in TRL's manner: each field with its help and its
+    bounds, checked when the config is made; `train round`'s options are these fields."""
+
+    method: Literal["kto", "dpo"] = option(
+        "kto", cli=False, help="KTO on single labels, or DPO on preference pairs"
+    )
+    learning_rate: float | None = option(
+        None, flags=("--lr",), above=0, below=1, help=LEARNING_RATE_HELP
+    )
+    epochs: float | None = option(None, above=0, help=EPOCHS_HELP)
+    beta: float = option(
+        0.1, above=0, help="how far from the starting adapter a round may move (TRL's beta)"
+    )
+    sft_weight: float = option(
+        0.0,
+        low=0,
+        help="DPO only: weight of an added likelihood term on the chosen continuations (RPO), "
+        "which holds them up where DPO alone lowers chosen and rejected alike",
+    )
+    batch_size: int = option(
+        8, low=2, help="examples per step (KTO needs more than one example a step)"
+    )
+    lora_r: int = option(16, low=1, help="rank of a fresh LoRA")
+    lora_alpha: int = option(32, low=1, help="scale of a fresh LoRA")
+    target_modules: tuple[str, ...] = option(
+        ("c_attn", "c_proj", "c_fc"), cli=False, help="the layers a fresh LoRA adapts"
+    )
+    max_length: int = option(1024, low=16, help="tokens per example, at most")
+    seed: int = option(0, help="the example order and the trainer's seed")
+    min_examples: int = option(
+        8, low=1, help="fewer examples than this (pairs for DPO) and the round does not train"
+    )
 
     def __post_init__(self) -> None:
-        if self.batch_size < 2:
-            raise ValueError(
-                "batch_size must be at least 2 (KTO needs more than one example a step)"
-            )
-        if self.learning_rate is not None and not 0 < self.learning_rate < 1:
-            raise ValueError("learning_rate must be in (0, 1)")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError("epochs must be positive")
-        if self.sft_weight < 0:
-            raise ValueError("sft_weight must be 0 or more")
+        check_options(self)
 
     def resolved(self) -> TrainConfig:
         """This config with the method's defaults filled in."""

@@ -187,7 +187,7 @@ def test_train_sft_says_what_is_wrong_with_its_input(tmp_path):
     ]
     (tmp_path / "c.txt").write_text("A story.")
     bad = run_cli("train", "sft", "--corpus", "c.txt", "--lr", "5", cwd=tmp_path)
-    assert bad.returncode == 2 and "--lr must be in (0, 1)" in bad.stderr
+    assert bad.returncode == 2 and "--lr: must be above 0 and below 1, got 5.0" in bad.stderr
     assert "Traceback" not in missing.stderr + bad.stderr
 
 

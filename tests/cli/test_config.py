@@ -240,10 +240,10 @@ def test_each_setting_is_described_once_and_documented_everywhere():
 def test_bot_settings_made_in_code_are_checked():
     from bot.settings import BotSettings
 
-    with pytest.raises(ConfigError, match="^BOT_EDIT_INTERVAL:"):
+    with pytest.raises(ConfigError, match=r"^BOT_EDIT_INTERVAL:"):
         BotSettings(edit_interval_s=0.0)
-    with pytest.raises(ConfigError, match="^BOT_HEALTH_PORT:"):
+    with pytest.raises(ConfigError, match=r"^BOT_HEALTH_PORT:"):
         BotSettings(health_port=70000)
-    with pytest.raises(ConfigError, match="^TRAIN_MIN_NEW_FEEDBACK: expected a whole number"):
+    with pytest.raises(ConfigError, match=r"^TRAIN_MIN_NEW_FEEDBACK: expected a whole number"):
         BotSettings(train_min_new_feedback=2.5)  # type: ignore[arg-type]
     assert BotSettings.from_env({"BOT_HEALTH_PORT": "0"}).health_port == 0

@@ -1,0 +1,115 @@
+"""What each benchmark is asked: one config per bench, its fields the command's options
+(`options.add_options`). Light to import (no torch), so that the command line's parser
+is built from them without loading a model's libraries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..config import DEFAULT_BEST_OF
+from ..learning.training import EPOCHS_HELP, LEARNING_RATE_HELP
+from ..options import check_options, option
+from ..sampling import MAX_BEST_OF
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    """`storyengine bench serve`: its options are these fields (`options.add_options`)."""
+
+    model: Literal["default", "gpt2-config"] = option(
+        "default", help="bundled model, or GPT-2 small's architecture with random weights"
+    )
+    concurrency: int = option(16, low=1, help="simulated channels")
+    requests: int = option(64, low=1, help="requests in all")
+    max_new_tokens: int = option(64, low=1, high=512, help="tokens per request")
+    max_batch_size: int | None = option(
+        None, low=1, help="scheduler batch bound (default: concurrency)"
+    )
+    best_of: int = option(
+        1,
+        low=1,
+        high=16,
+        flags=("--best-of",),
+        help="also run the workload with N candidates per sampling request",
+    )
+    remote: str | None = option(
+        None,
+        cli=False,  # an option with an optional value: the parser spells it out
+        help="also run the workload over HTTP through a completions service: one started "
+        "here (local), or the one at this URL",
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass(frozen=True)
+class LearningBenchConfig:
+    """`storyengine bench learning`: its options are these fields (`options.add_options`)."""
+
+    rounds: int = option(3, low=0, help="rounds of generate, react, train, gate, promote")
+    reactions: int = option(
+        200, low=1, help="continuations the audience reacts to in each round (per community)"
+    )
+    openings: int = option(
+        2,
+        low=1,
+        help="openings shown per prompt (as retries show them): verdicts on them make "
+        "preference pairs as well as single labels",
+    )
+    eval_samples: int = option(200, low=1, help="fresh prompts per approval measurement")
+    max_new_tokens: int = option(64, low=1, high=512, help="tokens per continuation")
+    learning_rate: float | None = option(None, flags=("--lr",), help=LEARNING_RATE_HELP)
+    epochs: float | None = option(None, help=EPOCHS_HELP)
+    method: Literal["auto", "kto", "dpo"] = option(
+        "auto", help="auto (as the bot trains): DPO with enough preference pairs, else KTO"
+    )
+    seed: int = option(0, help="changes the prompts, the split and the training")
+    best_of: int = option(
+        DEFAULT_BEST_OF,
+        low=1,
+        high=MAX_BEST_OF,
+        help="candidates per turn once a reward model is promoted (1: best-of-n off)",
+    )
+    communities: tuple[str, ...] = option(
+        (),
+        help="TASTE_A,TASTE_B: several simulated servers, each with its own taste and adapter "
+        "lineage, beside a shared-adapter arm (instead of --taste)",
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.openings > self.reactions:
+            raise ValueError("--openings must be at least 1 and at most --reactions")
+        if len(set(self.communities)) != len(self.communities):
+            raise ValueError("--communities names each taste once")
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    """`storyengine bench soak`: its options are these fields (`options.add_options`)."""
+
+    minutes: float = option(5.0, above=0, help="how long the load runs")
+    channels: int = option(16, low=1, help="simulated channels")
+    max_new_tokens: int = option(48, low=1, high=512, help="tokens per storyteller turn")
+    sample_every: float = option(5.0, above=0, help="seconds between RSS samples")
+    warmup: float = option(
+        0.2,
+        check=lambda share: None if 0 <= share < 1 else "a fraction from 0 to below 1",
+        help="warm-up lasts at least this fraction of the run (and 30 turns per channel)",
+    )
+    seed: int = option(0, help="changes what the channels do")
+    trace_top: int = option(
+        0,
+        low=0,
+        flags=("--trace-top",),
+        help="tracemalloc: the N places where Python's allocations grew after warm-up (slow)",
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+    @property
+    def seconds(self) -> float:
+        return self.minutes * 60
