@@ -198,10 +198,10 @@ async def test_cancelling_every_candidate_frees_every_row(tiny_model):
             await h.result()
     assert len((await waiting.result()).token_ids) == 5  # the rows were given back
     for _ in range(100):  # the worker clears its state just after answering
-        if scheduler.running == 0 and scheduler._cache is None:
+        if scheduler.running == 0 and scheduler._runner.cache is None:
             break
         await asyncio.sleep(0.01)
-    assert scheduler.running == 0 and scheduler._cache is None
+    assert scheduler.running == 0 and scheduler._runner.cache is None
     await scheduler.close()
 
 

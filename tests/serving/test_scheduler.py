@@ -228,8 +228,8 @@ async def test_state_is_released_after_every_request(tiny_model):
         def released():
             return (
                 scheduler.running == 0
-                and scheduler._cache is None
-                and scheduler._mask is None
+                and scheduler._runner.cache is None
+                and scheduler._runner.mask is None
                 and not scheduler._waiting
                 and not scheduler._inbox
             )
@@ -293,57 +293,3 @@ async def test_a_replaced_adapter_is_unloaded_once_nothing_uses_it(tmp_path):
     again = await scheduler.submit(GenerationRequest(ids, greedy(60), channel="a")).result()
     assert again.token_ids == first.token_ids
     await scheduler.close()
-
-
-def _draws(scores, params, rows=3000):
-    """Tokens that `rows` rows with these logits and parameters sample, each row with its
-    own seeded generator."""
-    from types import SimpleNamespace
-
-    from storyengine.serving.scheduler import _sample_rows
-
-    seqs = [
-        SimpleNamespace(
-            request=SimpleNamespace(params=params), generator=torch.Generator().manual_seed(i)
-        )
-        for i in range(rows)
-    ]
-    chosen = [-1] * rows
-    _sample_rows(seqs, scores.expand(rows, -1), list(range(rows)), chosen)
-    return torch.tensor(chosen)
-
-
-# Probabilities 0.4, 0.3, 0.2, then 0.1 spread over the rest of the vocabulary.
-_PROBS = torch.cat([torch.tensor([0.4, 0.3, 0.2]), torch.full((8189,), 0.1 / 8189)])
-_LOGITS = _PROBS.log().unsqueeze(0)
-
-
-def test_top_p_draws_only_from_the_nucleus_in_its_proportions():
-    params = SamplingParams(temperature=1.0, top_p=0.8, top_k=0)
-    drawn = _draws(_LOGITS, params)  # the nucleus: 0.4 + 0.3 + 0.2 reaches 0.8 at token 2
-    assert set(drawn.tolist()) == {0, 1, 2}
-    share = torch.bincount(drawn, minlength=3).float() / len(drawn)
-    torch.testing.assert_close(share, torch.tensor([4 / 9, 3 / 9, 2 / 9]), atol=0.03, rtol=0)
-
-
-def test_top_k_cuts_before_top_p():
-    params = SamplingParams(temperature=1.0, top_p=1.0, top_k=2)
-    drawn = _draws(_LOGITS, params)
-    assert set(drawn.tolist()) == {0, 1}
-    assert abs(float((drawn == 0).float().mean()) - 4 / 7) < 0.03
-
-
-def test_without_a_cut_the_whole_vocabulary_can_be_drawn():
-    drawn = _draws(_LOGITS, SamplingParams(temperature=1.0, top_p=1.0, top_k=0))
-    assert abs(float((drawn > 2).float().mean()) - 0.1) < 0.02
-
-
-def test_a_narrow_nucleus_in_a_flat_distribution_is_found_by_sorting():
-    """With top-p 0.01 over a nearly flat distribution almost every draw misses the
-    nucleus; after NUCLEUS_DRAWS misses the row's tokens are ranked instead."""
-    scores = -torch.arange(8192, dtype=torch.float32).unsqueeze(0) * 1e-4  # rank = token id
-    probs = scores.softmax(-1)[0]
-    nucleus = int(((probs.cumsum(0) - probs) < 0.01).sum())
-    drawn = _draws(scores, SamplingParams(temperature=1.0, top_p=0.01, top_k=0), rows=300)
-    assert int(drawn.min()) >= 0 and int(drawn.max()) < nucleus  # every row drew
-    assert len(set(drawn.tolist())) > nucleus // 2  # spread over the nucleus, not one token
