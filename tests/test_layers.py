@@ -149,3 +149,35 @@ def test_every_sql_statement_lives_in_storage():
             and statement.match(node.value)
         ]
         assert not found, (path.relative_to(ROOT), found[:2])
+
+
+STORE_MADE_IN = {"story/engine.py", "learning/compare.py", "learning/runs.py"}
+"""Where a `Store` is made (the engine, `compare`, a training run): the only modules of
+`story` and `learning` that name it. The rest depend on storage's protocols."""
+
+
+def test_story_and_learning_depend_on_storage_protocols_not_the_store():
+    """`story` and `learning` take what they need from `storyengine.storage` (its
+    protocols and their vocabulary); `storage.store.Store` only where one is made,
+    and never a repository module."""
+    import storyengine.storage
+
+    public = set(storyengine.storage.__all__)
+    for path in [*sources(PACKAGE / "story"), *sources(PACKAGE / "learning")]:
+        where = path.relative_to(PACKAGE).as_posix()
+        package = path.relative_to(ROOT).with_suffix("").parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                deep = [a.name for a in node.names if a.name.startswith("storyengine.storage.")]
+                assert not deep, (where, deep)
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = ".".join([*base, *(node.module or "").split(".")]).strip(".")
+            names = {alias.name for alias in node.names}
+            if module == "storyengine.storage":
+                assert names <= public, (where, names - public)
+            elif module == "storyengine.storage.store" and where in STORE_MADE_IN:
+                assert names == {"Store"}, (where, names)
+            else:
+                assert not module.startswith("storyengine.storage."), (where, module)

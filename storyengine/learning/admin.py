@@ -16,7 +16,7 @@ from ..records import DIRECT_MESSAGES
 from ..safety import clean_id
 
 if TYPE_CHECKING:
-    from ..storage.store import Store
+    from ..storage import FeedbackRecords
     from .best_of import RewardSource
     from .registry import AdapterRegistry, AdapterVersion
     from .stats import FeedbackSummary
@@ -52,7 +52,7 @@ class Serving:
 class LearningAdmin:
     def __init__(
         self,
-        store: Store,
+        store: FeedbackRecords,
         registry: AdapterRegistry,
         rewards: Callable[[], RewardSource | None],
         resync: Callable[[], Awaitable[object]],

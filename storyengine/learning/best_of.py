@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..config import Settings
     from ..serving.modeling import LoadedModel
-    from ..storage.store import Store
+    from ..storage import RewardModelRecords
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class RewardSource:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        store: RewardModelRecords,
         serving: Callable[[], LoadedModel | None],
         *,
         keep: int = 4,

@@ -36,7 +36,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from ..storage.store import Store
+from ..storage import FeedbackRecords
 
 Split = Literal["train", "heldout"]
 
@@ -128,7 +128,9 @@ def _pair_split(chosen: dict[str, Any], rejected: dict[str, Any], config: Datase
     return "heldout" if "heldout" in sides else "train"
 
 
-async def build_datasets(store: Store, config: DatasetConfig | None = None) -> FeedbackDatasets:
+async def build_datasets(
+    store: FeedbackRecords, config: DatasetConfig | None = None
+) -> FeedbackDatasets:
     config = config or DatasetConfig()
     generations = await store.trainable_generations(config.community)
     excluded = await store.excluded_lines()
@@ -211,7 +213,7 @@ async def build_datasets(store: Store, config: DatasetConfig | None = None) -> F
 
 
 async def on_policy_pairs(
-    store: Store, config: DatasetConfig | None = None
+    store: FeedbackRecords, config: DatasetConfig | None = None
 ) -> list[PreferencePair]:
     """Pairs from best-of-n candidate groups (generations sharing `candidate_of`, the id
     of the one shown, each with the reward model's score): the highest scored over the
@@ -254,7 +256,7 @@ async def on_policy_pairs(
     return out
 
 
-async def _net_scores(store: Store, config: DatasetConfig) -> dict[int, float]:
+async def _net_scores(store: FeedbackRecords, config: DatasetConfig) -> dict[int, float]:
     """Each generation's weighted sum of reaction values."""
     rows = await store.counted_votes()
     # Rounds are the spans of generations between two training rounds' data.

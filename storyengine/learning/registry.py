@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import InvalidInput, TrainingBusy
-from ..storage.store import Store
+from ..storage import AdapterRecords
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def round_lock(adapter_dir: Path) -> Iterator[None]:
 
 
 class AdapterRegistry:
-    def __init__(self, store: Store, root: Path) -> None:
+    def __init__(self, store: AdapterRecords, root: Path) -> None:
         self.store = store
         self.root = Path(root)
 

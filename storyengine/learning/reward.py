@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ConfigError, InvalidInput
-from ..storage.store import Store
+from ..storage import RewardModelRecords
 from .datasets import FeedbackDatasets, LabelledExample, PreferencePair
 from .evaluation import average_ranks, evidence
 
@@ -803,7 +803,9 @@ class RewardRegistry:
     both) deletes temporary directories and moves version directories without a row to
     `orphaned/`; a new version's number is past every row and every directory."""
 
-    def __init__(self, store: Store, root: Path, *, lock_dir: Path | None = None) -> None:
+    def __init__(
+        self, store: RewardModelRecords, root: Path, *, lock_dir: Path | None = None
+    ) -> None:
         self.store = store
         self.root = Path(root)
         self.lock_dir = Path(lock_dir) if lock_dir is not None else self.root

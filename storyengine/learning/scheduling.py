@@ -38,11 +38,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from ..config import Settings
 from ..errors import TrainingBusy
 from ..progress import PROGRESS_VAR, ProgressUpdate
-from ..storage.store import Store
+from ..storage import FeedbackRecords, TrainingRunRecords
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +184,16 @@ def parse_db_time(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).replace(tzinfo=UTC).timestamp()
 
 
+class SchedulerRecords(TrainingRunRecords, FeedbackRecords, Protocol):
+    """What deciding when a round is due reads: when the last one started, the new
+    feedback since, the communities whose learning is on."""
+
+
 class TrainingScheduler:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        store: SchedulerRecords,
         schedule: TrainingSchedule,
         *,
         command: Sequence[str] | None = None,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from ..storage.store import Store
+from ..storage import FeedbackRecords
 
 DAYS = 30
 """The reactions-per-day panel covers this many days, today included."""
@@ -35,13 +35,14 @@ class DayCount:
 @dataclass(frozen=True)
 class FeedbackSummary:
     versions: list[dict[str, Any]]
-    """`Store.feedback_stats` rows: adapter, generations, reacted, liked, disliked, approval."""
+    """`FeedbackRecords.feedback_stats` rows: adapter, generations, reacted, liked,
+    disliked, approval."""
     days: list[DayCount]
     """One per day, oldest first, `DAYS` of them ending today (UTC)."""
 
 
 async def reactions_per_day(
-    store: Store, community: str | None, *, days: int = DAYS, today: date | None = None
+    store: FeedbackRecords, community: str | None, *, days: int = DAYS, today: date | None = None
 ) -> list[DayCount]:
     """Votes per day (a user's emoji counted once per continuation, as everywhere),
     split by what they count as; days without votes are zeros."""
@@ -56,7 +57,7 @@ async def reactions_per_day(
 
 
 async def feedback_summary(
-    store: Store, community: str | None = None, *, today: date | None = None
+    store: FeedbackRecords, community: str | None = None, *, today: date | None = None
 ) -> FeedbackSummary:
     return FeedbackSummary(
         await store.feedback_stats(community),

@@ -48,7 +48,9 @@ class AdapterRepository(Repository):
         rows = await self.fetch("SELECT * FROM adapters WHERE version = ?", (version,))
         return dict(rows[0]) if rows else None
 
-    async def adapters(self, community: str | None = None, *, every: bool = True) -> list[dict]:
+    async def adapters(
+        self, community: str | None = None, *, every: bool = True
+    ) -> list[dict[str, Any]]:
         """Every version (`every`), or one lineage's, oldest first."""
         if every:
             rows = await self.fetch("SELECT * FROM adapters ORDER BY version")

@@ -6,23 +6,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from .database import Repository
+from .interfaces import ReactionEvent
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ReactionEvent:
-    """One reaction added to (or removed from) a message."""
-
-    message_id: str
-    user_id: str
-    emoji: str
-    added: bool
-    value: float = 0.0
 
 
 def _chunks(items: Sequence[str], size: int = 500) -> list[Sequence[str]]:

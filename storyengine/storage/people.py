@@ -8,12 +8,9 @@ import secrets
 from typing import Any
 
 from .database import Repository
+from .interfaces import ALIAS_PREFIX, FORMER_PLAYER
 
 log = logging.getLogger(__name__)
-
-
-FORMER_PLAYER = "a former player"
-"""The name that replaces a forgotten user's, wherever a name is shown."""
 
 
 USER_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -31,15 +28,9 @@ USER_COLUMNS: dict[str, tuple[str, ...]] = {
 stores a user's data everywhere and fails if any other column holds it."""
 
 
-ALIAS_PREFIX = "forgotten:"
-
-
 def new_alias() -> str:
+    """A new alias to stand for a forgotten user (`is_alias` knows it for one)."""
     return ALIAS_PREFIX + secrets.token_hex(8)
-
-
-def is_alias(user_id: str | None) -> bool:
-    return bool(user_id and user_id.startswith(ALIAS_PREFIX))
 
 
 class PeopleRepository(Repository):

@@ -8,10 +8,17 @@
     training.py  training runs and reward model versions
     adapters.py  adapter versions (the registry's rows)
 
+Each repository is described by a protocol of interfaces.py, and `Store` is a
+`StoryStore`: the engine and the learning code depend on those protocols, and only
+what makes the database (the engine, the CLI, a training run, `compare`) names
+`Store`.
+
 Every SQL statement of the project lives in this package.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from .adapters import AdapterRepository
 from .database import (
@@ -22,11 +29,15 @@ from .database import (
     load_migrations,
     pre_migration_backup_path,
 )
-from .feedback import TRAINABLE_STORY, FeedbackRepository, ReactionEvent
+from .feedback import TRAINABLE_STORY, FeedbackRepository
 from .games import GameRepository
-from .people import FORMER_PLAYER, USER_COLUMNS, PeopleRepository, is_alias, new_alias
+from .interfaces import FORMER_PLAYER, ReactionEvent, is_alias
+from .people import USER_COLUMNS, PeopleRepository, new_alias
 from .stories import StoryRepository
 from .training import TrainingRepository
+
+if TYPE_CHECKING:
+    from .interfaces import StoryStore
 
 __all__ = [
     "FORMER_PLAYER",
@@ -53,5 +64,13 @@ class Store(
     TrainingRepository,
     AdapterRepository,
 ):
-    """The database with every repository: what the engine, the learning loop and the
-    CLI are handed."""
+    """The database with every repository: a `StoryStore` (interfaces.py). Made by the
+    engine, the CLI and training runs; what they hand it to sees only a protocol."""
+
+
+if TYPE_CHECKING:
+
+    def _is_a_story_store(store: Store) -> StoryStore:
+        """Never called: pyright checks here that `Store` (so every repository in it)
+        matches every protocol it stands for, types included."""
+        return store

@@ -11,7 +11,7 @@ from ..config import MAX_ID
 from ..errors import InvalidInput
 from ..records import Author, ChoiceOption, ChoiceSet, TurnResult
 from ..sampling import DEFAULT_PRESET, PRESETS
-from ..storage.store import is_alias
+from ..storage import TellingRecords, is_alias
 from .games import RoundRobin
 from .permissions import Action
 from .stories import Stories
@@ -21,7 +21,7 @@ from .telling import Teller
 class Companion:
     def __init__(self, stories: Stories, games: RoundRobin, teller: Teller) -> None:
         self.stories = stories
-        self.store = stories.store
+        self.store: TellingRecords = stories.store
         self.games = games
         self.teller = teller
 

@@ -37,6 +37,7 @@ from ..learning.registry import AdapterRegistry
 from ..records import Story
 from ..safety import SafetyFilter
 from ..serving.generation import Generator
+from ..storage import StoryStore
 from ..storage.store import Store
 from .adapters import StoryAdapters
 from .companion import Companion
@@ -92,13 +93,13 @@ class StoryEngine:
         settings: Settings,
         *,
         generator: Generator | None = None,
-        store: Store | None = None,
+        store: StoryStore | None = None,
         adapter: str | None = None,
     ) -> None:
         """`adapter`: serve this registry version ("3" or "v3") or "base" (the bare base
         model) instead of following the registry's promotions (`chat --adapter`)."""
         self.settings = settings
-        self.store = store or Store(settings.db_path)
+        self.store: StoryStore = store or Store(settings.db_path)
         self.registry = AdapterRegistry(self.store, settings.adapter_dir)
         self.reactions = ReactionRecorder(self.store)
         self.stories = Stories(settings, self.store)

@@ -8,7 +8,7 @@ from ..config import MAX_ID
 from ..errors import InvalidInput, NothingToRetry
 from ..records import Author
 from ..safety import clean_id
-from ..storage.store import ReactionEvent, is_alias
+from ..storage import ReactionEvent, TellingRecords, is_alias
 from .reactions import ReactionRecorder
 from .stories import Stories
 
@@ -16,7 +16,7 @@ from .stories import Stories
 class Feedback:
     def __init__(self, stories: Stories, reactions: ReactionRecorder) -> None:
         self.stories = stories
-        self.store = stories.store
+        self.store: TellingRecords = stories.store
         self.reactions = reactions
 
     async def link_message(self, message_id: str, generation_id: int) -> None:

@@ -12,6 +12,7 @@ from ..records import Author
 from ..safety import clean_id, clean_name, normalize_text
 from ..sampling import preset
 from ..saves import SavedLore, SavedStory, SavedTurn, parse
+from ..storage import StoryRecords
 from .games import RoundRobin
 from .memory import StoryMaterial
 from .render import render_markdown, render_recap
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 class StoryFiles:
     def __init__(self, stories: Stories, games: RoundRobin) -> None:
         self.stories = stories
-        self.store = stories.store
+        self.store: StoryRecords = stories.store
         self.games = games
 
     async def recap(self, channel: str) -> str:

@@ -7,18 +7,25 @@ resumes every game where it was, and turns missed while it was down pass on the 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from ..config import LIMITS
 from ..errors import InvalidInput, NotYourTurn
 from ..records import Author, Story, TurnState
 from ..safety import clean_id
+from ..storage import GameRecords, StoryRecords
 from .permissions import Action
 from .stories import Stories
+
+
+class RoundRobinRecords(StoryRecords, GameRecords, Protocol):
+    """What round-robin games read and write: stories and their seats."""
 
 
 class RoundRobin:
     def __init__(self, stories: Stories) -> None:
         self.stories = stories
-        self.store = stories.store
+        self.store: RoundRobinRecords = stories.store
 
     async def turn_state(self, channel: str) -> TurnState:
         story = await self.stories.active(channel)

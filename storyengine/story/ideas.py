@@ -8,6 +8,7 @@ from ..config import MAX_GENRE_CHARS, MAX_NOTE_CHARS
 from ..errors import InvalidInput
 from ..records import LoreCard
 from ..sampling import SamplingParams
+from ..storage import StoryRecords
 from ..text import split_sentences
 from .memory import StoryMaterial
 from .notes import Notes
@@ -29,7 +30,7 @@ CARD_NAMES = {
 class Ideas:
     def __init__(self, stories: Stories, notes: Notes) -> None:
         self.stories = stories
-        self.store = stories.store
+        self.store: StoryRecords = stories.store
         self.notes = notes
 
     def opening_prompt(self, premise: str, params: SamplingParams | None = None) -> str:

@@ -14,6 +14,7 @@ from ..errors import InvalidInput
 from ..records import Author, ImportReport, LoreCard, Story
 from ..safety import clean_id, quoted
 from ..sampling import SamplingParams, preset
+from ..storage import TellingRecords
 from .files import StoryFiles
 from .memory import ContextView
 from .permissions import Action
@@ -23,7 +24,7 @@ from .stories import Stories
 class Notes:
     def __init__(self, stories: Stories, files: StoryFiles) -> None:
         self.stories = stories
-        self.store = stories.store
+        self.store: TellingRecords = stories.store
         self.files = files
 
     async def configure_channel(

@@ -4,19 +4,24 @@ them (reactions and preferences deleted, lines kept under an alias, never traine
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from ..records import ForgetReport
 from ..safety import clean_id
+from ..storage import PeopleRecords, StoryRecords
 from .games import RoundRobin
 from .reactions import ReactionRecorder
 from .stories import Stories
 
 
+class PrivacyRecords(StoryRecords, PeopleRecords, Protocol):
+    """What a person's export and forgetting use: the stories and the people in them."""
+
+
 class Privacy:
     def __init__(self, stories: Stories, games: RoundRobin, reactions: ReactionRecorder) -> None:
         self.stories = stories
-        self.store = stories.store
+        self.store: PrivacyRecords = stories.store
         self.games = games
         self.reactions = reactions
 

@@ -13,13 +13,13 @@ import asyncio
 import contextlib
 import logging
 
-from ..storage.store import ReactionEvent, Store
+from ..storage import FeedbackRecords, ReactionEvent
 
 log = logging.getLogger(__name__)
 
 
 class ReactionRecorder:
-    def __init__(self, store: Store, *, max_batch: int = 500) -> None:
+    def __init__(self, store: FeedbackRecords, *, max_batch: int = 500) -> None:
         self.store = store
         self.max_batch = max_batch
         self._pending: list[tuple[ReactionEvent, asyncio.Future[bool]]] = []

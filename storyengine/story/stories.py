@@ -20,7 +20,7 @@ from ..errors import InvalidInput, NoActiveStory, StoryEnded
 from ..records import Author, LoreCard, Story, Turn, TurnState
 from ..safety import SafetyFilter, clean_id, clean_name
 from ..sampling import SamplingParams, preset
-from ..storage.store import FORMER_PLAYER, Store, is_alias
+from ..storage import FORMER_PLAYER, EngineRecords, is_alias
 from .memory import ContextBudget, ContextBuilder, StoryMaterial
 from .narrator import Narrator
 from .permissions import Action, check
@@ -36,7 +36,7 @@ class StoryView:
 
 
 class Stories:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: EngineRecords) -> None:
         self.settings = settings
         self.store = store
         self.narrator_or_none: Narrator | None = None

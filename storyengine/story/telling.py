@@ -13,7 +13,7 @@ from ..errors import InvalidInput, NothingToRetry, NothingToUndo, StoryAlreadyRu
 from ..records import MODES, Author, Story, Swipe, Turn, TurnResult
 from ..safety import clean_id, quoted
 from ..sampling import SamplingParams
-from ..storage.store import is_alias
+from ..storage import TellingRecords, is_alias
 from .games import RoundRobin
 from .memory import StoryMaterial
 from .narrator import ProgressCallback
@@ -30,7 +30,7 @@ BRIDGE_TOKENS = 40
 class Teller:
     def __init__(self, stories: Stories, games: RoundRobin, writer: Writer) -> None:
         self.stories = stories
-        self.store = stories.store
+        self.store: TellingRecords = stories.store
         self.games = games
         self.writer = writer
 

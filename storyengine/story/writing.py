@@ -10,6 +10,7 @@ from ..errors import GenerationCancelled
 from ..records import Story, Turn, TurnResult
 from ..sampling import SamplingParams
 from ..serving.generation import BASE_ADAPTER, GenerationHandle, GenerationOutput
+from ..storage import TellingRecords
 from .adapters import StoryAdapters
 from .narrator import Narration, ProgressCallback
 from .stories import Stories
@@ -23,7 +24,7 @@ SHUTTING_DOWN = (
 class Writer:
     def __init__(self, stories: Stories, adapters: StoryAdapters) -> None:
         self.stories = stories
-        self.store = stories.store
+        self.store: TellingRecords = stories.store
         self.adapters = adapters
         self.in_flight: dict[str, set[GenerationHandle]] = {}
         self.closing = False
