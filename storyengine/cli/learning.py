@@ -43,7 +43,7 @@ async def run_train_round(args: argparse.Namespace, settings: Settings) -> int:
     train = from_args(TrainConfig, args)
     result = await run_round(
         settings,
-        RoundConfig(method=args.method, train=train, community=args.community),
+        from_args(RoundConfig, args, train=train),
         say=echo,
     )
     if result.status == "promoted":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..bench.configs import LearningBenchConfig, ServeBenchConfig, SoakConfig
 from ..config import Settings
+from ..learning.rounds import RoundConfig
 from ..learning.sft import CorpusTrainConfig
 from ..learning.training import TrainConfig
 from ..options import add_options
@@ -84,18 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     round_ = train_sub.add_parser(
         "round", help="one round: datasets, training, the gate, then promote or reject"
     )
-    round_.add_argument(
-        "--method",
-        choices=["auto", "kto", "dpo"],
-        default="auto",
-        help="auto: DPO with enough preference pairs, else KTO",
-    )
+    add_options(round_, RoundConfig)
     add_options(round_, TrainConfig)
-    round_.add_argument(
-        "--community",
-        metavar="ID",
-        help="train this community's own adapter on its own feedback (default: the shared one)",
-    )
     _add_storage_args(round_, adapters=True)
     sft = train_sub.add_parser(
         "sft", help="adapt a LoRA to a story corpus (domain fine-tuning); registers a candidate"

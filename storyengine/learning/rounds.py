@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from ..config import Settings
+from ..options import check_options, option
 from ..sampling import SamplingParams
 from ..serving.modeling import LoadedModel
 from ..text import split_sentences
@@ -70,20 +71,33 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RoundConfig:
-    method: Literal["auto", "kto", "dpo"] = "auto"
-    """auto: DPO when there are enough pairs, else KTO."""
+    method: Literal["auto", "kto", "dpo"] = option(
+        "auto", help="auto: DPO with enough preference pairs, else KTO"
+    )
     train: TrainConfig = field(default_factory=TrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     data: DatasetConfig = field(default_factory=DatasetConfig)
-    drift_guard: float | None = 0.6
-    """Training stops once perplexity on held-out stories has used this share of the
-    gate's perplexity bounds (against the base model and the adapter the round started
-    from), keeping the weights of the last check under it. It measures half of the
-    held-out stories and the gate the other half. None: train the whole schedule."""
-    guard_retries: int = 2
-    """When the guard stops training at its first check, train again at half the learning
-    rate, at most this many times: late rounds, close to the bounds, take smaller steps."""
-    community: str | None = None
+    drift_guard: float | None = option(
+        0.6,
+        above=0,
+        high=1,
+        help="training stops once held-out perplexity has used this share of the gate's "
+        "perplexity bounds, keeping the weights of the last check under it",
+    )
+    """It measures half of the held-out stories and the gate the other half (against the
+    base model and the adapter the round started from). None: train the whole schedule."""
+    guard_retries: int = option(
+        2,
+        low=0,
+        help="when the guard stops training at its first check, train again at half the "
+        "learning rate, at most this many times",
+    )
+    """Late rounds, close to the bounds, take smaller steps."""
+    community: str | None = option(
+        None,
+        flags=("--community",),
+        help="train this community's own adapter on its own feedback (default: the shared one)",
+    )
     """The lineage this round trains: a community's own (its feedback only, starting
     from what it is served: its own adapter, else the shared one), or None for the
     shared one (all trainable feedback)."""
@@ -93,10 +107,7 @@ class RoundConfig:
     adapter): it is trained afresh each time, and a few hundred examples cost seconds."""
 
     def __post_init__(self) -> None:
-        if self.drift_guard is not None and not 0 < self.drift_guard <= 1:
-            raise ValueError("drift_guard must be in (0, 1], or None")
-        if self.guard_retries < 0:
-            raise ValueError("guard_retries must be 0 or more")
+        check_options(self)
 
 
 @dataclass(frozen=True)

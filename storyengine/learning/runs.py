@@ -10,13 +10,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from ..config import Settings
+from ..storage import StoryStore
 from ..storage.store import Store
 from .registry import AdapterRegistry, round_lock
 
 
 @dataclass
 class TrainingRun:
-    store: Store
+    store: StoryStore
     registry: AdapterRegistry
     id: int | None = None
     version: int | None = None

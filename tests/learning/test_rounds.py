@@ -154,7 +154,7 @@ async def test_killing_a_round_leaves_the_served_adapter_and_database_intact(tmp
 
 
 def test_round_config_says_what_is_wrong():
-    with pytest.raises(ValueError, match="drift_guard"):
+    with pytest.raises(ValueError, match="--drift-guard"):
         RoundConfig(drift_guard=0.0)
-    with pytest.raises(ValueError, match="guard_retries"):
+    with pytest.raises(ValueError, match="--guard-retries"):
         RoundConfig(guard_retries=-1)
