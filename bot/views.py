@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import discord
 
@@ -22,59 +22,67 @@ def _cog(interaction: discord.Interaction[StoryBot]) -> StoryCog:
     return cog
 
 
-class ContinueButton(
-    discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"tw:continue(?::(?P<story>\d+))?"
+StoryAction = tuple[Callable[..., Awaitable[None]], *tuple[Any, ...]]
+"""A `/story` action (as `StoryCog.run_guarded` runs it), then its arguments after the
+interaction."""
+
+
+class StoryButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"tw:story(?::(?P<story>\d+))?"
 ):
-    """Continue the story the message belongs to. (Messages from before story ids were
-    put on buttons carry none: they continue whatever story the channel tells.)"""
+    """A button bound to its message's story, which runs a `/story` action on it.
+    (Messages from before story ids were put on buttons carry none: they act on whatever
+    story the channel tells.) A subclass names its custom id's `prefix` and its look;
+    this class's own template is never registered."""
+
+    prefix: ClassVar[str]
+    look: ClassVar[dict[str, Any]]
+    """The `discord.ui.Button`'s label, style and emoji."""
+
+    def __init_subclass__(cls, *, prefix: str, **look: Any) -> None:
+        super().__init_subclass__(template=rf"{prefix}(?::(?P<story>\d+))?")
+        cls.prefix, cls.look = prefix, look
 
     def __init__(self, story_id: int | None) -> None:
         self.story_id = story_id
-        super().__init__(
-            discord.ui.Button(
-                label="Continue",
-                style=discord.ButtonStyle.primary,
-                custom_id=_with_story("tw:continue", story_id),
-                emoji="▶️",
-            )
-        )
+        custom_id = _with_story(self.prefix, story_id)
+        super().__init__(discord.ui.Button(custom_id=custom_id, **self.look))
 
     @classmethod
     async def from_custom_id(
         cls, interaction: discord.Interaction, item: Any, match: re.Match[str]
-    ) -> ContinueButton:
+    ) -> Self:
         return cls(_story_of(match))
 
     async def callback(self, interaction: discord.Interaction[StoryBot]) -> None:
         cog = _cog(interaction)
-        await cog.run_guarded(interaction, cog.do_continue, None, self.story_id)
+        await cog.run_guarded(interaction, *self.action(cog))
+
+    def action(self, cog: StoryCog) -> StoryAction:
+        """What a press runs."""
+        raise NotImplementedError
+
+
+class ContinueButton(
+    StoryButton,
+    prefix="tw:continue",
+    label="Continue",
+    style=discord.ButtonStyle.primary,
+    emoji="▶️",
+):
+    """Continue the story the message belongs to."""
+
+    def action(self, cog: StoryCog) -> StoryAction:
+        return cog.do_continue, None, self.story_id
 
 
 class RetryButton(
-    discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"tw:retry(?::(?P<story>\d+))?"
+    StoryButton, prefix="tw:retry", label="Retry", style=discord.ButtonStyle.secondary, emoji="🔁"
 ):
     """Write the last turn of the message's story again."""
 
-    def __init__(self, story_id: int | None) -> None:
-        self.story_id = story_id
-        super().__init__(
-            discord.ui.Button(
-                label="Retry",
-                style=discord.ButtonStyle.secondary,
-                custom_id=_with_story("tw:retry", story_id),
-                emoji="🔁",
-            )
-        )
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: Any, match: re.Match[str]
-    ) -> RetryButton:
-        return cls(_story_of(match))
-
-    async def callback(self, interaction: discord.Interaction[StoryBot]) -> None:
-        cog = _cog(interaction)
-        await cog.run_guarded(interaction, cog.do_retry, self.story_id)
+    def action(self, cog: StoryCog) -> StoryAction:
+        return cog.do_retry, self.story_id
 
 
 class SwipeButton(

@@ -10,11 +10,18 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 from ..errors import GenerationCancelled, GenerationFailed
 from ..safety import SafetyFilter
 from ..sampling import SamplingParams
-from ..serving.generation import GenerationOutput, GenerationRequest, Generator, ModelInfo
+from ..serving.generation import (
+    GenerationHandle,
+    GenerationOutput,
+    GenerationRequest,
+    Generator,
+    ModelInfo,
+)
 from ..serving.modeling import LoadedModel
 from ..text import trim_to_sentence
 
@@ -25,6 +32,18 @@ MIN_NEW_TOKENS = 8
 """Keeps the model from ending the story on its very first token."""
 
 _BRACKETED = re.compile(r"\[[^\]\n]*\]?")
+
+
+class NarrateOptions(TypedDict, total=False):
+    """`narrate`'s keyword options: `narrate_candidates`'s, which has their defaults."""
+
+    channel: str
+    adapter: str | None
+    adapter_path: str | None
+    echo_of: str | None
+    on_progress: ProgressCallback | None
+    on_handle: OnHandle | None
+    max_attempts: int
 
 
 @dataclass
@@ -72,34 +91,12 @@ class Narrator:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     async def narrate(
-        self,
-        prompt: str,
-        params: SamplingParams,
-        *,
-        channel: str = "",
-        adapter: str | None = None,
-        adapter_path: str | None = None,
-        echo_of: str | None = None,
-        on_progress: ProgressCallback | None = None,
-        on_handle: OnHandle | None = None,
-        max_attempts: int = 3,
+        self, prompt: str, params: SamplingParams, **options: Unpack[NarrateOptions]
     ) -> Narration:
         """Continue `prompt`. Retries (with a new seed) when the model produces nothing
         usable; raises `GenerationCancelled` if cancelled, `GenerationFailed` if it never
         produces a sentence."""
-        candidates = await self.narrate_candidates(
-            prompt,
-            params,
-            1,
-            channel=channel,
-            adapter=adapter,
-            adapter_path=adapter_path,
-            echo_of=echo_of,
-            on_progress=on_progress,
-            on_handle=on_handle,
-            max_attempts=max_attempts,
-        )
-        return candidates[0]
+        return (await self.narrate_candidates(prompt, params, 1, **options))[0]
 
     async def narrate_candidates(
         self,
@@ -123,17 +120,40 @@ class Narrator:
         counted in `outcomes` (by the candidates' finish reasons, or cancelled, or
         failed)."""
         try:
-            candidates = await self._candidates(
-                prompt,
-                params,
-                n,
-                channel=channel,
-                adapter=adapter,
-                adapter_path=adapter_path,
-                echo_of=echo_of,
-                on_progress=on_progress,
-                on_handle=on_handle,
-                max_attempts=max_attempts,
+            prompt_ids = self.info.encode(prompt)
+            for attempt in range(1, max_attempts + 1):
+                request = GenerationRequest(
+                    prompt_ids,
+                    params,
+                    channel=channel,
+                    adapter=adapter,
+                    adapter_path=adapter_path,
+                    min_new_tokens=MIN_NEW_TOKENS,
+                )
+                handles = (
+                    self.generator.submit_many(request, n)
+                    if n > 1
+                    else [self.generator.submit(request)]
+                )
+                if on_handle is not None:
+                    for handle in handles:
+                        on_handle(handle)
+                outputs = await self._write(handles, echo_of, on_progress)
+                usable = []
+                for handle, output in zip(handles, outputs, strict=True):
+                    text = self.polish(output.text, echo_of=echo_of)
+                    if text:
+                        usable.append(
+                            Narration(text, prompt_ids, output, handle.request.params, attempt)
+                        )
+                if usable:
+                    for candidate in usable:
+                        self._count(candidate.output.finish_reason)
+                    return usable
+                if params.seed is not None:
+                    params = params.replace(seed=params.seed + n)
+            raise GenerationFailed(
+                "The storyteller could not find the words this time. Try again, or add a line."
             )
         except GenerationCancelled:
             self._count("cancelled")
@@ -141,65 +161,24 @@ class Narrator:
         except GenerationFailed:
             self._count("failed")
             raise
-        for candidate in candidates:
-            self._count(candidate.output.finish_reason)
-        return candidates
 
-    async def _candidates(
+    async def _write(
         self,
-        prompt: str,
-        params: SamplingParams,
-        n: int,
-        *,
-        channel: str,
-        adapter: str | None,
-        adapter_path: str | None,
+        handles: list[GenerationHandle],
         echo_of: str | None,
         on_progress: ProgressCallback | None,
-        on_handle: OnHandle | None,
-        max_attempts: int,
-    ) -> list[Narration]:
-        prompt_ids = self.info.encode(prompt)
-        for attempt in range(1, max_attempts + 1):
-            request = GenerationRequest(
-                prompt_ids,
-                params,
-                channel=channel,
-                adapter=adapter,
-                adapter_path=adapter_path,
-                min_new_tokens=MIN_NEW_TOKENS,
-            )
-            handles = (
-                self.generator.submit_many(request, n)
-                if n > 1
-                else [self.generator.submit(request)]
-            )
-            if on_handle is not None:
-                for handle in handles:
-                    on_handle(handle)
-            try:
-                shown = ""
-                async for raw in handles[0].stream():
-                    text = self.polish(raw, echo_of=echo_of)
-                    if on_progress is not None and text and text != shown:
-                        shown = text
-                        await on_progress(text)
-                outputs = [await handle.result() for handle in handles]
-            except BaseException:
-                for handle in handles:  # one stopped or failed: the others stop too
-                    handle.cancel()
-                raise
-            usable = []
-            for handle, output in zip(handles, outputs, strict=True):
-                text = self.polish(output.text, echo_of=echo_of)
-                if text:
-                    usable.append(
-                        Narration(text, prompt_ids, output, handle.request.params, attempt)
-                    )
-            if usable:
-                return usable
-            if params.seed is not None:
-                params = params.replace(seed=params.seed + n)
-        raise GenerationFailed(
-            "The storyteller could not find the words this time. Try again, or add a line."
-        )
+    ) -> list[GenerationOutput]:
+        """Wait for every handle's output, showing the first one's text as it grows. One
+        that stops or fails stops the others too."""
+        try:
+            shown = ""
+            async for raw in handles[0].stream():
+                text = self.polish(raw, echo_of=echo_of)
+                if on_progress is not None and text and text != shown:
+                    shown = text
+                    await on_progress(text)
+            return [await handle.result() for handle in handles]
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise

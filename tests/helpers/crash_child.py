@@ -23,58 +23,24 @@ model saved in MODEL_DIR and the feedback in DB.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sys
 from pathlib import Path
 
-from storyengine.learning import registry as adapters
+if __package__ in (None, ""):  # run as a script: `tests.helpers` from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from storyengine.learning.registry import AdapterRegistry, round_lock
 from storyengine.storage.store import Store
+from tests.helpers.crash_points import (
+    die,
+    die_after,
+    inject,
+    round_config,
+    run_child,
+    run_round_to_crash,
+)
 
-STEPS = ("writing", "renamed", "inserted", "promoting", "promoted")
-
-
-def die() -> None:
-    os._exit(9)
-
-
-def inject(step: str) -> None:
-    """Patch the code at `step` to die there."""
-    if step == "renamed":
-        replace = os.replace
-
-        def replace_then_die(src, dst, *args, **kwargs):
-            replace(src, dst, *args, **kwargs)
-            if Path(src).name.startswith(".tmp-"):
-                die()
-
-        adapters.os.replace = replace_then_die  # type: ignore[attr-defined]
-    elif step == "inserted":
-
-        async def die_before(self, version):
-            die()
-
-        AdapterRegistry.promote = die_before  # type: ignore[method-assign]
-    elif step == "promoting":
-        import aiosqlite
-
-        execute = aiosqlite.Connection.execute
-
-        async def execute_or_die(self, sql, *args, **kwargs):
-            if sql.startswith("UPDATE adapters SET status = 'promoted'"):
-                die()  # the UPDATE that retired the old version is not committed
-            return await execute(self, sql, *args, **kwargs)
-
-        aiosqlite.Connection.execute = execute_or_die  # type: ignore[method-assign]
-    elif step == "promoted":
-        promote = AdapterRegistry.promote
-
-        async def promote_then_die(self, version):
-            await promote(self, version)
-            die()
-
-        AdapterRegistry.promote = promote_then_die  # type: ignore[method-assign]
+__all__ = ["fake_adapter", "round_config"]  # round_config: as the other tests know it
 
 
 def fake_adapter(directory: Path, *, die_midway: bool = False) -> None:
@@ -97,50 +63,18 @@ async def registry_steps(step: str, db: Path, root: Path) -> None:
 
 async def round_steps(step: str, db: Path, root: Path, model_dir: Path) -> None:
     from storyengine.config import Settings
-    from storyengine.learning.rounds import run_round
 
-    if step == "writing":
+    if step == "writing":  # the weights are written, taleweaver.json not yet
         from peft import PeftModel
 
-        save = PeftModel.save_pretrained
-
-        def save_then_die(self, directory, *args, **kwargs):
-            save(self, directory, *args, **kwargs)
-            die()  # the weights are written, taleweaver.json not yet
-
-        PeftModel.save_pretrained = save_then_die  # type: ignore[method-assign]
+        die_after(PeftModel, "save_pretrained")
     settings = Settings(db_path=db, adapter_dir=root, base_model=str(model_dir), device="cpu")
-    await run_round(settings, round_config(), say=lambda line: print(line, flush=True))
+    await run_round_to_crash(settings)
 
 
-def round_config():
-    """A round that trains the tiny model quickly and promotes what it learned."""
-    from storyengine.learning.evaluation import GateConfig
-    from storyengine.learning.rounds import RoundConfig
-    from storyengine.learning.training import TrainConfig
-
-    return RoundConfig(
-        method="kto",
-        train=TrainConfig(
-            learning_rate=5e-3, epochs=2, batch_size=8, lora_r=4, max_length=64, min_examples=4
-        ),
-        # A random model's perplexity says nothing: the gate judges preferences only.
-        gate=GateConfig(max_ppl_increase=10.0, max_ppl_vs_base=10.0, samples=0),
-        drift_guard=None,
-    )
-
-
-def main(argv: list[str]) -> None:
-    kind, step, db, root = argv[:4]
-    if step not in STEPS:
-        raise SystemExit(f"unknown step {step!r}; one of {', '.join(STEPS)}")
-    inject(step)
-    if kind == "registry":
-        asyncio.run(registry_steps(step, Path(db), Path(root)))
-    else:
-        asyncio.run(round_steps(step, Path(db), Path(root), Path(argv[4])))
-    print(f"finished without reaching the crash point {step!r}", file=sys.stderr)
+def inject_adapters(step: str) -> None:
+    inject(step, AdapterRegistry, temporary=".tmp-", table="adapters")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_child(sys.argv[1:], inject_adapters, registry_steps, round_steps)

@@ -17,8 +17,6 @@ STEP is where it dies:
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sys
 from pathlib import Path
 
@@ -29,50 +27,7 @@ from storyengine.learning import reward
 from storyengine.learning.registry import round_lock
 from storyengine.learning.reward import HEAD_FILE, SPEC_FILE, TEMPORARY, RewardRegistry
 from storyengine.storage.store import Store
-
-STEPS = ("writing", "renamed", "inserted", "promoting", "promoted")
-
-
-def die() -> None:
-    os._exit(9)
-
-
-def inject(step: str) -> None:
-    """Patch the code at `step` to die there."""
-    if step == "renamed":
-        replace = os.replace
-
-        def replace_then_die(src, dst, *args, **kwargs):
-            replace(src, dst, *args, **kwargs)
-            if Path(src).name.startswith(TEMPORARY):
-                die()
-
-        reward.os.replace = replace_then_die  # type: ignore[attr-defined]
-    elif step == "inserted":
-
-        async def die_before(self, version):
-            die()
-
-        RewardRegistry.promote = die_before  # type: ignore[method-assign]
-    elif step == "promoting":
-        import aiosqlite
-
-        execute = aiosqlite.Connection.execute
-
-        async def execute_or_die(self, sql, *args, **kwargs):
-            if sql.startswith("UPDATE reward_models SET status = 'promoted'"):
-                die()  # the UPDATE that retired the old version is not committed
-            return await execute(self, sql, *args, **kwargs)
-
-        aiosqlite.Connection.execute = execute_or_die  # type: ignore[method-assign]
-    elif step == "promoted":
-        promote = RewardRegistry.promote
-
-        async def promote_then_die(self, version):
-            await promote(self, version)
-            die()
-
-        RewardRegistry.promote = promote_then_die  # type: ignore[method-assign]
+from tests.helpers.crash_points import die, die_after, inject, run_child, run_round_to_crash
 
 
 def fake_reward_model(directory: Path, *, die_midway: bool = False) -> None:
@@ -95,33 +50,17 @@ async def registry_steps(step: str, db: Path, root: Path, lock_dir: Path) -> Non
 
 async def round_steps(step: str, db: Path, root: Path, lock_dir: Path, model_dir: Path) -> None:
     from storyengine.config import Settings
-    from storyengine.learning.rounds import run_round
-    from tests.helpers.crash_child import round_config
 
-    if step == "writing":
-        save = reward.RewardModel.save
-
-        def save_then_die(self, directory):
-            save(self, directory)
-            die()  # the files are written, the directory not yet renamed
-
-        reward.RewardModel.save = save_then_die  # type: ignore[method-assign]
+    if step == "writing":  # the files are written, the directory not yet renamed
+        die_after(reward.RewardModel, "save")
     settings = Settings(db_path=db, adapter_dir=lock_dir, base_model=str(model_dir), device="cpu")
     assert reward.reward_dir(settings) == root
-    await run_round(settings, round_config(), say=lambda line: print(line, flush=True))
+    await run_round_to_crash(settings)
 
 
-def main(argv: list[str]) -> None:
-    kind, step, db, root, lock_dir = argv[:5]
-    if step not in STEPS:
-        raise SystemExit(f"unknown step {step!r}; one of {', '.join(STEPS)}")
-    inject(step)
-    if kind == "registry":
-        asyncio.run(registry_steps(step, Path(db), Path(root), Path(lock_dir)))
-    else:
-        asyncio.run(round_steps(step, Path(db), Path(root), Path(lock_dir), Path(argv[5])))
-    print(f"finished without reaching the crash point {step!r}", file=sys.stderr)
+def inject_reward_models(step: str) -> None:
+    inject(step, RewardRegistry, temporary=TEMPORARY, table="reward_models")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_child(sys.argv[1:], inject_reward_models, registry_steps, round_steps)

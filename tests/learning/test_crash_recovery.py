@@ -4,13 +4,10 @@ same files runs, and the registry is consistent (nothing in the way of the next
 version, the promoted adapter intact, at most one promoted)."""
 
 import asyncio
-import hashlib
 import os
-import re
 import signal
 import sqlite3
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,42 +16,12 @@ from storyengine.learning.registry import AdapterRegistry
 from storyengine.learning.rounds import RoundConfig, run_round
 from storyengine.learning.training import TrainConfig
 from storyengine.storage.store import Store
-from tests.helpers.crash_child import STEPS, fake_adapter, round_config
+from tests.helpers.crash_child import fake_adapter
+from tests.helpers.crash_points import STEPS, Layout, crash, files, round_config, save_tiny_model
 from tests.learning.test_rounds import make_feedback
 
-CHILD = Path(__file__).parents[1] / "helpers" / "crash_child.py"
-VERSION_DIR = re.compile(r"v(\d{4,})")
-
-
-async def crash(*args: str) -> str:
-    """Run crash_child.py with `args`; it must die at its crash point (status 9).
-    Returns its output."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(CHILD),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await process.communicate()
-    assert process.returncode == 9, out.decode()
-    return out.decode()
-
-
-def files(path: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir()}
-
-
-async def check_consistent(registry: AdapterRegistry) -> None:
-    """No leftovers where the registry looks, a row for every version directory, a
-    directory for every row, at most one promoted."""
-    root = registry.root
-    assert not list(root.glob(".tmp-*"))
-    on_disk = {int(m.group(1)) for p in root.iterdir() if (m := VERSION_DIR.fullmatch(p.name))}
-    versions = await registry.list()
-    assert on_disk == {v.version for v in versions}
-    assert all((v.path / "adapter_config.json").is_file() for v in versions)
-    assert sum(v.status == "promoted" for v in versions) <= 1
+ADAPTERS = Layout(temporary=".tmp-", marker="adapter_config.json")
+"""At most one adapter promoted (whatever its lineage)."""
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -68,7 +35,7 @@ async def test_a_crash_at_any_step_of_registering_leaves_a_registry_the_next_rou
     served_files = files(served.path)
     await store.close()
 
-    await crash("registry", step, str(db), str(root))
+    await crash("crash_child.py", "registry", step, str(db), str(root))
 
     # The next round opens the registry on the same files (with no feedback, it then
     # skips; before, a crash after the rename made every later round fail).
@@ -78,37 +45,19 @@ async def test_a_crash_at_any_step_of_registering_leaves_a_registry_the_next_rou
 
     store = await Store(db).open()
     registry = AdapterRegistry(store, root)
-    await check_consistent(registry)
-    promoted = await registry.promoted()
-    if step == "promoted":  # the promotion committed: v2 is served, v1 retired
-        assert promoted.version == 2 and (await registry.get(1)).status == "retired"
-    else:  # the promotion never happened, or rolled back whole
-        assert promoted.version == 1 and files(promoted.path) == served_files
-    if step == "inserted":  # a candidate stays one: an admin may still promote it
-        assert (await registry.get(2)).status == "candidate"
-    if step == "renamed":  # the whole adapter without a row is kept, out of the way
-        (orphan,) = (root / "orphaned").iterdir()
-        assert orphan.name.startswith("v0002-") and (orphan / "adapter_config.json").is_file()
-
-    # The next version registers and promotes as usual.
-    new = await registry.register(fake_adapter, method="dpo")
-    assert (await registry.promote(new.version)).status == "promoted"
-    await check_consistent(registry)
-    assert (await registry.promoted()).version == new.version
-    assert files(served.path) == served_files
+    await ADAPTERS.check_recovered(
+        registry,
+        step,
+        served,
+        served_files,
+        register=lambda: registry.register(fake_adapter, method="dpo"),
+    )
     await store.close()
 
 
 @pytest.fixture
 def tiny_model_dir(tmp_path):
-    """The tiny random GPT-2 saved as a base model a round can load."""
-    from tests.helpers.models import make_tiny_model
-
-    loaded = make_tiny_model(n_positions=1024)  # held-out stories run to 512 tokens
-    path = tmp_path / "tiny-gpt2"
-    loaded.model.save_pretrained(path)
-    loaded.tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path / "tiny-gpt2")
 
 
 @pytest.mark.slow
@@ -119,7 +68,7 @@ async def test_a_round_killed_between_renaming_its_adapter_and_registering_it(
     later round fail with 'Directory not empty'."""
     db, root = tmp_path / "s.db", tmp_path / "adapters"
     await make_feedback(db, stories=20)
-    await crash("round", "renamed", str(db), str(root), str(tiny_model_dir))
+    await crash("crash_child.py", "round", "renamed", str(db), str(root), str(tiny_model_dir))
     assert (root / "v0001").is_dir()
 
     settings = Settings(db_path=db, adapter_dir=root, base_model=str(tiny_model_dir), device="cpu")
@@ -128,7 +77,7 @@ async def test_a_round_killed_between_renaming_its_adapter_and_registering_it(
     (orphan,) = (root / "orphaned").iterdir()  # the killed round's adapter, kept aside
     assert orphan.name.startswith("v0001-")
     store = await Store(db).open()
-    await check_consistent(AdapterRegistry(store, root))
+    await ADAPTERS.check(AdapterRegistry(store, root))
     await store.close()
     with sqlite3.connect(db) as conn:
         runs = conn.execute("SELECT status, error, version FROM training_runs ORDER BY id")
@@ -142,7 +91,7 @@ async def test_a_round_killed_after_promoting_keeps_its_data_window(tmp_path, ti
     (it does not train on the same feedback again)."""
     db, root = tmp_path / "s.db", tmp_path / "adapters"
     await make_feedback(db, stories=20)
-    await crash("round", "promoted", str(db), str(root), str(tiny_model_dir))
+    await crash("crash_child.py", "round", "promoted", str(db), str(root), str(tiny_model_dir))
     with sqlite3.connect(db) as conn:
         newest = conn.execute("SELECT MAX(id) FROM generations").fetchone()[0]
         run = conn.execute("SELECT status, version, data_until FROM training_runs").fetchall()
@@ -154,7 +103,7 @@ async def test_a_round_killed_after_promoting_keeps_its_data_window(tmp_path, ti
     assert result.reason.startswith("not enough feedback yet: 0 training examples"), result
     store = await Store(db).open()
     registry = AdapterRegistry(store, root)
-    await check_consistent(registry)
+    await ADAPTERS.check(registry)
     assert (await registry.promoted()).version == 1
     await store.close()
     with sqlite3.connect(db) as conn:

@@ -4,7 +4,7 @@ and the error handling of buttons."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import discord
 from discord.ext import commands
@@ -17,6 +17,7 @@ from storyengine.errors import StoryError
 from storyengine.records import DIRECT_MESSAGES, Author
 
 from ...publish import (
+    in_time,
     reply,
     report_error,
 )
@@ -29,6 +30,7 @@ TURN_TIMEOUT = LIMITS["turn_timeout_s"][1:]
 if TYPE_CHECKING:
     from ...client import StoryBot
 
+T = TypeVar("T")
 Mode = Literal["solo", "round-robin", "companion"]
 PresetName = Literal["balanced", "gentle", "wild", "focused"]
 
@@ -68,6 +70,28 @@ class StoryCommands(commands.Cog):
             interaction.user.display_name,
             moderator=bool(interaction.guild_id and interaction.permissions.manage_messages),
         )
+
+    def channel_and_author(self, interaction: discord.Interaction) -> tuple[str, Author]:
+        return self.channel_of(interaction), self.author_of(interaction)
+
+    async def act(
+        self,
+        interaction: discord.Interaction,
+        action: Callable[..., Awaitable[T]],
+        *args: Any,
+        **kwargs: Any,
+    ) -> T:
+        """`action(channel, *args, by=author, **kwargs)`: an engine action on the
+        interaction's channel by whoever acts, awaited in time (`in_time`)."""
+        channel, author = self.channel_and_author(interaction)
+        return await in_time(interaction, action(channel, *args, by=author, **kwargs))
+
+    async def begin_writing(self, interaction: discord.Interaction) -> None:
+        """A command that has the storyteller write: the per-user pause, then "thinking..."
+        while it writes (past Discord's 3-second deadline). Checks that refuse the
+        command come before this, so that no work is shown."""
+        self.cooldown(interaction)
+        await interaction.response.defer(thinking=True)
 
     def cooldown(self, interaction: discord.Interaction) -> None:
         """Per-user pause between generating commands."""

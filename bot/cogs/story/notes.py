@@ -19,7 +19,6 @@ from storyengine.safety import quoted
 
 from ...publish import (
     edit_reply,
-    in_time,
     safe,
     update_message,
 )
@@ -38,12 +37,7 @@ class NotesAndLore(StoryCommands):
     async def memory(
         self, interaction: discord.Interaction, text: app_commands.Range[str, 0, MAX_INPUT] = ""
     ) -> None:
-        await in_time(
-            interaction,
-            self.engine.set_memory(
-                self.channel_of(interaction), text, by=self.author_of(interaction)
-            ),
-        )
+        await self.act(interaction, self.engine.set_memory, text)
         await self.say(interaction, "🧠 Memory set." if text else "🧠 Memory cleared.")
 
     @app_commands.command(name="note", description="Author's note: steers the next turns")
@@ -53,12 +47,7 @@ class NotesAndLore(StoryCommands):
         interaction: discord.Interaction,
         text: app_commands.Range[str, 0, MAX_NOTE_CHARS] = "",
     ) -> None:
-        await in_time(
-            interaction,
-            self.engine.set_authors_note(
-                self.channel_of(interaction), text, by=self.author_of(interaction)
-            ),
-        )
+        await self.act(interaction, self.engine.set_authors_note, text)
         await self.say(interaction, "✒️ Author's note set." if text else "✒️ Author's note cleared.")
 
     lore_group = app_commands.Group(
@@ -80,12 +69,7 @@ class NotesAndLore(StoryCommands):
         triggers: app_commands.Range[str, 1, 200],
         text: app_commands.Range[str, 1, MAX_INPUT],
     ) -> None:
-        card = await in_time(
-            interaction,
-            self.engine.add_lore(
-                self.channel_of(interaction), name, triggers, text, by=self.author_of(interaction)
-            ),
-        )
+        card = await self.act(interaction, self.engine.add_lore, name, triggers, text)
         await self.say(
             interaction,
             f"📚 Lore card **{card.name}** saved (triggers: {', '.join(card.triggers)}).",
@@ -125,10 +109,9 @@ class NotesAndLore(StoryCommands):
         self, interaction: discord.Interaction, kind: str, name: str | None, hint: str | None
     ) -> None:
         """A drafted card, with Keep / Again / Edit for whoever asked."""
-        channel, author = self.channel_of(interaction), self.author_of(interaction)
+        channel, author = self.channel_and_author(interaction)
         await self.engine.check_allowed(channel, author, Action.NOTES)  # before any work
-        self.cooldown(interaction)
-        await interaction.response.defer(thinking=True)
+        await self.begin_writing(interaction)
         icon = "🧑" if kind == "character" else "🏞️"
 
         async def write() -> LoreCard:
@@ -169,12 +152,7 @@ class NotesAndLore(StoryCommands):
     async def lore_remove(
         self, interaction: discord.Interaction, name: app_commands.Range[str, 1, MAX_LORE_NAME]
     ) -> None:
-        await in_time(
-            interaction,
-            self.engine.remove_lore(
-                self.channel_of(interaction), name, by=self.author_of(interaction)
-            ),
-        )
+        await self.act(interaction, self.engine.remove_lore, name)
         await self.say(interaction, f"📚 Lore card {quoted(name)} removed.")
 
     @lore_remove.autocomplete("name")

@@ -44,30 +44,14 @@ class Telling(StoryCommands):
         mode: Mode = "solo",
         preset: PresetName | None = None,
     ) -> None:
-        self.cooldown(interaction)
-        await interaction.response.defer(thinking=True)
+        await self.begin_writing(interaction)
         author = self.author_of(interaction)
         if mode == "companion" and interaction.guild is not None:
             await self._start_companion_thread(interaction, premise, genre, preset, author)
             return
         channel = self.channel_of(interaction)
-        if preset:
-            await self.engine.configure_channel(channel, preset_name=preset, by=author)
-        header = f"📖 **{premise}**"
         target = InteractionTarget(interaction)
-        async with Publisher(self.bot, target, prefix=header + "\n\n") as pub:
-            result = await self.engine.start_story(
-                channel,
-                premise,
-                author=author,
-                genre=genre,
-                mode=mode,
-                community=self.community_of(interaction),
-                on_progress=pub.progress,
-            )
-            controls = story_controls(result.story.id, result.turn.position)
-            view = None if mode == "companion" else controls
-            await pub.finish(story_message(result.text, header=header), result.generation_id, view)
+        await self._open_story(interaction, target, channel, premise, genre, mode, preset, author)
         if mode == "round-robin":
             await interaction.followup.send(
                 "🎲 Round-robin game: `/story join` to take a seat. "
@@ -90,25 +74,43 @@ class Telling(StoryCommands):
             name=premise[:90], type=discord.ChannelType.public_thread, auto_archive_duration=1440
         )
         await edit_reply(interaction, f"📖 Your story with me continues in {thread.mention}.")
-        channel = str(thread.id)
+        target = ChannelTarget(thread, thread.id)
+        await self._open_story(
+            interaction, target, str(thread.id), premise, genre, "companion", preset, author
+        )
+        await thread.send(
+            "Write with `/story continue text:...` here; I'll offer you a few ways to go on."
+        )
+
+    async def _open_story(
+        self,
+        interaction: discord.Interaction,
+        target: InteractionTarget | ChannelTarget,
+        channel: str,
+        premise: str,
+        genre: str | None,
+        mode: Mode,
+        preset: str | None,
+        author: Author,
+    ) -> None:
+        """A new story in `channel` (in `preset`'s style, if any), its opening published
+        to `target` as it is written; Continue and Retry under it, but for a companion's."""
         if preset:
             await self.engine.configure_channel(channel, preset_name=preset, by=author)
         header = f"📖 **{premise}**"
-        target = ChannelTarget(thread, thread.id)
         async with Publisher(self.bot, target, prefix=header + "\n\n") as pub:
             result = await self.engine.start_story(
                 channel,
                 premise,
                 author=author,
                 genre=genre,
-                mode="companion",
+                mode=mode,
                 community=self.community_of(interaction),
                 on_progress=pub.progress,
             )
-            await pub.finish(story_message(result.text, header=header), result.generation_id, None)
-        await thread.send(
-            "Write with `/story continue text:...` here; I'll offer you a few ways to go on."
-        )
+            controls = story_controls(result.story.id, result.turn.position)
+            view = None if mode == "companion" else controls
+            await pub.finish(story_message(result.text, header=header), result.generation_id, view)
 
     @app_commands.command(
         name="continue", description="Add your line (optional) and let the storyteller go on"
@@ -125,11 +127,10 @@ class Telling(StoryCommands):
         self, interaction: discord.Interaction, text: str | None, story_id: int | None = None
     ) -> None:
         """`/story continue`, or a Continue button (bound to its message's story)."""
-        channel, author = self.channel_of(interaction), self.author_of(interaction)
+        channel, author = self.channel_and_author(interaction)
         story = await self.engine.active_story(channel, story_id)
         await self.engine.check_turn(channel, author)  # refuse before any work is shown
-        self.cooldown(interaction)
-        await interaction.response.defer(thinking=True)
+        await self.begin_writing(interaction)
         if story.mode == "companion":
             await self._offer_choices(interaction, story, author, text)
             return
@@ -163,7 +164,7 @@ class Telling(StoryCommands):
     async def do_choose(
         self, interaction: discord.Interaction, choice_id: int, position: int
     ) -> None:
-        channel, author = self.channel_of(interaction), self.author_of(interaction)
+        channel, author = self.channel_and_author(interaction)
         result = await in_time(
             interaction, self.engine.choose(channel, choice_id, position, author)
         )
@@ -178,12 +179,11 @@ class Telling(StoryCommands):
 
     async def do_retry(self, interaction: discord.Interaction, story_id: int | None = None) -> None:
         """`/story retry`, or a Retry button (bound to its message's story)."""
-        channel, author = self.channel_of(interaction), self.author_of(interaction)
+        channel, author = self.channel_and_author(interaction)
         if story_id is not None:
             await self.engine.active_story(channel, story_id)
         await self.engine.check_allowed(channel, author, Action.REWRITE)  # before any work
-        self.cooldown(interaction)
-        await interaction.response.defer(thinking=True)
+        await self.begin_writing(interaction)
         async with Publisher(self.bot, InteractionTarget(interaction), prefix="🔁 ") as pub:
             result = await self.engine.retry(channel, by=author, on_progress=pub.progress)
             await pub.finish(
@@ -196,7 +196,7 @@ class Telling(StoryCommands):
         self, interaction: discord.Interaction, story_id: int, position: int, step: int
     ) -> None:
         """◀ ▶: the reply's previous or next alternative, in place of this message's."""
-        channel, author = self.channel_of(interaction), self.author_of(interaction)
+        channel, author = self.channel_and_author(interaction)
         swipe = await in_time(
             interaction, self.engine.swipe(channel, story_id, position, step, by=author)
         )
@@ -220,10 +220,7 @@ class Telling(StoryCommands):
 
     @app_commands.command(name="undo", description="Take back the last turn (a line and its reply)")
     async def undo(self, interaction: discord.Interaction) -> None:
-        removed = await in_time(
-            interaction,
-            self.engine.undo(self.channel_of(interaction), by=self.author_of(interaction)),
-        )
+        removed = await self.act(interaction, self.engine.undo)
         await self.say(interaction, f"↩️ Undone: {len(removed)} turn(s).")
 
     @app_commands.command(name="stop", description="Stop the storyteller while it is writing")
@@ -249,10 +246,7 @@ class Telling(StoryCommands):
 
     @app_commands.command(name="end", description="End the story in this channel")
     async def end(self, interaction: discord.Interaction) -> None:
-        await in_time(
-            interaction,
-            self.engine.end_story(self.channel_of(interaction), by=self.author_of(interaction)),
-        )
+        await self.act(interaction, self.engine.end_story)
         await self.say(
             interaction,
             "🏁 The story has ended. `/story export` still works; `/story start` begins a new one.",
@@ -264,8 +258,7 @@ class Telling(StoryCommands):
         interaction: discord.Interaction,
         genre: app_commands.Range[str, 1, MAX_GENRE_CHARS] | None = None,
     ) -> None:
-        self.cooldown(interaction)
-        await interaction.response.defer(thinking=True)
+        await self.begin_writing(interaction)
         async with self.bot.work.tracked():
             premise = await self.engine.suggest_premise(genre)
             await edit_reply(
@@ -289,21 +282,15 @@ class Telling(StoryCommands):
         turn_timeout: app_commands.Range[int, TURN_TIMEOUT[0], TURN_TIMEOUT[1]] | None = None,
         best_of: app_commands.Range[int, 1, MAX_BEST_OF] | None = None,
     ) -> None:
-        channel, author = self.channel_of(interaction), self.author_of(interaction)
         if turn_timeout is not None:
-            await in_time(
-                interaction, self.engine.set_turn_timeout(channel, turn_timeout, by=author)
-            )
-        params = await in_time(
+            await self.act(interaction, self.engine.set_turn_timeout, turn_timeout)
+        params = await self.act(
             interaction,
-            self.engine.configure_channel(
-                channel,
-                preset_name=preset,
-                temperature=temperature,
-                max_new_tokens=length,
-                by=author,
-                best_of=best_of,
-            ),
+            self.engine.configure_channel,
+            preset_name=preset,
+            temperature=temperature,
+            max_new_tokens=length,
+            best_of=best_of,
         )
         style = "beam search" if params.beam_search else f"temperature {params.temperature}"
         await self.say(
