@@ -163,7 +163,7 @@ class StoryBot(commands.Bot):
     async def start_engine(self) -> None:
         """Load the model and open the database, saying what is used: one line each."""
         settings = self.engine.settings
-        new_database = not settings.db_path.exists()
+        new_database = not settings.has_database
         log.info(
             "loading the storyteller: %s on %s%s",
             settings.base_model,
@@ -189,7 +189,7 @@ class StoryBot(commands.Bot):
         schema, stories = await self.engine.database_status()
         log.info(
             "database: %s (%s, schema %04d, %d stories)",
-            absolute(settings.db_path),
+            settings.database_shown,
             "new" if new_database else "existing",
             schema,
             stories,

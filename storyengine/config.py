@@ -94,6 +94,15 @@ class Settings:
         help="SQLite file holding stories, turns, notes and every generation record "
         "(default: taleweaver.db in STORY_DATA_DIR)",
     )
+    db_url: str | None = option(
+        None,
+        env="STORY_DB_URL",
+        check=lambda url: (
+            None if url.startswith(("postgresql://", "postgres://")) else "a postgresql:// URL"
+        ),
+        help="a PostgreSQL database instead of the SQLite file, for several processes "
+        "sharing the data: postgresql://user:password@host:5432/taleweaver",
+    )
     base_model: str = option(
         BUNDLED_MODEL,
         env="STORY_BASE_MODEL",
@@ -217,6 +226,24 @@ class Settings:
         check_settings(self)
 
     @property
+    def database(self) -> Path | str:
+        """Where the stories are kept: the PostgreSQL URL when set, else the SQLite file
+        (what `Store` is made with)."""
+        return self.db_url or self.db_path
+
+    @property
+    def database_shown(self) -> str:
+        """The database as said to a person: the URL without its password, or the
+        SQLite file's absolute path."""
+        return redact_url(self.db_url) if self.db_url else str(self.db_path.resolve())
+
+    @property
+    def has_database(self) -> bool:
+        """Whether there is a database to read (a URL is taken to name one; a SQLite
+        file must exist): what looks must never create one."""
+        return self.db_url is not None or self.db_path.exists()
+
+    @property
     def uses_bundled_model(self) -> bool:
         return self.base_model == BUNDLED_MODEL
 
@@ -328,3 +355,14 @@ def _parse_reaction_values(raw: str) -> tuple[tuple[str, float], ...]:
                 f"got {item.strip()!r}"
             ) from None
     return tuple(pairs)
+
+
+def redact_url(url: str) -> str:
+    """`postgresql://user:secret@host/db` → `postgresql://user:***@host/db`: secrets
+    never reach logs or messages."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"

@@ -6,6 +6,7 @@ each test is marked with its folder's name: `pytest -m serving` runs the serving
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -43,17 +44,50 @@ def own_bundled_model(bundled_model: LoadedModel) -> LoadedModel:
     return own
 
 
+BOTH_STORES = ("story", "storage")
+"""Folders whose tests run once per store; the others on SQLite, unless `TEST_STORES`
+says otherwise (`TEST_STORES=postgresql pytest` runs every test on PostgreSQL)."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "database" not in metafunc.fixturenames:
+        return
+    folder = metafunc.definition.path.relative_to(Path(__file__).parent).parts[0]
+    default = "sqlite,postgresql" if folder in BOTH_STORES else "sqlite"
+    stores = os.environ.get("TEST_STORES", default).split(",")
+    metafunc.parametrize("database", [s.strip() for s in stores], indirect=True)
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Path | str]:
+    """Where a test's stories are kept: a SQLite file, or a fresh PostgreSQL database
+    (tests/helpers/postgres.py), as `pytest_generate_tests` chose."""
+    if request.param == "sqlite":
+        yield tmp_path / "stories.db"
+        return
+    from tests.helpers.postgres import fresh_database
+
+    async with fresh_database() as url:
+        yield url
+
+
+def settings_for(database: Path | str, tmp_path: Path, **changes: object) -> Settings:
+    """Settings that keep the stories in `database` (a SQLite file or a URL)."""
+    where = {"db_url": database} if isinstance(database, str) else {"db_path": database}
+    return Settings(
+        **where,  # type: ignore[arg-type]
+        adapter_dir=tmp_path / "adapters",
+        device="cpu",
+        **changes,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def settings(database: Path | str, tmp_path: Path) -> Settings:
     # Short continuations keep the engine tests quick on two CPU cores.
     from storyengine.sampling import SamplingParams
 
-    return Settings(
-        db_path=tmp_path / "stories.db",
-        adapter_dir=tmp_path / "adapters",
-        device="cpu",
-        sampling=SamplingParams(max_new_tokens=32, seed=7),
-    )
+    return settings_for(database, tmp_path, sampling=SamplingParams(max_new_tokens=32, seed=7))
 
 
 @pytest.fixture
@@ -67,19 +101,14 @@ async def engine(settings: Settings, bundled_model: LoadedModel) -> AsyncIterato
 
 
 @pytest.fixture
-async def tiny_engine(tmp_path: Path) -> AsyncIterator[object]:
+async def tiny_engine(database: Path | str, tmp_path: Path) -> AsyncIterator[object]:
     """An engine on the tiny random GPT-2 with the batching scheduler (as production
     serves): for tests of story rules, where the words do not matter."""
     from storyengine.sampling import SamplingParams
     from storyengine.serving.scheduler import BatchingGenerator
     from storyengine.story.engine import StoryEngine
 
-    settings = Settings(
-        db_path=tmp_path / "tiny.db",
-        adapter_dir=tmp_path / "adapters",
-        device="cpu",
-        sampling=SamplingParams(max_new_tokens=8, seed=1),
-    )
+    settings = settings_for(database, tmp_path, sampling=SamplingParams(max_new_tokens=8, seed=1))
     async with StoryEngine(settings, generator=BatchingGenerator(make_tiny_model())) as engine:
         yield engine
 

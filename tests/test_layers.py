@@ -181,3 +181,23 @@ def test_story_and_learning_depend_on_storage_protocols_not_the_store():
                 assert names == {"Store"}, (where, names)
             else:
                 assert not module.startswith("storyengine.storage."), (where, module)
+
+
+def test_every_package_ships_in_the_wheel():
+    """A package folder missing from pyproject's list is left out of a built wheel (the
+    cogs of /story were, once): an installed bot would not start."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for top in ("storyengine", "bot")
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    found |= {
+        "storyengine." + ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "migrations").rglob("__init__.py")
+    }
+    assert found == listed, (found - listed, listed - found)

@@ -64,7 +64,7 @@ async def run_adapters(args: argparse.Namespace, settings: Settings) -> int:
     if args.adapters == "compare":  # reads only: never creates a database
         return await run_compare(args, settings)
 
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.database).open()
     try:
         registry = await AdapterRegistry(store, settings.adapter_dir).open()
         if args.adapters == "promote":
@@ -119,7 +119,7 @@ async def run_feedback_import(args: argparse.Namespace, settings: Settings) -> i
         rows = parse_import(text.splitlines())
     except InvalidInput as exc:
         raise InvalidInput(f"{args.file}: {exc}; nothing was imported") from None
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.database).open()
     try:
         counts = await store.import_feedback(rows, uuid.uuid4().hex[:8])
     finally:
@@ -137,7 +137,7 @@ async def run_feedback_export(args: argparse.Namespace, settings: Settings) -> i
     from ..learning.datasets import build_datasets
     from ..storage.store import Store
 
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.database).open()
     try:
         datasets = await build_datasets(store)
     finally:
@@ -158,7 +158,7 @@ async def run_feedback_stats(args: argparse.Namespace, settings: Settings) -> in
     from ..learning.stats import feedback_summary, render_chart, summary_lines
     from ..storage.store import Store
 
-    store = await Store(settings.db_path).open(create=False)
+    store = await Store(settings.database).open(create=False)
     try:
         summary = await feedback_summary(store, args.community)
     finally:

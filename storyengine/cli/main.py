@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from ..config import Settings
@@ -47,7 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         _configure_logging(settings.log_level)
         if getattr(args, "db", None):
-            settings = settings.replace(db_path=args.db)
+            db = str(args.db)
+            where = {"db_url": db} if db.startswith(("postgresql://", "postgres://")) else {}
+            settings = settings.replace(**where or {"db_path": Path(db), "db_url": None})
         if getattr(args, "dir", None):
             settings = settings.replace(adapter_dir=args.dir)
         return asyncio.run(run(args, settings))

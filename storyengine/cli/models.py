@@ -66,8 +66,8 @@ async def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     store = None
     try:
         registry = None
-        if settings.db_path.exists():  # never create a database here
-            store = await Store(settings.db_path).open()
+        if settings.has_database:  # never create a database here
+            store = await Store(settings.database).open()
             registry = AdapterRegistry(store, settings.adapter_dir)
         service = CompletionService(generator, defaults=settings.sampling, registry=registry)
         await service.sync_promoted()
@@ -102,14 +102,14 @@ async def registry_adapter(settings: Settings, wanted: str | None) -> tuple[str,
 
     if wanted is not None and wanted.strip().lower() == "base":
         return (BASE_ADAPTER, None)
-    if not settings.db_path.exists():  # nothing registered; never create a database here
+    if not settings.has_database:  # nothing registered; never create a database here
         if wanted is not None:
             raise InvalidInput(f"{settings.db_path} does not exist: no adapter {wanted} in it.")
         return None
     from ..learning.registry import AdapterRegistry
     from ..storage.store import Store
 
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.database).open()
     try:
         registry = AdapterRegistry(store, settings.adapter_dir)
         if wanted is None:

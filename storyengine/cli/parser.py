@@ -57,9 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_args(service, adapters=True)
 
     db = sub.add_parser(
-        "db", help="the database: migrate, status, or backup FILE (safe while the bot runs)"
+        "db",
+        help="the database: migrate, status, backup FILE (safe while the bot runs), "
+        "or copy --to URL (into PostgreSQL)",
     )
-    db.add_argument("action", choices=["migrate", "status", "backup"])
+    db.add_argument("action", choices=["migrate", "status", "backup", "copy"])
+    db.add_argument(
+        "--to",
+        metavar="URL|FILE",
+        help="copy: the database to copy into (postgresql://..., new or empty)",
+    )
     db.add_argument("file", nargs="?", type=Path, metavar="FILE", help="backup: where to write")
     _add_storage_args(db)
     feedback = sub.add_parser("feedback", help="training data made from the audience's feedback")
@@ -186,7 +193,11 @@ def _add_adapter_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_storage_args(parser: argparse.ArgumentParser, *, adapters: bool = False) -> None:
-    parser.add_argument("--db", type=Path, help="SQLite file (default: STORY_DB_PATH)")
+    parser.add_argument(
+        "--db",
+        metavar="FILE|URL",
+        help="SQLite file or postgresql:// URL (default: STORY_DB_URL, else STORY_DB_PATH)",
+    )
     if adapters:
         parser.add_argument(
             "--dir", type=Path, help="adapter directory (default: STORY_ADAPTER_DIR)"

@@ -115,9 +115,9 @@ async def compare_adapters(
 
     if not prompts:
         raise InvalidInput("compare needs at least one prompt")
-    if not settings.db_path.exists():
+    if not settings.has_database:
         raise InvalidInput(f"{settings.db_path} does not exist: there are no adapters to compare.")
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.database).open()
     try:
         adapters = AdapterRegistry(store, settings.adapter_dir)
         side_a, side_b = await resolve_side(adapters, a), await resolve_side(adapters, b)

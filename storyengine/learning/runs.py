@@ -51,7 +51,7 @@ async def training_run(settings: Settings) -> AsyncIterator[TrainingRun]:
     Whatever escapes the body (an error, a cancellation, Ctrl-C) marks the run failed
     with it; otherwise it is finished as `end` said."""
     with round_lock(settings.adapter_dir):
-        store = await Store(settings.db_path).open()
+        store = await Store(settings.database).open()
         try:
             # We hold the round lock: leftovers are a killed run's, and so are runs
             # still 'running'.

@@ -222,7 +222,7 @@ class TrainingScheduler:
             "train",
             "round",
             "--db",
-            str(self.settings.db_path),
+            str(self.settings.database),
             "--dir",
             str(self.settings.adapter_dir),
         ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .database import SAME_LINEAGE, Repository
+from .database import SAME_LINEAGE, Repository, utc_now
 
 
 class AdapterRepository(Repository):
@@ -80,9 +80,8 @@ class AdapterRepository(Repository):
                 (community,),
             )
             await db.execute(
-                "UPDATE adapters SET status = 'promoted',"
-                " promoted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE version = ?",
-                (version,),
+                "UPDATE adapters SET status = 'promoted', promoted_at = ? WHERE version = ?",
+                (utc_now(), version),
             )
 
     async def reject_adapter(self, version: int) -> None:

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from .database import Repository
+from .database import Repository, inserted_id, utc_now
 from .interfaces import ReactionEvent
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,12 @@ def _chunks(items: Sequence[str], size: int = 500) -> list[Sequence[str]]:
 TRAINABLE_STORY = (
     "(s.community IS NULL OR s.community IN (SELECT id FROM communities WHERE learning = 1))"
 )
+
+
+_LIKED = "SUM(CASE WHEN f.value > 0 THEN 1 ELSE 0 END)"
+_DISLIKED = "SUM(CASE WHEN f.value < 0 THEN 1 ELSE 0 END)"
+_NEUTRAL = "SUM(CASE WHEN f.value = 0 THEN 1 ELSE 0 END)"
+"""Votes counted by kind (`f`: the votes), in SQL both stores speak."""
 
 
 class FeedbackRepository(Repository):
@@ -46,7 +52,7 @@ class FeedbackRepository(Repository):
         """A generation as the model wrote it and as it was shown (`output`; empty when
         nothing was shown). `reward`: the reward model's score, for best-of-n candidates,
         which share `candidate_of` (the id of the one shown)."""
-        cursor = await self._write(
+        return await self._insert(
             "INSERT INTO generations (story_id, channel, prompt, output, raw_output, params,"
             " model_id, adapter_id, prompt_tokens, output_tokens, finish_reason, latency_s, ttft_s,"
             " reward, candidate_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -68,7 +74,6 @@ class FeedbackRepository(Repository):
                 candidate_of,
             ),
         )
-        return cursor.lastrowid or 0
 
     async def set_candidate_group(self, generation_ids: list[int], shown: int) -> None:
         """Mark best-of-n candidates as one group, named by the one shown."""
@@ -89,8 +94,10 @@ class FeedbackRepository(Repository):
     async def link_message(self, message_id: str, generation_id: int) -> bool:
         """Note that a message shows a generation. False if there is no such generation."""
         cursor = await self._write(
-            "INSERT OR REPLACE INTO story_messages (message_id, generation_id)"
-            " SELECT ?, id FROM generations WHERE id = ?",
+            "INSERT INTO story_messages (message_id, generation_id)"
+            " SELECT ?, id FROM generations WHERE id = ?"
+            " ON CONFLICT (message_id) DO UPDATE SET generation_id = excluded.generation_id,"
+            " created_at = excluded.created_at",
             (message_id, generation_id),
         )
         return cursor.rowcount > 0
@@ -187,11 +194,11 @@ class FeedbackRepository(Repository):
         self, story_id: int, action: int, user_id: str | None, generation_ids: list[int]
     ) -> int:
         async with self.transaction() as db:
-            cursor = await db.execute(
+            choice_id = await inserted_id(
+                db,
                 "INSERT INTO choices (story_id, action, user_id) VALUES (?, ?, ?)",
                 (story_id, action, user_id),
             )
-            choice_id = cursor.lastrowid or 0
             await db.executemany(
                 "INSERT INTO choice_options (choice_id, position, generation_id) VALUES (?, ?, ?)",
                 [(choice_id, i, g) for i, g in enumerate(generation_ids, 1)],
@@ -278,24 +285,23 @@ class FeedbackRepository(Repository):
         async with self.transaction() as db:
 
             async def generation(story_id: int, prompt: str, output: str) -> int:
-                cursor = await db.execute(
+                return await inserted_id(
+                    db,
                     "INSERT INTO generations (story_id, channel, prompt, output, raw_output,"
                     " params, model_id, adapter_id, prompt_tokens, output_tokens,"
                     " finish_reason, latency_s, ttft_s) VALUES"
                     " (?, NULL, ?, ?, ?, '{}', 'import', NULL, 0, 0, 'eos', 0, NULL)",
                     (story_id, prompt, output, output),
                 )
-                return int(cursor.lastrowid or 0)
 
             for number, row in enumerate(rows):
                 if row["group"] not in stories:
-                    cursor = await db.execute(
+                    stories[row["group"]] = await inserted_id(
+                        db,
                         "INSERT INTO stories (channel, premise, mode, status, created_by,"
-                        " ended_at) VALUES (?, ?, 'solo', 'ended', NULL,"
-                        " strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
-                        (f"import:{batch}:{row['group']}", row["prompt"][:1000]),
+                        " ended_at) VALUES (?, ?, 'solo', 'ended', NULL, ?)",
+                        (f"import:{batch}:{row['group']}", row["prompt"][:1000], utc_now()),
                     )
-                    stories[row["group"]] = int(cursor.lastrowid or 0)
                 story_id = stories[row["group"]]
                 if row["type"] == "pair":
                     chosen = await generation(story_id, row["prompt"], row["chosen"])
@@ -335,11 +341,10 @@ class FeedbackRepository(Repository):
 
     async def set_learning(self, community: str, enabled: bool, updated_by: str | None) -> None:
         await self._write(
-            "INSERT INTO communities (id, learning, updated_by) VALUES (?, ?, ?)"
+            "INSERT INTO communities (id, learning, updated_by, updated_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (id) DO UPDATE SET learning = excluded.learning,"
-            " updated_by = excluded.updated_by,"
-            " updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
-            (community, int(enabled), updated_by),
+            " updated_by = excluded.updated_by, updated_at = excluded.updated_at",
+            (community, int(enabled), updated_by, utc_now()),
         )
 
     async def trainable_story_ids(self) -> set[int]:
@@ -378,7 +383,7 @@ class FeedbackRepository(Repository):
         rows = await self.fetch(
             "SELECT g.adapter_id AS adapter, COUNT(DISTINCT g.id) AS generations,"
             " COUNT(DISTINCT f.generation_id) AS reacted,"
-            " COALESCE(SUM(f.value > 0), 0) AS liked, COALESCE(SUM(f.value < 0), 0) AS disliked"
+            f" COALESCE({_LIKED}, 0) AS liked, COALESCE({_DISLIKED}, 0) AS disliked"
             " FROM generations g JOIN stories s ON s.id = g.story_id"
             f" LEFT JOIN votes f ON f.generation_id = g.id {where}"
             " GROUP BY g.adapter_id ORDER BY MIN(g.id)",
@@ -469,8 +474,8 @@ class FeedbackRepository(Repository):
             where += " AND s.community = ?"
             params.append(community)
         rows = await self.fetch(
-            "SELECT substr(f.created_at, 1, 10) AS day, COALESCE(SUM(f.value > 0), 0),"
-            " COALESCE(SUM(f.value < 0), 0), COALESCE(SUM(f.value = 0), 0)"
+            f"SELECT substr(f.created_at, 1, 10) AS day, COALESCE({_LIKED}, 0),"
+            f" COALESCE({_DISLIKED}, 0), COALESCE({_NEUTRAL}, 0)"
             " FROM votes f JOIN generations g ON g.id = f.generation_id"
             f" JOIN stories s ON s.id = g.story_id {where} GROUP BY day",
             params,

@@ -3,6 +3,7 @@ them (an alias in their place)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from typing import Any
@@ -57,7 +58,8 @@ class PeopleRepository(Repository):
             )
             alias = rows[0][0] if rows else new_alias()
             await db.execute(
-                "INSERT OR IGNORE INTO forgotten_users (user_id, alias) VALUES (?, ?)",
+                "INSERT INTO forgotten_users (user_id, alias) VALUES (?, ?)"
+                " ON CONFLICT (user_id) DO NOTHING",
                 (user_id, alias),
             )
             feedback = await db.execute("DELETE FROM feedback WHERE user_id = ?", (user_id,))
@@ -79,6 +81,29 @@ class PeopleRepository(Repository):
                 "UPDATE communities SET updated_by = ? WHERE updated_by = ?", (alias, user_id)
             )
         return feedback.rowcount, pairs.rowcount, turns.rowcount
+
+    async def _companion_offers(self, ids: tuple[str, str]) -> list[dict[str, Any]]:
+        """The user's companion choices, each with its options' texts (a JSON list, in
+        the order offered)."""
+        offers = [
+            dict(r)
+            for r in await self.fetch(
+                "SELECT id AS choice_id, story_id, status, created_at FROM choices"
+                " WHERE user_id IN (?, ?) ORDER BY id",
+                ids,
+            )
+        ]
+        texts: dict[int, list[str]] = {offer["choice_id"]: [] for offer in offers}
+        for row in await self.fetch(
+            "SELECT o.choice_id, g.output FROM choice_options o"
+            " JOIN generations g ON g.id = o.generation_id JOIN choices c ON c.id = o.choice_id"
+            " WHERE c.user_id IN (?, ?) ORDER BY o.choice_id, o.position",
+            ids,
+        ):
+            texts[row[0]].append(row[1])
+        for offer in offers:
+            offer["options"] = json.dumps(texts[offer["choice_id"]])
+        return offers
 
     async def user_data(self, user_id: str) -> dict[str, Any]:
         """Every row that refers to the user (by id, or by their alias once forgotten),
@@ -125,15 +150,7 @@ class PeopleRepository(Repository):
                     ids,
                 )
             ),
-            "companion_offers": rows(
-                await q(
-                    "SELECT c.id AS choice_id, c.story_id, c.status, c.created_at,"
-                    " (SELECT json_group_array(g.output) FROM choice_options o"
-                    "  JOIN generations g ON g.id = o.generation_id WHERE o.choice_id = c.id)"
-                    " AS options FROM choices c WHERE c.user_id IN (?, ?) ORDER BY c.id",
-                    ids,
-                )
-            ),
+            "companion_offers": await self._companion_offers(ids),
             "preferences": rows(
                 await q(
                     "SELECT p.source, c.output AS chosen, r.output AS rejected, p.created_at"

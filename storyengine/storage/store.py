@@ -26,6 +26,7 @@ from .database import (
     Migration,
     MigrationStatus,
     backup_database,
+    copy_database,
     load_migrations,
     pre_migration_backup_path,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "ReactionEvent",
     "Store",
     "backup_database",
+    "copy_database",
     "is_alias",
     "load_migrations",
     "new_alias",

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-import aiosqlite
-
 from ..records import LoreCard, Story, Turn
-from .database import Repository
+from .database import Repository, inserted_id, utc_now
 
 if TYPE_CHECKING:
     from ..saves import SavedStory
@@ -37,12 +35,12 @@ class StoryRepository(Repository):
         created_by: str | None,
         community: str | None = None,
     ) -> Story:
-        cursor = await self._write(
+        story_id = await self._insert(
             "INSERT INTO stories (channel, premise, genre, mode, created_by, community)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (channel, premise, genre, mode, created_by, community),
         )
-        story = await self.story(cursor.lastrowid or 0)
+        story = await self.story(story_id)
         assert story is not None
         return story
 
@@ -59,7 +57,8 @@ class StoryRepository(Repository):
         the saved display names) and, like its replies (no generation records), are never
         trained on."""
         async with self.transaction() as db:
-            cursor = await db.execute(
+            story_id = await inserted_id(
+                db,
                 "INSERT INTO stories (channel, premise, genre, mode, created_by, community,"
                 " memory, authors_note) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -73,7 +72,6 @@ class StoryRepository(Repository):
                     saved.authors_note,
                 ),
             )
-            story_id = int(cursor.lastrowid or 0)
             rows = []
             for position, turn in enumerate(saved.turns, start=1):
                 user = turn.kind == "user"
@@ -132,9 +130,8 @@ class StoryRepository(Repository):
 
     async def end_story(self, story_id: int) -> None:
         await self._write(
-            "UPDATE stories SET status = 'ended', ended_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-            " WHERE id = ?",
-            (story_id,),
+            "UPDATE stories SET status = 'ended', ended_at = ? WHERE id = ?",
+            (utc_now(), story_id),
         )
 
     async def story_count(self) -> int:
@@ -176,7 +173,8 @@ class StoryRepository(Repository):
                 position = int(rows[0][0])
             if replacing is not None:
                 await db.execute("UPDATE turns SET status = 'replaced' WHERE id = ?", (replacing,))
-            cursor = await db.execute(
+            turn_id = await inserted_id(
+                db,
                 "INSERT INTO turns (story_id, position, action, kind, author_id, author_name,"
                 " text, generation_id, train_excluded, status)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -193,7 +191,7 @@ class StoryRepository(Repository):
                     status,
                 ),
             )
-        turn = await self.turn(cursor.lastrowid or 0)
+        turn = await self.turn(turn_id)
         assert turn is not None
         return turn
 
@@ -268,7 +266,7 @@ class StoryRepository(Repository):
 
     async def remove_lore(self, story_id: int, name: str) -> bool:
         cursor = await self._write(
-            "DELETE FROM lore_cards WHERE story_id = ? AND name = ? COLLATE NOCASE",
+            "DELETE FROM lore_cards WHERE story_id = ? AND lower(name) = lower(?)",
             (story_id, name),
         )
         return cursor.rowcount > 0
@@ -285,15 +283,14 @@ class StoryRepository(Repository):
         self, channel: str, preset: str | None, sampling: dict[str, Any]
     ) -> None:
         await self._write(
-            "INSERT INTO channel_settings (channel, preset, sampling) VALUES (?, ?, ?)"
-            " ON CONFLICT (channel) DO UPDATE SET preset = excluded.preset,"
-            " sampling = excluded.sampling,"
-            " updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
-            (channel, preset, json.dumps(sampling)),
+            "INSERT INTO channel_settings (channel, preset, sampling, updated_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (channel) DO UPDATE SET preset = excluded.preset,"
+            " sampling = excluded.sampling, updated_at = excluded.updated_at",
+            (channel, preset, json.dumps(sampling), utc_now()),
         )
 
 
-def _story(row: aiosqlite.Row) -> Story:
+def _story(row: Any) -> Story:
     return Story(
         id=row["id"],
         channel=row["channel"],
@@ -310,7 +307,7 @@ def _story(row: aiosqlite.Row) -> Story:
     )
 
 
-def _turn(row: aiosqlite.Row) -> Turn:
+def _turn(row: Any) -> Turn:
     return Turn(
         id=row["id"],
         story_id=row["story_id"],

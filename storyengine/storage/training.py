@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import aiosqlite
-
-from .database import SAME_LINEAGE, Repository
+from .database import SAME_LINEAGE, Repository, utc_now
 
 
 class TrainingRepository(Repository):
@@ -16,22 +14,21 @@ class TrainingRepository(Repository):
         any such run was killed."""
         await self._write(
             "UPDATE training_runs SET status = 'failed', error = 'interrupted',"
-            " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE status = 'running'"
+            " finished_at = ? WHERE status = 'running'",
+            (utc_now(),),
         )
 
     async def start_training_run(self, method: str, community: str | None = None) -> int:
         """A run of `community`'s lineage (None: the shared one) starts."""
-        cursor = await self._write(
+        return await self._insert(
             "INSERT INTO training_runs (method, community) VALUES (?, ?)", (method, community)
         )
-        return int(cursor.lastrowid or 0)
 
     async def fail_training_run(self, run_id: int, exc: BaseException) -> None:
         """Record what stopped the run: its message, or its type when it has none."""
         await self._write(
-            "UPDATE training_runs SET status = 'failed', error = ?,"
-            " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
-            ((str(exc) or type(exc).__name__)[:500], run_id),
+            "UPDATE training_runs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
+            ((str(exc) or type(exc).__name__)[:500], utc_now(), run_id),
         )
 
     async def finish_training_run(
@@ -44,8 +41,8 @@ class TrainingRepository(Repository):
     ) -> None:
         await self._write(
             "UPDATE training_runs SET status = 'done', version = ?, error = ?, data_until = ?,"
-            " finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
-            (version, error, data_until, run_id),
+            " finished_at = ? WHERE id = ?",
+            (version, error, data_until, utc_now(), run_id),
         )
 
     async def set_training_run_version(
@@ -114,9 +111,8 @@ class TrainingRepository(Repository):
                 (version,),
             )
             await db.execute(
-                "UPDATE reward_models SET status = 'promoted',"
-                " promoted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE version = ?",
-                (version,),
+                "UPDATE reward_models SET status = 'promoted', promoted_at = ? WHERE version = ?",
+                (utc_now(), version),
             )
 
     async def reject_reward_model(self, version: int) -> None:
@@ -160,7 +156,7 @@ class TrainingRepository(Repository):
         return before[0][0] if before else None
 
 
-def _reward_row(row: aiosqlite.Row) -> dict[str, Any]:
+def _reward_row(row: Any) -> dict[str, Any]:
     record = dict(row)
     record["metrics"] = json.loads(record["metrics"])
     record["data_counts"] = json.loads(record["data_counts"])

@@ -99,7 +99,7 @@ class StoryEngine:
         """`adapter`: serve this registry version ("3" or "v3") or "base" (the bare base
         model) instead of following the registry's promotions (`chat --adapter`)."""
         self.settings = settings
-        self.store: StoryStore = store or Store(settings.db_path)
+        self.store: StoryStore = store or Store(settings.database)
         self.registry = AdapterRegistry(self.store, settings.adapter_dir)
         self.reactions = ReactionRecorder(self.store)
         self.stories = Stories(settings, self.store)

@@ -114,7 +114,7 @@ async def test_the_scheduler_reads_a_rounds_structured_progress(tmp_path):
     for structured lines); its steps reach `job.progress`, its other lines `last_line`
     and the round's log, its outcome the counters."""
     settings = Settings(db_path=tmp_path / "s.db", adapter_dir=tmp_path / "adapters")
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.database).open()
     scheduler = TrainingScheduler(
         settings, store, TrainingSchedule(), command=[sys.executable, "-c", CHILD]
     )

@@ -22,7 +22,7 @@ PROMPTS = ["Once upon a time, a little fox", "Tom had a big red kite."]
 @pytest.fixture
 async def two_versions(tmp_path, bundled_model) -> Settings:
     settings = Settings(device="cpu", db_path=tmp_path / "c.db", adapter_dir=tmp_path / "adapters")
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.database).open()
     registry = await AdapterRegistry(store, settings.adapter_dir).open()
     for seed in (5, 6):
         await registry.register(lora_saver(bundled_model.model, seed), method="dpo")
@@ -46,7 +46,7 @@ async def test_scores_come_from_the_promoted_reward_model_reading_the_base_model
     two_versions, bundled_model
 ):
     settings = two_versions
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.database).open()
     rewards = await RewardRegistry(store, reward_dir(settings)).open()
     scorer = RewardModel.train(bundled_model, cat_world(8, seed=3))
     await rewards.promote((await rewards.register(scorer.save)).version)
@@ -69,7 +69,7 @@ async def test_bad_versions_say_what_is_wrong(two_versions, tmp_path):
     with pytest.raises(InvalidInput, match="version numbers or base"):
         await compare_adapters(settings, "latest", "base", prompts=PROMPTS)
     result = run_cli(
-        "adapters", "compare", "1", "9", "--db", str(settings.db_path),
+        "adapters", "compare", "1", "9", "--db", str(settings.database),
         "--dir", str(settings.adapter_dir), cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 2 and "no adapter version 9" in result.stderr

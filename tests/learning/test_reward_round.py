@@ -44,7 +44,7 @@ async def more_feedback(db, first: int, stories: int) -> None:
 
 
 async def test_a_round_trains_and_reports_its_reward_model_first(settings):
-    await make_feedback(settings.db_path, stories=20)
+    await make_feedback(settings.database, stories=20)
     lines: list[str] = []
     result = await run_round(settings, round_config(), say=lines.append)
     assert result.status == "promoted", result
@@ -59,7 +59,7 @@ async def test_a_round_trains_and_reports_its_reward_model_first(settings):
     assert lines[-1].startswith("reward model r1 promoted: held-out accuracy 1.00 (p = 0.0")
     assert "trained on 16 pairs and 32 labels" in lines[-1]
 
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.database).open()
     registry = RewardRegistry(store, reward_dir(settings), lock_dir=settings.adapter_dir)
     (version,) = await registry.list()
     assert version.status == "promoted" and version.community is None
@@ -79,7 +79,7 @@ async def test_a_round_trains_and_reports_its_reward_model_first(settings):
     # The next round: the adapter learns from the new feedback only, the reward model
     # from all of it, and is judged against r1 on the same held-out examples.
     await store.close()
-    await more_feedback(settings.db_path, 21, 10)
+    await more_feedback(settings.database, 21, 10)
     result = await run_round(settings, round_config(), say=lines.append)
     reward = result.metrics["reward"]
     assert reward["train"]["labels"] > 32 and reward["current_version"] == 1
@@ -88,7 +88,7 @@ async def test_a_round_trains_and_reports_its_reward_model_first(settings):
 
 
 async def test_too_little_for_a_reward_model_is_said_and_the_adapter_still_trains(settings):
-    await make_feedback(settings.db_path, stories=20)
+    await make_feedback(settings.database, stories=20)
     config = replace(round_config(), reward=RewardConfig(min_heldout=100))
     lines: list[str] = []
     result = await run_round(settings, config, say=lines.append)
@@ -106,7 +106,7 @@ async def test_the_reward_model_learns_even_when_the_adapter_cannot_yet(settings
     """DPO asked for and too few preference pairs: the adapter's round is skipped, with
     its reason, but the reward model (which learns from single reactions too) trains,
     and best-of-n can start serving better continuations right away."""
-    await make_feedback(settings.db_path, stories=20)
+    await make_feedback(settings.database, stories=20)
     lines: list[str] = []
     config = replace(round_config(), method="dpo")
     config = replace(config, train=replace(config.train, min_examples=1000))
@@ -114,7 +114,7 @@ async def test_the_reward_model_learns_even_when_the_adapter_cannot_yet(settings
     assert result.status == "skipped" and "preference pairs" in result.reason
     assert result.metrics["reward"]["status"] == "promoted"
     assert lines[-1].startswith("reward model r1 promoted")
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.database).open()
     try:
         rewards = RewardRegistry(store, reward_dir(settings), lock_dir=settings.adapter_dir)
         assert (await rewards.promoted()).version == 1

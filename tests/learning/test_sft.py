@@ -60,7 +60,7 @@ def test_windows_and_the_held_out_split(bundled_model):
 async def test_sft_lowers_corpus_perplexity_and_registers_a_candidate(tmp_path):
     write_corpus(tmp_path / "corpus")
     settings = Settings(db_path=tmp_path / "s.db", adapter_dir=tmp_path / "adapters", device="cpu")
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.database).open()
     killed = await store.start_training_run("dpo")  # a round killed before this one
     await store.close()
     config = CorpusTrainConfig(
@@ -73,7 +73,7 @@ async def test_sft_lowers_corpus_perplexity_and_registers_a_candidate(tmp_path):
     assert report["corpus_ppl"] < report["corpus_ppl_before"] * 0.8, report
     assert report["passed"] and not promoted
     assert any(line.startswith("step 10/12") for line in lines)
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.database).open()
     registry = await AdapterRegistry(store, settings.adapter_dir).open()
     v = await registry.get(version)
     assert v.status == "candidate" and v.method == "sft" and v.metrics["train"]["steps"] == 12
@@ -93,13 +93,13 @@ async def test_sft_lowers_corpus_perplexity_and_registers_a_candidate(tmp_path):
         learning_rate=1e-3, max_steps=4, max_length=64, batch_size=4, heldout_fraction=0.2,
         from_promoted=True, promote=True,
     )  # fmt: skip
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.database).open()
     registry = await AdapterRegistry(store, settings.adapter_dir).open()
     await registry.promote(version)
     await store.close()
     second, promoted, report = await run_sft(settings, tmp_path / "corpus", again, say=print)
     assert promoted and report["corpus_ppl_before"] == pytest.approx(report_ppl(v), rel=1e-4)
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.database).open()
     registry = await AdapterRegistry(store, settings.adapter_dir).open()
     current = await registry.promoted()
     assert current.version == second and current.parent_version == version

@@ -209,7 +209,7 @@ async def test_a_round_ends_when_the_bot_is_killed_outright(settings):
     is not storyengine, so it has no watchdog of its own: the kernel's signal ends it."""
     parent, child = await start_parent(
         "scheduler",
-        str(settings.db_path),
+        str(settings.database),
         str(settings.adapter_dir),
         *python("import time; time.sleep(120)"),
     )

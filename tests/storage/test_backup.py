@@ -97,13 +97,13 @@ async def test_a_backup_never_overwrites_and_needs_a_database(tmp_path):
 async def test_migrating_a_database_with_a_schema_backs_it_up_first(tmp_path, monkeypatch, caplog):
     db = tmp_path / "stories.db"
     every = load_migrations()
-    monkeypatch.setattr(store_module, "load_migrations", lambda: every[:-1])
+    monkeypatch.setattr(store_module, "load_migrations", lambda dialect="sqlite": every[:-1])
     store = await Store(db).open()
     assert not list(tmp_path.glob("*.bak"))  # a new database: nothing to back up
     await store.create_story("c1", "Once upon a time.", genre=None, mode="solo", created_by="1")
     await store.close()
 
-    monkeypatch.setattr(store_module, "load_migrations", lambda: every)
+    monkeypatch.setattr(store_module, "load_migrations", lambda dialect="sqlite": every)
     with caplog.at_level(logging.WARNING, logger="storyengine.storage.store"):
         store = await Store(db).open()  # applies the last migration
     await store.close()

@@ -5,6 +5,7 @@ import pytest
 from storyengine.records import LoreCard
 from storyengine.storage import database as store_module
 from storyengine.storage.store import Migration, Store, load_migrations
+from tests.helpers.postgres import table_columns
 
 
 def test_migrations_are_numbered_and_shipped_in_the_package():
@@ -13,24 +14,30 @@ def test_migrations_are_numbered_and_shipped_in_the_package():
     assert [m.version for m in migrations] == sorted(m.version for m in migrations)
 
 
-async def test_migrations_apply_once_and_are_recorded(tmp_path):
-    path = tmp_path / "db.sqlite"
-    store = await Store(path).open(migrate=False)
+async def test_migrations_apply_once_and_are_recorded(database):
+    store = await Store(database).open(migrate=False)
     assert all(s.applied_at is None for s in await store.migration_status())
     applied = await store.migrate()
-    assert [m.version for m in applied] == [m.version for m in load_migrations()]
+    assert [m.version for m in applied] == [m.version for m in load_migrations(store.dialect)]
+    assert [m.version for m in applied] == [m.version for m in load_migrations()]  # alike
     assert await store.migrate() == []
     assert all(s.applied_at for s in await store.migration_status())
+    tables = {table for table, _ in await table_columns(store)}
     await store.close()
-    with sqlite3.connect(path) as db:
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"stories", "turns", "generations", "lore_cards", "schema_migrations"} <= tables
+
+
+def test_both_dialects_have_the_same_migrations():
+    """Numbered and named alike: a database of either kind is at the same schema
+    version after the same release."""
+    sqlite = [(m.version, m.name) for m in load_migrations()]
+    assert sqlite == [(m.version, m.name) for m in load_migrations("postgresql")]
 
 
 async def test_a_failing_migration_is_rolled_back(tmp_path, monkeypatch):
     good = load_migrations()
     bad = Migration(999, "broken", "CREATE TABLE half_done (x INTEGER);\nTHIS IS NOT SQL;")
-    monkeypatch.setattr(store_module, "load_migrations", lambda: [*good, bad])
+    monkeypatch.setattr(store_module, "load_migrations", lambda dialect="sqlite": [*good, bad])
     store = await Store(tmp_path / "db.sqlite").open(migrate=False)
     with pytest.raises(sqlite3.OperationalError):
         await store.migrate()
@@ -41,17 +48,19 @@ async def test_a_failing_migration_is_rolled_back(tmp_path, monkeypatch):
     await store.close()
 
 
-async def test_one_active_story_per_channel_is_enforced_by_the_schema(tmp_path):
-    store = await Store(tmp_path / "db.sqlite").open()
+async def test_one_active_story_per_channel_is_enforced_by_the_schema(database):
+    import asyncpg
+
+    store = await Store(database).open()
     await store.create_story("c1", "A", genre=None, mode="solo", created_by="u")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises((sqlite3.IntegrityError, asyncpg.UniqueViolationError)):
         await store.create_story("c1", "B", genre=None, mode="solo", created_by="u")
     await store.create_story("c2", "C", genre=None, mode="solo", created_by="u")
     await store.close()
 
 
-async def test_turns_lore_and_settings_survive_reopening(tmp_path):
-    path = tmp_path / "db.sqlite"
+async def test_turns_lore_and_settings_survive_reopening(database):
+    path = database
     store = await Store(path).open()
     story = await store.create_story(
         "c", "Premise", genre="fable", mode="companion", created_by="u"
@@ -88,7 +97,7 @@ async def test_stories_from_before_the_opt_in_are_never_trained_on(tmp_path, mon
     from storyengine.learning.datasets import build_datasets
 
     every = load_migrations()
-    monkeypatch.setattr(store_module, "load_migrations", lambda: every[:3])
+    monkeypatch.setattr(store_module, "load_migrations", lambda dialect="sqlite": every[:3])
     store = await Store(tmp_path / "old.db").open()
     for channel in ("123456789012345678", "terminal"):
         story = await store.db.execute(
@@ -107,7 +116,7 @@ async def test_stories_from_before_the_opt_in_are_never_trained_on(tmp_path, mon
     await store.db.commit()
     await store.close()
 
-    monkeypatch.setattr(store_module, "load_migrations", lambda: every)
+    monkeypatch.setattr(store_module, "load_migrations", lambda dialect="sqlite": every)
     store = await Store(tmp_path / "old.db").open()
     rows = await store.db.execute_fetchall("SELECT channel, community FROM stories ORDER BY id")
     assert [tuple(r) for r in rows] == [
@@ -119,8 +128,8 @@ async def test_stories_from_before_the_opt_in_are_never_trained_on(tmp_path, mon
     await store.close()
 
 
-async def test_a_failed_training_run_records_its_error_or_else_its_type(tmp_path):
-    store = await Store(tmp_path / "s.db").open()
+async def test_a_failed_training_run_records_its_error_or_else_its_type(database):
+    store = await Store(database).open()
     with_message = await store.start_training_run("dpo")
     without = await store.start_training_run("sft")
     await store.fail_training_run(with_message, RuntimeError("out of memory"))

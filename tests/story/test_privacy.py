@@ -12,6 +12,7 @@ import re
 
 from storyengine.records import Author
 from storyengine.storage.store import USER_COLUMNS
+from tests.helpers.postgres import table_columns
 
 ZOE = Author("777000111", "Zyxwvut Qrpn")
 BEN = Author("202", "Ben")
@@ -30,23 +31,15 @@ EXPORT_SECTIONS = {  # table -> the my-data section that carries its rows
 async def rows_holding(engine, *needles: str) -> dict[tuple[str, str], int]:
     """(table, column) -> how many rows hold one of `needles` in that column."""
     db = engine.store.db
-    tables = [
-        r[0]
-        for r in await db.execute_fetchall(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-        )
-    ]
     found: dict[tuple[str, str], int] = {}
-    for table in tables:
-        for column in await db.execute_fetchall(f"PRAGMA table_info({table})"):
-            name = column[1]
-            for needle in needles:
-                rows = await db.execute_fetchall(
-                    f'SELECT COUNT(*) FROM {table} WHERE CAST("{name}" AS TEXT) LIKE ?',
-                    (f"%{needle}%",),
-                )
-                if rows[0][0]:
-                    found[(table, name)] = found.get((table, name), 0) + rows[0][0]
+    for table, name in await table_columns(engine.store):
+        for needle in needles:
+            rows = await db.execute_fetchall(
+                f'SELECT COUNT(*) FROM {table} WHERE CAST("{name}" AS TEXT) LIKE ?',
+                (f"%{needle}%",),
+            )
+            if rows[0][0]:
+                found[(table, name)] = found.get((table, name), 0) + rows[0][0]
     return found
 
 
@@ -76,14 +69,7 @@ def test_every_column_that_names_a_user_is_covered():
     async def columns() -> list[tuple[str, str]]:
         store = await Store(Path(tempfile.mkdtemp()) / "s.db").open()
         try:
-            out = []
-            tables = await store.db.execute_fetchall(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-            )
-            for (table,) in tables:
-                for column in await store.db.execute_fetchall(f"PRAGMA table_info({table})"):
-                    out.append((table, column[1]))
-            return out
+            return await table_columns(store)
         finally:
             await store.close()
 

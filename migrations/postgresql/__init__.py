@@ -1,0 +1,1 @@
+"""The numbered migrations in PostgreSQL's dialect (`storyengine.migrations.postgresql`)."""
