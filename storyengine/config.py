@@ -97,6 +97,7 @@ class Settings:
     db_url: str | None = option(
         None,
         env="STORY_DB_URL",
+        secret=True,  # it may hold a password
         check=lambda url: (
             None if url.startswith(("postgresql://", "postgres://")) else "a postgresql:// URL"
         ),

@@ -43,6 +43,7 @@ def option(
     parse: Parse | None = None,
     check: Callable[[Any], str | None] | None = None,
     cli: bool = True,
+    secret: bool = False,
     default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
 ) -> Any:
     """A dataclass field described once.
@@ -52,7 +53,8 @@ def option(
     exclusive ones; `choices`: the allowed
     values (a `Literal` type gives them too); `parse`: raw text to value, where the
     field's type does not say how; `check`: returns what was expected when a value is
-    wrong; `cli=False` keeps it off the command line."""
+    wrong; `cli=False` keeps it off the command line; `secret=True` keeps it out of the
+    object's repr (so out of logs and tracebacks)."""
     metadata = {
         "help": help,
         "env": env,
@@ -67,8 +69,10 @@ def option(
         "cli": cli,
     }
     if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+        return dataclasses.field(
+            default_factory=default_factory, metadata=metadata, repr=not secret
+        )
+    return dataclasses.field(default=default, metadata=metadata, repr=not secret)
 
 
 def described(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:

@@ -247,3 +247,12 @@ def test_bot_settings_made_in_code_are_checked():
     with pytest.raises(ConfigError, match=r"^TRAIN_MIN_NEW_FEEDBACK: expected a whole number"):
         BotSettings(train_min_new_feedback=2.5)  # type: ignore[arg-type]
     assert BotSettings.from_env({"BOT_HEALTH_PORT": "0"}).health_port == 0
+
+
+def test_a_database_password_stays_out_of_reprs_and_messages():
+    settings = Settings.from_env({"STORY_DB_URL": "postgresql://bot:s3cret@db/taleweaver"})
+    assert settings.db_url == "postgresql://bot:s3cret@db/taleweaver"
+    assert "s3cret" not in repr(settings)
+    assert settings.database_shown == "postgresql://bot:***@db/taleweaver"
+    with pytest.raises(ConfigError, match=r"^STORY_DB_URL: expected a postgresql:// URL"):
+        Settings.from_env({"STORY_DB_URL": "mysql://x"})
