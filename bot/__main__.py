@@ -135,9 +135,9 @@ async def _run(token: str, settings: Settings, bot_settings: BotSettings) -> int
 
     from storyengine import StoryEngine
 
-    from .client import StoryBot
+    from .client import make_bot
 
-    bot = StoryBot(engine=StoryEngine(settings), settings=bot_settings)
+    bot = make_bot(StoryEngine(settings), bot_settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 

@@ -7,13 +7,14 @@ import contextlib
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands, tasks
 
 from storyengine import StoryEngine, TrainingSchedule
+from storyengine.records import DIRECT_MESSAGES
 
 from .health import HealthServer, Metrics, interaction_name
 from .publish import report_error, safe
@@ -87,7 +88,7 @@ class TrackedTree(app_commands.CommandTree):
     until its reply or its error message is sent, so that a shutdown lets it finish
     instead of closing the connection under it."""
 
-    async def _call(self, interaction: discord.Interaction) -> None:
+    async def _call(self, interaction: discord.Interaction[StoryBot]) -> None:
         async with self.client.work.tracked():  # type: ignore[attr-defined]
             try:
                 await super()._call(interaction)
@@ -108,6 +109,7 @@ class StoryBot(commands.Bot):
             help_command=None,
             activity=discord.CustomActivity(name=PRESENCE),
             tree_cls=TrackedTree,
+            **shard_options(settings),
         )
         self.engine = engine
         self.settings = settings
@@ -117,7 +119,11 @@ class StoryBot(commands.Bot):
         """True from READY (or RESUMED) until the gateway connection drops."""
         self.health: HealthServer | None = None
         self.training = engine.training_scheduler(
-            TrainingSchedule(settings.train_min_new_feedback, settings.train_interval_s)
+            TrainingSchedule(
+                settings.train_min_new_feedback,
+                settings.train_interval_s,
+                mode="external" if settings.train_mode == "external" else "local",
+            )
         )
         self.work = WorkTracker()
         self.story_commands: StoryCog | None = None
@@ -139,17 +145,36 @@ class StoryBot(commands.Bot):
         await self.add_cog(AdminCog(self))
         # Buttons on story messages keep working after a restart.
         self.add_dynamic_items(ContinueButton, RetryButton, SwipeButton, ChoiceButton)
+        await self.sync_commands()
+        self.turn_clock.change_interval(seconds=self.settings.turn_check_s)
+        self.turn_clock.start()
+        if self.settings.train_interval_s is not None:
+            self.training_clock.change_interval(seconds=self.settings.train_check_s)
+            self.training_clock.start()
+
+    async def sync_commands(self) -> None:
+        """Tell Discord the slash commands: the one process that should (the only one,
+        or the one holding shard 0, unless BOT_SYNC_COMMANDS says otherwise)."""
+        if not self.settings.syncs_commands:
+            log.info("slash commands: synced by another process (BOT_SYNC_COMMANDS)")
+            return
         if self.settings.dev_guild_id:
             guild = discord.Object(self.settings.dev_guild_id)
             self.tree.copy_global_to(guild=guild)
             await self.tree.sync(guild=guild)
         else:
             await self.tree.sync()
-        self.turn_clock.change_interval(seconds=self.settings.turn_check_s)
-        self.turn_clock.start()
-        if self.settings.train_interval_s is not None:
-            self.training_clock.change_interval(seconds=self.settings.train_check_s)
-            self.training_clock.start()
+
+    def own_communities(self) -> set[str] | None:
+        """The communities whose round-robin turns this process passes: None (every
+        story's) unless sharded; sharded, the servers on its own shards, and direct
+        messages in the process holding shard 0 (Discord sends them there)."""
+        if not self.settings.sharded:
+            return None
+        own = {str(g.id) for g in self.guilds if self.settings.owns_guild(g.id)}
+        if 0 in self.settings.own_shards:
+            own.add(DIRECT_MESSAGES)
+        return own
 
     async def start_health_server(self) -> None:
         if self.settings.health_port is None:
@@ -220,7 +245,7 @@ class StoryBot(commands.Bot):
             log.warning("gateway connection lost; reconnecting")
         self.gateway_connected = False
 
-    async def on_interaction(self, interaction: discord.Interaction) -> None:
+    async def on_interaction(self, interaction: discord.Interaction[StoryBot]) -> None:
         kind = interaction.type.name if interaction.type else "unknown"
         self.metrics.command(interaction_name(interaction.data, kind))  # type: ignore[arg-type]
 
@@ -272,11 +297,12 @@ class StoryBot(commands.Bot):
         from .render import describe_turn
 
         try:
-            moved = await self.engine.expire_turns()
+            moved = await self.engine.expire_turns(self.own_communities())
         except Exception:
             log.exception("checking turn deadlines failed")
             return
         for channel_id, state in moved:
+            log.info("round-robin: time up in channel %s, the turn passes", channel_id)
             channel = self.get_channel(int(channel_id))
             if channel is None:
                 try:
@@ -294,6 +320,24 @@ class StoryBot(commands.Bot):
         await self.wait_until_ready()
 
     async def on_app_command_error(
-        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+        self, interaction: discord.Interaction[StoryBot], error: app_commands.AppCommandError
     ) -> None:
         await report_error(interaction, error)
+
+
+class ShardedStoryBot(StoryBot, commands.AutoShardedBot):
+    """The bot over one gateway connection per shard (BOT_SHARD_COUNT, BOT_SHARD_IDS):
+    discord.py's `AutoShardedBot`, everything else as `StoryBot`."""
+
+
+def shard_options(settings: BotSettings) -> dict[str, Any]:
+    """What discord.py is told of the shards: nothing unless BOT_SHARD_COUNT is set."""
+    if settings.shard_count is None:
+        return {}
+    return {"shard_count": settings.shard_count, "shard_ids": list(settings.own_shards)}
+
+
+def make_bot(engine: StoryEngine, settings: BotSettings) -> StoryBot:
+    """The bot the settings ask for: sharded (`AutoShardedBot`) or one connection."""
+    kind = ShardedStoryBot if settings.sharded else StoryBot
+    return kind(engine=engine, settings=settings)

@@ -44,7 +44,7 @@ def safe(text: str, limit: int = LIMIT) -> str:
 class InteractionTarget:
     """Messages as the reply to a deferred interaction, then follow-ups."""
 
-    def __init__(self, interaction: discord.Interaction) -> None:
+    def __init__(self, interaction: discord.Interaction[StoryBot]) -> None:
         self.interaction = interaction
         self.channel_id = str(interaction.channel_id)
 
@@ -173,7 +173,9 @@ async def add_feedback_reactions(message: discord.Message) -> None:
             return
 
 
-async def reply(interaction: discord.Interaction, text: str, *, ephemeral: bool = False) -> None:
+async def reply(
+    interaction: discord.Interaction[StoryBot], text: str, *, ephemeral: bool = False
+) -> None:
     """Answer an interaction with `text` (mentions defused), split over several
     messages if it is long. A deferred "thinking…" reply becomes the answer."""
     chunks = split_message(neutralize_mentions(text)) or ["…"]
@@ -194,7 +196,7 @@ DEFER_AFTER_S = 1.0
 gives 3 seconds): it may be waiting for the storyteller to finish in its channel."""
 
 
-async def in_time(interaction: discord.Interaction, work: Awaitable[T]) -> T:
+async def in_time(interaction: discord.Interaction[StoryBot], work: Awaitable[T]) -> T:
     """Await `work`; if it takes longer than DEFER_AFTER_S, defer the interaction (a
     "thinking…" reply for a command, a silent acknowledgement for a button) and go on
     waiting, so the interaction never times out."""
@@ -209,7 +211,7 @@ async def in_time(interaction: discord.Interaction, work: Awaitable[T]) -> T:
 
 
 async def edit_reply(
-    interaction: discord.Interaction, text: str, *, view: discord.ui.View | None = None
+    interaction: discord.Interaction[StoryBot], text: str, *, view: discord.ui.View | None = None
 ) -> None:
     """Replace a deferred (or earlier) reply's text, mentions defused, cut to fit."""
     kwargs: dict[str, Any] = {"view": view} if view is not None else {}
@@ -217,7 +219,7 @@ async def edit_reply(
 
 
 async def update_message(
-    interaction: discord.Interaction, content: str, *, view: discord.ui.View | None = None
+    interaction: discord.Interaction[StoryBot], content: str, *, view: discord.ui.View | None = None
 ) -> discord.Message:
     """Replace the message a button is on (its text and its buttons; `view=None` takes
     the buttons away), whether or not `in_time` had to acknowledge the press first."""
@@ -227,7 +229,7 @@ async def update_message(
     return await interaction.original_response()
 
 
-async def report_error(interaction: discord.Interaction, error: Exception) -> None:
+async def report_error(interaction: discord.Interaction[StoryBot], error: Exception) -> None:
     """A short ephemeral message for the user; the full trace in the log for bugs."""
     original = getattr(error, "original", error)
     if getattr(original, "reported", False):  # the message itself already says so

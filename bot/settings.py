@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from storyengine.errors import ConfigError
 from storyengine.options import check_settings, option, read_env
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -40,6 +41,22 @@ def _server_ids(raw: str) -> frozenset[int]:
     if not all(p.isdigit() for p in parts):
         raise ValueError("expected server ids (digits) separated by commas")
     return frozenset(int(p) for p in parts)
+
+
+def _shard_ids(raw: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in raw.split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError("expected shard ids (whole numbers from 0) separated by commas")
+    return tuple(sorted({int(p) for p in parts}))
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
 
 
 def _host(value: str) -> str | None:
@@ -90,6 +107,14 @@ class BotSettings:
         low=0,
         help="least time between automatic training rounds (None, 'off': only /storyadmin train)",
     )
+    train_mode: str = option(
+        "local",
+        env="TRAIN_MODE",
+        parse=str.lower,
+        choices=("local", "external"),
+        help="local: rounds run as the bot's child process; external: a round due is "
+        "recorded in the database for `storyengine train worker` on another machine",
+    )
     train_check_s: float = option(
         60.0,
         env="BOT_TRAIN_CHECK",
@@ -117,8 +142,65 @@ class BotSettings:
         help="the address the health server listens on (loopback: this machine only)",
     )
 
+    shard_count: int | None = option(
+        None,
+        env="BOT_SHARD_COUNT",
+        low=1,
+        high=100_000,
+        help="how many shards the bot's servers are split into, across every process "
+        "(None: one connection, no sharding)",
+    )
+    shard_ids: tuple[int, ...] = option(
+        (),
+        env="BOT_SHARD_IDS",
+        parse=_shard_ids,
+        help="the shards this process runs, comma-separated, each below BOT_SHARD_COUNT "
+        "(empty: all of them)",
+    )
+    sync_commands: bool | None = option(
+        None,
+        env="BOT_SYNC_COMMANDS",
+        parse=_flag,
+        help="whether this process syncs the slash commands (None: when it holds shard 0, "
+        "or when there are no shards; exactly one process should)",
+    )
+
     def __post_init__(self) -> None:
         check_settings(self)
+        if self.shard_ids and self.shard_count is None:
+            raise ConfigError("BOT_SHARD_IDS: needs BOT_SHARD_COUNT (how many shards in all)")
+        too_high = [i for i in self.shard_ids if self.shard_count and i >= self.shard_count]
+        if too_high:
+            raise ConfigError(
+                f"BOT_SHARD_IDS: each must be below BOT_SHARD_COUNT ({self.shard_count}),"
+                f" got {', '.join(map(str, too_high))}"
+            )
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the bot runs shards (an `AutoShardedBot`), not one plain connection."""
+        return self.shard_count is not None
+
+    @property
+    def own_shards(self) -> tuple[int, ...]:
+        """The shards this process runs (all of them when BOT_SHARD_IDS is empty)."""
+        if self.shard_count is None:
+            return (0,)
+        return self.shard_ids or tuple(range(self.shard_count))
+
+    @property
+    def syncs_commands(self) -> bool:
+        """Whether this process syncs the slash commands: BOT_SYNC_COMMANDS, else only
+        the process that holds shard 0 (or the only process)."""
+        if self.sync_commands is not None:
+            return self.sync_commands
+        return 0 in self.own_shards
+
+    def owns_guild(self, guild_id: int) -> bool:
+        """Whether the server falls on one of this process's shards (Discord's rule)."""
+        if self.shard_count is None:
+            return True
+        return (guild_id >> 22) % self.shard_count in self.own_shards
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> BotSettings:

@@ -50,7 +50,7 @@ class StoryButton(
 
     @classmethod
     async def from_custom_id(
-        cls, interaction: discord.Interaction, item: Any, match: re.Match[str]
+        cls, interaction: discord.Interaction[StoryBot], item: Any, match: re.Match[str]
     ) -> Self:
         return cls(_story_of(match))
 
@@ -103,7 +103,7 @@ class SwipeButton(
 
     @classmethod
     async def from_custom_id(
-        cls, interaction: discord.Interaction, item: Any, match: re.Match[str]
+        cls, interaction: discord.Interaction[StoryBot], item: Any, match: re.Match[str]
     ) -> SwipeButton:
         return cls(int(match["story"]), int(match["position"]), match["step"])
 
@@ -137,7 +137,7 @@ class ChoiceButton(
 
     @classmethod
     async def from_custom_id(
-        cls, interaction: discord.Interaction, item: Any, match: re.Match[str]
+        cls, interaction: discord.Interaction[StoryBot], item: Any, match: re.Match[str]
     ) -> ChoiceButton:
         return cls(int(match["choice"]), int(match["position"]))
 
@@ -174,26 +174,30 @@ class ConfirmView(discord.ui.View):
         super().__init__(timeout=timeout)
         self.user_id = user_id
         self.confirmed: bool | None = None
-        self.interaction: discord.Interaction | None = None
+        self.interaction: discord.Interaction[StoryBot] | None = None
 
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+    async def interaction_check(self, interaction: discord.Interaction[StoryBot]) -> bool:
         if interaction.user.id != self.user_id:
             await interaction.response.send_message("This question is not for you.", ephemeral=True)
             return False
         return True
 
-    async def _answer(self, interaction: discord.Interaction, confirmed: bool) -> None:
+    async def _answer(self, interaction: discord.Interaction[StoryBot], confirmed: bool) -> None:
         self.confirmed, self.interaction = confirmed, interaction
         for item in self.children:
             item.disabled = True  # type: ignore[attr-defined]
         self.stop()
 
     @discord.ui.button(label="Yes, forget me", style=discord.ButtonStyle.danger)
-    async def yes(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
+    async def yes(
+        self, interaction: discord.Interaction[StoryBot], button: discord.ui.Button[Any]
+    ) -> None:
         await self._answer(interaction, True)
 
     @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
-    async def no(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
+    async def no(
+        self, interaction: discord.Interaction[StoryBot], button: discord.ui.Button[Any]
+    ) -> None:
         await self._answer(interaction, False)
 
 
@@ -204,8 +208,8 @@ class CardDraftView(discord.ui.View):
     def __init__(
         self,
         user_id: int,
-        keep: Callable[[discord.Interaction, str], Awaitable[None]],
-        again: Callable[[discord.Interaction], Awaitable[None]],
+        keep: Callable[[discord.Interaction[StoryBot], str], Awaitable[None]],
+        again: Callable[[discord.Interaction[StoryBot]], Awaitable[None]],
         text: str,
         *,
         timeout: float = 900.0,
@@ -213,7 +217,7 @@ class CardDraftView(discord.ui.View):
         super().__init__(timeout=timeout)
         self.user_id, self._keep, self._again, self.text = user_id, keep, again, text
 
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+    async def interaction_check(self, interaction: discord.Interaction[StoryBot]) -> bool:
         if interaction.user.id != self.user_id:
             await interaction.response.send_message(
                 "Only whoever asked for this card can keep it.", ephemeral=True
@@ -222,15 +226,21 @@ class CardDraftView(discord.ui.View):
         return True
 
     @discord.ui.button(label="Keep", style=discord.ButtonStyle.success, emoji="📚")
-    async def keep(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
+    async def keep(
+        self, interaction: discord.Interaction[StoryBot], button: discord.ui.Button[Any]
+    ) -> None:
         await self._keep(interaction, self.text)
 
     @discord.ui.button(label="Again", style=discord.ButtonStyle.secondary, emoji="🔁")
-    async def again(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
+    async def again(
+        self, interaction: discord.Interaction[StoryBot], button: discord.ui.Button[Any]
+    ) -> None:
         await self._again(interaction)
 
     @discord.ui.button(label="Edit", style=discord.ButtonStyle.secondary, emoji="✏️")
-    async def edit(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
+    async def edit(
+        self, interaction: discord.Interaction[StoryBot], button: discord.ui.Button[Any]
+    ) -> None:
         await interaction.response.send_modal(CardEditModal(self))
 
 
@@ -244,5 +254,5 @@ class CardEditModal(discord.ui.Modal, title="Edit the card"):
         self.view = view
         self.text.default = view.text
 
-    async def on_submit(self, interaction: discord.Interaction) -> None:
+    async def on_submit(self, interaction: discord.Interaction[StoryBot]) -> None:
         await self.view._keep(interaction, str(self.text.value))

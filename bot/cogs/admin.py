@@ -58,14 +58,14 @@ class AdminCog(
         self.engine = bot.engine
         super().__init__()
 
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+    async def interaction_check(self, interaction: discord.Interaction[StoryBot]) -> bool:
         # Discord hides the commands from others by default, but a server can change
         # that in its settings; the permission is checked here as well.
         if not interaction.permissions.manage_guild:
             raise AdminOnly("Only members with the Manage Server permission can do that.")
         return True
 
-    def check_shared_adapter(self, interaction: discord.Interaction) -> None:
+    def check_shared_adapter(self, interaction: discord.Interaction[StoryBot]) -> None:
         allowed = self.bot.settings.admin_guild_ids
         if allowed and interaction.guild_id not in allowed:
             raise AdminOnly(
@@ -73,7 +73,7 @@ class AdminCog(
                 "servers can train or roll it back."
             )
 
-    async def reply(self, interaction: discord.Interaction, text: str) -> None:
+    async def reply(self, interaction: discord.Interaction[StoryBot], text: str) -> None:
         await reply(interaction, text, ephemeral=True)  # admin answers are private
 
     @app_commands.command(
@@ -81,7 +81,7 @@ class AdminCog(
     )
     @app_commands.describe(state="on: train on this server's stories and reactions; off: don't")
     async def learning(
-        self, interaction: discord.Interaction, state: Literal["on", "off"] | None = None
+        self, interaction: discord.Interaction[StoryBot], state: Literal["on", "off"] | None = None
     ) -> None:
         community = str(interaction.guild_id)
         if state is not None:
@@ -100,7 +100,7 @@ class AdminCog(
         await self.reply(interaction, text)
 
     @app_commands.command(name="stats", description="Feedback and approval per adapter version")
-    async def stats(self, interaction: discord.Interaction) -> None:
+    async def stats(self, interaction: discord.Interaction[StoryBot]) -> None:
         # Drawing the chart takes a second or two: acknowledge first.
         await interaction.response.defer(ephemeral=True, thinking=True)
         community = str(interaction.guild_id)
@@ -129,7 +129,7 @@ class AdminCog(
         """What this server's stories are told with, in words."""
         return (await self.engine.learning.serving(community)).describe()
 
-    def lineage(self, interaction: discord.Interaction, which: str | None) -> str | None:
+    def lineage(self, interaction: discord.Interaction[StoryBot], which: str | None) -> str | None:
         """The lineage an admin command acts on: this server's own (the default), or
         the shared one (only in BOT_ADMIN_GUILDS, when that is set)."""
         if which == "shared":
@@ -153,7 +153,7 @@ class AdminCog(
     @app_commands.command(name="adapters", description="Adapter versions and their gate reports")
     @app_commands.describe(adapter="this server's own versions (default), or the shared ones")
     async def adapters(
-        self, interaction: discord.Interaction, adapter: Lineage | None = None
+        self, interaction: discord.Interaction[StoryBot], adapter: Lineage | None = None
     ) -> None:
         community = None if adapter == "shared" else str(interaction.guild_id)
         versions = await self.engine.learning.versions(community)
@@ -174,7 +174,7 @@ class AdminCog(
     @app_commands.command(name="rollback", description="Serve the adapter version before this one")
     @app_commands.describe(adapter="this server's own (default), or the shared one")
     async def rollback(
-        self, interaction: discord.Interaction, adapter: Lineage | None = None
+        self, interaction: discord.Interaction[StoryBot], adapter: Lineage | None = None
     ) -> None:
         community = self.lineage(interaction, adapter)
         before, now = await self.engine.learning.rollback(community)
@@ -187,7 +187,9 @@ class AdminCog(
 
     @app_commands.command(name="train", description="Start a training round now")
     @app_commands.describe(adapter="train this server's own (default), or the shared one")
-    async def train(self, interaction: discord.Interaction, adapter: Lineage | None = None) -> None:
+    async def train(
+        self, interaction: discord.Interaction[StoryBot], adapter: Lineage | None = None
+    ) -> None:
         community = self.lineage(interaction, adapter)
         await interaction.response.defer(ephemeral=True, thinking=True)
         job = await self.bot.training.start(f"asked by {interaction.user.id}", community=community)

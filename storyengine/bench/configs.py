@@ -113,3 +113,31 @@ class SoakConfig:
     @property
     def seconds(self) -> float:
         return self.minutes * 60
+
+
+@dataclass(frozen=True)
+class StoreBenchConfig:
+    """`storyengine bench store`: its options are these fields (`options.add_options`)."""
+
+    writers: int = option(4, low=1, high=64, help="writer processes, each with its own Store")
+    events: int = option(
+        500,
+        low=1,
+        high=100_000,
+        help="events per writer, alternately a reaction and a turn",
+    )
+    db_url: str | None = option(
+        None,
+        secret=True,
+        help="an empty PostgreSQL database to run in (postgresql://...; the bench leaves its "
+        "rows there: drop it afterwards); default: a temporary SQLite file",
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.db_url is not None and not self.db_url.startswith(("postgresql://", "postgres://")):
+            from ..config import redact_url
+
+            raise ValueError(  # the URL without its password
+                f"--db-url: expected a postgresql:// URL, got {redact_url(self.db_url)}"
+            )

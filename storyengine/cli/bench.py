@@ -1,4 +1,4 @@
-"""`storyengine bench serve|learning|soak`."""
+"""`storyengine bench serve|learning|soak|store`."""
 
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ async def run_bench(args: argparse.Namespace, settings: Settings) -> int:
             config=soak, device=args.device, db_path=args.db, json_path=args.json
         )
         return 1 if results["errors"] else 0
+    if args.bench == "store":
+        from ..bench.store import StoreBenchConfig, bench_store, failed
+
+        results = await bench_store(config=from_args(StoreBenchConfig, args), json_path=args.json)
+        return 1 if failed(results) else 0
     from ..bench.serve import ServeBenchConfig, bench_serve
 
     await bench_serve(

@@ -57,6 +57,51 @@ async def run_train_round(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def run_train_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """`train worker`: rounds that front ends with TRAIN_MODE=external recorded in the
+    shared database, taken oldest first and run here (a GPU box), one at a time; each
+    request notes how its round ended. The promotion goes through the database and the
+    shared adapter directory, where the serving processes pick it up."""
+    import os
+    import socket
+
+    from ..learning.rounds import RoundConfig, run_round
+    from ..storage.store import Store
+
+    if args.poll <= 0:
+        raise InvalidInput("--poll must be more than 0 seconds")
+    train = from_args(TrainConfig, args)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    store = await Store(settings.database).open()
+    try:
+        while True:
+            taken = await store.take_round_request(worker)
+            if taken is None:
+                if args.once:
+                    print("no round requested")
+                    return 0
+                await asyncio.sleep(args.poll)
+                continue
+            request, community, reason = taken
+            lineage = f"community {community}" if community else "the shared adapter"
+            print(f"round request #{request} ({reason}): training {lineage}", flush=True)
+            config = from_args(RoundConfig, args, train=train, community=community)
+            try:
+                result = await run_round(settings, config, say=echo)
+            except Exception as exc:  # the next request still gets its turn
+                log.exception("round request #%d failed", request)
+                outcome = f"failed: {exc or type(exc).__name__}"
+            else:
+                name = f" {result.version.name}" if result.version is not None else ""
+                outcome = f"{result.status}{name}: {result.reason}"
+            await store.finish_round_request(request, outcome)
+            print(f"round request #{request}: {outcome}", flush=True)
+            if args.once:
+                return 0
+    finally:
+        await store.close()
+
+
 async def run_adapters(args: argparse.Namespace, settings: Settings) -> int:
     from ..learning.registry import AdapterRegistry
     from ..storage.store import Store

@@ -31,6 +31,7 @@ COMMANDS: dict[tuple[str, str | None], Command] = {
     ("db", None): db.run_db,
     ("train", "sft"): learning.run_train_sft,
     ("train", "round"): learning.run_train_round,
+    ("train", "worker"): learning.run_train_worker,
     ("adapters", None): learning.run_adapters,
     ("feedback", "import"): learning.run_feedback_import,
     ("feedback", "export"): learning.run_feedback_export,

@@ -7,7 +7,12 @@ import logging
 import os
 from pathlib import Path
 
-from ..bench.configs import LearningBenchConfig, ServeBenchConfig, SoakConfig
+from ..bench.configs import (
+    LearningBenchConfig,
+    ServeBenchConfig,
+    SoakConfig,
+    StoreBenchConfig,
+)
 from ..config import Settings
 from ..learning.rounds import RoundConfig
 from ..learning.sft import CorpusTrainConfig
@@ -95,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(round_, RoundConfig)
     add_options(round_, TrainConfig)
     _add_storage_args(round_, adapters=True)
+    worker = train_sub.add_parser(
+        "worker",
+        help="run the rounds that bots with TRAIN_MODE=external record in the shared database",
+    )
+    worker.add_argument("--once", action="store_true", help="take one request (or none), then end")
+    worker.add_argument(
+        "--poll", type=float, default=30.0, help="seconds between looks for a request (default 30)"
+    )
+    add_options(worker, RoundConfig, skip=("community",))
+    add_options(worker, TrainConfig)
+    _add_storage_args(worker, adapters=True)
     sft = train_sub.add_parser(
         "sft", help="adapt a LoRA to a story corpus (domain fine-tuning); registers a candidate"
     )
@@ -171,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arg(soak)
     soak.add_argument("--db", type=Path, help="SQLite file (default: a temporary one)")
     _add_json_arg(soak)
+    store = bench_sub.add_parser(
+        "store",
+        help="writer processes on one database at once: events/s, latency, nothing lost",
+    )
+    add_options(store, StoreBenchConfig)
+    _add_json_arg(store)
     return parser
 
 

@@ -53,20 +53,27 @@ async def training_run(settings: Settings) -> AsyncIterator[TrainingRun]:
     with round_lock(settings.adapter_dir):
         store = await Store(settings.database).open()
         try:
-            # We hold the round lock: leftovers are a killed run's, and so are runs
-            # still 'running'.
-            registry = await AdapterRegistry(store, settings.adapter_dir).open(locked=True)
-            await store.interrupt_training_runs()
-            run = TrainingRun(store, registry)
-            try:
+            # The database's round lock too: a shared database has several machines.
+            async with store.round_lock(), _run(store, settings) as run:
                 yield run
-            except BaseException as exc:
-                if run.id is not None:
-                    await store.fail_training_run(run.id, exc)
-                raise
-            if run.id is not None:
-                await store.finish_training_run(
-                    run.id, version=run.version, error=run.error, data_until=run.data_until
-                )
         finally:
             await store.close()
+
+
+@asynccontextmanager
+async def _run(store: StoryStore, settings: Settings) -> AsyncIterator[TrainingRun]:
+    # We hold the round lock: leftovers are a killed run's, and so are runs still
+    # 'running'.
+    registry = await AdapterRegistry(store, settings.adapter_dir).open(locked=True)
+    await store.interrupt_training_runs()
+    run = TrainingRun(store, registry)
+    try:
+        yield run
+    except BaseException as exc:
+        if run.id is not None:
+            await store.fail_training_run(run.id, exc)
+        raise
+    if run.id is not None:
+        await store.finish_training_run(
+            run.id, version=run.version, error=run.error, data_until=run.data_until
+        )

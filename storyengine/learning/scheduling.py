@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ..config import Settings
 from ..errors import TrainingBusy
@@ -62,6 +62,9 @@ class TrainingSchedule:
     """Reactions and choices since the last round that make a new one worth it."""
     interval_s: float | None = 6 * 3600
     """Least time between two automatic rounds; None: no automatic rounds."""
+    mode: Literal["local", "external"] = "local"
+    """local: a round runs as this process's child; external: a round due is recorded
+    in the database for `storyengine train worker` on another machine (`TRAIN_MODE`)."""
 
 
 @dataclass
@@ -103,7 +106,8 @@ class TrainingJob:
         if self.returncode != 0:
             return "failed"
         word = self.last_line.split(" ", 1)[0].rstrip(":")
-        return word if word in ("promoted", "rejected", "skipped", "registered") else "finished"
+        kinds = ("promoted", "rejected", "skipped", "registered", "queued")
+        return word if word in kinds else "finished"
 
     def read_line(self, raw: bytes) -> bool:
         """Take in one line of the child's output: a structured progress line updates
@@ -274,6 +278,8 @@ class TrainingScheduler:
         (raises TrainingBusy if one is running)."""
         if self.running:
             raise TrainingBusy()
+        if self.schedule.mode == "external":
+            return await self._request(reason, community)
         logs = self.settings.round_log_dir
         await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -304,6 +310,19 @@ class TrainingScheduler:
             os.setpriority(os.PRIO_PROCESS, job.process.pid, self.nice)
         log.info("training round started (%s), log %s", reason, job.log_path)
         self._watch = asyncio.create_task(self._follow(job), name="training-round")
+        return job
+
+    async def _request(self, reason: str, community: str | None) -> TrainingJob:
+        """TRAIN_MODE=external: the round is left in the database for a training
+        worker (a lineage's waiting request is not doubled); the job says so."""
+        request = await self.store.request_round(reason, community)
+        job = TrainingJob(reason, Path(os.devnull), self.clock(), community=community)
+        job.last_line = f"queued: round request #{request}, for a training worker"
+        job.returncode, job.finished_at = 0, self.clock()
+        job.done.set()
+        self.job = job
+        self._count(job)
+        log.info("training round due (%s): request #%d for a training worker", reason, request)
         return job
 
     async def _follow(self, job: TrainingJob) -> None:

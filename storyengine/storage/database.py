@@ -26,7 +26,7 @@ from typing import Any, Self
 import aiosqlite
 
 from ..config import redact_url
-from ..errors import ConfigError, InvalidInput
+from ..errors import ConfigError, InvalidInput, TrainingBusy
 from . import postgres
 from .postgres import is_postgres_url
 
@@ -104,6 +104,9 @@ def pre_migration_backup_path(db_path: Path, schema_version: int, now: datetime)
     """`stories.db` → `stories.db.schema-0005.20260101T120000Z.bak`, beside it."""
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
     return db_path.with_name(f"{db_path.name}.schema-{schema_version:04d}.{stamp}.bak")
+
+
+ROUND_LOCK = 0x7261_6E64  # "rand": the advisory lock a training run holds (PostgreSQL)
 
 
 def utc_now() -> str:
@@ -272,6 +275,24 @@ class Database(Repository):
                 await self.db.execute("ROLLBACK")
                 raise
             await self.db.execute("COMMIT")
+
+    @asynccontextmanager
+    async def round_lock(self) -> AsyncIterator[None]:
+        """One training run at a time across every process on this database (raises
+        `TrainingBusy` when another holds it). PostgreSQL: a session advisory lock on a
+        connection kept for the run, dropped by the server if the holder dies. SQLite:
+        nothing here; the adapter directory's lock file does it (`registry.round_lock`),
+        since a SQLite database is one machine's."""
+        if self.url is None or self._pool is None:
+            yield
+            return
+        async with self._pool.acquire() as connection:
+            if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", ROUND_LOCK):
+                raise TrainingBusy()
+            try:
+                yield
+            finally:
+                await connection.execute("SELECT pg_advisory_unlock($1)", ROUND_LOCK)
 
     @asynccontextmanager
     async def _pg_transaction(self) -> AsyncIterator[postgres.Session]:

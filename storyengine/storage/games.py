@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import Any
+
 from ..records import Player
 from .database import Repository
+
+COMMUNITIES_PER_QUERY = 500
+"""Communities named in one query (SQLite and PostgreSQL bound the parameters)."""
 
 
 class GameRepository(Repository):
@@ -46,13 +52,23 @@ class GameRepository(Repository):
         )
         return (rows[0][0], rows[0][1]) if rows else (None, None)
 
-    async def overdue_turns(self, now: float) -> list[str]:
-        rows = await self.fetch(
-            "SELECT channel FROM stories WHERE status = 'active' AND mode = 'round-robin'"
-            " AND turn_deadline IS NOT NULL AND turn_deadline <= ? ORDER BY turn_deadline",
-            (now,),
+    async def overdue_turns(
+        self, now: float, communities: Collection[str] | None = None
+    ) -> list[str]:
+        overdue = (
+            "SELECT channel, turn_deadline FROM stories WHERE status = 'active'"
+            " AND mode = 'round-robin' AND turn_deadline IS NOT NULL AND turn_deadline <= ?"
         )
-        return [r[0] for r in rows]
+        if communities is None:
+            rows = await self.fetch(overdue + " ORDER BY turn_deadline", (now,))
+            return [r[0] for r in rows]
+        wanted = sorted(set(communities))
+        found: list[Any] = []
+        for start in range(0, len(wanted), COMMUNITIES_PER_QUERY):
+            chunk = wanted[start : start + COMMUNITIES_PER_QUERY]
+            marks = ", ".join("?" * len(chunk))
+            found += await self.fetch(f"{overdue} AND community IN ({marks})", (now, *chunk))
+        return [r[0] for r in sorted(found, key=lambda r: r[1])]
 
     async def turn_timeout(self, channel: str) -> int | None:
         rows = await self.fetch(

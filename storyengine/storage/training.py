@@ -5,10 +5,57 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .database import SAME_LINEAGE, Repository, utc_now
+from .database import SAME_LINEAGE, Repository, inserted_id, utc_now
 
 
 class TrainingRepository(Repository):
+    async def request_round(self, reason: str, community: str | None = None) -> int:
+        """Note that a lineage's round is due (for a training worker); a request of the
+        lineage still waiting is the one returned, not a second."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                f"SELECT id FROM training_requests WHERE taken_at IS NULL AND {SAME_LINEAGE}"
+                " ORDER BY id LIMIT 1",
+                (community,),
+            )
+            waiting = await cursor.fetchone()
+            if waiting is not None:
+                return int(waiting[0])
+            return await inserted_id(
+                db,
+                "INSERT INTO training_requests (community, reason, requested_at) VALUES (?, ?, ?)",
+                (community, reason, utc_now()),
+            )
+
+    async def take_round_request(self, worker: str) -> tuple[int, str | None, str] | None:
+        """The oldest waiting request, now taken by `worker`, as (id, community,
+        reason); None if none waits. Writers are serialised, so two workers never take
+        the same one."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "SELECT id, community, reason FROM training_requests WHERE taken_at IS NULL"
+                " ORDER BY id LIMIT 1"
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                return None
+            await db.execute(
+                "UPDATE training_requests SET taken_at = ?, taken_by = ? WHERE id = ?",
+                (utc_now(), worker, row[0]),
+            )
+            return int(row[0]), row[1], row[2]
+
+    async def finish_round_request(self, request_id: int, outcome: str) -> None:
+        await self._write(
+            "UPDATE training_requests SET finished_at = ?, outcome = ? WHERE id = ?",
+            (utc_now(), outcome[:500], request_id),
+        )
+
+    async def round_requests(self) -> list[dict[str, Any]]:
+        """Every request, newest first (what a worker took and how each ended)."""
+        rows = await self.fetch("SELECT * FROM training_requests ORDER BY id DESC")
+        return [dict(r) for r in rows]
+
     async def interrupt_training_runs(self) -> None:
         """Mark runs still 'running' as failed: call it holding the round lock, when
         any such run was killed."""

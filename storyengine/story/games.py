@@ -7,6 +7,7 @@ resumes every game where it was, and turns missed while it was down pass on the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from ..config import LIMITS
@@ -89,13 +90,20 @@ class RoundRobin:
                 await self.stories.allow(story, actor, Action.SETTINGS)
             await self.store.set_turn_timeout(channel, seconds)
 
-    async def expire_turns(self) -> list[tuple[str, TurnState]]:
+    async def expire_turns(
+        self, communities: Iterable[str | int] | None = None
+    ) -> list[tuple[str, TurnState]]:
         """Pass every round-robin turn whose deadline has gone by. Returns the channels
         whose turn moved on, with their new state (the bot announces them). Deadlines are
-        stored, so turns missed while the process was down pass on the first call."""
+        stored, so turns missed while the process was down pass on the first call.
+
+        `communities` (server ids, for a server's stories): only the games of those, so
+        that processes sharing one database, each serving its own servers (shards), never
+        pass one another's turns; None: every game."""
         moved = []
         clock = self.stories.clock
-        for channel in await self.store.overdue_turns(clock()):
+        wanted = None if communities is None else {str(c) for c in communities}
+        for channel in await self.store.overdue_turns(clock(), wanted):
             async with self.stories.lock(channel):
                 story = await self.store.active_story(channel)
                 if story is None:

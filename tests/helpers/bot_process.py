@@ -7,7 +7,10 @@ Discord's REST API and gateway replaced.
 Test-only knobs (environment): FAKE_MIN_NEW_TOKENS makes every continuation that long
 (so a test can stop one midway); FAKE_TRAINING_SECONDS replaces the training round's
 child process by one that sleeps that long (a stand-in for a long round, to test that
-the bot stops it), printing FAKE_TRAINING_MARKER so the test can find it.
+the bot stops it), printing FAKE_TRAINING_MARKER so the test can find it;
+FAKE_CLOCK_FILE names a file holding seconds the engine's clock (turn deadlines) runs
+ahead of the real one, read at each tick, so a test can let a turn's time run out at
+once in every process (as in-process tests move `engine.clock`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,29 @@ if os.environ.get("FAKE_TRAINING_SECONDS"):
         return [sys.executable, "-c", code, marker]
 
     TrainingScheduler.default_command = long_round  # type: ignore[method-assign]
+
+if os.environ.get("FAKE_CLOCK_FILE"):
+    import time
+    from pathlib import Path
+
+    from storyengine.story.stories import Stories
+
+    ahead_file = Path(os.environ["FAKE_CLOCK_FILE"])
+
+    def ahead_clock() -> float:
+        try:
+            ahead = float(ahead_file.read_text() or 0)
+        except (OSError, ValueError):
+            ahead = 0.0
+        return time.time() + ahead
+
+    plain_init = Stories.__init__
+
+    def init_with_clock(self: Stories, *args: object, **kwargs: object) -> None:
+        plain_init(self, *args, **kwargs)  # type: ignore[arg-type]
+        self.clock = ahead_clock
+
+    Stories.__init__ = init_with_clock  # type: ignore[method-assign]
 
 from bot.__main__ import main  # noqa: E402 - after the addresses are replaced
 

@@ -2,6 +2,13 @@
 speaks the gateway websocket (HELLO, IDENTIFY, READY, GUILD_CREATE, heartbeats,
 zlib-stream transport compression, dispatched events) and the REST routes the bot uses.
 
+Sharding as Discord does it: any number of gateway connections, each IDENTIFY naming
+its `shard: [id, count]` (none: the one shard of one); each connection is sent only the
+guilds of its shard (`(guild_id >> 22) % count == id`), and every event of a guild goes
+over the connection of the shard that owns it (direct messages: shard 0's).
+`FakeDiscord(guilds=(GUILD_ID, SECOND_GUILD_ID))` adds a second server, which falls on
+shard 1 of 2 (the first on shard 0).
+
 The real discord.py client connects to it (tests point `Route.BASE` and
 `DiscordWebSocket.DEFAULT_GATEWAY` here). Every REST call is recorded, so tests assert
 what a user would see; an unknown route is answered 404 and recorded in `unexpected`,
@@ -23,8 +30,14 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 GUILD_ID = 1000
+"""The server the tests play in: on shard 0 of 2 (`(1000 >> 22) % 2 == 0`)."""
+SECOND_GUILD_ID = (1 << 22) + 1000
+"""A second server, only where a test asks for it: on shard 1 of 2."""
 TEXT_CHANNEL = 2000
 OTHER_CHANNEL = 2001
+SECOND_CHANNEL = 2002
+"""The second server's text channel."""
+GUILD_NAMES = {GUILD_ID: "Story Club", SECOND_GUILD_ID: "Tale Tellers"}
 BOT_ID = 900
 MANAGE_MESSAGES = 1 << 13
 MANAGE_GUILD = 1 << 5
@@ -75,6 +88,22 @@ class Upload:
     data: bytes
 
 
+def shard_of(guild_id: int, shard_count: int) -> int:
+    """The shard a guild's events go to (Discord's rule)."""
+    return (guild_id >> 22) % shard_count
+
+
+@dataclass
+class Connection:
+    """One gateway websocket: a shard, once it has identified."""
+
+    ws: web.WebSocketResponse
+    compressor: Any
+    seq: int = 0
+    shard: tuple[int, int] | None = None
+    """(id, count) from IDENTIFY (or RESUME); None before."""
+
+
 @dataclass
 class Call:
     method: str
@@ -105,7 +134,11 @@ class InteractionRecord:
 
 
 class FakeDiscord:
-    def __init__(self) -> None:
+    def __init__(self, *, guilds: tuple[int, ...] = (GUILD_ID,), gateway_shards: int = 1) -> None:
+        self.guilds = guilds
+        """The servers the bot is in (`GUILD_NAMES` names them)."""
+        self.gateway_shards = gateway_shards
+        """How many shards `GET /gateway/bot` recommends."""
         self.calls: list[Call] = []
         self.unexpected: list[str] = []
         self.uploads: dict[str, bytes] = {}
@@ -118,6 +151,10 @@ class FakeDiscord:
             TEXT_CHANNEL: self._text_channel(TEXT_CHANNEL, "story-time"),
             OTHER_CHANNEL: self._text_channel(OTHER_CHANNEL, "other"),
         }
+        if SECOND_GUILD_ID in guilds:
+            self.channels[SECOND_CHANNEL] = self._text_channel(
+                SECOND_CHANNEL, "tales", guild_id=SECOND_GUILD_ID
+            )
         self.commands: list[dict[str, Any]] = []
         self.ready = asyncio.Event()
         """Set when the bot has synced its commands."""
@@ -126,13 +163,18 @@ class FakeDiscord:
         self.identified = 0
         self.identify_payloads: list[dict[str, Any]] = []
         """What the bot sent with each IDENTIFY (its presence, intents; token removed)."""
+        self.identified_shards: list[tuple[int, int]] = []
+        """The (shard id, shard count) of each IDENTIFY, in order ((0, 1) when unsharded)."""
         self.refuse_gateway = False
         """While True, new gateway connections are refused (Discord unreachable)."""
         self.resumed = 0
+        self.connections: list[Connection] = []
+        """The open gateway connections."""
+        self._shards: dict[int, Connection] = {}
+        """Each identified shard's connection, by shard id."""
+        self._sessions: dict[str, tuple[int, int]] = {}
+        """Each session READY gave, with its shard (RESUME names only the session)."""
         self._ids = itertools.count(10**17)
-        self._ws: web.WebSocketResponse | None = None
-        self._compressor: Any = None
-        self._seq = 0
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -142,6 +184,7 @@ class FakeDiscord:
         app = web.Application(middlewares=[self._record])
         app.router.add_get("/gateway", self._gateway)
         r = app.router
+        r.add_get("/api/v10/gateway/bot", self._gateway_bot)
         r.add_get("/api/v10/users/@me", self._me)
         r.add_get("/api/v10/oauth2/applications/@me", self._application)
         r.add_put("/api/v10/applications/{app}/commands", self._sync)
@@ -167,8 +210,8 @@ class FakeDiscord:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
-        if self._ws is not None:
-            await self._ws.close()
+        for connection in list(self.connections):
+            await connection.ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -212,73 +255,139 @@ class FakeDiscord:
             self.unexpected.append(f"gateway compression {request.query.get('compress')}")
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        self._ws, self._seq = ws, 0
-        self._compressor = zlib.compressobj() if request.query.get("compress") else None
-        await self._send({"op": 10, "d": {"heartbeat_interval": 41250}, "s": None, "t": None})
-        async for msg in ws:
-            if msg.type != WSMsgType.TEXT:
-                continue
-            payload = json.loads(msg.data)
-            if payload["op"] == 1:
-                await self._send({"op": 11, "d": None, "s": None, "t": None})
-            elif payload["op"] == 2:
-                self.identified += 1
-                if payload["d"].get("token") != TOKEN:
-                    self.unexpected.append("IDENTIFY with the wrong token")
-                self.identify_payloads.append(
-                    {k: v for k, v in payload["d"].items() if k != "token"}
-                )
-                await self.dispatch("READY", self._ready())
-                await self.dispatch("GUILD_CREATE", self._guild())
-                self.connected.set()
-            elif payload["op"] == 6:  # RESUME after a dropped connection
-                if payload["d"].get("token") != TOKEN:
-                    self.unexpected.append("RESUME with the wrong token")
-                self.resumed += 1
-                await self.dispatch("RESUMED", {})
-                self.connected.set()
-            elif payload["op"] not in (3,):
-                self.unexpected.append(f"gateway op {payload['op']}")
+        connection = Connection(ws, zlib.compressobj() if request.query.get("compress") else None)
+        self.connections.append(connection)
+        try:
+            await self._send(
+                connection, {"op": 10, "d": {"heartbeat_interval": 41250}, "s": None, "t": None}
+            )
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                payload = json.loads(msg.data)
+                if payload["op"] == 1:
+                    await self._send(connection, {"op": 11, "d": None, "s": None, "t": None})
+                elif payload["op"] == 2:
+                    await self._identify(connection, payload["d"])
+                elif payload["op"] == 6:  # RESUME after a dropped connection
+                    await self._resume(connection, payload["d"])
+                elif payload["op"] not in (3,):
+                    self.unexpected.append(f"gateway op {payload['op']}")
+        finally:
+            self.connections.remove(connection)
+            if connection.shard is not None and self._shards.get(connection.shard[0]) is connection:
+                del self._shards[connection.shard[0]]
         return ws
 
-    async def drop_gateway(self, code: int = 4000) -> None:
-        """Close the bot's gateway connection as Discord does when something went wrong
-        on its side (4000: reconnect and resume)."""
-        self.connected.clear()
-        if self._ws is not None:
-            await self._ws.close(code=code)
+    async def _identify(self, connection: Connection, data: dict[str, Any]) -> None:
+        self.identified += 1
+        if data.get("token") != TOKEN:
+            self.unexpected.append("IDENTIFY with the wrong token")
+        self.identify_payloads.append({k: v for k, v in data.items() if k != "token"})
+        shard = data.get("shard", [0, 1])
+        if (
+            not isinstance(shard, list)
+            or len(shard) != 2
+            or not all(isinstance(n, int) for n in shard)
+            or not 0 <= shard[0] < shard[1]
+        ):
+            self.unexpected.append(f"IDENTIFY with shard {shard!r}")
+            await connection.ws.close(code=4010)  # Discord: invalid shard
+            return
+        shard_id, count = shard
+        counts = {c.shard[1] for c in self._shards.values() if c.shard is not None}
+        if counts - {count}:
+            self.unexpected.append(f"IDENTIFY as shard {shard} while others count {counts}")
+        if shard_id in self._shards and not self._shards[shard_id].ws.closed:
+            self.unexpected.append(f"IDENTIFY as shard {shard}, which is already connected")
+        connection.shard = (shard_id, count)
+        self._shards[shard_id] = connection
+        self.identified_shards.append((shard_id, count))
+        await self._dispatch_to(connection, "READY", self._ready(shard_id, count))
+        for guild_id in self.guilds_of(shard_id, count):
+            await self._dispatch_to(connection, "GUILD_CREATE", self._guild(guild_id))
+        self.connected.set()
 
-    async def _send(self, payload: dict[str, Any]) -> None:
-        assert self._ws is not None
+    async def _resume(self, connection: Connection, data: dict[str, Any]) -> None:
+        if data.get("token") != TOKEN:
+            self.unexpected.append("RESUME with the wrong token")
+        session = str(data.get("session_id", ""))
+        shard = self._sessions.get(session)
+        if shard is None:
+            self.unexpected.append(f"RESUME of an unknown session {session!r}")
+            return
+        connection.shard = shard
+        self._shards[shard[0]] = connection
+        self.resumed += 1
+        await self._dispatch_to(connection, "RESUMED", {})
+        self.connected.set()
+
+    def guilds_of(self, shard_id: int, shard_count: int) -> list[int]:
+        """The guilds a shard's connection carries."""
+        return [g for g in self.guilds if shard_of(g, shard_count) == shard_id]
+
+    @property
+    def shards_connected(self) -> set[int]:
+        """The ids of the shards with a connection now."""
+        return set(self._shards)
+
+    async def drop_gateway(self, code: int = 4000, *, shard: int | None = None) -> None:
+        """Close the bot's gateway connection (only `shard`'s, if given) as Discord does
+        when something went wrong on its side (4000: reconnect and resume)."""
+        self.connected.clear()
+        for connection in list(self.connections):
+            if shard is None or (connection.shard is not None and connection.shard[0] == shard):
+                await connection.ws.close(code=code)
+
+    async def _send(self, connection: Connection, payload: dict[str, Any]) -> None:
         data = json.dumps(payload).encode()
-        if self._compressor is None:
-            await self._ws.send_str(data.decode())
+        if connection.compressor is None:
+            await connection.ws.send_str(data.decode())
         else:
-            await self._ws.send_bytes(
-                self._compressor.compress(data) + self._compressor.flush(zlib.Z_SYNC_FLUSH)
+            await connection.ws.send_bytes(
+                connection.compressor.compress(data)
+                + connection.compressor.flush(zlib.Z_SYNC_FLUSH)
             )
 
-    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
-        self._seq += 1
-        await self._send({"op": 0, "t": event, "s": self._seq, "d": data})
+    async def _dispatch_to(self, connection: Connection, event: str, data: dict[str, Any]) -> None:
+        connection.seq += 1
+        await self._send(connection, {"op": 0, "t": event, "s": connection.seq, "d": data})
 
-    def _ready(self) -> dict[str, Any]:
+    async def dispatch(
+        self, event: str, data: dict[str, Any], *, guild_id: int | None = None
+    ) -> None:
+        """Send an event over the connection of the shard that owns `guild_id` (no
+        guild: shard 0's, as Discord sends direct messages)."""
+        if not self._shards:
+            raise AssertionError(f"{event}: the bot has no gateway connection")
+        count = next(iter(self._shards.values())).shard[1]  # type: ignore[index]
+        shard = 0 if guild_id is None else shard_of(guild_id, count)
+        connection = self._shards.get(shard)
+        if connection is None:
+            raise AssertionError(f"{event} for guild {guild_id}: shard {shard} is not connected")
+        await self._dispatch_to(connection, event, data)
+
+    def _ready(self, shard_id: int, shard_count: int) -> dict[str, Any]:
+        session = "fake-session" if shard_count == 1 else f"fake-session-{shard_id}"
+        self._sessions[session] = (shard_id, shard_count)
         return {
             "v": 10,
             "user": user_json(BOT_ID, "Taleweaver", bot=True),
-            "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
-            "session_id": "fake-session",
+            "guilds": [
+                {"id": str(g), "unavailable": True} for g in self.guilds_of(shard_id, shard_count)
+            ],
+            "session_id": session,
             "resume_gateway_url": self.gateway_url,
-            "shard": [0, 1],
+            "shard": [shard_id, shard_count],
             "application": {"id": str(BOT_ID), "flags": 0},
             "private_channels": [],
             "relationships": [],
         }
 
-    def _guild(self) -> dict[str, Any]:
+    def _guild(self, guild_id: int = GUILD_ID) -> dict[str, Any]:
         return {
-            "id": str(GUILD_ID),
-            "name": "Story Club",
+            "id": str(guild_id),
+            "name": GUILD_NAMES[guild_id],
             "icon": None,
             "owner_id": "101",
             "unavailable": False,
@@ -290,7 +399,7 @@ class FakeDiscord:
             "stickers": [],
             "roles": [
                 {
-                    "id": str(GUILD_ID),
+                    "id": str(guild_id),
                     "name": "@everyone",
                     "permissions": str(EVERYONE_PERMISSIONS),
                     "position": 0,
@@ -306,7 +415,11 @@ class FakeDiscord:
                     "user": user_json(BOT_ID, "Taleweaver", bot=True),
                 }
             ],
-            "channels": [c for c in self.channels.values() if c["type"] == 0],
+            "channels": [
+                c
+                for c in self.channels.values()
+                if c["type"] == 0 and c["guild_id"] == str(guild_id)
+            ],
             "threads": [],
             "presences": [],
             "voice_states": [],
@@ -322,12 +435,14 @@ class FakeDiscord:
             "nsfw_level": 0,
         }
 
-    def _text_channel(self, channel_id: int, name: str) -> dict[str, Any]:
+    def _text_channel(
+        self, channel_id: int, name: str, *, guild_id: int = GUILD_ID
+    ) -> dict[str, Any]:
         return {
             "id": str(channel_id),
             "type": 0,
             "name": name,
-            "guild_id": str(GUILD_ID),
+            "guild_id": str(guild_id),
             "position": 0,
             "permission_overwrites": [],
             "nsfw": False,
@@ -335,6 +450,20 @@ class FakeDiscord:
         }
 
     # -- REST -----------------------------------------------------------------------
+
+    async def _gateway_bot(self, request: web.Request) -> web.Response:
+        return _json(
+            {
+                "url": self.gateway_url,
+                "shards": self.gateway_shards,
+                "session_start_limit": {
+                    "total": 1000,
+                    "remaining": 999,
+                    "reset_after": 86_400_000,
+                    "max_concurrency": 1,
+                },
+            }
+        )
 
     async def _me(self, request: web.Request) -> web.Response:
         return _json(user_json(BOT_ID, "Taleweaver", bot=True))
@@ -454,11 +583,12 @@ class FakeDiscord:
     async def _thread(self, request: web.Request) -> web.Response:
         payload = await request.json()
         thread_id = next(self._ids)
+        guild_id = int(self.channels[int(request.match_info["channel"])]["guild_id"])
         thread = {
             "id": str(thread_id),
             "type": payload.get("type", 11),
             "name": payload["name"],
-            "guild_id": str(GUILD_ID),
+            "guild_id": str(guild_id),
             "parent_id": request.match_info["channel"],
             "owner_id": str(BOT_ID),
             "member_count": 1,
@@ -473,7 +603,7 @@ class FakeDiscord:
             },
         }
         self.channels[thread_id] = thread
-        await self.dispatch("THREAD_CREATE", {**thread, "newly_created": True})
+        await self.dispatch("THREAD_CREATE", {**thread, "newly_created": True}, guild_id=guild_id)
         return _json(thread)
 
     async def _get_channel(self, request: web.Request) -> web.Response:
@@ -626,6 +756,7 @@ class FakeDiscord:
         self.interactions[interaction_id] = record
         self.by_token[token] = record
         channel = self.channels[channel_id]
+        guild_id = int(channel["guild_id"]) if "guild_id" in channel else None
         payload: dict[str, Any] = {
             "id": str(interaction_id),
             "application_id": str(BOT_ID),
@@ -638,18 +769,18 @@ class FakeDiscord:
             "locale": "en-US",
             "app_permissions": str(EVERYONE_PERMISSIONS),
             "entitlements": [],
-            "authorizing_integration_owners": {"0": str(GUILD_ID)},
+            "authorizing_integration_owners": {"0": str(guild_id or GUILD_ID)},
             "context": 0,
             "attachment_size_limit": 8 * 1024 * 1024,
         }
-        if "guild_id" in channel:
-            payload.update(guild_id=str(GUILD_ID), guild_locale="en-US", member=user.member())
+        if guild_id is not None:
+            payload.update(guild_id=str(guild_id), guild_locale="en-US", member=user.member())
         else:
             payload["user"] = user_json(user.id, user.name)
         if message is not None:
             payload["message"] = message
             record.source_id = int(message["id"])
-        await self.dispatch("INTERACTION_CREATE", payload)
+        await self.dispatch("INTERACTION_CREATE", payload, guild_id=guild_id)
         return record
 
     async def react(
@@ -657,11 +788,12 @@ class FakeDiscord:
     ) -> None:
         message = self.messages.get(message_id)
         channel_id = int(message["channel_id"]) if message else TEXT_CHANNEL
+        guild_id = int(self.channels.get(channel_id, {}).get("guild_id", GUILD_ID))
         data: dict[str, Any] = {
             "user_id": str(user.id),
             "channel_id": str(channel_id),
             "message_id": str(message_id),
-            "guild_id": str(GUILD_ID),
+            "guild_id": str(guild_id),
             "emoji": {"id": None, "name": emoji},
             "type": 0,
             "burst": False,
@@ -670,7 +802,9 @@ class FakeDiscord:
             member = user.member()
             member["user"]["bot"] = bot
             data.update(member=member, message_author_id=str(BOT_ID), burst_colors=[])
-        await self.dispatch("MESSAGE_REACTION_ADD" if add else "MESSAGE_REACTION_REMOVE", data)
+        await self.dispatch(
+            "MESSAGE_REACTION_ADD" if add else "MESSAGE_REACTION_REMOVE", data, guild_id=guild_id
+        )
 
     async def wait_for(self, condition: Callable[[], Any], seconds: float = 60.0) -> Any:
         try:

@@ -78,3 +78,23 @@ async def test_a_database_that_does_not_answer_is_named_without_its_password():
     with pytest.raises(ConfigError) as info:
         await Store("postgresql://ann:s3cret@127.0.0.1:1/nowhere").open()
     assert "s3cret" not in str(info.value) and "ann:***@127.0.0.1:1" in str(info.value)
+
+
+async def test_two_workers_never_take_the_same_round_request(database):
+    first = await Store(database).open()
+    second = await Store(database).open()
+    try:
+        for n in range(10):
+            await first.request_round(f"due {n}", f"c{n}")
+
+        async def drain(store: Store, name: str) -> list[int]:
+            taken = []
+            while (request := await store.take_round_request(name)) is not None:
+                taken.append(request[0])
+            return taken
+
+        a, b = await asyncio.gather(drain(first, "a"), drain(second, "b"))
+        assert sorted(a + b) == list(range(1, 11)) and not set(a) & set(b)
+    finally:
+        await first.close()
+        await second.close()

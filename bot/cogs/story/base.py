@@ -53,17 +53,17 @@ class StoryCommands(commands.Cog):
         dropped by the mapping)."""
 
     @staticmethod
-    def channel_of(interaction: discord.Interaction) -> str:
+    def channel_of(interaction: discord.Interaction[StoryBot]) -> str:
         return str(interaction.channel_id)
 
     @staticmethod
-    def community_of(interaction: discord.Interaction) -> str:
+    def community_of(interaction: discord.Interaction[StoryBot]) -> str:
         """The server a story is told in (its learning switch applies), or the private
         community of direct messages, which is never trained on."""
         return str(interaction.guild_id) if interaction.guild_id else DIRECT_MESSAGES
 
     @staticmethod
-    def author_of(interaction: discord.Interaction) -> Author:
+    def author_of(interaction: discord.Interaction[StoryBot]) -> Author:
         """Who acts: a moderator (Manage Messages here) may override a story's owner."""
         return Author(
             str(interaction.user.id),
@@ -71,12 +71,12 @@ class StoryCommands(commands.Cog):
             moderator=bool(interaction.guild_id and interaction.permissions.manage_messages),
         )
 
-    def channel_and_author(self, interaction: discord.Interaction) -> tuple[str, Author]:
+    def channel_and_author(self, interaction: discord.Interaction[StoryBot]) -> tuple[str, Author]:
         return self.channel_of(interaction), self.author_of(interaction)
 
     async def act(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[StoryBot],
         action: Callable[..., Awaitable[T]],
         *args: Any,
         **kwargs: Any,
@@ -86,14 +86,14 @@ class StoryCommands(commands.Cog):
         channel, author = self.channel_and_author(interaction)
         return await in_time(interaction, action(channel, *args, by=author, **kwargs))
 
-    async def begin_writing(self, interaction: discord.Interaction) -> None:
+    async def begin_writing(self, interaction: discord.Interaction[StoryBot]) -> None:
         """A command that has the storyteller write: the per-user pause, then "thinking..."
         while it writes (past Discord's 3-second deadline). Checks that refuse the
         command come before this, so that no work is shown."""
         self.cooldown(interaction)
         await interaction.response.defer(thinking=True)
 
-    def cooldown(self, interaction: discord.Interaction) -> None:
+    def cooldown(self, interaction: discord.Interaction[StoryBot]) -> None:
         """Per-user pause between generating commands."""
         if self.bot.settings.cooldown_s <= 0:
             return
@@ -102,7 +102,10 @@ class StoryCommands(commands.Cog):
             raise Cooldown(f"Easy there, storyteller! Try again in {wait:.0f} s.")
 
     async def run_guarded(
-        self, interaction: discord.Interaction, action: Callable[..., Awaitable[None]], *args: Any
+        self,
+        interaction: discord.Interaction[StoryBot],
+        action: Callable[..., Awaitable[None]],
+        *args: Any,
     ) -> None:
         """Run a button's action with the same error handling as a command."""
         try:
@@ -111,11 +114,11 @@ class StoryCommands(commands.Cog):
             await report_error(interaction, exc)
 
     async def say(
-        self, interaction: discord.Interaction, text: str, *, ephemeral: bool = False
+        self, interaction: discord.Interaction[StoryBot], text: str, *, ephemeral: bool = False
     ) -> None:
         """Reply with `text`, split over several messages if it is long."""
         await reply(interaction, text, ephemeral=ephemeral)
 
 
-def _user_id(interaction: discord.Interaction) -> int:
+def _user_id(interaction: discord.Interaction[StoryBot]) -> int:
     return interaction.user.id

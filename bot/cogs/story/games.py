@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -13,27 +14,30 @@ from ...publish import in_time
 from ...render import describe_turn
 from .base import StoryCommands
 
+if TYPE_CHECKING:
+    from ...client import StoryBot
+
 
 class Games(StoryCommands):
     @app_commands.command(name="join", description="Take a seat in this round-robin game")
-    async def join(self, interaction: discord.Interaction) -> None:
+    async def join(self, interaction: discord.Interaction[StoryBot]) -> None:
         said = f"🪑 {interaction.user.display_name} joins. "
         await self._move(interaction, self.engine.join, said)
 
     @app_commands.command(name="leave", description="Leave this round-robin game")
-    async def leave(self, interaction: discord.Interaction) -> None:
+    async def leave(self, interaction: discord.Interaction[StoryBot]) -> None:
         said = f"👋 {interaction.user.display_name} leaves. "
         await self._move(interaction, self.engine.leave, said)
 
     @app_commands.command(
         name="pass", description="Pass your turn (moderators: skip the current player)"
     )
-    async def pass_(self, interaction: discord.Interaction) -> None:
+    async def pass_(self, interaction: discord.Interaction[StoryBot]) -> None:
         await self._move(interaction, self.engine.pass_turn, "⏭️ Turn passed. ")
 
     async def _move(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[StoryBot],
         move: Callable[[str, Author], Awaitable[TurnState]],
         said: str,
     ) -> None:
@@ -43,7 +47,7 @@ class Games(StoryCommands):
         await self.say(interaction, said + describe_turn(state))
 
     @app_commands.command(name="turn", description="Whose turn it is, the order and the deadline")
-    async def turn(self, interaction: discord.Interaction) -> None:
+    async def turn(self, interaction: discord.Interaction[StoryBot]) -> None:
         await self.say(
             interaction,
             describe_turn(await self.engine.turn_state(self.channel_of(interaction))),

@@ -4,6 +4,7 @@ exported), and stories saved to and loaded from files."""
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -26,6 +27,9 @@ from ...render import describe_turn, story_message
 from ...views import CardDraftView, story_controls
 from .base import MAX_INPUT, StoryCommands
 
+if TYPE_CHECKING:
+    from ...client import StoryBot
+
 
 class NotesAndLore(StoryCommands):
     @app_commands.command(
@@ -35,7 +39,9 @@ class NotesAndLore(StoryCommands):
         text="e.g. 'The fox is called Rusty and is afraid of water.' Empty clears it."
     )
     async def memory(
-        self, interaction: discord.Interaction, text: app_commands.Range[str, 0, MAX_INPUT] = ""
+        self,
+        interaction: discord.Interaction[StoryBot],
+        text: app_commands.Range[str, 0, MAX_INPUT] = "",
     ) -> None:
         await self.act(interaction, self.engine.set_memory, text)
         await self.say(interaction, "🧠 Memory set." if text else "🧠 Memory cleared.")
@@ -44,7 +50,7 @@ class NotesAndLore(StoryCommands):
     @app_commands.describe(text="e.g. 'The mood turns spooky.' Empty clears it.")
     async def note(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[StoryBot],
         text: app_commands.Range[str, 0, MAX_NOTE_CHARS] = "",
     ) -> None:
         await self.act(interaction, self.engine.set_authors_note, text)
@@ -64,7 +70,7 @@ class NotesAndLore(StoryCommands):
     )
     async def lore(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[StoryBot],
         name: app_commands.Range[str, 1, MAX_LORE_NAME],
         triggers: app_commands.Range[str, 1, 200],
         text: app_commands.Range[str, 1, MAX_INPUT],
@@ -76,7 +82,7 @@ class NotesAndLore(StoryCommands):
         )
 
     @lore_group.command(name="list", description="List this story's lore cards")
-    async def lore_list(self, interaction: discord.Interaction) -> None:
+    async def lore_list(self, interaction: discord.Interaction[StoryBot]) -> None:
         cards = await self.engine.lore(self.channel_of(interaction))
         lines = [f"**{c.name}** ({', '.join(c.triggers)}): {c.text}" for c in cards]
         await self.say(
@@ -89,7 +95,7 @@ class NotesAndLore(StoryCommands):
     @app_commands.describe(name="their name (or one is chosen)", hint="e.g. 'a shy fox'")
     async def lore_character(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[StoryBot],
         name: app_commands.Range[str, 1, MAX_LORE_NAME] | None = None,
         hint: app_commands.Range[str, 1, 100] | None = None,
     ) -> None:
@@ -99,14 +105,18 @@ class NotesAndLore(StoryCommands):
     @app_commands.describe(name="its name (or one is chosen)", hint="e.g. 'a foggy marsh'")
     async def lore_setting(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[StoryBot],
         name: app_commands.Range[str, 1, MAX_LORE_NAME] | None = None,
         hint: app_commands.Range[str, 1, 100] | None = None,
     ) -> None:
         await self.draft(interaction, "setting", name, hint)
 
     async def draft(
-        self, interaction: discord.Interaction, kind: str, name: str | None, hint: str | None
+        self,
+        interaction: discord.Interaction[StoryBot],
+        kind: str,
+        name: str | None,
+        hint: str | None,
     ) -> None:
         """A drafted card, with Keep / Again / Edit for whoever asked."""
         channel, author = self.channel_and_author(interaction)
@@ -118,7 +128,7 @@ class NotesAndLore(StoryCommands):
             async with self.bot.work.tracked():
                 return await self.engine.draft_card(channel, kind, name=name, hint=hint)
 
-        async def keep(press: discord.Interaction, text: str) -> None:
+        async def keep(press: discord.Interaction[StoryBot], text: str) -> None:
             kept = await self.engine.add_lore(channel, card.name, card.triggers, text, by=author)
             await update_message(
                 press,
@@ -127,7 +137,7 @@ class NotesAndLore(StoryCommands):
                 view=None,
             )
 
-        async def again(press: discord.Interaction) -> None:
+        async def again(press: discord.Interaction[StoryBot]) -> None:
             nonlocal card
             await press.response.defer()
             card = await write()
@@ -141,7 +151,7 @@ class NotesAndLore(StoryCommands):
         await edit_reply(interaction, f"{icon} **{card.name}**\n{card.text}", view=controls)
 
     @lore_group.command(name="export", description="This story's lore as SillyTavern world info")
-    async def lore_export(self, interaction: discord.Interaction) -> None:
+    async def lore_export(self, interaction: discord.Interaction[StoryBot]) -> None:
         data = await self.engine.lore_as_world_info(self.channel_of(interaction))
         file = discord.File(io.BytesIO(data.encode("utf-8")), filename="taleweaver-lore.json")
         await interaction.response.send_message(
@@ -150,14 +160,16 @@ class NotesAndLore(StoryCommands):
 
     @lore_group.command(name="remove", description="Remove a lore card")
     async def lore_remove(
-        self, interaction: discord.Interaction, name: app_commands.Range[str, 1, MAX_LORE_NAME]
+        self,
+        interaction: discord.Interaction[StoryBot],
+        name: app_commands.Range[str, 1, MAX_LORE_NAME],
     ) -> None:
         await self.act(interaction, self.engine.remove_lore, name)
         await self.say(interaction, f"📚 Lore card {quoted(name)} removed.")
 
     @lore_remove.autocomplete("name")
     async def _lore_names(
-        self, interaction: discord.Interaction, current: str
+        self, interaction: discord.Interaction[StoryBot], current: str
     ) -> list[app_commands.Choice[str]]:
         try:
             cards = await self.engine.lore(self.channel_of(interaction))
@@ -176,7 +188,9 @@ class NotesAndLore(StoryCommands):
         file="a SillyTavern character card (JSON or PNG), SillyTavern world info or a "
         "NovelAI lorebook"
     )
-    async def import_(self, interaction: discord.Interaction, file: discord.Attachment) -> None:
+    async def import_(
+        self, interaction: discord.Interaction[StoryBot], file: discord.Attachment
+    ) -> None:
         if file.size > MAX_LOREBOOK_BYTES:  # before downloading it
             most = f"{MAX_LOREBOOK_BYTES:,}"
             raise InvalidInput(f"That file is too large: at most {most} bytes.")
@@ -199,7 +213,7 @@ class NotesAndLore(StoryCommands):
     @app_commands.command(
         name="save", description="The story as a file, to load here or anywhere with /story load"
     )
-    async def save(self, interaction: discord.Interaction) -> None:
+    async def save(self, interaction: discord.Interaction[StoryBot]) -> None:
         saved = await self.engine.save_story(self.channel_of(interaction))
         file = discord.File(io.BytesIO(saved.encode("utf-8")), filename="taleweaver-story.json")
         await interaction.response.send_message(
@@ -208,7 +222,9 @@ class NotesAndLore(StoryCommands):
 
     @app_commands.command(name="load", description="Start a saved story in this channel")
     @app_commands.describe(file="a file from /story save")
-    async def load(self, interaction: discord.Interaction, file: discord.Attachment) -> None:
+    async def load(
+        self, interaction: discord.Interaction[StoryBot], file: discord.Attachment
+    ) -> None:
         if file.size > MAX_SAVE_BYTES:  # before downloading it
             most = f"{MAX_SAVE_BYTES:,}"
             raise InvalidInput(f"That file is too large: a story file is at most {most} bytes.")

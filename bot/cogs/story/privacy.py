@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -16,18 +17,21 @@ from ...render import HELP, PRIVACY
 from ...views import ConfirmView
 from .base import StoryCommands
 
+if TYPE_CHECKING:
+    from ...client import StoryBot
+
 
 class Privacy(StoryCommands):
     @app_commands.command(name="help", description="What the storyteller can do")
-    async def help(self, interaction: discord.Interaction) -> None:
+    async def help(self, interaction: discord.Interaction[StoryBot]) -> None:
         await self.say(interaction, HELP, ephemeral=True)
 
     @app_commands.command(name="privacy", description="What is stored about you, and why")
-    async def privacy(self, interaction: discord.Interaction) -> None:
+    async def privacy(self, interaction: discord.Interaction[StoryBot]) -> None:
         await self.say(interaction, PRIVACY, ephemeral=True)
 
     @app_commands.command(name="my-data", description="Download everything stored about you")
-    async def my_data(self, interaction: discord.Interaction) -> None:
+    async def my_data(self, interaction: discord.Interaction[StoryBot]) -> None:
         data = await self.engine.export_user_data(str(interaction.user.id))
         file = discord.File(
             io.BytesIO(json.dumps(data, indent=2, ensure_ascii=False).encode()),
@@ -40,7 +44,7 @@ class Privacy(StoryCommands):
     @app_commands.command(
         name="forget-me", description="Delete your feedback and keep your lines out of training"
     )
-    async def forget_me(self, interaction: discord.Interaction) -> None:
+    async def forget_me(self, interaction: discord.Interaction[StoryBot]) -> None:
         view = ConfirmView(interaction.user.id)
         await interaction.response.send_message(
             "This deletes your reactions and choices, anonymises your lines in shared stories "

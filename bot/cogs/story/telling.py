@@ -4,6 +4,7 @@ undo, stop, recap, export, end, premise ideas, and the channel's style."""
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -27,6 +28,9 @@ from ...render import choice_message, describe_turn, quote_line, story_message
 from ...views import choice_controls, story_controls
 from .base import MAX_INPUT, TURN_TIMEOUT, Mode, PresetName, StoryCommands
 
+if TYPE_CHECKING:
+    from ...client import StoryBot
+
 
 class Telling(StoryCommands):
     @app_commands.command(name="start", description="Open a story in this channel")
@@ -38,7 +42,7 @@ class Telling(StoryCommands):
     )
     async def start(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[StoryBot],
         premise: app_commands.Range[str, 1, MAX_INPUT],
         genre: app_commands.Range[str, 1, MAX_GENRE_CHARS] | None = None,
         mode: Mode = "solo",
@@ -60,7 +64,7 @@ class Telling(StoryCommands):
 
     async def _start_companion_thread(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[StoryBot],
         premise: str,
         genre: str | None,
         preset: str | None,
@@ -84,7 +88,7 @@ class Telling(StoryCommands):
 
     async def _open_story(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[StoryBot],
         target: InteractionTarget | ChannelTarget,
         channel: str,
         premise: str,
@@ -118,13 +122,16 @@ class Telling(StoryCommands):
     @app_commands.describe(text="Your line of the story")
     async def continue_(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[StoryBot],
         text: app_commands.Range[str, 1, MAX_INPUT] | None = None,
     ) -> None:
         await self.do_continue(interaction, text)
 
     async def do_continue(
-        self, interaction: discord.Interaction, text: str | None, story_id: int | None = None
+        self,
+        interaction: discord.Interaction[StoryBot],
+        text: str | None,
+        story_id: int | None = None,
     ) -> None:
         """`/story continue`, or a Continue button (bound to its message's story)."""
         channel, author = self.channel_and_author(interaction)
@@ -151,7 +158,11 @@ class Telling(StoryCommands):
             )
 
     async def _offer_choices(
-        self, interaction: discord.Interaction, story: Story, author: Author, text: str | None
+        self,
+        interaction: discord.Interaction[StoryBot],
+        story: Story,
+        author: Author,
+        text: str | None,
     ) -> None:
         async with self.bot.work.tracked():
             offer = await self.engine.offer_choices(story.channel, author, text, count=3)
@@ -162,7 +173,7 @@ class Telling(StoryCommands):
             )
 
     async def do_choose(
-        self, interaction: discord.Interaction, choice_id: int, position: int
+        self, interaction: discord.Interaction[StoryBot], choice_id: int, position: int
     ) -> None:
         channel, author = self.channel_and_author(interaction)
         result = await in_time(
@@ -174,10 +185,12 @@ class Telling(StoryCommands):
         await add_feedback_reactions(message)
 
     @app_commands.command(name="retry", description="Write the storyteller's last turn again")
-    async def retry(self, interaction: discord.Interaction) -> None:
+    async def retry(self, interaction: discord.Interaction[StoryBot]) -> None:
         await self.do_retry(interaction)
 
-    async def do_retry(self, interaction: discord.Interaction, story_id: int | None = None) -> None:
+    async def do_retry(
+        self, interaction: discord.Interaction[StoryBot], story_id: int | None = None
+    ) -> None:
         """`/story retry`, or a Retry button (bound to its message's story)."""
         channel, author = self.channel_and_author(interaction)
         if story_id is not None:
@@ -193,7 +206,7 @@ class Telling(StoryCommands):
             )
 
     async def do_swipe(
-        self, interaction: discord.Interaction, story_id: int, position: int, step: int
+        self, interaction: discord.Interaction[StoryBot], story_id: int, position: int, step: int
     ) -> None:
         """◀ ▶: the reply's previous or next alternative, in place of this message's."""
         channel, author = self.channel_and_author(interaction)
@@ -213,18 +226,18 @@ class Telling(StoryCommands):
     @app_commands.command(
         name="context", description="What the storyteller saw for its last reply (only you see it)"
     )
-    async def context(self, interaction: discord.Interaction) -> None:
+    async def context(self, interaction: discord.Interaction[StoryBot]) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)  # private throughout
         view = await self.engine.context(self.channel_of(interaction))
         await self.say(interaction, view.describe(), ephemeral=True)
 
     @app_commands.command(name="undo", description="Take back the last turn (a line and its reply)")
-    async def undo(self, interaction: discord.Interaction) -> None:
+    async def undo(self, interaction: discord.Interaction[StoryBot]) -> None:
         removed = await self.act(interaction, self.engine.undo)
         await self.say(interaction, f"↩️ Undone: {len(removed)} turn(s).")
 
     @app_commands.command(name="stop", description="Stop the storyteller while it is writing")
-    async def stop(self, interaction: discord.Interaction) -> None:
+    async def stop(self, interaction: discord.Interaction[StoryBot]) -> None:
         stopped = await self.engine.request_stop(
             self.channel_of(interaction), by=self.author_of(interaction)
         )
@@ -235,17 +248,17 @@ class Telling(StoryCommands):
         )
 
     @app_commands.command(name="recap", description="The story so far, in brief")
-    async def recap(self, interaction: discord.Interaction) -> None:
+    async def recap(self, interaction: discord.Interaction[StoryBot]) -> None:
         await self.say(interaction, await self.engine.recap(self.channel_of(interaction)))
 
     @app_commands.command(name="export", description="The story as a Markdown file")
-    async def export(self, interaction: discord.Interaction) -> None:
+    async def export(self, interaction: discord.Interaction[StoryBot]) -> None:
         markdown = await self.engine.export_markdown(self.channel_of(interaction))
         file = discord.File(io.BytesIO(markdown.encode("utf-8")), filename="story.md")
         await interaction.response.send_message("📜 Here is the story so far.", file=file)
 
     @app_commands.command(name="end", description="End the story in this channel")
-    async def end(self, interaction: discord.Interaction) -> None:
+    async def end(self, interaction: discord.Interaction[StoryBot]) -> None:
         await self.act(interaction, self.engine.end_story)
         await self.say(
             interaction,
@@ -255,7 +268,7 @@ class Telling(StoryCommands):
     @app_commands.command(name="idea", description="Suggest a premise to start from")
     async def idea(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[StoryBot],
         genre: app_commands.Range[str, 1, MAX_GENRE_CHARS] | None = None,
     ) -> None:
         await self.begin_writing(interaction)
@@ -275,7 +288,7 @@ class Telling(StoryCommands):
     )
     async def settings(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[StoryBot],
         preset: PresetName | None = None,
         temperature: app_commands.Range[float, 0.0, 2.0] | None = None,
         length: app_commands.Range[int, 16, 400] | None = None,
