@@ -62,6 +62,8 @@ async def run_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     if not 0 <= args.port <= 65535:
         raise InvalidInput(f"--port must be 0..65535, got {args.port}")
+    if args.ray:
+        return await _serve_on_ray(args, settings)
     generator = await asyncio.to_thread(load_generator, settings)
     store = None
     try:
@@ -92,6 +94,22 @@ async def run_serve(args: argparse.Namespace, settings: Settings) -> int:
         await generator.close()
         if store is not None:
             await store.close()
+    return 0
+
+
+async def _serve_on_ray(args: argparse.Namespace, settings: Settings) -> int:
+    from .ray_app import Scaling, run
+
+    if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
+        raise InvalidInput("--replicas must be at least 1, --max-replicas at least --replicas")
+    if not args.target_requests > 0:
+        raise InvalidInput("--target-requests must be more than 0")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise InvalidInput("--ray needs Ray Serve: pip install 'taleweaver[ray]'") from None
+    scaling = Scaling(args.replicas, args.max_replicas, args.target_requests)
+    await asyncio.to_thread(run, settings, scaling, args.host, args.port)
     return 0
 
 

@@ -59,6 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
     )
     service.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free)")
+    service.add_argument(
+        "--ray",
+        action="store_true",
+        help="run it as a Ray Serve deployment: replicas each with the model, adapters "
+        "routed to the replicas that hold them (pip install 'taleweaver[ray]')",
+    )
+    service.add_argument(
+        "--replicas", type=int, default=2, help="--ray: replicas to start (default 2)"
+    )
+    service.add_argument(
+        "--max-replicas",
+        type=int,
+        help="--ray: autoscale up to this many replicas on requests in flight",
+    )
+    service.add_argument(
+        "--target-requests",
+        type=float,
+        default=8.0,
+        help="--ray: requests in flight per replica that autoscaling aims for (default 8)",
+    )
     _add_storage_args(service, adapters=True)
 
     db = sub.add_parser(

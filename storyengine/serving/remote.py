@@ -160,7 +160,11 @@ class RemoteGenerator:
         text, finish, ttft, token_ids = "", "length", None, None
         try:
             session = await self._open()
-            async with session.post(f"{self.url}/completions", json=self.body(handle.request)) as r:
+            body = self.body(handle.request)
+            # Ray Serve routes adapters by this header (to a replica that holds the one
+            # named); other servers ignore it.
+            routing = {"serve_multiplexed_model_id": body["model"]} if "model" in body else {}
+            async with session.post(f"{self.url}/completions", json=body, headers=routing) as r:
                 if r.status != 200:
                     raise GenerationFailed(await _error_message(r))
                 async for line in r.content:

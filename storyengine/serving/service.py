@@ -23,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -167,38 +167,58 @@ class CompletionService:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RequestError(400, "The body is not valid JSON.") from None
-        completion = await self.parse(body, fallback_channel=request.remote or "?")
+        pending = await self.begin(body, channel=request.remote or "?")
+        try:
+            if not pending.completion.stream:
+                return web.json_response(await self.whole(pending))
+            response = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
+            await response.prepare(request)
+            async for chunk in self.chunks(pending):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        finally:
+            self.finish(pending)  # a client gone before the end: its rows stop next step
+
+    # -- one completion, whatever carries it (aiohttp here, Ray Serve in ray_app) ----
+
+    async def begin(self, body: Any, *, channel: str) -> Pending:
+        """Check a request body (raising `RequestError`) and submit it."""
+        completion = await self.parse(body, fallback_channel=channel)
         handles = self.generator.submit_many(self._request(completion), completion.n)
         self.metrics.in_flight += len(handles)
-        try:
-            if completion.stream:
-                return await self._stream(request, completion, handles[0])
-            return await self._answer_whole(completion, handles)
-        finally:
-            for handle in handles:  # a client gone before the end: its rows stop next step
-                handle.cancel()
-            self.metrics.in_flight -= len(handles)
+        return Pending(completion, handles)
+
+    def finish(self, pending: Pending) -> None:
+        """Whatever happened: stop its rows (a finished one's stop is a no-op)."""
+        for handle in pending.handles:
+            handle.cancel()
+        self.metrics.in_flight -= len(pending.handles)
 
     async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.model_list())
+
+    async def model_list(self) -> dict[str, Any]:
+        """`GET /v1/models`: the served model, `base`, and the registered versions."""
         names = [self.model_id, "base"]
         if self.registry is not None:
             names += [v.name for v in await self.registry.list() if v.path.is_dir()]
         created, window = int(time.time()), self.generator.info.context_window
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": n,
-                        "object": "model",
-                        "created": created,
-                        "owned_by": "taleweaver",
-                        "max_model_len": window,
-                    }
-                    for n in names
-                ],
-            }
-        )
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": n,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "taleweaver",
+                    "max_model_len": window,
+                }
+                for n in names
+            ],
+        }
 
     async def health(self, request: web.Request) -> web.Response:
         alive = getattr(self.generator, "alive", True)
@@ -351,7 +371,9 @@ class CompletionService:
 
     # -- answering ----------------------------------------------------------------
 
-    async def _answer_whole(self, completion: Completion, handles: list[Any]) -> web.Response:
+    async def whole(self, pending: Pending) -> dict[str, Any]:
+        """The answer in one piece (every choice)."""
+        completion, handles = pending.completion, pending.handles
         outputs = [await h.outcome() for h in handles]  # cancelled ones too: what they wrote
         choices = []
         for index, output in enumerate(outputs):
@@ -366,47 +388,38 @@ class CompletionService:
                 choice["token_ids"] = output.token_ids
             choices.append(choice)
         completion_tokens = sum(len(o.token_ids) for o in outputs)
-        return web.json_response(
-            {
-                **self._envelope(completion),
-                "choices": choices,
-                "usage": {
-                    "prompt_tokens": len(completion.prompt_ids),
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": len(completion.prompt_ids) + completion_tokens,
-                },
-            }
-        )
+        return {
+            **self._envelope(completion),
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": len(completion.prompt_ids),
+                "completion_tokens": completion_tokens,
+                "total_tokens": len(completion.prompt_ids) + completion_tokens,
+            },
+        }
 
-    async def _stream(
-        self, request: web.Request, completion: Completion, handle: Any
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
+    async def chunks(self, pending: Pending) -> AsyncIterator[bytes]:
+        """The answer as server-sent events, as the text grows (the first choice)."""
+        completion, handle = pending.completion, pending.handles[0]
         envelope = self._envelope(completion)
         sent = ""
 
-        async def send(text: str, finish: str | None, **extra: Any) -> None:
+        def event(text: str, finish: str | None, **extra: Any) -> bytes:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            chunk = {**envelope, "choices": [choice | extra]}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            return f"data: {json.dumps({**envelope, 'choices': [choice | extra]})}\n\n".encode()
 
         async for text in handle.stream():
             # Hold back a half-decoded character (shown as U+FFFD) until it is whole.
             ready = text.rstrip("\ufffd")
             if ready.startswith(sent) and len(ready) > len(sent):
-                await send(ready[len(sent) :], None)
+                yield event(ready[len(sent) :], None)
                 sent = ready
         output = await handle.outcome()
         self._account(output)
         tail = output.text[len(sent) :] if output.text.startswith(sent) else ""
         extra = {"token_ids": output.token_ids} if completion.token_ids else {}
-        await send(tail, FINISH[output.finish_reason], **extra)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+        yield event(tail, FINISH[output.finish_reason], **extra)
+        yield b"data: [DONE]\n\n"
 
     def _envelope(self, completion: Completion) -> dict[str, Any]:
         return {
@@ -423,6 +436,15 @@ class CompletionService:
         if output.ttft_s is not None:
             self.metrics.observe_ttft(output.ttft_s)
 
+    def loaded_adapters(self) -> set[str]:
+        """The adapters the generator holds now."""
+        return self._loaded_names()
+
+    async def resolve(self, model: str) -> tuple[str | None, str | None]:
+        """What a request's `model` names: (adapter name, its directory), or raises a
+        404 `RequestError`."""
+        return await self._adapter(model)
+
     def _loaded_names(self) -> set[str]:
         model = getattr(self.generator, "model", None)
         config = getattr(getattr(model, "model", None), "peft_config", None)
@@ -437,9 +459,6 @@ class CompletionService:
     ) -> web.StreamResponse:
         try:
             return await handler(request)
-        except RequestError as exc:
-            self.metrics.count("not_found" if exc.status == 404 else "invalid")
-            return _error(exc.status, str(exc), exc.param)
         except web.HTTPException as exc:  # aiohttp's own: unknown path, wrong method, too big
             if exc.status >= 400:
                 return _error(exc.status, exc.reason)
@@ -447,13 +466,30 @@ class CompletionService:
         except (ConnectionResetError, asyncio.CancelledError):
             self.metrics.count("cancelled")
             raise
-        except StoryError as exc:  # the generator refused or failed this request
-            self.metrics.count("failed")
-            return _error(503 if "shutting down" in str(exc) else 422, str(exc))
-        except Exception:
-            self.metrics.count("failed")
-            log.exception("completion failed")
-            return _error(503, "The generator failed on this request; it has been logged.")
+        except Exception as exc:
+            status, body = self.error_answer(exc)
+            return web.json_response(body, status=status)
+
+    def error_answer(self, exc: Exception) -> tuple[int, dict[str, Any]]:
+        """What a request that failed with `exc` is answered: a 4xx for what the client
+        can fix, a 503 for the generator's failures, never a 500; counted."""
+        if isinstance(exc, RequestError):
+            self.metrics.count("not_found" if exc.status == 404 else "invalid")
+            return exc.status, error_body(exc.status, str(exc), exc.param)
+        self.metrics.count("failed")
+        if isinstance(exc, StoryError):  # the generator refused or failed this request
+            status = 503 if "shutting down" in str(exc) else 422
+            return status, error_body(status, str(exc))
+        log.error("completion failed", exc_info=exc)
+        return 503, error_body(503, "The generator failed on this request; it has been logged.")
+
+
+@dataclass
+class Pending:
+    """A completion submitted: what was asked, and its rows' handles."""
+
+    completion: Completion
+    handles: list[Any]
 
 
 def _token_ids(value: Any) -> bool:
@@ -473,20 +509,15 @@ def _whole_number(body: dict[str, Any], name: str, default: int, low: int, high:
     return value
 
 
-def _error(status: int, message: str, param: str | None = None) -> web.Response:
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape."""
     default = "invalid_request_error" if status < 500 else "server_error"
     kind = {404: "not_found_error"}.get(status, default)
-    return web.json_response(
-        {
-            "error": {
-                "message": message,
-                "type": kind,
-                "param": param,
-                "code": status,
-            }
-        },
-        status=status,
-    )
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _error(status: int, message: str, param: str | None = None) -> web.Response:
+    return web.json_response(error_body(status, message, param), status=status)
 
 
 async def serve(

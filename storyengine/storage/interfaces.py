@@ -23,7 +23,8 @@ appears (`is_alias`, `FORMER_PLAYER`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -232,8 +233,11 @@ class GameRecords(Protocol):
         """(seat, deadline) of the turn now."""
         ...
 
-    async def overdue_turns(self, now: float) -> list[str]:
-        """The channels whose turn's deadline has passed."""
+    async def overdue_turns(
+        self, now: float, communities: Collection[str] | None = None
+    ) -> list[str]:
+        """The channels whose turn's deadline has passed, the most overdue first; with
+        `communities`, only stories of those communities (None: every story's)."""
         ...
 
     async def turn_timeout(self, channel: str) -> int | None:
@@ -430,7 +434,24 @@ class PeopleRecords(Protocol):
 
 
 class TrainingRunRecords(Protocol):
-    """Training runs: started, given a version, finished, failed or interrupted."""
+    """Training runs: started, given a version, finished, failed or interrupted; and
+    the requests a front end leaves for a training worker."""
+
+    async def request_round(self, reason: str, community: str | None = None) -> int:
+        """Note that a lineage's round is due; the lineage's waiting request if any."""
+        ...
+
+    async def take_round_request(self, worker: str) -> tuple[int, str | None, str] | None:
+        """The oldest waiting request, taken by `worker`: (id, community, reason)."""
+        ...
+
+    async def finish_round_request(self, request_id: int, outcome: str) -> None:
+        """How a taken request's round ended."""
+        ...
+
+    async def round_requests(self) -> list[dict[str, Any]]:
+        """Every request, newest first."""
+        ...
 
     async def interrupt_training_runs(self) -> None:
         """Mark the runs still running failed, interrupted (hold the round lock)."""
@@ -591,6 +612,10 @@ class DatabaseLifecycle(Protocol):
 
     async def ping(self) -> bool:
         """One trivial query answered."""
+        ...
+
+    def round_lock(self) -> AbstractAsyncContextManager[None]:
+        """One training run at a time across every process on this database."""
         ...
 
 
