@@ -192,7 +192,8 @@ class AdminCog(
     ) -> None:
         community = self.lineage(interaction, adapter)
         await interaction.response.defer(ephemeral=True, thinking=True)
-        job = await self.bot.training.start(f"asked by {interaction.user.id}", community=community)
+        # The reason may be written to the database (TRAIN_MODE=external): no user id in it.
+        job = await self.bot.training.start("asked by an admin", community=community)
         started = time.monotonic()
         shown = ""
         while job.running and time.monotonic() - started < TRAIN_WATCH_S:
