@@ -148,7 +148,7 @@ class StoryBot(commands.Bot):
         await self.sync_commands()
         self.turn_clock.change_interval(seconds=self.settings.turn_check_s)
         self.turn_clock.start()
-        if self.settings.train_interval_s is not None:
+        if self.settings.runs_training_clock:
             self.training_clock.change_interval(seconds=self.settings.train_check_s)
             self.training_clock.start()
 

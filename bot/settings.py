@@ -196,6 +196,13 @@ class BotSettings:
             return self.sync_commands
         return 0 in self.own_shards
 
+    @property
+    def runs_training_clock(self) -> bool:
+        """Whether this process starts automatic training rounds: one clock is enough
+        for processes sharing a database, so only the one holding shard 0 (or the only
+        process) runs it; `/storyadmin train` works from any."""
+        return self.train_interval_s is not None and 0 in self.own_shards
+
     def owns_guild(self, guild_id: int) -> bool:
         """Whether the server falls on one of this process's shards (Discord's rule)."""
         if self.shard_count is None:

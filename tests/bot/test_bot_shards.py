@@ -44,6 +44,7 @@ def test_shard_settings_are_read_and_checked():
     second = BotSettings.from_env({"BOT_SHARD_COUNT": "2", "BOT_SHARD_IDS": " 1, "})
     assert first.sharded and first.own_shards == (0,) and second.own_shards == (1,)
     assert first.syncs_commands and not second.syncs_commands  # exactly one syncs
+    assert first.runs_training_clock and not second.runs_training_clock  # one clock
     assert first.owns_guild(GUILD_ID) and not first.owns_guild(SECOND_GUILD_ID)
     assert second.owns_guild(SECOND_GUILD_ID) and not second.owns_guild(GUILD_ID)
     every = BotSettings.from_env({"BOT_SHARD_COUNT": "3"})
