@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 from typing import Any
 
 from ..config import Settings
@@ -109,7 +110,11 @@ async def _serve_on_ray(args: argparse.Namespace, settings: Settings) -> int:
     except ImportError:
         raise InvalidInput("--ray needs Ray Serve: pip install 'taleweaver[ray]'") from None
     scaling = Scaling(args.replicas, args.max_replicas, args.target_requests)
-    await asyncio.to_thread(run, settings, scaling, args.host, args.port)
+    stop = threading.Event()  # SIGTERM or Ctrl-C: the deployment and Ray go down whole
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await asyncio.to_thread(run, settings, scaling, args.host, args.port, stop)
     return 0
 
 

@@ -18,6 +18,7 @@ outside.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -163,23 +164,18 @@ def build_app(settings: Settings, scaling: Scaling) -> Any:
     return deployment.bind(settings)
 
 
-def run(settings: Settings, scaling: Scaling, host: str, port: int) -> None:
+def run(settings: Settings, scaling: Scaling, host: str, port: int, stop: threading.Event) -> None:
     """Start Ray (a local instance, or the cluster RAY_ADDRESS names) and serve until
-    interrupted."""
-    import time
-
+    `stop` is set; then take the deployment and a local Ray instance down."""
     import ray
     from ray import serve
 
     ray.init(include_dashboard=False, ignore_reinit_error=True)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(settings, scaling), route_prefix="/")
-    print(f"serving on http://{host}:{port}/v1 with Ray Serve (Ctrl-C stops)", flush=True)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(settings, scaling), route_prefix="/")
+        print(f"serving on http://{host}:{port}/v1 with Ray Serve (Ctrl-C stops)", flush=True)
+        stop.wait()
         serve.shutdown()
+    finally:
         ray.shutdown()
