@@ -213,10 +213,12 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[st
             else field.default
         )
         help_text = field.metadata["help"]
-        if base is bool:
+        if base is bool:  # a switch; one that is on by default also gets its --no-
+            action = argparse.BooleanOptionalAction if default else "store_true"
             parser.add_argument(
-                *flags_of(field), dest=field.name, action="store_true", help=help_text
-            )
+                *flags_of(field), dest=field.name, action=action, default=bool(default),
+                help=help_text,
+            )  # fmt: skip
             continue
         if default not in (None, (), dataclasses.MISSING):
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default

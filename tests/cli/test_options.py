@@ -72,6 +72,7 @@ class Example:
     loud: bool = option(False, help="a switch")
     names: tuple[str, ...] = option((), help="comma-separated")
     hidden: int = option(0, cli=False, help="not on the command line")
+    tidy: bool = option(True, help="on unless told --no-tidy")
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -87,6 +88,8 @@ def test_a_field_becomes_an_option():
         size=4, rate=0.5, kind="b", loud=True, names=("x", "y")
     )
     assert not hasattr(parser.parse_args([]), "hidden")
+    assert from_args(Example, parser.parse_args(["--no-tidy"])).tidy is False
+    assert from_args(Example, parser.parse_args([])).tidy is True
     with pytest.raises(SystemExit):
         parser.parse_args(["--kind", "c"])
     for bad, message in [
