@@ -174,7 +174,7 @@ class Database(Repository):
         if self.url is not None:
             if self._pool is None:
                 raise RuntimeError("Store is not open")
-            return postgres.current.get() or postgres.Session(self._pool, in_transaction=False)
+            return postgres.current.get() or postgres.Session(self._pool)
         if self._db is None:
             raise RuntimeError("Store is not open")
         return self._db
@@ -300,7 +300,7 @@ class Database(Repository):
             raise RuntimeError("Store is not open")
         async with self._pool.acquire() as connection, connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
-            session = postgres.Session(connection, in_transaction=True)
+            session = postgres.Session(connection)
             token = postgres.current.set(session)
             try:
                 yield session
@@ -313,7 +313,7 @@ class Database(Repository):
         async with self.transaction() as db:
             cursor = await db.execute(sql, params)
             if self.url is None and "RETURNING" in sql.upper():
-                return _Fetched(await cursor.fetchall(), cursor.rowcount)
+                return postgres.Cursor(await cursor.fetchall(), cursor.rowcount)
             return cursor
 
     async def migration_status(self) -> list[MigrationStatus]:
@@ -349,10 +349,10 @@ class Database(Repository):
         """Apply pending migrations in order, one transaction each. Returns those applied.
         A database that has a schema already is backed up first, beside itself
         (`pre_migration_backup_path`), so an upgrade can be undone."""
-        done = {s.version for s in await self.migration_status() if s.applied_at}
-        pending = [m for m in load_migrations(self.dialect) if m.version not in done]
         if self.url is not None:
             return await self._migrate_postgres()
+        done = {s.version for s in await self.migration_status() if s.applied_at}
+        pending = [m for m in load_migrations() if m.version not in done]
         if done and pending:
             target = pre_migration_backup_path(self.path, max(done), datetime.now(UTC))
             await self.backup(target)
@@ -473,16 +473,3 @@ async def copy_database(
         if there != count:
             raise RuntimeError(f"{table}: {count} rows copied, {there} in {target.where}")
     return copied
-
-
-class _Fetched:
-    """A SQLite cursor's rows read before its transaction committed (a `RETURNING`)."""
-
-    def __init__(self, rows: list[Any], rowcount: int) -> None:
-        self._rows, self.rowcount = rows, rowcount
-
-    async def fetchone(self) -> Any:
-        return self._rows[0] if self._rows else None
-
-    async def fetchall(self) -> list[Any]:
-        return list(self._rows)

@@ -47,8 +47,9 @@ def _returns_rows(sql: str) -> bool:
 
 
 class Cursor:
-    """What a statement gave: its rows (a query, or `RETURNING`) and how many rows it
-    touched."""
+    """What a statement gave: its rows (a query, or `RETURNING`), already read, and how
+    many rows it touched. SQLite's `RETURNING` rows are read into one too, before
+    their transaction commits."""
 
     def __init__(self, rows: list[Any], rowcount: int) -> None:
         self._rows = rows
@@ -65,9 +66,8 @@ class Session:
     """One connection (inside a transaction) or the pool (outside one), spoken to as
     the repositories speak to aiosqlite."""
 
-    def __init__(self, target: Any, *, in_transaction: bool) -> None:
+    def __init__(self, target: Any) -> None:
         self._target = target
-        self.in_transaction = in_transaction
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         query = numbered(sql)
