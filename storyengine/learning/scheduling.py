@@ -219,17 +219,16 @@ class TrainingScheduler:
         self._watch: asyncio.Task[None] | None = None
 
     def default_command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "storyengine",
-            "train",
-            "round",
-            "--db",
-            str(self.settings.database),
-            "--dir",
-            str(self.settings.adapter_dir),
-        ]
+        """`storyengine train round` on this front end's data. A PostgreSQL URL, which
+        may hold a password, goes in the child's environment (`database_environment`),
+        never on its command line, which every user of the machine can read."""
+        database = [] if self.settings.db_url else ["--db", str(self.settings.db_path)]
+        command = [sys.executable, "-m", "storyengine", "train", "round", *database]
+        return [*command, "--dir", str(self.settings.adapter_dir)]
+
+    def database_environment(self) -> dict[str, str]:
+        """What tells the round where the data is, beside its command line."""
+        return {"STORY_DB_URL": self.settings.db_url} if self.settings.db_url else {}
 
     @property
     def running(self) -> bool:
@@ -294,6 +293,7 @@ class TrainingScheduler:
                 stderr=asyncio.subprocess.STDOUT,
                 env={
                     **child_environment(),
+                    **self.database_environment(),
                     PARENT_PID_VAR: str(os.getpid()),
                     PROGRESS_VAR: "json",  # structured progress lines, parsed in _follow
                 },

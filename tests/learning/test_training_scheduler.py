@@ -104,6 +104,25 @@ async def test_the_child_runs_once_at_a_time_and_its_last_line_is_the_outcome(st
     assert job.log_path.parent == settings.adapter_dir / "logs"
 
 
+async def test_a_database_password_never_reaches_the_rounds_command_line(store, settings):
+    """`ps` shows every process's arguments to every user: the URL (with its password)
+    reaches the round through its environment."""
+    url = "postgresql://bot:s3cret@db/taleweaver"
+    shared = settings.replace(db_url=url)
+    scheduler = TrainingScheduler(shared, store, TrainingSchedule())
+    assert not any("s3cret" in part for part in scheduler.default_command())
+    assert "--db" in TrainingScheduler(settings, store, TrainingSchedule()).default_command()
+    told = TrainingScheduler(
+        shared,
+        store,
+        TrainingSchedule(),
+        command=python(f"import os; print(os.environ['STORY_DB_URL'] == {url!r})"),
+    )
+    job = await told.start("asked")
+    await told.wait()
+    assert job.returncode == 0 and job.outcome == "True"
+
+
 async def test_a_failing_child_is_reported_and_closing_stops_a_running_one(store, settings):
     failing = TrainingScheduler(
         settings, store, TrainingSchedule(), command=python("raise SystemExit('no disk left')")
