@@ -6,6 +6,7 @@ import sys
 
 from storyengine.storage.interfaces import ReactionEvent
 from storyengine.storage.store import Store
+from tests.helpers.models import record_text
 from tests.helpers.postgres import fresh_database
 from tests.storage.test_shared_database import _generation
 
@@ -26,11 +27,7 @@ async def test_a_sqlite_database_is_copied_row_for_row(tmp_path):
     shown = await store.add_turn(
         story.id, action=2, kind="bot", text="Once.", generation_id=generation
     )
-    candidate = await store.record_generation(
-        story_id=story.id, channel="c", prompt="p", output="", raw_output="x", params={},
-        model_id="m", adapter_id=None, prompt_tokens=1, output_tokens=1,
-        finish_reason="eos", latency_s=0.1, ttft_s=None,
-    )  # fmt: skip
+    candidate = await record_text(store, story.id, "p", "")  # a candidate not shown
     await store.set_candidate_group([generation, candidate], shown=generation)
     await store.apply_reactions([ReactionEvent("m1", "u2", "👍", True, 1.0)])
     await store.add_player(story.id, "u", "Ann")

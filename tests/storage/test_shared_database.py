@@ -9,25 +9,13 @@ import pytest
 from storyengine.storage.interfaces import ReactionEvent
 from storyengine.storage.postgres import numbered
 from storyengine.storage.store import Store
+from tests.helpers.models import record_text
 
 
 async def _generation(store: Store, message_id: str) -> int:
+    """A round-robin story whose generation `message_id` shows."""
     story = await store.create_story("c", "P", genre=None, mode="round-robin", created_by="u")
-    generation = await store.record_generation(
-        story_id=story.id,
-        channel="c",
-        prompt="p",
-        output="o",
-        raw_output="o",
-        params={},
-        model_id="m",
-        adapter_id=None,
-        prompt_tokens=1,
-        output_tokens=1,
-        finish_reason="eos",
-        latency_s=0.1,
-        ttft_s=0.01,
-    )
+    generation = await record_text(store, story.id, "p", "o")
     assert await store.link_message(message_id, generation)
     return generation
 
