@@ -113,8 +113,8 @@ class CompletionReplica:
         headers = {"x-taleweaver-replica": self.name}
         try:
             if path.endswith("/health"):
-                alive = getattr(self.generator, "alive", True)
-                return JSONResponse({"status": "ok" if alive else "down"}, 200 if alive else 503)
+                status, body = service.health_answer()
+                return JSONResponse(body, status)
             if path.endswith("/v1/models") and method == "GET":
                 return JSONResponse(await service.model_list(), headers=headers)
             if not (path.endswith("/v1/completions") and method == "POST"):
@@ -157,8 +157,6 @@ def build_app(settings: Settings, scaling: Scaling) -> Any:
         @serve.multiplexed(max_num_models_per_replica=settings.max_loaded_adapters)
         async def multiplexed_adapter(self, model_id: str) -> str | None:
             return await self.adapter(model_id)
-
-    Replica.__name__ = Replica.__qualname__ = "Replica"
 
     deployment = serve.deployment(name="taleweaver", **scaling.deployment_options())(Replica)
     return deployment.bind(settings)

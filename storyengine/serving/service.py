@@ -221,10 +221,13 @@ class CompletionService:
         }
 
     async def health(self, request: web.Request) -> web.Response:
+        status, body = self.health_answer()
+        return web.json_response(body, status=status)
+
+    def health_answer(self) -> tuple[int, dict[str, str]]:
+        """`GET /health`: 200 while the generator runs, else 503."""
         alive = getattr(self.generator, "alive", True)
-        return web.json_response(
-            {"status": "ok" if alive else "down"}, status=200 if alive else 503
-        )
+        return (200, {"status": "ok"}) if alive else (503, {"status": "down"})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         m = self.metrics
