@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, InvalidInput
-from .options import check_settings, described, option, read_env
+from .options import check_settings, described, option, parse_setting, read_env
 from .sampling import DEFAULT_PRESET, MAX_BEST_OF, PRESETS, SamplingParams, preset
 
 DEFAULT_REACTION_VALUES: tuple[tuple[str, float], ...] = (
@@ -318,11 +318,7 @@ def _sampling(preset_name: str, environ: Mapping[str, str]) -> SamplingParams:
         if not raw:
             continue
         kind = int if isinstance(getattr(defaults, key), int) else float
-        try:
-            value = kind(raw)
-        except ValueError:
-            expected = "a whole number" if kind is int else "a number"
-            raise ConfigError(f"{variable}: expected {expected}, got {raw!r}") from None
+        value = parse_setting(variable, raw, kind)
         try:
             sampling = sampling.replace(**{key: value})
         except InvalidInput as exc:

@@ -180,6 +180,17 @@ def check_options(obj: Any) -> None:
     check(obj, name=lambda f: flags_of(f)[0], error=ValueError)
 
 
+def parse_setting(variable: str, raw: str, parse: Parse) -> Any:
+    """`raw` read by `parse`; text it cannot read raises `ConfigError` naming
+    `variable` and what was expected."""
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        if parse in (int, float) or not str(exc):
+            raise ConfigError(f"{variable}: expected {_expected(parse)}, got {raw!r}") from None
+        raise ConfigError(f"{variable}: {exc}") from None
+
+
 def read_env(cls: type, environ: Mapping[str, str]) -> dict[str, Any]:
     """The values the environment gives `cls`'s fields (unset or empty ones are left
     out), each parsed by its field; a value that does not parse raises `ConfigError`
@@ -190,13 +201,7 @@ def read_env(cls: type, environ: Mapping[str, str]) -> dict[str, Any]:
         raw = (environ.get(variable) or "").strip() if variable else ""
         if not raw:
             continue
-        parse = _parser_for(field, kind)
-        try:
-            values[field.name] = parse(raw)
-        except ValueError as exc:
-            if parse in (int, float) or not str(exc):
-                raise ConfigError(f"{variable}: expected {_expected(parse)}, got {raw!r}") from None
-            raise ConfigError(f"{variable}: {exc}") from None
+        values[field.name] = parse_setting(variable, raw, _parser_for(field, kind))
     return values
 
 
