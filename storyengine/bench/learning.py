@@ -196,6 +196,11 @@ class _Bench:
         self.config = config
         self.prompts = prompts
         self.base_candidates: list[list[str]] | None = None
+        self.measured: dict[str, tuple[list[list[str]], float]] = {}
+        """Each adapter's candidates and perplexity, by its name: the same adapter on the
+        same prompts and seeds writes the same candidates, so each is written (and its
+        perplexity taken) once, however many rows serve it (with `--communities`, every
+        community's shared arm; an adapter kept over a rejected round)."""
         self.texts = heldout_stories()
         self._ppl_model: Any = None
         """A private copy of the base model for perplexity: adapters are loaded onto it,
@@ -227,14 +232,17 @@ class _Bench:
         n = self.config.best_of
         if self.base_candidates is None:  # the base model's: written once
             self.base_candidates = await self.candidates(None, "base", n)
-        registry = engine.registry
-        adapter = await registry.serving(lineage)
-        if adapter is None:
-            candidates = self.base_candidates
-        else:
-            candidates = await self.candidates(
-                (adapter.name, str(adapter.path)), f"{adapter.name}-r{round_no}", n
-            )
+        adapter = await engine.registry.serving(lineage)
+        key = adapter.name if adapter else BASE_ADAPTER
+        if key not in self.measured:
+            if adapter is None:
+                candidates = self.base_candidates
+            else:
+                candidates = await self.candidates(
+                    (adapter.name, str(adapter.path)), f"{adapter.name}-r{round_no}", n
+                )
+            self.measured[key] = (candidates, await asyncio.to_thread(self.perplexity, adapter))
+        candidates, ppl = self.measured[key]
         scorer = await engine.rewards.scorer(lineage) if n > 1 else None
         served = await self.ranked(candidates, scorer)
         base_ranked = await self.ranked(self.base_candidates, scorer)
@@ -246,7 +254,7 @@ class _Bench:
         row["approval_best_of_only"], _ = _approval(audience.taste, self.prompts, base_ranked)
         row["repeat4"], row["distinct2"] = repetition(served)
         row["best_of"] = n if scorer is not None else 1
-        row["perplexity"] = await asyncio.to_thread(self.perplexity, adapter)
+        row["perplexity"] = ppl
         return row
 
     async def candidates(
