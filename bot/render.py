@@ -8,13 +8,16 @@ from storyengine.safety import neutralize_mentions
 HELP = """\
 **Taleweaver** writes stories with you. Start one with `/story start`, then:
 • `/story continue [text]`: add your line (optional) and let me go on · `/story retry` · `/story undo`
-• `/story memory`, `/story note` (author's note), `/story lore add` / `list` / `remove`: steer me
 • ◀ ▶ on my latest reply: page through its alternatives; the one you leave showing stays
-• `/story recap` · `/story context` (what I saw, only you see it) · `/story export` (a Markdown file) · `/story stop` · `/story end`
-• `/story settings`: style (preset, temperature, length, turn timeout) for this channel
+• `/story memory`, `/story note` (author's note), `/story lore add` / `list` / `remove` / `export`: steer me
+• `/story lore character` / `setting`: I draft a card, you keep it, draw again or edit it
+• `/story import`: a character card (JSON or PNG), SillyTavern world info or a NovelAI lorebook
+• `/story illustrate [turn]`: a picture for a turn (when the bot's host has turned pictures on)
+• `/story recap` · `/story context` (what I saw, only you see it) · `/story export` (Markdown) · `/story save` / `load` (a story file) · `/story stop` · `/story end`
+• `/story settings`: style (preset, temperature, length, turn timeout, best of) for this channel
 • Round-robin games: `/story join` · `/story leave` · `/story pass` · `/story turn`
 • Companion mode (`/story start mode:companion`): a private thread where you pick between my continuations
-• `/story idea` for a premise · `/story privacy` · `/story forget-me`
+• `/story idea` for a premise · `/story help topic:privacy` · `/story my-data` · `/story forget-me`
 React with 👍 or 👎 on my story messages: that is how I learn what this community enjoys."""
 
 PRIVACY = """\

@@ -220,11 +220,77 @@ class Settings:
         help="an OpenAI-compatible completions service that runs the model instead "
         "(storyengine serve, vLLM, llama.cpp's server)",
     )
+    image_model: str | None = option(
+        None,
+        env="STORY_IMAGE_MODEL",
+        help="illustrations drawn here: a diffusers text-to-image pipeline, a Hugging Face id "
+        "or a local folder (pip install 'taleweaver[images]')",
+    )
+    image_url: str | None = option(
+        None,
+        env="STORY_IMAGE_URL",
+        check=_url,
+        help="illustrations drawn by an OpenAI-compatible image service "
+        "(POST /v1/images/generations) instead",
+    )
+    image_api_key: str | None = option(
+        None, env="STORY_IMAGE_API_KEY", secret=True, help="the image service's API key, if any"
+    )
+    image_service_model: str | None = option(
+        None,
+        env="STORY_IMAGE_SERVICE_MODEL",
+        help="the model name sent to the image service (some need one)",
+    )
+    image_size: int = option(
+        512,
+        env="STORY_IMAGE_SIZE",
+        low=16,
+        high=2048,
+        check=lambda size: None if size % 8 == 0 else "a multiple of 8",
+        help="pictures' width and height in pixels",
+    )
+    image_steps: int = option(
+        25,
+        env="STORY_IMAGE_STEPS",
+        low=1,
+        high=200,
+        help="denoising steps per picture drawn by STORY_IMAGE_MODEL",
+    )
+    image_queue: int = option(
+        4,
+        env="STORY_IMAGE_QUEUE",
+        low=0,
+        high=100,
+        help="pictures that may wait while others are drawn; more are refused until the "
+        "queue moves",
+    )
+    image_timeout_s: float = option(
+        300.0,
+        env="STORY_IMAGE_TIMEOUT",
+        above=0,
+        high=3600,
+        help="seconds to wait for the image service's answer",
+    )
+    image_style: str = option(
+        "a storybook illustration, soft colours, no text",
+        env="STORY_IMAGE_STYLE",
+        help="added to every picture's prompt",
+    )
 
     def __post_init__(self) -> None:
         """Every settings object is valid, however it was made (`from_env`, a test, a
         library user); a bad value raises `ConfigError` naming its variable."""
         check_settings(self)
+        if self.image_model and self.image_url:
+            raise ConfigError(
+                "STORY_IMAGE_MODEL and STORY_IMAGE_URL: set one (a model drawn here, or a "
+                "service that draws)"
+            )
+
+    @property
+    def illustrations(self) -> bool:
+        """Whether an image backend is configured."""
+        return bool(self.image_model or self.image_url)
 
     @property
     def database(self) -> Path | str:

@@ -74,3 +74,22 @@ class NotYourTurn(NotAllowed):
 class TrainingBusy(StoryError):
     def __init__(self) -> None:
         super().__init__("A training round is already running. Wait for it to finish.")
+
+
+class IllustrationsOff(StoryError):
+    """No image backend is configured."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Illustrations are off on this storyteller. Whoever runs it can turn them on with"
+            " STORY_IMAGE_MODEL (a text-to-image model: a Hugging Face id or a local folder)"
+            " or STORY_IMAGE_URL (an OpenAI-compatible image service)."
+        )
+
+
+class IllustratorBusy(StoryError):
+    """Too many pictures are waiting to be drawn."""
+
+
+class IllustrationFailed(StoryError):
+    """The image backend could not draw the picture (the message says why)."""

@@ -7,7 +7,8 @@ unified, the length is checked with a message that never echoes the text, and co
 tokens such as `<|endoftext|>` are removed so user text can never become one.
 
 Out: model text passes `clean_output` (control tokens, the blocklist, mention syntax
-defused); every front end defuses mentions again in whatever it shows, user text
+defused), a picture's prompt `clean_picture_prompt` (the same, blocked words dropped);
+every front end defuses mentions again in whatever it shows, user text
 included (`neutralize_mentions`). The bot also sends everything with mentions disabled:
 this is the second lock on the same door.
 """
@@ -117,6 +118,15 @@ class SafetyFilter:
         if self._blocked is not None:
             text = self._blocked.sub(lambda m: m.group(0)[0] + "*" * (len(m.group(0)) - 1), text)
         return neutralize_mentions(text)
+
+    def clean_picture_prompt(self, text: str) -> str:
+        """A picture's prompt, through the same gate as model text: control tokens go,
+        mentions are defused, and a blocked word is dropped whole (a picture cannot
+        show half a word masked, as text does)."""
+        text = self.strip_control_tokens(normalize_text(text))
+        if self._blocked is not None:
+            text = self._blocked.sub(" ", text)
+        return neutralize_mentions(" ".join(text.split()))
 
 
 def neutralize_mentions(text: str) -> str:

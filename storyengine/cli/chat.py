@@ -12,7 +12,7 @@ from typing import Any, TextIO
 from ..config import Settings
 from ..errors import InvalidInput, StoryError
 from ..records import Author
-from .common import read_file, say_loading, write_text
+from .common import read_file, say_loading, write_bytes, write_text
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ Commands (anything else you type is your line; the storyteller continues it):
   /context                    what the storyteller saw for its last turn, part by part
   /export [FILE]              the story as Markdown (to FILE, or printed)
   /save FILE                  the story as a story file;  /load FILE  starts one here
+  /illustrate FILE [TURN]     a picture for turn TURN (default the last) into FILE
+                              (needs STORY_IMAGE_MODEL or STORY_IMAGE_URL)
   /end                        end the story
   /help                       this help;  /quit  leave (the story stays open)
 Ctrl-C while the storyteller writes stops it."""
@@ -244,6 +246,8 @@ class _ChatSession:
             self.say(f'Loaded the story "{view.story.premise}" ({len(view.turns)} turns).')
             if view.turns:
                 self.say(view.turns[-1].text)
+        elif command == "illustrate":
+            await self._illustrate(arg)
         elif command == "end":
             story = await e.end_story(ch)
             self.say(
@@ -252,6 +256,23 @@ class _ChatSession:
         else:
             self.say(f"! Unknown command /{command}. Type /help.")
         return True
+
+    async def _illustrate(self, arg: str) -> None:
+        path, _, turn = arg.partition(" ")
+        if not path or (turn.strip() and not turn.strip().isdigit()):
+            raise InvalidInput("Usage: /illustrate FILE [TURN]")
+        order = await self.engine.order_picture(
+            self.channel, int(turn) if turn.strip() else None, by=self.author
+        )
+        self.say(f"Drawing turn {order.turn} of {order.turns}: {order.prompt}")
+
+        def progress(step: int, steps: int) -> None:
+            self.out.write(f"\r  step {step}/{steps}")
+            self.out.flush()
+
+        drawn = await self.engine.draw_picture(order, on_progress=progress)
+        await asyncio.to_thread(write_bytes, path, drawn.picture.data)
+        self.say(f"\nSaved the picture ({drawn.picture.media_type}) to {path}.")
 
     async def _lore(self, arg: str) -> None:
         if not arg:

@@ -38,4 +38,12 @@ def read_file(path: str, kind: str) -> bytes:
 
 
 def write_text(path: str, text: str) -> None:
-    Path(path).expanduser().write_text(text, encoding="utf-8")
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a file the user named, or say (as `InvalidInput`) why it cannot be."""
+    try:
+        Path(path).expanduser().write_bytes(data)
+    except OSError as exc:
+        raise InvalidInput(f"Cannot write {path}: {exc.strerror}.") from None

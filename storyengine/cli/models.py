@@ -58,6 +58,7 @@ async def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     can be named and the promoted one is served by default."""
 
     from ..learning.registry import AdapterRegistry
+    from ..serving.images import make_picture_backend
     from ..serving.service import CompletionService, serve
     from ..storage.store import Store
 
@@ -66,18 +67,27 @@ async def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.ray:
         return await _serve_on_ray(args, settings)
     generator = await asyncio.to_thread(load_generator, settings)
-    store = None
+    store = pictures = None
     try:
         registry = None
         if settings.has_database:  # never create a database here
             store = await Store(settings.database).open()
             registry = AdapterRegistry(store, settings.adapter_dir)
-        service = CompletionService(generator, defaults=settings.sampling, registry=registry)
+        pictures = make_picture_backend(settings.replace(image_url=None))
+        service = CompletionService(
+            generator,
+            defaults=settings.sampling,
+            registry=registry,
+            pictures=pictures,
+            picture_size=settings.image_size,
+            picture_steps=settings.image_steps,
+        )
         await service.sync_promoted()
 
         def ready(port: int) -> None:
+            drawn = f" and pictures by {settings.image_model}" if pictures else ""
             print(
-                f"serving {service.model_id} on http://{args.host}:{port}/v1 (Ctrl-C stops)",
+                f"serving {service.model_id}{drawn} on http://{args.host}:{port}/v1 (Ctrl-C stops)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -93,6 +103,8 @@ async def run_serve(args: argparse.Namespace, settings: Settings) -> int:
             raise InvalidInput(f"cannot listen on {where}: {exc.strerror}") from None
     finally:
         await generator.close()
+        if pictures is not None:
+            await pictures.close()
         if store is not None:
             await store.close()
     return 0

@@ -5,6 +5,8 @@ completions protocol that vLLM, SGLang and llama.cpp's server speak.
     GET  /v1/models        the served model, `base`, and the registered adapter versions
     GET  /health           200 while the generator runs, else 503
     GET  /metrics          Prometheus: requests, queue depth, tokens, TTFT, adapters
+    POST /v1/images/generations   a picture (OpenAI's images protocol, b64_json), when
+                           STORY_IMAGE_MODEL is set: the storyteller's STORY_IMAGE_URL
 
 `model` names what writes: the served model's id (or nothing) for the adapter being
 served, `base` for the bare base model, or an adapter version (`v0003`). Beside
@@ -19,6 +21,7 @@ a 4xx with a JSON error body, never a 500.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -30,9 +33,10 @@ from typing import Any, Protocol, cast
 
 from aiohttp import web
 
-from ..errors import InvalidInput, StoryError
+from ..errors import IllustratorBusy, InvalidInput, StoryError
 from ..sampling import SamplingParams
 from .generation import BASE_ADAPTER, GenerationRequest, Generator
+from .images import PictureBackend, picture_request
 
 
 class AdapterVersionInfo(Protocol):
@@ -140,8 +144,14 @@ class CompletionService:
         *,
         defaults: SamplingParams | None = None,
         registry: AdapterRegistry | None = None,
+        pictures: PictureBackend | None = None,
+        picture_size: int = 512,
+        picture_steps: int = 25,
     ) -> None:
         self.generator = generator
+        self.pictures = pictures
+        """What draws at /v1/images/generations (STORY_IMAGE_MODEL); None: not served."""
+        self.picture_size, self.picture_steps = picture_size, picture_steps
         self.defaults = (defaults or SamplingParams()).replace(max_new_tokens=16, best_of=1)
         """OpenAI's default length (16 tokens) unless the request says; the rest as the
         storyteller samples."""
@@ -156,6 +166,8 @@ class CompletionService:
         app = web.Application(middlewares=[self._errors_as_json])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
+        if self.pictures is not None:
+            app.router.add_post("/v1/images/generations", self.images)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.prometheus)
         return app
@@ -181,6 +193,26 @@ class CompletionService:
             return response
         finally:
             self.finish(pending)  # a client gone before the end: its rows stop next step
+
+    async def images(self, request: web.Request) -> web.Response:
+        """OpenAI's images endpoint, for one picture as base64 (the protocol the
+        storyteller's `STORY_IMAGE_URL` speaks)."""
+        assert self.pictures is not None
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError(400, "The body is not valid JSON.") from None
+        try:
+            asked = picture_request(body, size=self.picture_size, steps=self.picture_steps)
+        except ValueError as exc:
+            message, param = exc.args
+            raise RequestError(400, message, param) from None
+        try:
+            picture = await self.pictures.draw(asked)
+        except IllustratorBusy as exc:
+            return _error(429, str(exc))
+        data = base64.b64encode(picture.data).decode("ascii")
+        return web.json_response({"created": int(time.time()), "data": [{"b64_json": data}]})
 
     # -- one completion, whatever carries it (aiohttp here, Ray Serve in ray_app) ----
 

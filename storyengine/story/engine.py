@@ -13,6 +13,7 @@ story as it was. The work is done by collaborators, one per concern:
     notes      style, memory, author's note, lore, imports, context viewer  (notes.py)
     files      recap, Markdown, save and load                               (files.py)
     ideas      premises, drafted character and setting cards                (ideas.py)
+    illustrator  pictures for turns, drawn by the image backend     (illustrations.py)
     feedback   reactions and ratings                                        (feedback.py)
     privacy    a person's data: export and forget                           (privacy.py)
     adapters   which adapter and reward model serve a story                 (adapters.py)
@@ -37,6 +38,7 @@ from ..learning.registry import AdapterRegistry
 from ..records import Story
 from ..safety import SafetyFilter
 from ..serving.generation import Generator
+from ..serving.images import PictureBackend, make_picture_backend
 from ..storage import StoryStore
 from ..storage.store import Store
 from .adapters import StoryAdapters
@@ -45,6 +47,7 @@ from .feedback import Feedback
 from .files import StoryFiles
 from .games import RoundRobin
 from .ideas import Ideas
+from .illustrations import Illustrator
 from .narrator import Narrator
 from .notes import Notes
 from .privacy import Privacy
@@ -95,9 +98,12 @@ class StoryEngine:
         generator: Generator | None = None,
         store: StoryStore | None = None,
         adapter: str | None = None,
+        pictures: PictureBackend | None = None,
     ) -> None:
         """`adapter`: serve this registry version ("3" or "v3") or "base" (the bare base
-        model) instead of following the registry's promotions (`chat --adapter`)."""
+        model) instead of following the registry's promotions (`chat --adapter`).
+        `pictures`: what draws illustrations (default: the one the settings configure,
+        if any)."""
         self.settings = settings
         self.store: StoryStore = store or Store(settings.database)
         self.registry = AdapterRegistry(self.store, settings.adapter_dir)
@@ -111,6 +117,8 @@ class StoryEngine:
         self.files = StoryFiles(self.stories, self.games)
         self.notes = Notes(self.stories, self.files)
         self.ideas = Ideas(self.stories, self.notes)
+        self.illustrator = Illustrator(self.stories)
+        self.illustrator.backend = pictures
         self.feedback = Feedback(self.stories, self.reactions)
         self.privacy = Privacy(self.stories, self.games, self.reactions)
         self.learning = LearningAdmin(
@@ -145,6 +153,8 @@ class StoryEngine:
                 self.settings, self.store, lambda: self.narrator.local_model
             )
         await self.sync_adapter()
+        if self.illustrator.backend is None:
+            self.illustrator.backend = make_picture_backend(self.settings)
         return self
 
     async def close(self, *, grace_s: float = 5.0) -> None:
@@ -170,6 +180,8 @@ class StoryEngine:
         except TimeoutError:
             log.warning("closing with reactions still queued after %.0f s", grace_s)
         try:
+            if self.illustrator.backend is not None:
+                await self.illustrator.backend.close()
             if self.adapters.generator is not None:
                 await self.adapters.generator.close()
         finally:
@@ -275,6 +287,9 @@ class StoryEngine:
     opening_prompt = _by("ideas", Ideas.opening_prompt)
     suggest_premise = _by("ideas", Ideas.suggest_premise)
     draft_card = _by("ideas", Ideas.draft_card)
+    illustrate = _by("illustrator", Illustrator.illustrate)
+    order_picture = _by("illustrator", Illustrator.order_picture)
+    draw_picture = _by("illustrator", Illustrator.draw_picture)
 
     # -- feedback, learning and privacy ------------------------------------------------
 

@@ -35,9 +35,10 @@ class Action(Enum):
     NOTES = "change the memory, the author's note or the lore"
     SETTINGS = "change this story's settings"
     END = "end the story"
+    ILLUSTRATE = "draw a picture for the story"
 
 
-_PLAYER_ACTIONS = {Action.REWRITE, Action.NOTES, Action.CHOOSE}
+_PLAYER_ACTIONS = {Action.REWRITE, Action.NOTES, Action.CHOOSE, Action.ILLUSTRATE}
 _STARTER_ACTIONS = {Action.SETTINGS, Action.END}
 
 

@@ -55,12 +55,16 @@ class Harness:
         return BatchingGenerator(self.model)
         self.env: Env | None = None
 
-    async def start(self, *, turn_check_s: float = 0.1, **bot_settings) -> Env:
+    async def start(
+        self, *, turn_check_s: float = 0.1, engine: dict | None = None, **bot_settings
+    ) -> Env:
+        """The bot on the fake Discord; `engine`: settings of the engine's to change."""
         settings = Settings(
             db_path=self.db,
             adapter_dir=self.db.parent / "adapters",
             device="cpu",
             sampling=SamplingParams(max_new_tokens=24, seed=3),
+            **(engine or {}),
         )
         engine = StoryEngine(settings, generator=await self.make_generator())
         bot = StoryBot(
@@ -352,6 +356,47 @@ async def test_import_a_card_png_and_world_info_then_export_the_lore(harness):
     assert "Started a story from a character card" in opening["content"]
     go_on = await fake.press(BEN, fresh.original_id, button(opening, "tw:continue"))
     await finished(fake, go_on)
+
+
+async def test_illustrate_a_turn_with_the_tiny_pipeline(harness, tmp_path):
+    from tests.helpers.pictures import tiny_pipeline
+
+    fake = harness.fake
+    await harness.stop()  # again, with pictures on
+    pipeline = tiny_pipeline(tmp_path / "pipeline")
+    await harness.start(engine={"image_model": str(pipeline), "image_size": 32, "image_steps": 2})
+    off_topic = await fake.slash(ANN, TEXT_CHANNEL, "illustrate")
+    await said(fake, off_topic, "no story running here")
+    await finished(
+        fake, await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a fox.")
+    )
+    await finished(fake, await fake.slash(BEN, TEXT_CHANNEL, "continue", text="Rusty hid."))
+    too_far = await fake.slash(ANN, TEXT_CHANNEL, "illustrate", turn=9)
+    await said(fake, too_far, "pick a turn from 1 to 3")
+    assert too_far.ephemeral  # refused before any "drawing..." reply
+
+    drawn = await fake.slash(ANN, TEXT_CHANNEL, "illustrate", turn=2)
+    await fake.wait_for(
+        lambda: drawn.original_id and fake.messages[drawn.original_id]["attachments"], 60
+    )
+    message = fake.messages[drawn.original_id]
+    picture = message["attachments"][0]
+    assert picture["filename"] == "turn-2.png"
+    assert picture["data"].startswith(b"\x89PNG")
+    assert message["content"].startswith("🎨 Turn 2 of 3\n-# Rusty hid.")
+    assert message["allowed_mentions"] == {"parse": []}
+
+
+async def test_illustrate_says_how_to_turn_pictures_on(harness):
+    fake = harness.fake
+    await finished(
+        fake, await fake.slash(ANN, TEXT_CHANNEL, "start", premise="Once upon a time, a fox.")
+    )
+    off = await fake.slash(ANN, TEXT_CHANNEL, "illustrate")
+    await said(fake, off, "STORY_IMAGE_MODEL")
+    assert off.ephemeral
+    privacy = await fake.slash(CAT, TEXT_CHANNEL, "help", topic="privacy")
+    await said(fake, privacy, "What Taleweaver stores, and why")
 
 
 def labelled(message: dict, label: str) -> str:

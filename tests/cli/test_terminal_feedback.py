@@ -3,6 +3,7 @@ between databases (`feedback export` → `feedback import`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -178,3 +179,46 @@ def test_chat_saves_a_story_and_loads_it_in_another_channel(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "(3 turns)" in result.stdout and "Cannot read" in result.stdout
+
+
+async def test_chat_illustrates_a_turn_into_a_file(tmp_path):
+    from tests.helpers.pictures import FakeImageService
+
+    picture = tmp_path / "turn.png"
+    script = "\n".join(
+        [
+            "/illustrate x.png",  # no story yet
+            "/start Once upon a time, a little fox lived in a wood.",
+            "/illustrate",  # no file named
+            f"/illustrate {picture} 7",
+            f"/illustrate {picture} 1",
+            "/quit",
+        ]
+    )
+    async with FakeImageService() as service:
+        result = await asyncio.to_thread(
+            run_cli,
+            "chat",
+            "--db",
+            str(tmp_path / "c.db"),
+            stdin=script + "\n",
+            cwd=tmp_path,
+            env={"STORY_IMAGE_URL": service.url, "STORY_IMAGE_API_KEY": "sk-secret"},
+        )
+    assert result.returncode == 0, result.stderr
+    assert "! There is no story running here." in result.stdout
+    assert "! Usage: /illustrate FILE [TURN]" in result.stdout
+    assert "pick a turn from 1 to 1" in result.stdout
+    assert f"Saved the picture (image/png) to {picture}." in result.stdout
+    assert picture.read_bytes().startswith(b"\x89PNG")
+    prompt = service.requests[-1]["prompt"]
+    assert "Drawing turn 1 of 1: " + prompt in result.stdout
+    assert "storybook illustration" in prompt
+    assert "sk-secret" not in result.stdout + result.stderr
+
+
+def test_chat_says_how_to_turn_illustrations_on(tmp_path):
+    script = "/start Once upon a time, a fox.\n/illustrate x.png\n/quit\n"
+    result = run_cli("chat", "--db", str(tmp_path / "c.db"), stdin=script, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Illustrations are off" in result.stdout and "STORY_IMAGE_URL" in result.stdout

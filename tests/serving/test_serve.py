@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from PIL import Image
 
 from storyengine.learning.registry import AdapterRegistry
 from storyengine.serving.scheduler import BatchingGenerator
@@ -191,7 +193,7 @@ def clean_env(**more: str) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def served(data_dir: Path) -> AsyncIterator[str]:
+async def served(data_dir: Path, **env: str) -> AsyncIterator[str]:
     """`storyengine serve --port 0` as a user runs it: its URL, from the line it
     prints; on the way out, SIGTERM, and it must stop cleanly."""
     process = await asyncio.create_subprocess_exec(
@@ -201,7 +203,7 @@ async def served(data_dir: Path) -> AsyncIterator[str]:
         "serve",
         "--port",
         "0",
-        env=clean_env(STORY_DATA_DIR=str(data_dir)),
+        env=clean_env(STORY_DATA_DIR=str(data_dir), **env),
         stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -222,3 +224,38 @@ async def test_the_serve_command_answers_and_stops_on_sigterm(tmp_path):
             answer = await response.json()
     assert response.status == 200 and answer["model"] == "bundled:tinystories-gpt2"
     assert not (tmp_path / "taleweaver.db").exists()  # serving never makes a database
+
+
+async def test_the_serve_command_draws_pictures_for_a_remote_storyteller(tmp_path):
+    """STORY_IMAGE_MODEL on the serving machine, STORY_IMAGE_URL on the bot's: the
+    remote backend against `storyengine serve`'s images endpoint."""
+    from storyengine.serving.images import PictureRequest, RemotePictures, media_type
+    from tests.helpers.pictures import tiny_pipeline
+
+    pipeline = tiny_pipeline(tmp_path / "pipeline")
+    env = {"STORY_IMAGE_MODEL": str(pipeline), "STORY_IMAGE_STEPS": "2", "STORY_IMAGE_SIZE": "32"}
+    async with served(tmp_path, **env) as url, aiohttp.ClientSession() as http:
+        pictures = RemotePictures(url)
+        try:
+            drawn = await pictures.draw(PictureRequest("a red fox", 32, 40, seed=3))
+            again = await pictures.draw(PictureRequest("a red fox", 32, 40, seed=3))
+        finally:
+            await pictures.close()
+        assert media_type(drawn.data) == "image/png" and drawn.data == again.data  # seeded
+        assert Image.open(io.BytesIO(drawn.data)).size == (32, 40)
+        for body, param in [
+            ({"prompt": ""}, "prompt"),
+            ({"prompt": "a fox", "n": 2}, "n"),
+            ({"prompt": "a fox", "size": "big"}, "size"),
+            ({"prompt": "a fox", "size": "30x30"}, "size"),
+            ({"prompt": "a fox", "response_format": "url"}, "response_format"),
+            ({"prompt": "a fox", "seed": -1}, "seed"),
+        ]:
+            async with http.post(url + "/images/generations", json=body) as response:
+                answer = await response.json()
+            assert response.status == 400 and answer["error"]["param"] == param, answer
+
+
+async def test_pictures_are_not_served_unless_configured(api):
+    async with api.http.post("/v1/images/generations", json={"prompt": "a fox"}) as response:
+        assert response.status == 404

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import discord
 from discord import app_commands
@@ -22,13 +22,17 @@ if TYPE_CHECKING:
 
 
 class Privacy(StoryCommands):
-    @app_commands.command(name="help", description="What the storyteller can do")
-    async def help(self, interaction: discord.Interaction[StoryBot]) -> None:
-        await self.say(interaction, HELP, ephemeral=True)
-
-    @app_commands.command(name="privacy", description="What is stored about you, and why")
-    async def privacy(self, interaction: discord.Interaction[StoryBot]) -> None:
-        await self.say(interaction, PRIVACY, ephemeral=True)
+    @app_commands.command(
+        name="help", description="What the storyteller can do, or what it stores about you"
+    )
+    @app_commands.describe(topic="commands (the default), or privacy: what is stored and why")
+    async def help(
+        self,
+        interaction: discord.Interaction[StoryBot],
+        topic: Literal["commands", "privacy"] = "commands",
+    ) -> None:
+        # One command for both: `/story` holds 25 subcommands, Discord's most.
+        await self.say(interaction, PRIVACY if topic == "privacy" else HELP, ephemeral=True)
 
     @app_commands.command(name="my-data", description="Download everything stored about you")
     async def my_data(self, interaction: discord.Interaction[StoryBot]) -> None:
