@@ -287,17 +287,17 @@ class _Bench:
             return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(self.prompts))))
 
     async def ranked(self, candidates: list[list[str]], scorer: Any) -> list[str]:
-        """Each prompt's candidate the reward model scores best (the first without one)."""
+        """Each prompt's candidate the reward model scores best (the first without one);
+        every prompt's candidates are scored in one call, batched."""
         if scorer is None:
             return [c[0] for c in candidates]
+        prompts = [self.engine.opening_prompt(premise) for premise in self.prompts]
+        flat = [(p, t) for p, texts in zip(prompts, candidates, strict=True) for t in texts]
+        scores = iter(await scorer([p for p, _ in flat], [t for _, t in flat]))
         chosen = []
-        for premise, texts in zip(self.prompts, candidates, strict=True):
-            if len(texts) == 1:
-                chosen.append(texts[0])
-                continue
-            prompt = self.engine.opening_prompt(premise)
-            scores = await scorer([prompt] * len(texts), texts)
-            chosen.append(texts[max(range(len(texts)), key=lambda i: scores[i])])
+        for texts in candidates:
+            mine = [next(scores) for _ in texts]
+            chosen.append(texts[max(range(len(texts)), key=lambda i: mine[i])])
         return chosen
 
     def perplexity(self, adapter: Any) -> float:
