@@ -58,12 +58,27 @@ class GateReport:
         return asdict(self)
 
 
-def _logprob(
-    model: Any, tokenizer: Any, prompt: str, completion: str, adapter: str | None
-) -> float:
-    from .training import completion_logprob
+def implicit_rewards(
+    model: Any,
+    tokenizer: Any,
+    adapter: str | None,
+    items: Sequence[tuple[str, str]],
+    base_logprobs: dict[tuple[str, str], float] | None = None,
+) -> dict[tuple[str, str], float]:
+    """Each (prompt, continuation)'s log-likelihood under `adapter` less the base
+    model's (0 for the base model itself), batched. `base_logprobs` caches the base
+    model's across calls."""
+    from .training import completion_logprobs
 
-    return completion_logprob(model, tokenizer, prompt, completion, adapter=adapter)
+    unique = list(dict.fromkeys(items))
+    if adapter is None:
+        return dict.fromkeys(unique, 0.0)
+    base = base_logprobs if base_logprobs is not None else {}
+    missing = [item for item in unique if item not in base]
+    found = completion_logprobs(model, tokenizer, missing, adapter=None)
+    base.update(zip(missing, found, strict=True))
+    mine = completion_logprobs(model, tokenizer, unique, adapter=adapter)
+    return {item: value - base[item] for item, value in zip(unique, mine, strict=True)}
 
 
 def preference_accuracy(
@@ -72,6 +87,7 @@ def preference_accuracy(
     adapter: str | None,
     pairs: Sequence[PreferencePair],
     examples: Sequence[LabelledExample],
+    base_logprobs: dict[tuple[str, str], float] | None = None,
 ) -> float:
     """How often the adapter's implicit reward (its log-likelihood ratio to the base
     model) ranks held-out feedback the way people did: the chosen continuation of a pair
@@ -86,18 +102,20 @@ def preference_accuracy(
     whether liked ones became likelier than disliked ones. A rank statistic is also
     balanced by construction, so it stays meaningful when nearly all reactions are 👎,
     and comparing every liked with every disliked continuation uses all the labels a
-    round holds out, not only the few pairs."""
-    cache: dict[tuple[str, str], float] = {}
+    round holds out, not only the few pairs. `base_logprobs`: the base model's
+    log-likelihoods, filled in and reused (a gate judges two adapters on the same
+    examples)."""
+    rewards = implicit_rewards(
+        model,
+        tokenizer,
+        adapter,
+        [(p.prompt, t) for p in pairs for t in (p.chosen, p.rejected)]
+        + [(e.prompt, e.completion) for e in examples],
+        base_logprobs,
+    )
 
     def reward(prompt: str, text: str) -> float:
-        if adapter is None:
-            return 0.0
-        key = (prompt, text)
-        if key not in cache:
-            cache[key] = _logprob(model, tokenizer, prompt, text, adapter) - _logprob(
-                model, tokenizer, prompt, text, None
-            )
-        return cache[key]
+        return rewards[(prompt, text)]
 
     kinds: list[tuple[float, float]] = []  # (accuracy, weight)
     if pairs:

@@ -394,12 +394,13 @@ async def _train_and_gate(
         reference = "current"
 
     def evaluate() -> dict[str, Any]:
+        base: dict[tuple[str, str], float] = {}  # the base model's, computed once
         return {
             "accuracy": preference_accuracy(
-                policy, tok, "default", heldout_pairs, heldout_examples
+                policy, tok, "default", heldout_pairs, heldout_examples, base
             ),
             "current_accuracy": preference_accuracy(
-                policy, tok, reference, heldout_pairs, heldout_examples
+                policy, tok, reference, heldout_pairs, heldout_examples, base
             ),
             "ppl": perplexity(policy, tok, "default", gate_texts),
             "current_ppl": perplexity(policy, tok, reference, gate_texts),

@@ -20,7 +20,7 @@ import logging
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -335,12 +335,13 @@ def runs_on_cpu(policy: Any) -> bool:
     return not torch.cuda.is_available() or next(policy.parameters()).device.type == "cpu"
 
 
-def adapter_kwargs(model: Any, adapter: str | None) -> dict[str, Any]:
+def adapter_kwargs(model: Any, adapter: str | None, rows: int = 1) -> dict[str, Any]:
     """Forward-pass arguments that run a peft model with `adapter` (None: the bare base
-    model), per call: no global adapter switch, so it is safe beside a serving thread."""
+    model) on a batch of `rows`, per call: no global adapter switch, so it is safe
+    beside a serving thread."""
     if not hasattr(model, "peft_config"):
         return {}
-    return {"adapter_names": [adapter or "__base__"]}
+    return {"adapter_names": [adapter or "__base__"] * rows}
 
 
 @contextmanager
@@ -371,3 +372,43 @@ def completion_logprob(
     targets = ids[0, 1:]
     picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return float(picked[len(prompt_ids) - 1 :].sum())
+
+
+def completion_logprobs(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[tuple[str, str]],
+    *,
+    adapter: str | None = "default",
+    batch_size: int = 16,
+) -> list[float]:
+    """`completion_logprob` of each (prompt, completion), in batches (right-padded: a
+    causal model's real tokens never see the padding after them)."""
+    import torch
+
+    device = next(model.parameters()).device
+    encoded = [
+        (tokenizer(prompt)["input_ids"], tokenizer(completion)["input_ids"])
+        for prompt, completion in items
+    ]
+    out: list[float] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(p) + len(c) for p, c in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, (p, c) in enumerate(chunk):
+            ids[row, : len(p) + len(c)] = torch.tensor(p + c, device=device)
+            mask[row, : len(p) + len(c)] = 1
+        with torch.no_grad(), evaluating(model):
+            logits = (
+                model(
+                    input_ids=ids, attention_mask=mask, **adapter_kwargs(model, adapter, len(chunk))
+                )
+                .logits[:, :-1]
+                .float()
+            )
+        picked = logits.log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        for row, (p, c) in enumerate(chunk):
+            out.append(float(picked[row, len(p) - 1 : len(p) + len(c) - 1].sum()))
+    return out

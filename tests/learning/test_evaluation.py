@@ -129,14 +129,15 @@ def test_an_adapter_that_lowers_every_continuation_is_judged_by_their_order(monk
     alike; what counts is that liked ones now stand above disliked ones. (The gate used to
     ask for liked ones above zero and disliked ones below, so such an adapter scored 0.5
     and was never promoted.)"""
-    from storyengine.learning import evaluation
+    from storyengine.learning import training
 
-    def logprob(model, tokenizer, prompt, completion, adapter):
+    def logprobs(model, tokenizer, items, *, adapter, batch_size=16):
         if adapter is None:
-            return -50.0
-        return -51.0 if "cat" in completion else -53.0  # both lower, the cat less so
+            return [-50.0 for _ in items]
+        # both lower, the cat less so
+        return [-51.0 if "cat" in completion else -53.0 for _, completion in items]
 
-    monkeypatch.setattr(evaluation, "_logprob", logprob)
+    monkeypatch.setattr(training, "completion_logprobs", logprobs)
     examples = [
         LabelledExample(f"P{i}:", text, label, 1.0, 1, "heldout", 0)
         for i in range(5)
@@ -172,3 +173,20 @@ def test_sampling_for_the_gate_leaves_the_callers_random_state_alone(tiny_lora_m
     assert torch.equal(torch.rand(3), expected)  # as if nothing had been drawn
     again = sample_continuations(model, tok, "fox", ["Once upon a time"] * 3, params, seed=5)
     assert again == first  # and seeded on its own
+
+
+def test_log_likelihoods_in_batches_equal_one_at_a_time(tiny_lora_model):
+    """The gate scores held-out feedback in padded batches: each continuation's
+    log-likelihood is what it is alone, with the adapter or without."""
+    from storyengine.learning.training import completion_logprob, completion_logprobs
+
+    model, tok = tiny_lora_model.model, tiny_lora_model.tokenizer
+    items = [
+        ("Once upon a time", " a fox ran."),
+        ("The cat sat on the warm mat and looked at the birds", " It slept."),
+        ("Hi", " there, little mouse, where are you going today?"),
+    ]
+    for adapter in ("fox", None):
+        batched = completion_logprobs(model, tok, items, adapter=adapter, batch_size=2)
+        alone = [completion_logprob(model, tok, p, c, adapter=adapter) for p, c in items]
+        assert batched == pytest.approx(alone, abs=1e-4)
