@@ -364,10 +364,23 @@ class RewardConfig:
     """The gate: a reward model is promoted only when its held-out ranking accuracy is
     above chance at this level (one-sided permutation test)."""
     permutations: int = 4000
+    cross_validate_below: int = 100
+    """While people's held-out feedback holds fewer examples than this, a reward model
+    is judged by cross-validation over all of people's feedback (`folds` folds, by
+    story: each fold's stories are scored by a head trained on the other folds'), and
+    the one registered is trained on all of it. A server's first reactions hold too few
+    held-out examples to judge anything (50 reactions: about 10, one of them 👍 for a
+    rare taste); cross-validation judges on all 50 and trains on all 50."""
+    folds: int = 5
+    min_cross_validated: int = 32
+    """Fewer examples than this in all and a reward model is judged on the held-out side
+    (or not trained): folds of a handful of examples decide nothing."""
     batch_size: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ValueError("folds must be at least 2")
         if self.l2 <= 0:
             raise ValueError("l2 must be positive")
         if self.min_train < 1 or self.min_heldout < 1:
@@ -401,10 +414,32 @@ def heldout_split(
     return pairs[: config.max_heldout], labels[: config.max_heldout]
 
 
+def people_feedback(
+    data: FeedbackDatasets, config: RewardConfig
+) -> tuple[list[PreferencePair], list[LabelledExample]]:
+    """All of people's pairs and labels, both sides of the split (the newest
+    `max_train` of each): what cross-validation judges and trains on."""
+    pairs = [p for p in data.pairs if p.source != "reward"]
+    labels = list(data.examples)
+    pairs.sort(key=lambda p: max(p.chosen_generation_id, p.rejected_generation_id))
+    labels.sort(key=lambda e: e.generation_id)
+    return pairs[-config.max_train :], labels[-config.max_train :]
+
+
+def cross_validated(config: RewardConfig, data: FeedbackDatasets) -> bool:
+    """Whether a reward model on `data` is judged by cross-validation: too little is
+    held out to judge it otherwise, and there is enough to deal into folds."""
+    held = sum(len(part) for part in heldout_split(data, config))
+    everything = sum(len(part) for part in people_feedback(data, config))
+    return held < config.cross_validate_below and everything >= config.min_cross_validated
+
+
 def reward_skip_reason(config: RewardConfig, data: FeedbackDatasets) -> str | None:
     """Why no reward model can be trained and judged on this feedback, as a sentence for
     a person; None when one can. Known before any model loads."""
-    pairs, labels = training_split(data, config)
+    folds = cross_validated(config, data)
+    # By cross-validation, every example trains the model kept (and judges it).
+    pairs, labels = people_feedback(data, config) if folds else training_split(data, config)
     held = sum(len(part) for part in heldout_split(data, config))
     n = len(pairs) + len(labels)
     if n < config.min_train:
@@ -416,6 +451,14 @@ def reward_skip_reason(config: RewardConfig, data: FeedbackDatasets) -> str | No
     if not pairs and liked in (0, len(labels)):
         side = "liked (👍)" if liked else "disliked (👎)"
         return f"all {n} rated continuations are {side}: nothing tells good from bad yet"
+    if folds:
+        stories = {p.story_id for p in pairs} | {e.story_id for e in labels}
+        if len(stories) < config.folds:
+            return (
+                f"too little feedback to judge one: {len(stories)} stories rated (a reward"
+                f" model is judged on {config.folds} folds of stories)"
+            )
+        return None
     if held < config.min_heldout:
         return (
             f"too little held-out feedback to judge one: {held} held-out examples (a reward"
@@ -444,64 +487,55 @@ class RewardModel:
         cls, base: LoadedModel, data: FeedbackDatasets, config: RewardConfig | None = None
     ) -> RewardModel:
         """Train on the training side of `data` (blocking: run it in a worker thread)."""
-        import torch
-
         config = config or RewardConfig()
         pairs, labels = training_split(data, config)
+        return cls.fit(base, pairs, labels, config)
+
+    @classmethod
+    def fit(
+        cls,
+        base: LoadedModel,
+        pairs: Sequence[PreferencePair],
+        labels: Sequence[LabelledExample],
+        config: RewardConfig,
+        *,
+        features: Features | None = None,
+    ) -> RewardModel:
+        """Train on these pairs and labels (blocking). `features`: already computed."""
         if not pairs and not labels:
             raise ValueError("nothing to train a reward model on")
         started = time.perf_counter()
-        texts = list(
-            dict.fromkeys(
-                [(p.prompt, p.chosen) for p in pairs]
-                + [(p.prompt, p.rejected) for p in pairs]
-                + [(e.prompt, e.completion) for e in labels]
-            )
+        features = features or Features.of(base, config, pairs, labels)
+        head, fit = fit_head(
+            *features.training_data(pairs, labels, config), l2=config.l2, max_steps=config.max_steps
         )
-        where = {key: i for i, key in enumerate(texts)}
-        features = continuation_features(
-            base,
-            config.features,
-            [t[0] for t in texts],
-            [t[1] for t in texts],
-            batch_size=config.batch_size,
-        )
-        feature_seconds = time.perf_counter() - started
-
-        def rows(keys: list[tuple[str, str]]) -> torch.Tensor:
-            return features[[where[k] for k in keys]]
-
-        pair_data = None
-        if pairs:
-            pair_data = (
-                rows([(p.prompt, p.chosen) for p in pairs]),
-                rows([(p.prompt, p.rejected) for p in pairs]),
-                torch.tensor([p.weight for p in pairs]),
-            )
-        label_data = None
-        if labels:
-            label_data = (
-                rows([(e.prompt, e.completion) for e in labels]),
-                torch.tensor([1.0 if e.label else -1.0 for e in labels]),
-                torch.tensor([min(abs(e.score), config.label_weight_cap) for e in labels]),
-            )
-        head, fit = fit_head(pair_data, label_data, l2=config.l2, max_steps=config.max_steps)
         info: dict[str, Any] = {
             "format": FORMAT,
             "base": base_identity(base),
             "features": asdict(config.features),
             "config": config.to_dict(),
+            "stories": sorted({p.story_id for p in pairs} | {e.story_id for e in labels}),
             "train": {
                 "pairs": len(pairs),
                 "labels": len(labels),
                 "liked": sum(e.label for e in labels),
-                "seconds": time.perf_counter() - started,
-                "feature_seconds": feature_seconds,
+                "seconds": time.perf_counter() - started + features.seconds,
+                "feature_seconds": features.seconds,
                 **fit,
             },
         }
         # As `reward.json` will hold it (lists, not tuples), so a loaded model's equals.
         return cls(base, head, config.features, json.loads(json.dumps(info)))
+
+    def trained_on(self, story_id: int) -> bool:
+        """Whether this model learned from the story's feedback. A model saved before
+        the stories were recorded trained on the training side of the split only."""
+        stories = self.info.get("stories")
+        if stories is None:
+            from .datasets import DatasetConfig, story_split
+
+            return story_split(story_id, DatasetConfig()) == "train"
+        return story_id in set(stories)
 
     def score(
         self, prompts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 16
@@ -524,30 +558,21 @@ class RewardModel:
     ) -> HeldoutReport:
         """Held-out figures and the significance test (see `heldout_report`)."""
         config = config or RewardConfig()
-        texts = list(
-            dict.fromkeys(
-                [(p.prompt, p.chosen) for p in pairs]
-                + [(p.prompt, p.rejected) for p in pairs]
-                + [(e.prompt, e.completion) for e in labels]
-            )
+        scores = scores_by_text(self.scores_of(pairs, labels, config))
+        return scored_report(pairs, labels, scores, config)
+
+    def scores_of(
+        self,
+        pairs: Sequence[PreferencePair],
+        labels: Sequence[LabelledExample],
+        config: RewardConfig,
+    ) -> dict[tuple[str, str], float]:
+        """The score of every (prompt, continuation) in these pairs and labels."""
+        texts = _texts(pairs, labels)
+        scores = self.score(
+            [t[0] for t in texts], [t[1] for t in texts], batch_size=config.batch_size
         )
-        scores = dict(
-            zip(
-                texts,
-                self.score(
-                    [t[0] for t in texts], [t[1] for t in texts], batch_size=config.batch_size
-                ),
-                strict=True,
-            )
-        )
-        return heldout_report(
-            pairs,
-            [scores[(p.prompt, p.chosen)] - scores[(p.prompt, p.rejected)] for p in pairs],
-            labels,
-            [scores[(e.prompt, e.completion)] for e in labels],
-            permutations=config.permutations,
-            seed=config.seed,
-        )
+        return dict(zip(texts, scores, strict=True))
 
     def save(self, directory: Path | str) -> None:
         """Write `head.safetensors` (the head, a few kilobytes) and `reward.json` (the
@@ -596,6 +621,156 @@ def _describe(identity: dict[str, Any]) -> str:
     return (
         f"{identity.get('model_id')} ({identity.get('model_type')}, width"
         f" {identity.get('hidden_size')}, {identity.get('layers')} layers)"
+    )
+
+
+def _texts(
+    pairs: Sequence[PreferencePair], labels: Sequence[LabelledExample]
+) -> list[tuple[str, str]]:
+    """Every (prompt, continuation) of these pairs and labels, once each, in order."""
+    return list(
+        dict.fromkeys(
+            [(p.prompt, p.chosen) for p in pairs]
+            + [(p.prompt, p.rejected) for p in pairs]
+            + [(e.prompt, e.completion) for e in labels]
+        )
+    )
+
+
+@dataclass
+class Features:
+    """The base model's features of every continuation in some feedback, computed once
+    (a forward pass each), for as many heads as are fitted on them."""
+
+    rows: dict[tuple[str, str], int]
+    table: torch.Tensor
+    seconds: float
+
+    @classmethod
+    def of(
+        cls,
+        base: LoadedModel,
+        config: RewardConfig,
+        pairs: Sequence[PreferencePair],
+        labels: Sequence[LabelledExample],
+    ) -> Features:
+        started = time.perf_counter()
+        texts = _texts(pairs, labels)
+        table = continuation_features(
+            base,
+            config.features,
+            [t[0] for t in texts],
+            [t[1] for t in texts],
+            batch_size=config.batch_size,
+        )
+        return cls({t: i for i, t in enumerate(texts)}, table, time.perf_counter() - started)
+
+    def __call__(self, keys: Sequence[tuple[str, str]]) -> torch.Tensor:
+        return self.table[[self.rows[k] for k in keys]]
+
+    def training_data(
+        self,
+        pairs: Sequence[PreferencePair],
+        labels: Sequence[LabelledExample],
+        config: RewardConfig,
+    ) -> tuple[Any, Any]:
+        """`fit_head`'s (pairs, labels) arguments."""
+        import torch
+
+        pair_data = label_data = None
+        if pairs:
+            pair_data = (
+                self([(p.prompt, p.chosen) for p in pairs]),
+                self([(p.prompt, p.rejected) for p in pairs]),
+                torch.tensor([p.weight for p in pairs]),
+            )
+        if labels:
+            label_data = (
+                self([(e.prompt, e.completion) for e in labels]),
+                torch.tensor([1.0 if e.label else -1.0 for e in labels]),
+                torch.tensor([min(abs(e.score), config.label_weight_cap) for e in labels]),
+            )
+        return pair_data, label_data
+
+
+def cross_validate(
+    base: LoadedModel,
+    pairs: Sequence[PreferencePair],
+    labels: Sequence[LabelledExample],
+    config: RewardConfig,
+) -> tuple[RewardModel, Scores]:
+    """A reward model trained on all these pairs and labels, and every example's
+    out-of-fold scores: the stories are dealt into `config.folds` folds at random
+    (seeded), and each fold's continuations are scored by a head trained on the other
+    folds' feedback, so no score comes from a head that saw its story (nor the same
+    text in it: scores are kept per fold). The features are computed once for all the
+    folds (blocking: run it in a worker thread)."""
+    import random
+
+    features = Features.of(base, config, pairs, labels)
+    stories = sorted({p.story_id for p in pairs} | {e.story_id for e in labels})
+    random.Random(config.seed).shuffle(stories)
+    fold = {story: i % config.folds for i, story in enumerate(stories)}
+    by_fold: dict[tuple[int, tuple[str, str]], float] = {}
+    for k in range(config.folds):
+        train_pairs = [p for p in pairs if fold[p.story_id] != k]
+        train_labels = [e for e in labels if fold[e.story_id] != k]
+        if not train_pairs and not train_labels:
+            continue
+        head, _ = fit_head(
+            *features.training_data(train_pairs, train_labels, config),
+            l2=config.l2,
+            max_steps=config.max_steps,
+        )
+        held = _texts(
+            [p for p in pairs if fold[p.story_id] == k],
+            [e for e in labels if fold[e.story_id] == k],
+        )
+        if held:
+            values = (float(v) for v in head(features(held)))
+            by_fold.update(((k, text), v) for text, v in zip(held, values, strict=True))
+    model = RewardModel.fit(base, pairs, labels, config, features=features)
+    return model, lambda story, text: by_fold.get((fold[story], text))
+
+
+Scores = Callable[[int, tuple[str, str]], "float | None"]
+"""A continuation's score in a story (story id, (prompt, continuation)), None if it has
+none: out-of-fold scores depend on the story's fold."""
+
+
+def scores_by_text(scores: dict[tuple[str, str], float]) -> Scores:
+    """`Scores` from one model's scores of each text, whatever the story."""
+    return lambda story, text: scores.get(text)
+
+
+def scored_report(
+    pairs: Sequence[PreferencePair],
+    labels: Sequence[LabelledExample],
+    scores: Scores,
+    config: RewardConfig,
+) -> HeldoutReport:
+    """`heldout_report` for scores already known; examples with a continuation that
+    has none are left out."""
+    margins, judged_pairs = [], []
+    for p in pairs:
+        chosen = scores(p.story_id, (p.prompt, p.chosen))
+        rejected = scores(p.story_id, (p.prompt, p.rejected))
+        if chosen is not None and rejected is not None:
+            judged_pairs.append(p)
+            margins.append(chosen - rejected)
+    values, judged_labels = [], []
+    for e in labels:
+        value = scores(e.story_id, (e.prompt, e.completion))
+        if value is not None:
+            judged_labels.append(e)
+            values.append(value)
+    return heldout_report(
+        judged_pairs,
+        margins,
+        judged_labels,
+        values,
+        permutations=config.permutations,
+        seed=config.seed,
     )
 
 
@@ -714,20 +889,24 @@ def gate(
     report: HeldoutReport,
     current: HeldoutReport | None = None,
     current_name: str = "the promoted reward model",
+    mine: HeldoutReport | None = None,
 ) -> list[str]:
     """Why a new reward model may not be promoted (empty: it may). It must rank
     held-out feedback better than chance with confidence (`significance`), and at least
-    as well as the promoted one on the same examples."""
+    as well as the promoted one on the same examples: `current` is the promoted one's
+    report and `mine` the new one's (default `report`) on the examples neither learned
+    from."""
+    mine = mine or report
     reasons = []
     if report.p_value >= config.significance:
         reasons.append(
             f"held-out accuracy {report.accuracy:.2f} is not clearly above chance"
             f" (p = {report.p_value:.2f}, needs below {config.significance:g})"
         )
-    if current is not None and report.accuracy < current.accuracy:
+    if current is not None and mine.accuracy < current.accuracy:
         reasons.append(
-            f"held-out accuracy {report.accuracy:.2f} is below {current_name}'s"
-            f" {current.accuracy:.2f} on the same examples"
+            f"held-out accuracy {mine.accuracy:.2f} is below {current_name}'s"
+            f" {current.accuracy:.2f} on the same {current.pairs + current.labels} examples"
         )
     return reasons
 
@@ -948,20 +1127,44 @@ async def train_reward_model(
     reason = reward_skip_reason(config, data)
     if reason is not None:
         return {"status": "skipped", "reason": reason}
-    model = await asyncio.to_thread(RewardModel.train, base, data, config)
-    pairs, labels = heldout_split(data, config)
-    report = await asyncio.to_thread(model.evaluate, pairs, labels, config)
-    current, current_report, note = await registry.promoted(community), None, None
+    judged_by = "cross-validation" if cross_validated(config, data) else "held-out"
+    if judged_by == "cross-validation":
+        pairs, labels = people_feedback(data, config)
+        model, scores = await asyncio.to_thread(cross_validate, base, pairs, labels, config)
+    else:
+        model = await asyncio.to_thread(RewardModel.train, base, data, config)
+        pairs, labels = heldout_split(data, config)
+        scores = scores_by_text(await asyncio.to_thread(model.scores_of, pairs, labels, config))
+    report = scored_report(pairs, labels, scores, config)
+    current, current_report, mine, note = await registry.promoted(community), None, None, None
     if current is not None:
         try:
             previous = await asyncio.to_thread(registry.load, current, base)
-            current_report = await asyncio.to_thread(previous.evaluate, pairs, labels, config)
         except ConfigError as exc:  # gone, or made for another base model: not a rival
             note = f"{current.name} not compared: {exc}"
             log.warning("reward model %s", note)
-    reasons = gate(config, report, current_report, current.name if current else "")
+        else:
+            # Compared where neither learned: the new one's scores there are held out
+            # (or out of fold), and so must the promoted one's be.
+            fresh_pairs = [p for p in pairs if not previous.trained_on(p.story_id)]
+            fresh_labels = [e for e in labels if not previous.trained_on(e.story_id)]
+            if len(fresh_pairs) + len(fresh_labels) >= config.min_heldout:
+                theirs = await asyncio.to_thread(
+                    previous.scores_of, fresh_pairs, fresh_labels, config
+                )
+                current_report = scored_report(
+                    fresh_pairs, fresh_labels, scores_by_text(theirs), config
+                )
+                mine = scored_report(fresh_pairs, fresh_labels, scores, config)
+            else:
+                note = (
+                    f"{current.name} not compared: it learned from all but"
+                    f" {len(fresh_pairs) + len(fresh_labels)} of these examples"
+                )
+    reasons = gate(config, report, current_report, current.name if current else "", mine)
     metrics: dict[str, Any] = {
         **report.to_dict(),
+        "judged_by": judged_by,
         "current_version": current.version if current else None,
         "current_accuracy": current_report.accuracy if current_report else None,
         "passed": not reasons,
@@ -975,6 +1178,7 @@ async def train_reward_model(
         "train_labels": model.info["train"]["labels"],
         "heldout_pairs": len(pairs),
         "heldout_labels": len(labels),
+        "judged_by": judged_by,
     }
     version = await registry.register(
         model.save, community=community, metrics=metrics, data_counts=counts
@@ -994,8 +1198,9 @@ def reward_summary(result: dict[str, Any]) -> str:
         return f"reward model skipped: {result['reason']}"
     report = HeldoutReport(**{k: result[k] for k in HeldoutReport.__dataclass_fields__})
     train = result["train"]
+    folds = " (cross-validated)" if result.get("judged_by") == "cross-validation" else ""
     line = (
-        f"reward model r{result['version']} {result['status']}: {report.summary()};"
+        f"reward model r{result['version']} {result['status']}: {report.summary()}{folds};"
         f" trained on {train['pairs']} pairs and {train['labels']} labels"
         f" in {train['seconds']:.1f} s"
     )

@@ -4,6 +4,7 @@ something, the tiny random GPT-2 where they need not); its held-out judgement an
 its files; its registry."""
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -28,6 +29,7 @@ from storyengine.learning.reward import (
     heldout_split,
     reward_dir,
     reward_skip_reason,
+    reward_summary,
     train_reward_model,
     training_split,
 )
@@ -181,7 +183,7 @@ async def test_the_gate_refuses_a_reward_model_trained_on_random_labels(tmp_path
     pass."""
     store = await Store(tmp_path / "s.db").open()
     registry = await RewardRegistry(store, tmp_path / "rewards").open()
-    config = RewardConfig()
+    config = RewardConfig(cross_validate_below=0)  # judged on the held-out side
 
     noise = await train_reward_model(
         registry, bundled_model, cat_world(24, seed=1, random_labels=True), config
@@ -205,7 +207,7 @@ async def test_a_new_reward_model_is_judged_against_the_promoted_one(tmp_path, b
     stays; one as good replaces it."""
     store = await Store(tmp_path / "s.db").open()
     registry = await RewardRegistry(store, tmp_path / "rewards").open()
-    config = RewardConfig()
+    config = RewardConfig(cross_validate_below=0)  # judged on the held-out side
     first = await train_reward_model(registry, bundled_model, cat_world(16, seed=2), config)
     assert first["status"] == "promoted", first
     worse = await train_reward_model(
@@ -214,11 +216,48 @@ async def test_a_new_reward_model_is_judged_against_the_promoted_one(tmp_path, b
     assert worse["current_version"] == first["version"]
     assert worse["current_accuracy"] == pytest.approx(first["accuracy"])
     assert worse["status"] == "rejected"
-    assert f"below r1's {first['accuracy']:.2f} on the same examples" in worse["reason"]
+    assert f"below r1's {first['accuracy']:.2f} on the same 16 examples" in worse["reason"]
     assert (await registry.promoted()).version == first["version"]
     again = await train_reward_model(registry, bundled_model, cat_world(16, seed=2), config)
     assert again["status"] == "promoted" and again["accuracy"] == first["accuracy"]
     assert [v.status for v in await registry.list()] == ["retired", "rejected", "promoted"]
+    await store.close()
+
+
+@pytest.mark.slow
+async def test_little_feedback_is_judged_by_cross_validation_and_all_of_it_trains(
+    tmp_path, bundled_model
+):
+    """With too little held out to judge on (a server's first reactions), every story
+    is scored by a head that never saw it, and the model kept learns from all of it:
+    coin flips are still refused, the truth passes."""
+    store = await Store(tmp_path / "s.db").open()
+    registry = await RewardRegistry(store, tmp_path / "rewards").open()
+    config = RewardConfig()
+    noise = cat_world(16, seed=3)
+    rng = random.Random(4)
+    noise.examples = [replace(e, label=rng.random() < 0.5) for e in noise.examples]
+    refused = await train_reward_model(registry, bundled_model, noise, config)
+    assert refused["judged_by"] == "cross-validation"
+    assert refused["status"] == "rejected" and "not clearly above chance" in refused["reason"]
+
+    world = cat_world(16, seed=3)  # 32 labels, 16 of them held out: under 100
+    kept = await train_reward_model(registry, bundled_model, world, config)
+    assert kept["judged_by"] == "cross-validation" and kept["status"] == "promoted", kept
+    assert kept["labels"] == 32 and kept["train"]["labels"] == 32  # judged on all, trained on all
+    assert kept["label_auc"] > 0.8
+    assert "cross-validated" in reward_summary(kept)
+
+    # It learned from every one of these stories: a rival cannot be compared with it
+    # on them, and says so; on stories it never saw, it is.
+    again = await train_reward_model(registry, bundled_model, world, config)
+    assert again["current_accuracy"] is None
+    assert "learned from all but 0 of these examples" in again["note"]
+    newer = cat_world(16, seed=5)
+    newer.examples = [replace(e, story_id=e.story_id + 1000) for e in newer.examples]
+    both = FeedbackDatasets(examples=world.examples + newer.examples)
+    compared = await train_reward_model(registry, bundled_model, both, config)
+    assert compared["current_accuracy"] is not None  # on the 32 newer ones
     await store.close()
 
 
@@ -234,7 +273,7 @@ def test_the_gate_rule():
     assert gate(config, report(0.9, 0.01), report(0.85, 0.01)) == []
     assert gate(config, report(0.9, 0.01), report(0.9, 0.01)) == []  # as good: fine
     (reason,) = gate(config, report(0.8, 0.01), report(0.9, 0.001), "r3")
-    assert reason == "held-out accuracy 0.80 is below r3's 0.90 on the same examples"
+    assert reason == "held-out accuracy 0.80 is below r3's 0.90 on the same 10 examples"
     (reason,) = gate(config, report(0.7, 0.2))
     assert reason.startswith("held-out accuracy 0.70 is not clearly above chance (p = 0.20")
 
@@ -283,6 +322,18 @@ def test_skip_reasons_say_what_is_missing():
     )
     unjudged = cat_world(8, seed=0)
     unjudged.examples[:] = [e for e in unjudged.examples if e.split == "train"]
+    assert reward_skip_reason(config, unjudged).startswith("too little held-out")  # 8: few
+    many = cat_world(32, seed=0)
+    many.examples[:] = [e for e in many.examples if e.split == "train"]
+    assert reward_skip_reason(config, many) is None  # judged by cross-validation
+    few_stories = FeedbackDatasets(
+        examples=[replace(e, story_id=e.story_id % 3) for e in many.examples]
+    )
+    assert reward_skip_reason(config, few_stories) == (
+        "too little feedback to judge one: 3 stories rated (a reward model is judged on 5"
+        " folds of stories)"
+    )
+    config = RewardConfig(cross_validate_below=0)
     assert reward_skip_reason(config, unjudged).startswith(
         "too little held-out feedback to judge one: 0 held-out examples"
     )

@@ -51,23 +51,26 @@ async def test_a_round_trains_and_reports_its_reward_model_first(settings):
 
     reward = result.metrics["reward"]
     assert reward["status"] == "promoted" and reward["version"] == 1
-    # 16 stories on the training side (4 held out), each a pair and two labels.
-    assert (reward["train"]["pairs"], reward["train"]["labels"]) == (16, 32)
-    assert (reward["pairs"], reward["labels"]) == (4, 8)
+    # 20 stories, each a pair and two labels: with 4 stories held out (under
+    # `cross_validate_below`), it is judged by cross-validation on all and trained on all.
+    assert reward["judged_by"] == "cross-validation"
+    assert (reward["train"]["pairs"], reward["train"]["labels"]) == (20, 40)
+    assert (reward["pairs"], reward["labels"]) == (20, 40)
     assert reward["label_auc"] == 1.0 and reward["p_value"] < 0.05
     assert lines[0].startswith("training kto on")  # the adapter's lines come as before
     assert lines[-1].startswith("reward model r1 promoted: held-out accuracy 1.00 (p = 0.0")
-    assert "trained on 16 pairs and 32 labels" in lines[-1]
+    assert "(cross-validated); trained on 20 pairs and 40 labels" in lines[-1]
 
     store = await Store(settings.database).open()
     registry = RewardRegistry(store, reward_dir(settings), lock_dir=settings.adapter_dir)
     (version,) = await registry.list()
     assert version.status == "promoted" and version.community is None
     assert version.data_counts == {
-        "train_pairs": 16,
-        "train_labels": 32,
-        "heldout_pairs": 4,
-        "heldout_labels": 8,
+        "train_pairs": 20,
+        "train_labels": 40,
+        "heldout_pairs": 20,
+        "heldout_labels": 40,
+        "judged_by": "cross-validation",
     }
     # What the round registered scores on the served base model, liked above disliked.
     model = registry.load(version, load_model(settings))
@@ -89,7 +92,7 @@ async def test_a_round_trains_and_reports_its_reward_model_first(settings):
 
 async def test_too_little_for_a_reward_model_is_said_and_the_adapter_still_trains(settings):
     await make_feedback(settings.database, stories=20)
-    config = replace(round_config(), reward=RewardConfig(min_heldout=100))
+    config = replace(round_config(), reward=RewardConfig(min_heldout=100, cross_validate_below=0))
     lines: list[str] = []
     result = await run_round(settings, config, say=lines.append)
     assert result.status == "promoted"

@@ -70,7 +70,9 @@ def test_the_prompt_puts_the_scene_first_then_who_is_in_it_then_the_style():
     assert len(prompt) < 450
     # "He" in a turn is whoever the turn before named.
     later = picture_prompt(story(), turn("He swam across."), lore, "", turn("At the mill, Rusty"))
-    assert later == "He swam across. Rusty: A red fox with a torn ear. Mill: An old mill by the river."
+    assert later == (
+        "He swam across. Rusty: A red fox with a torn ear. Mill: An old mill by the river."
+    )
 
 
 def test_the_prompt_passes_the_safety_filter_blocked_words_dropped_whole():
