@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from typing import Any
 
 from ..config import Settings
 from ..errors import InvalidInput
@@ -70,12 +71,14 @@ async def run_train_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.poll <= 0:
         raise InvalidInput("--poll must be more than 0 seconds")
+    if args.lease <= 0:
+        raise InvalidInput("--lease must be more than 0 seconds")
     train = from_args(TrainConfig, args)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     store = await Store(settings.database).open()
     try:
         while True:
-            taken = await store.take_round_request(worker)
+            taken = await store.take_round_request(worker, lease_s=args.lease)
             if taken is None:
                 if args.once:
                     print("no round requested")
@@ -86,6 +89,9 @@ async def run_train_worker(args: argparse.Namespace, settings: Settings) -> int:
             lineage = f"community {community}" if community else "the shared adapter"
             print(f"round request #{request} ({reason}): training {lineage}", flush=True)
             config = from_args(RoundConfig, args, train=train, community=community)
+            # Renewed while the round runs: if this process dies, another worker takes
+            # the request once its lease runs out (the round lock keeps the two apart).
+            renewing = asyncio.create_task(_renew(store, request, worker, args.lease / 3))
             try:
                 result = await run_round(settings, config, say=echo)
             except Exception as exc:  # the next request still gets its turn
@@ -94,12 +100,25 @@ async def run_train_worker(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 name = f" {result.version.name}" if result.version is not None else ""
                 outcome = f"{result.status}{name}: {result.reason}"
+            finally:
+                renewing.cancel()
             await store.finish_round_request(request, outcome)
             print(f"round request #{request}: {outcome}", flush=True)
             if args.once:
                 return 0
     finally:
         await store.close()
+
+
+async def _renew(store: Any, request: int, worker: str, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            if not await store.renew_round_request(request, worker):
+                log.warning("round request #%d was taken by another worker", request)
+                return
+        except Exception:  # the database away for a moment: try again next time
+            log.exception("could not renew round request #%d", request)
 
 
 async def run_adapters(args: argparse.Namespace, settings: Settings) -> int:

@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--poll", type=float, default=30.0, help="seconds between looks for a request (default 30)"
     )
+    worker.add_argument(
+        "--lease",
+        type=float,
+        default=600.0,
+        help="a worker renews its request every third of this many seconds while it runs; "
+        "a request not renewed for this long (its worker died) is taken again (default 600)",
+    )
     add_options(worker, RoundConfig, skip=("community",))
     add_options(worker, TrainConfig)
     _add_storage_args(worker, adapters=True)

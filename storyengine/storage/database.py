@@ -18,7 +18,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any, Self
@@ -109,9 +109,10 @@ def pre_migration_backup_path(db_path: Path, schema_version: int, now: datetime)
 ROUND_LOCK = 0x7261_6E64  # "rand": the advisory lock a training run holds (PostgreSQL)
 
 
-def utc_now() -> str:
-    """Now as the database's timestamps are written: `2026-12-07T07:20:01.123Z`."""
-    now = datetime.now(UTC)
+def utc_now(offset_s: float = 0.0) -> str:
+    """Now (plus `offset_s` seconds) as the database's timestamps are written:
+    `2026-12-07T07:20:01.123Z`, which sort as text in time order."""
+    now = datetime.now(UTC) + timedelta(seconds=offset_s)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 

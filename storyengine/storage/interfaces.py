@@ -441,8 +441,15 @@ class TrainingRunRecords(Protocol):
         """Note that a lineage's round is due; the lineage's waiting request if any."""
         ...
 
-    async def take_round_request(self, worker: str) -> tuple[int, str | None, str] | None:
-        """The oldest waiting request, taken by `worker`: (id, community, reason)."""
+    async def take_round_request(
+        self, worker: str, *, lease_s: float = 600.0
+    ) -> tuple[int, str | None, str] | None:
+        """The oldest waiting request (or one whose lease ran out), taken by `worker`:
+        (id, community, reason)."""
+        ...
+
+    async def renew_round_request(self, request_id: int, worker: str) -> bool:
+        """The taken request's lease starts again; False if another worker took it."""
         ...
 
     async def finish_round_request(self, request_id: int, outcome: str) -> None:

@@ -27,14 +27,19 @@ class TrainingRepository(Repository):
                 (community, reason, utc_now()),
             )
 
-    async def take_round_request(self, worker: str) -> tuple[int, str | None, str] | None:
+    async def take_round_request(
+        self, worker: str, *, lease_s: float = 600.0
+    ) -> tuple[int, str | None, str] | None:
         """The oldest waiting request, now taken by `worker`, as (id, community,
-        reason); None if none waits. Writers are serialised, so two workers never take
-        the same one."""
+        reason); None if none waits. A request taken but neither finished nor renewed
+        (`renew_round_request`) for `lease_s` seconds counts as waiting: its worker
+        died. Writers are serialised, so two workers never take the same one."""
+        stale = utc_now(-lease_s)
         async with self.transaction() as db:
             cursor = await db.execute(
-                "SELECT id, community, reason FROM training_requests WHERE taken_at IS NULL"
-                " ORDER BY id LIMIT 1"
+                "SELECT id, community, reason FROM training_requests WHERE finished_at IS NULL"
+                " AND (taken_at IS NULL OR taken_at < ?) ORDER BY id LIMIT 1",
+                (stale,),
             )
             row = await cursor.fetchone()
             if row is None:
@@ -44,6 +49,17 @@ class TrainingRepository(Repository):
                 (utc_now(), worker, row[0]),
             )
             return int(row[0]), row[1], row[2]
+
+    async def renew_round_request(self, request_id: int, worker: str) -> bool:
+        """`worker` still runs the request: its lease starts again. False if another
+        worker has taken it since (this one was thought dead)."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE training_requests SET taken_at = ? WHERE id = ? AND taken_by = ?"
+                " AND finished_at IS NULL",
+                (utc_now(), request_id, worker),
+            )
+            return cursor.rowcount == 1
 
     async def finish_round_request(self, request_id: int, outcome: str) -> None:
         await self._write(

@@ -88,3 +88,59 @@ async def test_one_round_at_a_time_across_machines_sharing_a_postgresql_database
         finally:
             await here.close()
             await there.close()
+
+
+async def test_a_request_whose_worker_died_is_taken_again_once_its_lease_runs_out(database):
+    store = await Store(database).open()
+    try:
+        await store.request_round("due", None)
+        assert await store.take_round_request("a", lease_s=600) is not None
+        assert await store.take_round_request("b", lease_s=600) is None  # a still has it
+        await asyncio.sleep(0.01)
+        assert await store.renew_round_request(1, "a")  # a renews: its lease starts again
+        await asyncio.sleep(0.01)
+        # a went quiet for longer than the lease: b takes it, and a learns it lost it.
+        assert await store.take_round_request("b", lease_s=0.005) == (1, None, "due")
+        assert not await store.renew_round_request(1, "a")
+        await store.finish_round_request(1, "skipped: nothing new")
+        await asyncio.sleep(0.01)
+        assert await store.take_round_request("c", lease_s=0.005) is None  # finished: never
+    finally:
+        await store.close()
+
+
+async def test_a_killed_worker_leaves_its_request_to_the_next_worker(tmp_path):
+    """SIGKILL in the middle of a round: the request is neither lost nor stuck; another
+    worker takes it once its lease has run out, and notes how it ended."""
+    database = tmp_path / "stories.db"
+    db = await Store(database).open()
+    try:
+        await db.request_round("due", None)
+    finally:
+        await db.close()
+    command = [
+        *(sys.executable, "-m", "storyengine", "train", "worker", "--lease", "1"),
+        *("--db", str(database), "--dir", str(tmp_path / "adapters")),
+    ]
+    doomed = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+    assert doomed.stdout is not None
+    line = await asyncio.wait_for(doomed.stdout.readline(), 120)
+    assert line.startswith(b"round request #1 (due)")
+    doomed.kill()
+    await doomed.wait()
+    await asyncio.sleep(1.5)  # past its lease
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [*command[:5], "--once", *command[5:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "round request #1 (due)" in done.stdout
+    db = await Store(database).open()
+    try:
+        (request,) = await db.round_requests()
+        assert request["finished_at"] and request["outcome"].startswith("skipped: ")
+    finally:
+        await db.close()
