@@ -14,7 +14,7 @@ from discord import app_commands
 from discord.ext import commands, tasks
 
 from storyengine import StoryEngine, TrainingSchedule
-from storyengine.records import DIRECT_MESSAGES
+from storyengine.records import DIRECT_MESSAGES, UNKNOWN_SERVER
 
 from .health import HealthServer, Metrics, interaction_name
 from .publish import report_error, safe
@@ -167,13 +167,15 @@ class StoryBot(commands.Bot):
 
     def own_communities(self) -> set[str] | None:
         """The communities whose round-robin turns this process passes: None (every
-        story's) unless sharded; sharded, the servers on its own shards, and direct
-        messages in the process holding shard 0 (Discord sends them there)."""
+        story's) unless sharded; sharded, the servers on its own shards, and in the
+        process holding shard 0 direct messages (Discord sends them there) and the
+        stories whose server is not known (`UNKNOWN_SERVER`: older than the record of
+        communities), so that every game has exactly one process passing its turns."""
         if not self.settings.sharded:
             return None
         own = {str(g.id) for g in self.guilds if self.settings.owns_guild(g.id)}
         if 0 in self.settings.own_shards:
-            own.add(DIRECT_MESSAGES)
+            own |= {DIRECT_MESSAGES, UNKNOWN_SERVER}
         return own
 
     async def start_health_server(self) -> None:

@@ -12,6 +12,10 @@ MODES: tuple[StoryMode, ...] = ("solo", "round-robin", "companion")
 
 DIRECT_MESSAGES = "dm"
 """The community of direct messages (and terminal sessions' default): never trained on."""
+UNKNOWN_SERVER = "before-opt-in"
+"""The community of Discord stories from before communities were recorded (migration
+0004), whose server is not known; stories with no community at all count as its too
+where a process asks for its communities' games."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from ..records import Player
+from ..records import UNKNOWN_SERVER, Player
 from .database import Repository
 
 COMMUNITIES_PER_QUERY = 500
@@ -67,7 +67,10 @@ class GameRepository(Repository):
         for start in range(0, len(wanted), COMMUNITIES_PER_QUERY):
             chunk = wanted[start : start + COMMUNITIES_PER_QUERY]
             marks = ", ".join("?" * len(chunk))
-            found += await self.fetch(f"{overdue} AND community IN ({marks})", (now, *chunk))
+            found += await self.fetch(
+                f"{overdue} AND COALESCE(community, ?) IN ({marks})",
+                (now, UNKNOWN_SERVER, *chunk),
+            )
         return [r[0] for r in sorted(found, key=lambda r: r[1])]
 
     async def turn_timeout(self, channel: str) -> int | None:

@@ -102,6 +102,29 @@ async def test_turns_expire_only_for_the_communities_asked(tiny_engine):
     assert sorted(c for c, _ in await engine.expire_turns()) == ["10", "20", "30"]  # every one
 
 
+async def test_games_whose_server_is_not_known_are_passed_by_shard_zero(tiny_engine):
+    """Stories older than the record of communities (and any with none) belong to no
+    shard's servers: the process holding shard 0 passes their turns, and only it."""
+    from bot.client import StoryBot
+    from bot.settings import BotSettings
+    from storyengine.records import UNKNOWN_SERVER
+
+    engine = tiny_engine
+    now = [1_000_000.0]
+    engine.clock = lambda: now[0]
+    ann, ben = Author("1", "Ann"), Author("2", "Ben")
+    for channel, community in (("40", UNKNOWN_SERVER), ("50", None)):
+        await engine.start_story(
+            channel, "Once upon a time.", author=ann, mode="round-robin", community=community
+        )
+        await engine.join(channel, ben)
+    now[0] += 601
+    zero = StoryBot(engine=engine, settings=BotSettings(shard_count=2, shard_ids=(0,)))
+    one = StoryBot(engine=engine, settings=BotSettings(shard_count=2, shard_ids=(1,)))
+    assert await engine.expire_turns(one.own_communities()) == []
+    assert sorted(c for c, _ in await engine.expire_turns(zero.own_communities())) == ["40", "50"]
+
+
 class ShardProcess:
     """`taleweaver-bot` as its own process running some shards (tests/helpers/bot_process.py:
     the real entry point, Discord's addresses replaced), its log in a file."""
