@@ -25,6 +25,7 @@ PRIVACY = """\
 • Stories: premises, notes and every line, with the author's Discord id and name, so the story can go on and be exported.
 • Each text I write, with the prompt and settings that produced it, to learn from your feedback.
 • Your reactions on my story messages and the continuations you choose, to learn what people enjoy.
+• Nothing of `/story illustrate`: the turn and its lore go to the picture model (which the bot's host chose) to draw, and the picture lives only in the message.
 Nothing else: I cannot read your messages (no message-content access).
 Training on a server's stories and reactions happens only if its admins switch learning on (`/storyadmin learning on`); stories in DMs are never trained on.
 `/story forget-me` deletes your reactions and choices, anonymises your lines in shared stories and keeps them out of any training, and stops recording your feedback."""

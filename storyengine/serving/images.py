@@ -135,6 +135,7 @@ class LocalPictures:
         self._pipeline: Any = None
         self._queue = _Queue(1, waiting)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taleweaver-pictures")
+        self._closed = False
 
     async def draw(
         self, request: PictureRequest, *, on_progress: Progress | None = None
@@ -143,7 +144,7 @@ class LocalPictures:
         stop = False
 
         def step(done: int, steps: int) -> None:  # on the worker thread
-            if stop:
+            if stop or self._closed:
                 raise _Stop
             if on_progress is not None:
                 loop.call_soon_threadsafe(on_progress, done, steps)
@@ -156,6 +157,10 @@ class LocalPictures:
                 stop = True  # the pipeline stops at its next step, freeing the thread
                 work.add_done_callback(_retrieved)
                 raise
+            except _Stop:  # closed meanwhile
+                raise IllustrationFailed(
+                    "The storyteller is shutting down: the picture was not finished."
+                ) from None
 
     def _draw(self, request: PictureRequest, step: Callable[[int, int], None]) -> Picture:
         import torch
@@ -209,6 +214,9 @@ class LocalPictures:
         return self._pipeline
 
     async def close(self) -> None:
+        """Drop what waits; a picture being drawn stops at its next step (the process
+        can end without waiting for it)."""
+        self._closed = True
         self._thread.shutdown(wait=False, cancel_futures=True)
 
 

@@ -210,3 +210,14 @@ def test_the_image_settings_are_checked_and_choose_the_backend(tmp_path):
         Settings.from_env({"STORY_IMAGE_URL": "ftp://x"}, dotenv=False)
     shown = repr(Settings(image_url="http://h:1", image_api_key="sk-secret"))
     assert "sk-secret" not in shown
+
+
+async def test_closing_stops_a_picture_being_drawn_and_says_so(pipeline_dir):
+    pictures = LocalPictures(str(pipeline_dir), device="cpu")
+    started = asyncio.Event()
+    slow = PictureRequest("a fox", 32, 32, steps=500)
+    task = asyncio.create_task(pictures.draw(slow, on_progress=lambda d, n: started.set()))
+    await started.wait()
+    await pictures.close()
+    with pytest.raises(IllustrationFailed, match="shutting down"):
+        await asyncio.wait_for(task, 30)  # at its next step, not after 500
