@@ -700,17 +700,13 @@ def cross_validate(
     config: RewardConfig,
 ) -> tuple[RewardModel, Scores]:
     """A reward model trained on all these pairs and labels, and every example's
-    out-of-fold scores: the stories are dealt into `config.folds` folds at random
-    (seeded), and each fold's continuations are scored by a head trained on the other
-    folds' feedback, so no score comes from a head that saw its story (nor the same
-    text in it: scores are kept per fold). The features are computed once for all the
-    folds (blocking: run it in a worker thread)."""
-    import random
-
+    out-of-fold scores: the stories are dealt into `config.folds` folds (`deal_folds`),
+    and each fold's continuations are scored by a head trained on the other folds'
+    feedback, so no score comes from a head that saw its story (nor the same text in
+    it: scores are kept per fold). The features are computed once for all the folds
+    (blocking: run it in a worker thread)."""
     features = Features.of(base, config, pairs, labels)
-    stories = sorted({p.story_id for p in pairs} | {e.story_id for e in labels})
-    random.Random(config.seed).shuffle(stories)
-    fold = {story: i % config.folds for i, story in enumerate(stories)}
+    fold = deal_folds(pairs, labels, config)
     by_fold: dict[tuple[int, tuple[str, str]], float] = {}
     for k in range(config.folds):
         train_pairs = [p for p in pairs if fold[p.story_id] != k]
@@ -727,7 +723,9 @@ def cross_validate(
             [e for e in labels if fold[e.story_id] == k],
         )
         if held:
-            values = (float(v) for v in head(features(held)))
+            # Without the head's bias: it follows its training folds' share of 👍, so
+            # a fold scored by a head that saw fewer of them would rank lower as a whole.
+            values = (float(v) - float(head.bias) for v in head(features(held)))
             by_fold.update(((k, text), v) for text, v in zip(held, values, strict=True))
     model = RewardModel.fit(base, pairs, labels, config, features=features)
     return model, lambda story, text: by_fold.get((fold[story], text))
@@ -741,6 +739,29 @@ none: out-of-fold scores depend on the story's fold."""
 def scores_by_text(scores: dict[tuple[str, str], float]) -> Scores:
     """`Scores` from one model's scores of each text, whatever the story."""
     return lambda story, text: scores.get(text)
+
+
+def deal_folds(
+    pairs: Sequence[PreferencePair], labels: Sequence[LabelledExample], config: RewardConfig
+) -> dict[int, int]:
+    """Each story's fold: stories whose labels are mostly 👍, mostly 👎, and the rest
+    are each shuffled (seeded) and dealt in turn, so that every fold holds about the
+    same share of each (a rare taste's few 👍 are not all in one fold)."""
+    import random
+
+    net: dict[int, float] = {p.story_id: 0.0 for p in pairs}
+    for e in labels:
+        net[e.story_id] = net.get(e.story_id, 0.0) + (1.0 if e.label else -1.0)
+    rng = random.Random(config.seed)
+    fold: dict[int, int] = {}
+    dealt = 0
+    for kind in (1, -1, 0):
+        stories = sorted(s for s, v in net.items() if (v > 0) - (v < 0) == kind)
+        rng.shuffle(stories)
+        for story in stories:
+            fold[story] = dealt % config.folds
+            dealt += 1
+    return fold
 
 
 def scored_report(

@@ -495,3 +495,14 @@ def test_one_held_out_pair_does_not_outweigh_many_labels():
     # evidence: 1 pair against 2 * 10 * 30 / 40 = 15 for the labels
     assert report.accuracy == pytest.approx(15 / 16)
     assert report.p_value < 0.01
+
+
+def test_folds_hold_the_same_share_of_each_kind_of_story():
+    """A rare taste's few 👍 stories are spread over the folds, not dealt by chance
+    into one (whose head, trained on none, would rank nothing)."""
+    from storyengine.learning.reward import deal_folds
+
+    labels = [example("p", f"c{n}", n < 5, n) for n in range(50)]  # 5 liked stories
+    fold = deal_folds([], labels, RewardConfig(folds=5))
+    assert sorted(fold[n] for n in range(5)) == [0, 1, 2, 3, 4]
+    assert sorted(list(fold.values()).count(k) for k in range(5)) == [10] * 5
