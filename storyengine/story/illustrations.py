@@ -99,7 +99,10 @@ class Illustrator:
         before = turns[number - 2] if number > 1 else None
         style = self.stories.settings.image_style
         prompt = picture_prompt(story, turns[number - 1], lore, style, before)
-        return PictureOrder(self.stories.safety.clean_picture_prompt(prompt), number, len(turns))
+        prompt = self.stories.safety.clean_picture_prompt(prompt)
+        if not prompt.strip(" ."):
+            raise InvalidInput(f"Nothing in turn {number} can be drawn: pick another.")
+        return PictureOrder(prompt, number, len(turns))
 
     async def draw_picture(
         self, order: PictureOrder, *, on_progress: Progress | None = None
