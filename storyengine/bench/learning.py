@@ -201,6 +201,8 @@ class _Bench:
         same prompts and seeds writes the same candidates, so each is written (and its
         perplexity taken) once, however many rows serve it (with `--communities`, every
         community's shared arm; an adapter kept over a rejected round)."""
+        self.rankings: dict[tuple[str, Any], list[str]] = {}
+        """Each (adapter's candidates, reward model version)'s choices (`ranked`)."""
         self.texts = heldout_stories()
         self._ppl_model: Any = None
         """A private copy of the base model for perplexity: adapters are loaded onto it,
@@ -244,8 +246,9 @@ class _Bench:
             self.measured[key] = (candidates, await asyncio.to_thread(self.perplexity, adapter))
         candidates, ppl = self.measured[key]
         scorer = await engine.rewards.scorer(lineage) if n > 1 else None
-        served = await self.ranked(candidates, scorer)
-        base_ranked = await self.ranked(self.base_candidates, scorer)
+        judge = await engine.rewards.serving_version(lineage) if scorer else None
+        served = await self.ranked(candidates, scorer, (key, judge))
+        base_ranked = await self.ranked(self.base_candidates, scorer, (BASE_ADAPTER, judge))
         row: dict[str, Any] = {"round": round_no}
         row["approval"], row["votes"] = _approval(audience.taste, self.prompts, served)
         row["approval_adapter_only"], _ = _approval(
@@ -286,11 +289,20 @@ class _Bench:
         with progress:
             return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(self.prompts))))
 
-    async def ranked(self, candidates: list[list[str]], scorer: Any) -> list[str]:
+    async def ranked(
+        self, candidates: list[list[str]], scorer: Any, key: tuple[str, Any]
+    ) -> list[str]:
         """Each prompt's candidate the reward model scores best (the first without one);
-        every prompt's candidates are scored in one call, batched."""
+        every prompt's candidates are scored in one call, batched, and once per
+        (candidates, reward model): `key` (the shared arm's rows share both)."""
         if scorer is None:
             return [c[0] for c in candidates]
+        cache_key = (key[0], getattr(key[1], "version", key[1]))
+        if cache_key not in self.rankings:
+            self.rankings[cache_key] = await self._ranked(candidates, scorer)
+        return self.rankings[cache_key]
+
+    async def _ranked(self, candidates: list[list[str]], scorer: Any) -> list[str]:
         prompts = [self.engine.opening_prompt(premise) for premise in self.prompts]
         flat = [(p, t) for p, texts in zip(prompts, candidates, strict=True) for t in texts]
         scores = iter(await scorer([p for p, _ in flat], [t for _, t in flat]))

@@ -82,13 +82,18 @@ class RewardSource:
         self._loaded: OrderedDict[int, Any] = OrderedDict()
         self._lock = asyncio.Lock()
 
-    async def scorer(self, community: str | None) -> Scorer | None:
-        """The scorer for a community's stories, or None when no reward model is
-        promoted for it or for the shared lineage (then best-of-n is off)."""
+    async def serving_version(self, community: str | None) -> Any:
+        """The reward model version that ranks a community's stories: its own promoted
+        one, else the shared lineage's; None when neither is (best-of-n is off)."""
         version = None
         if community is not None:
             version = await self.registry.promoted(community)
-        version = version or await self.registry.promoted(None)
+        return version or await self.registry.promoted(None)
+
+    async def scorer(self, community: str | None) -> Scorer | None:
+        """The scorer for a community's stories (`serving_version`'s), or None when no reward
+        model is promoted for it or for the shared lineage (then best-of-n is off)."""
+        version = await self.serving_version(community)
         if version is None:
             return None
         model = await self._load(version)
