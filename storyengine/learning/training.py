@@ -159,7 +159,9 @@ class DriftGuard:
 
 def prepare_policy(base_model: Any, start_adapter: Path | None, config: TrainConfig) -> Any:
     """The model to train: the base with `start_adapter` (trainable, named "default"),
-    or with a fresh LoRA."""
+    or with a fresh LoRA, drawn from `config.seed` (not from whatever the process drew
+    before: the same round on the same data starts from the same weights)."""
+    import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if start_adapter is not None:
@@ -174,7 +176,10 @@ def prepare_policy(base_model: Any, start_adapter: Path | None, config: TrainCon
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base_model, lora)
+    device = next(base_model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        return get_peft_model(base_model, lora)
 
 
 def kto_weights(rows: list[dict[str, Any]]) -> tuple[float, float]:

@@ -188,3 +188,22 @@ def test_a_short_round_reports_its_first_and_last_step(fresh, monkeypatch):
     assert report["steps"] == 2
     assert [line.split(" ·")[0] for line in lines] == ["step 1/2 (50%)", "step 2/2 (100%)"]
     assert "left" in lines[0] and "elapsed" in lines[-1]
+
+
+def test_a_fresh_adapter_starts_from_its_seed_whatever_was_drawn_before():
+    """The same round on the same data starts from the same weights: the reward model's
+    work, or anything else drawn from the global generator first, changes nothing."""
+    from storyengine.learning.training import TrainConfig, prepare_policy
+    from tests.helpers.models import make_tiny_model
+
+    def lora_a(draw_first: int) -> list:
+        torch.manual_seed(123)
+        torch.rand(draw_first)
+        policy = prepare_policy(make_tiny_model().model, None, TrainConfig(seed=4))
+        return [p.detach().clone() for n, p in policy.named_parameters() if "lora_A" in n]
+
+    first, second = lora_a(0), lora_a(1000)
+    assert first and all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    other = prepare_policy(make_tiny_model().model, None, TrainConfig(seed=5))
+    moved = [p for n, p in other.named_parameters() if "lora_A" in n]
+    assert not torch.equal(moved[0], first[0])
