@@ -14,8 +14,9 @@ base model and well under a second for the head; nothing of the base model is tr
 so the reward model can never drift, and its file is a few kilobytes.
 
 It learns from the same `FeedbackDatasets` as the adapter (consent, forget-me, vote caps
-and the story split apply as they do there). Held-out examples judge it: see
-`HeldoutReport` and `gate`.
+and the story split apply as they do there). Held-out examples judge it (see
+`HeldoutReport` and `gate`); while few are held out, cross-validation over all of
+people's feedback does, and the model kept learns from all of it (`cross_validate`).
 """
 
 from __future__ import annotations
@@ -1140,7 +1141,8 @@ async def train_reward_model(
     *,
     community: str | None = None,
 ) -> dict[str, Any]:
-    """Train a reward model on `data`, judge it on the held-out side, register it and
+    """Train a reward model on `data`, judge it on the held-out side (by
+    cross-validation while little is held out: `cross_validated`), register it and
     promote or reject it. Returns the figures for the round's report: `status`
     (promoted, rejected or skipped), `reason`, and for a trained one its version, the
     `HeldoutReport`'s figures, the promoted one's accuracy on the same examples and the
