@@ -399,8 +399,16 @@ def training_split(
     """What a reward model trains on: the training side's pairs and labels (the newest
     `max_train` of each), people's only (pairs a reward model made would teach it its
     own mistakes)."""
-    pairs = [p for p in data.pairs if p.split == "train" and p.source != "reward"]
-    labels = [e for e in data.examples if e.split == "train"]
+    return _newest(data, config, split="train")
+
+
+def _newest(
+    data: FeedbackDatasets, config: RewardConfig, split: str | None = None
+) -> tuple[list[PreferencePair], list[LabelledExample]]:
+    """People's pairs and labels of `split` (None: both sides), the newest `max_train`
+    of each."""
+    pairs = [p for p in data.pairs if p.source != "reward" and split in (None, p.split)]
+    labels = [e for e in data.examples if split in (None, e.split)]
     pairs.sort(key=lambda p: max(p.chosen_generation_id, p.rejected_generation_id))
     labels.sort(key=lambda e: e.generation_id)
     return pairs[-config.max_train :], labels[-config.max_train :]
@@ -420,11 +428,7 @@ def people_feedback(
 ) -> tuple[list[PreferencePair], list[LabelledExample]]:
     """All of people's pairs and labels, both sides of the split (the newest
     `max_train` of each): what cross-validation judges and trains on."""
-    pairs = [p for p in data.pairs if p.source != "reward"]
-    labels = list(data.examples)
-    pairs.sort(key=lambda p: max(p.chosen_generation_id, p.rejected_generation_id))
-    labels.sort(key=lambda e: e.generation_id)
-    return pairs[-config.max_train :], labels[-config.max_train :]
+    return _newest(data, config)
 
 
 def cross_validated(config: RewardConfig, data: FeedbackDatasets) -> bool:
@@ -482,6 +486,8 @@ class RewardModel:
         self.spec = spec
         self.info = info
         """The base model's identity, the training config and figures."""
+        stories = info.get("stories")
+        self._stories = None if stories is None else frozenset(stories)
 
     @classmethod
     def train(
@@ -505,8 +511,8 @@ class RewardModel:
         """Train on these pairs and labels (blocking). `features`: already computed."""
         if not pairs and not labels:
             raise ValueError("nothing to train a reward model on")
-        started = time.perf_counter()
         features = features or Features.of(base, config, pairs, labels)
+        started = time.perf_counter()  # the features' time is their own
         head, fit = fit_head(
             *features.training_data(pairs, labels, config), l2=config.l2, max_steps=config.max_steps
         )
@@ -531,12 +537,11 @@ class RewardModel:
     def trained_on(self, story_id: int) -> bool:
         """Whether this model learned from the story's feedback. A model saved before
         the stories were recorded trained on the training side of the split only."""
-        stories = self.info.get("stories")
-        if stories is None:
+        if self._stories is None:
             from .datasets import DatasetConfig, story_split
 
             return story_split(story_id, DatasetConfig()) == "train"
-        return story_id in set(stories)
+        return story_id in self._stories
 
     def score(
         self, prompts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 16
