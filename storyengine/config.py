@@ -288,11 +288,6 @@ class Settings:
             )
 
     @property
-    def illustrations(self) -> bool:
-        """Whether an image backend is configured."""
-        return bool(self.image_model or self.image_url)
-
-    @property
     def database(self) -> Path | str:
         """Where the stories are kept: the PostgreSQL URL when set, else the SQLite file
         (what `Store` is made with)."""

@@ -365,18 +365,7 @@ def completion_logprob(
 ) -> float:
     """log p(completion | prompt) under `model` (with `adapter`), summed over the
     completion's tokens."""
-    import torch
-
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    completion_ids = tokenizer(completion)["input_ids"]
-    ids = torch.tensor([prompt_ids + completion_ids], device=next(model.parameters()).device)
-    with torch.no_grad():
-        with evaluating(model):
-            logits = model(input_ids=ids, **adapter_kwargs(model, adapter)).logits[0, :-1].float()
-    logprobs = logits.log_softmax(-1)
-    targets = ids[0, 1:]
-    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return float(picked[len(prompt_ids) - 1 :].sum())
+    return completion_logprobs(model, tokenizer, [(prompt, completion)], adapter=adapter)[0]
 
 
 def completion_logprobs(
@@ -387,8 +376,9 @@ def completion_logprobs(
     adapter: str | None = "default",
     batch_size: int = 16,
 ) -> list[float]:
-    """`completion_logprob` of each (prompt, completion), in batches (right-padded: a
-    causal model's real tokens never see the padding after them)."""
+    """log p(completion | prompt) of each (prompt, completion) under `model` (with
+    `adapter`), summed over the completion's tokens, in batches (right-padded: a causal
+    model's real tokens never see the padding after them)."""
     import torch
 
     device = next(model.parameters()).device

@@ -22,6 +22,7 @@ import base64
 import binascii
 import inspect
 import io
+import json
 import logging
 import warnings
 from collections.abc import Callable
@@ -295,8 +296,6 @@ class RemotePictures:
         return Picture(data, kind, request.prompt)
 
     async def _picture_bytes(self, body: bytes) -> bytes:
-        import json
-
         try:
             first = json.loads(body)["data"][0]
         except (ValueError, KeyError, IndexError, TypeError):
@@ -340,8 +339,6 @@ async def _read_bounded(answer: Any) -> bytes:
 
 def _error_text(body: bytes) -> str:
     """The service's error message, short (OpenAI's `{"error": {"message": ...}}` or text)."""
-    import json
-
     try:
         error = json.loads(body).get("error")
         text = error.get("message") if isinstance(error, dict) else str(error)
