@@ -39,6 +39,7 @@ from ..config import Settings
 from ..options import check_options, option
 from ..sampling import SamplingParams
 from ..serving.modeling import LoadedModel
+from ..storage import FeedbackRecords
 from ..text import split_sentences
 from .datasets import (
     DatasetConfig,
@@ -46,6 +47,7 @@ from .datasets import (
     LabelledExample,
     PreferencePair,
     build_datasets,
+    on_policy_pairs,
 )
 from .evaluation import (
     GateConfig,
@@ -162,7 +164,8 @@ def choose_method(config: RoundConfig, data: FeedbackDatasets) -> tuple[str, lis
         method = "dpo" if len(pairs) >= config.train.min_examples else "kto"
     if method == "dpo":
         return "dpo", [
-            {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs
+            {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "weight": p.weight}
+            for p in pairs
         ]
     return "kto", [
         {"prompt": e.prompt, "completion": e.completion, "label": e.label} for e in examples
@@ -187,24 +190,41 @@ class RoundPlan:
     window: tuple[int, int] = (0, 0)
     """The generations whose feedback is new to this lineage: after the first, up to
     the second (generation ids are the one watermark)."""
+    on_policy: int = 0
+    """Training pairs the reward model made (best over worst of a turn's candidates)."""
 
     @property
     def counts(self) -> dict[str, Any]:
         return {
             "method": self.method,
             "train_rows": len(self.rows),
+            "on_policy_pairs": self.on_policy if self.method == "dpo" else 0,
             "heldout_pairs": len(self.heldout_pairs),
             "heldout_examples": len(self.heldout_examples),
         }
 
 
+async def round_data(store: FeedbackRecords, config: DatasetConfig) -> FeedbackDatasets:
+    """What an adapter round learns from and is judged with: people's feedback, and the
+    reward model's best-over-worst pairs of the turns it ranked (`on_policy_pairs`),
+    those of the training side only (they are never judged with)."""
+    data = await build_datasets(store, config)
+    data.pairs += [p for p in await on_policy_pairs(store, config) if p.split == "train"]
+    return data
+
+
 def plan_round(config: RoundConfig, data: FeedbackDatasets) -> RoundPlan:
+    """What a round trains on (`choose_method`: people's pairs and the reward model's
+    on-policy ones, or people's labels) and what judges it: people's held-out feedback
+    only, never a pair the reward model made."""
     method, rows = choose_method(config, data)
+    people = [p for p in data.pairs if p.source != "reward"]
     return RoundPlan(
         method,
         rows,
-        [p for p in data.pairs if p.split == "heldout"][: config.gate.max_examples],
+        [p for p in people if p.split == "heldout"][: config.gate.max_examples],
         [e for e in data.examples if e.split == "heldout"][: config.gate.max_examples],
+        on_policy=sum(1 for p in data.pairs if p.source == "reward" and p.split == "train"),
     )
 
 
@@ -255,7 +275,7 @@ async def _run_round(
     data_config = replace(
         config.data, train_after_generation=trained_until, community=config.community
     )
-    data = await build_datasets(store, data_config)
+    data = await round_data(store, data_config)
     plan = replace(plan_round(config, data), window=(trained_until, run.data_until))
     # A community's first round starts from the shared adapter it has been served.
     current = await registry.serving(config.community)
@@ -359,9 +379,12 @@ async def _train_and_gate(
         guard = await asyncio.to_thread(
             drift_guard, policy, tok, guard_texts, config.gate, config.drift_guard
         )
+    made = plan.counts["on_policy_pairs"]
     say(
-        f"training {method} on {len(rows)} examples (lr {train.learning_rate:g}, "
-        f"{train.epochs:g} epochs), starting from {current.name if current else 'a fresh adapter'}"
+        f"training {method} on {len(rows)} examples"
+        + (f" ({made} of them the reward model's pairs)" if made else "")
+        + f" (lr {train.learning_rate:g}, {train.epochs:g} epochs), starting from "
+        + (current.name if current else "a fresh adapter")
         + (f"; stops if held-out perplexity passes {guard.limit:.2f}" if guard else "")
     )
     for retry in range(config.guard_retries + 1):

@@ -229,6 +229,30 @@ TRAINERS: dict[str, Callable[..., Any]] = {"kto": _kto_trainer, "dpo": _dpo_trai
 """Each preference method and what builds its TRL trainer from the shared arguments."""
 
 
+MAX_REPEATS = 4
+"""The most times `weighted_rows` repeats one row (lighter rows weigh at least a
+quarter of the heaviest)."""
+
+
+def weighted_rows(rows: list[dict[str, Any]], epochs: float) -> tuple[list[dict[str, Any]], float]:
+    """Rows' `weight`s made repetitions (TRL's trainers weigh every row alike): each row
+    repeated its weight over the lightest's times (rounded, at most `MAX_REPEATS`), and
+    the epochs divided by the most repeats, so the heaviest rows are still seen `epochs`
+    times and lighter ones in proportion (a person's pair, 1, three times; the reward
+    model's, 0.5, one and a half). Unweighted rows, or rows all of one weight, are
+    returned as they are. The `weight` key is dropped."""
+    weights = [float(row.get("weight", 1.0)) for row in rows]
+    plain = [{k: v for k, v in row.items() if k != "weight"} for row in rows]
+    if not rows or min(weights) == max(weights):
+        return plain, epochs
+    if min(weights) <= 0:
+        raise ValueError("row weights must be positive")
+    lightest = min(weights)
+    repeats = [min(MAX_REPEATS, max(1, round(w / lightest))) for w in weights]
+    out = [row for row, n in zip(plain, repeats, strict=True) for _ in range(n)]
+    return out, epochs / max(repeats)
+
+
 def train_adapter(
     policy: Any,
     tokenizer: Any,
@@ -251,11 +275,12 @@ def train_adapter(
     if len(rows) < config.min_examples:
         raise NotEnoughData(f"{len(rows)} examples; a round needs at least {config.min_examples}")
     config = config.resolved()
-    rows = list(rows)
+    examples = len(rows)
+    rows, epochs = weighted_rows(rows, config.epochs or 1.0)
     random.Random(config.seed).shuffle(rows)  # KTO samples in order
     common: dict[str, Any] = {
         "learning_rate": config.learning_rate,
-        "num_train_epochs": config.epochs,
+        "num_train_epochs": epochs,
         "per_device_train_batch_size": config.batch_size,
         "beta": config.beta,
         "max_length": config.max_length,
@@ -288,7 +313,7 @@ def train_adapter(
     policy.eval()
     figures = {
         "method": config.method,
-        "examples": len(rows),
+        "examples": examples,
         "learning_rate": config.learning_rate,
         "steps": steps,
         "train_loss": float(result.training_loss),

@@ -9,6 +9,7 @@ from storyengine.learning.datasets import (
     on_policy_pairs,
     story_split,
 )
+from storyengine.learning.rounds import RoundConfig, plan_round, round_data
 from storyengine.storage.store import Store
 from tests.helpers.models import record_text
 
@@ -138,3 +139,33 @@ async def test_a_choice_pair_carries_its_stored_weight(store):
     )
     data = await build_datasets(store, ALL_TRAIN)
     assert {p.rejected_generation_id: p.weight for p in data.pairs} == {plain: 1.0, light: 0.25}
+
+
+async def test_a_round_trains_on_them_at_their_weight_and_is_judged_without_them(store):
+    """An adapter round's data (`round_data`): people's feedback and the reward model's
+    training-side pairs; DPO once those make enough pairs, each row with its weight; the
+    gate's held-out feedback is people's only."""
+    config = DatasetConfig(heldout_fraction=0.5)
+    sides: dict[str, list[int]] = {"train": [], "heldout": []}
+    n = 0
+    while len(sides["train"]) < 8 or len(sides["heldout"]) < 2:
+        n += 1
+        s = await story(store, f"c{n}")
+        sides[story_split(s, config)].append(s)
+    for s in sides["train"] + sides["heldout"]:
+        await group(store, s, f"P{s}", [1.5, -1.5])
+    person = sides["heldout"][0]  # one held-out pair a person made
+    chosen, rejected = [await record_text(store, person, "Q", f"Mine {i}.") for i in range(2)]
+    await store.add_preference_pairs(chosen, [rejected], "u1", "choice")
+
+    data = await round_data(store, config)
+    plan = plan_round(RoundConfig(), data)
+    assert plan.method == "dpo" and plan.counts["on_policy_pairs"] == len(sides["train"])
+    assert [row["weight"] for row in plan.rows] == [0.5] * len(sides["train"])
+    assert [(p.source, p.chosen_generation_id) for p in plan.heldout_pairs] == [("choice", chosen)]
+    assert not any(p.source == "reward" and p.split == "heldout" for p in data.pairs)
+    # The reward model itself never learns from them (its own labels).
+    from storyengine.learning.reward import RewardConfig, people_feedback
+
+    pairs, _ = people_feedback(data, RewardConfig())
+    assert all(p.source != "reward" for p in pairs)

@@ -14,6 +14,7 @@ from storyengine.learning.training import (
     kto_weights,
     prepare_policy,
     train_adapter,
+    weighted_rows,
 )
 
 pytestmark = pytest.mark.slow
@@ -207,3 +208,35 @@ def test_a_fresh_adapter_starts_from_its_seed_whatever_was_drawn_before():
     other = prepare_policy(make_tiny_model().model, None, TrainConfig(seed=5))
     moved = [p for n, p in other.named_parameters() if "lora_A" in n]
     assert not torch.equal(moved[0], first[0])
+
+
+def test_row_weights_become_repetitions():
+    """TRL weighs every row alike: a row weighing twice another is repeated twice as
+    often, and the epochs shrink so the heaviest rows are still seen `epochs` times."""
+    person = {"prompt": "P", "chosen": "a", "rejected": "b", "weight": 1.0}
+    made = {"prompt": "Q", "chosen": "c", "rejected": "d", "weight": 0.5}
+    rows, epochs = weighted_rows([person, made], 3.0)
+    assert sorted(r["prompt"] for r in rows) == ["P", "P", "Q"] and epochs == 1.5
+    assert all("weight" not in r for r in rows)
+    rows, epochs = weighted_rows([made, made], 3.0)  # all alike: as they are
+    assert len(rows) == 2 and epochs == 3.0 and all("weight" not in r for r in rows)
+    rows, _ = weighted_rows([person, {**made, "weight": 0.01}], 3.0)
+    assert [r["prompt"] for r in rows].count("P") == 4  # at most MAX_REPEATS
+    with pytest.raises(ValueError):
+        weighted_rows([person, {**made, "weight": 0.0}], 3.0)
+
+
+def test_dpo_trains_on_weighted_rows(fresh):
+    """The weights reach training as repetitions (TRL never sees the column); the
+    report counts the rows given."""
+    model, tokenizer = fresh
+    config = TrainConfig(method="dpo", **CONFIG)
+    policy = prepare_policy(model, None, config)
+    before = margin(policy, tokenizer)
+    rows = [
+        {"prompt": p, "chosen": LIKED, "rejected": DISLIKED, "weight": 1.0 if i % 2 else 0.5}
+        for i, p in enumerate(PROMPTS)
+    ]
+    report = train_adapter(policy, tokenizer, rows, config)
+    assert margin(policy, tokenizer) > before + 1.0
+    assert report["examples"] == 8
