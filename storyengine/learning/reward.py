@@ -1098,10 +1098,14 @@ class RewardRegistry:
         row = await self.store.promoted_reward_model(community)
         return _reward_version(row) if row else None
 
+    async def serving(self, community: str | None) -> RewardVersion | None:
+        """The reward model a community's stories are ranked by: its own, else the
+        shared one (None: neither is promoted)."""
+        return (await self.promoted(community) if community else None) or await self.promoted()
+
     async def serving_name(self, community: str | None) -> str | None:
-        """The name of the reward model a community's stories are ranked by (its own,
-        else the shared one), or None."""
-        found = (await self.promoted(community) if community else None) or await self.promoted()
+        """The name of `serving`'s reward model, or None."""
+        found = await self.serving(community)
         return found.name if found else None
 
     async def promote(self, version: int) -> RewardVersion:

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from ..config import Settings
+from ..errors import ConfigError
 from ..options import check_options, option
 from ..sampling import SamplingParams
 from ..serving.modeling import LoadedModel
@@ -59,6 +60,7 @@ from .evaluation import (
 from .registry import AdapterRegistry, AdapterVersion
 from .reward import (
     RewardConfig,
+    RewardModel,
     RewardRegistry,
     reward_dir,
     reward_skip_reason,
@@ -66,6 +68,7 @@ from .reward import (
     train_reward_model,
 )
 from .runs import TrainingRun, training_run
+from .sampled_pairs import SampledPairsConfig, prompts_to_sample, sample_pairs
 from .training import DriftGuard, TrainConfig, prepare_policy, train_adapter
 
 log = logging.getLogger(__name__)
@@ -103,6 +106,9 @@ class RoundConfig:
     """The lineage this round trains: a community's own (its feedback only, starting
     from what it is served: its own adapter, else the shared one), or None for the
     shared one (all trainable feedback)."""
+    sampled_pairs: SampledPairsConfig | None = field(default_factory=SampledPairsConfig)
+    """While the round has few pairs to train on, more sampled and ranked by the
+    lineage's reward model (`sampled_pairs`; None: never)."""
     reward: RewardConfig | None = field(default_factory=RewardConfig)
     """The reward model trained at the start of each round that runs (None: none). It
     learns from all the feedback (not only what came in since the last promoted
@@ -156,6 +162,14 @@ def drift_guard(
     return DriftGuard(lambda: perplexity(policy, tokenizer, "default", texts), limit, every=1)
 
 
+def pair_rows(pairs: list[PreferencePair]) -> list[dict[str, Any]]:
+    """DPO's rows, each with its pair's weight (`training.weighted_rows`)."""
+    return [
+        {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "weight": p.weight}
+        for p in pairs
+    ]
+
+
 def choose_method(config: RoundConfig, data: FeedbackDatasets) -> tuple[str, list[dict[str, Any]]]:
     pairs = [p for p in data.pairs if p.split == "train"]
     examples = [e for e in data.examples if e.split == "train"]
@@ -163,10 +177,7 @@ def choose_method(config: RoundConfig, data: FeedbackDatasets) -> tuple[str, lis
     if method == "auto":
         method = "dpo" if len(pairs) >= config.train.min_examples else "kto"
     if method == "dpo":
-        return "dpo", [
-            {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "weight": p.weight}
-            for p in pairs
-        ]
+        return "dpo", pair_rows(pairs)
     return "kto", [
         {"prompt": e.prompt, "completion": e.completion, "label": e.label} for e in examples
     ]
@@ -188,6 +199,13 @@ class RoundPlan:
     heldout_pairs: list[PreferencePair]
     heldout_examples: list[LabelledExample]
     window: tuple[int, int] = (0, 0)
+    train_pairs: list[PreferencePair] = field(default_factory=list)
+    """Every training-side pair (people's and the reward model's), whatever the method."""
+    sample_from: list[tuple[str, int]] = field(default_factory=list)
+    """Prompts people were shown, with their stories, that the round may continue to
+    sample pairs from (`sampled_pairs`)."""
+    sampled: int = 0
+    """Pairs the round sampled itself (`with_sampled`)."""
     """The generations whose feedback is new to this lineage: after the first, up to
     the second (generation ids are the one watermark)."""
     on_policy: int = 0
@@ -199,6 +217,7 @@ class RoundPlan:
             "method": self.method,
             "train_rows": len(self.rows),
             "on_policy_pairs": self.on_policy if self.method == "dpo" else 0,
+            "sampled_pairs": self.sampled,
             "heldout_pairs": len(self.heldout_pairs),
             "heldout_examples": len(self.heldout_examples),
         }
@@ -219,12 +238,38 @@ def plan_round(config: RoundConfig, data: FeedbackDatasets) -> RoundPlan:
     only, never a pair the reward model made."""
     method, rows = choose_method(config, data)
     people = [p for p in data.pairs if p.source != "reward"]
+    sampling = config.sampled_pairs
     return RoundPlan(
         method,
         rows,
         [p for p in people if p.split == "heldout"][: config.gate.max_examples],
         [e for e in data.examples if e.split == "heldout"][: config.gate.max_examples],
         on_policy=sum(1 for p in data.pairs if p.source == "reward" and p.split == "train"),
+        train_pairs=[p for p in data.pairs if p.split == "train"],
+        sample_from=prompts_to_sample(data, sampling.prompts) if sampling else [],
+    )
+
+
+def wants_sampled(config: RoundConfig, plan: RoundPlan) -> bool:
+    """Whether the round samples pairs of its own: it may train DPO (`method` auto or
+    dpo), has prompts to continue, and fewer pairs than `while_pairs_below`."""
+    sampling = config.sampled_pairs
+    return (
+        sampling is not None
+        and config.method != "kto"
+        and bool(plan.sample_from)
+        and len(plan.train_pairs) < sampling.while_pairs_below
+    )
+
+
+def with_sampled(config: RoundConfig, plan: RoundPlan, sampled: list[PreferencePair]) -> RoundPlan:
+    """The plan with the round's own pairs added: DPO on every pair once they are
+    enough (an `auto` round that planned KTO on labels switches), else as it was."""
+    pairs = plan.train_pairs + sampled
+    if not sampled or len(pairs) < config.train.min_examples:
+        return plan
+    return replace(
+        plan, method="dpo", rows=pair_rows(pairs), train_pairs=pairs, sampled=len(sampled)
     )
 
 
@@ -302,20 +347,28 @@ async def _run_round(
 
     reward: dict[str, Any] = {}
 
-    async def train_reward(loaded: LoadedModel) -> None:
-        if config.reward is None:
-            return
-        if reward_reason is not None:
+    async def reward_step(loaded: LoadedModel) -> RewardModel | None:
+        """Train and judge the lineage's reward model; the one it is served after that
+        (its own, else the shared one), to sample pairs with, when the round may."""
+        if config.reward is not None and reward_reason is not None:
             reward.update(status="skipped", reason=reward_reason)
-            return
-        reward.update(
-            await train_reward_model(
-                rewards, loaded, all_data, config.reward, community=config.community
+        elif config.reward is not None:
+            reward.update(
+                await train_reward_model(
+                    rewards, loaded, all_data, config.reward, community=config.community
+                )
             )
-        )
+        version = await rewards.serving(config.community) if wants_sampled(config, plan) else None
+        if version is None:
+            return None
+        try:
+            return await asyncio.to_thread(rewards.load, version, loaded)
+        except ConfigError as exc:  # gone, or made for another base model
+            say(f"no pairs sampled: reward model {version.name} does not load ({exc})")
+            return None
 
     result = await _train_and_gate(
-        settings, config, registry, plan, current, run.registered, say, train_reward
+        settings, config, registry, plan, current, run.registered, say, reward_step
     )
     if reward:
         say(reward_summary(reward))
@@ -355,18 +408,17 @@ async def _train_and_gate(
     current: AdapterVersion | None,
     registered: Callable[[int], Awaitable[None]],
     say: Callable[[str], None],
-    train_reward: Callable[[LoadedModel], Awaitable[None]] | None = None,
+    reward_step: Callable[[LoadedModel], Awaitable[RewardModel | None]] | None = None,
 ) -> RoundResult:
     from ..serving.modeling import load_for_training
 
-    method, rows = plan.method, plan.rows
-    heldout_pairs, heldout_examples = plan.heldout_pairs, plan.heldout_examples
     texts = heldout_stories()
     gate_texts, guard_texts = texts[::2], texts[1::2]
     loaded = await asyncio.to_thread(load_for_training, settings)
-    train = replace(config.train, method=method).resolved()  # type: ignore[arg-type]
-    if train_reward is not None:  # on the bare base model, before LoRA layers go in
-        await train_reward(loaded)
+    train = replace(config.train, method=plan.method).resolved()  # type: ignore[arg-type]
+    scorer = None
+    if reward_step is not None:  # on the bare base model, before LoRA layers go in
+        scorer = await reward_step(loaded)
     try:
         policy = prepare_policy(loaded.model, current.path if current else None, train)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -374,12 +426,34 @@ async def _train_and_gate(
             raise
         return RoundResult("skipped", unloadable_adapter(current, loaded.model_id, exc))
     tok = loaded.tokenizer
+    if scorer is not None and config.sampled_pairs is not None:
+        sampling = config.sampled_pairs
+        say(
+            f"sampling {sampling.candidates} continuations of {len(plan.sample_from)} prompts"
+            " for the reward model to rank into pairs"
+        )
+        sampled = await asyncio.to_thread(
+            sample_pairs,
+            policy,
+            tok,
+            "default",  # the adapter the round starts from (a fresh LoRA: the base model)
+            scorer,
+            plan.sample_from,
+            sampling,
+            settings.sampling,
+            config.data,
+            seed=train.seed,
+        )
+        plan = with_sampled(config, plan, sampled)
+        train = replace(config.train, method=plan.method).resolved()  # type: ignore[arg-type]
+    method, rows = plan.method, plan.rows
+    heldout_pairs, heldout_examples = plan.heldout_pairs, plan.heldout_examples
     guard = None
     if config.drift_guard:
         guard = await asyncio.to_thread(
             drift_guard, policy, tok, guard_texts, config.gate, config.drift_guard
         )
-    made = plan.counts["on_policy_pairs"]
+    made = plan.counts["on_policy_pairs"] + plan.sampled
     say(
         f"training {method} on {len(rows)} examples"
         + (f" ({made} of them the reward model's pairs)" if made else "")
