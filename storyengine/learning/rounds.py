@@ -232,10 +232,14 @@ async def round_data(store: FeedbackRecords, config: DatasetConfig) -> FeedbackD
     return data
 
 
-def plan_round(config: RoundConfig, data: FeedbackDatasets) -> RoundPlan:
+def plan_round(
+    config: RoundConfig, data: FeedbackDatasets, everything: FeedbackDatasets | None = None
+) -> RoundPlan:
     """What a round trains on (`choose_method`: people's pairs and the reward model's
     on-policy ones, or people's labels) and what judges it: people's held-out feedback
-    only, never a pair the reward model made."""
+    only, never a pair the reward model made. The prompts it may sample pairs from
+    come from `everything` (all the feedback, not only what is new to the lineage:
+    continuations written now are new whatever the prompt), else from `data`."""
     method, rows = choose_method(config, data)
     people = [p for p in data.pairs if p.source != "reward"]
     sampling = config.sampled_pairs
@@ -246,7 +250,7 @@ def plan_round(config: RoundConfig, data: FeedbackDatasets) -> RoundPlan:
         [e for e in data.examples if e.split == "heldout"][: config.gate.max_examples],
         on_policy=sum(1 for p in data.pairs if p.source == "reward" and p.split == "train"),
         train_pairs=[p for p in data.pairs if p.split == "train"],
-        sample_from=prompts_to_sample(data, sampling.prompts) if sampling else [],
+        sample_from=prompts_to_sample(everything or data, sampling.prompts) if sampling else [],
     )
 
 
@@ -321,13 +325,13 @@ async def _run_round(
         config.data, train_after_generation=trained_until, community=config.community
     )
     data = await round_data(store, data_config)
-    plan = replace(plan_round(config, data), window=(trained_until, run.data_until))
-    # A community's first round starts from the shared adapter it has been served.
-    current = await registry.serving(config.community)
-    reason = skip_reason(config, plan) or missing_adapter(current)
     # The reward model learns from all the feedback there is, through the same
     # consent, forget-me and caps; it may train when the adapter cannot yet.
     all_data = await build_datasets(store, replace(data_config, train_after_generation=0))
+    plan = replace(plan_round(config, data, all_data), window=(trained_until, run.data_until))
+    # A community's first round starts from the shared adapter it has been served.
+    current = await registry.serving(config.community)
+    reason = skip_reason(config, plan) or missing_adapter(current)
     reward_reason = reward_skip_reason(config.reward, all_data) if config.reward is not None else ""
     await run.begin(plan.method, config.community)
     if reason is not None and (config.reward is None or reward_reason is not None):
