@@ -3,8 +3,12 @@ promote or reject. `storyengine train round` runs it in its own process.
 
 A round that runs (once the adapter it starts from has loaded) first trains the reward
 model (`reward`) on all the feedback there is, judges it on the held-out side, registers
-it and promotes or rejects it; then it trains the adapter. The reward model's figures
-are the round's `metrics["reward"]`, and its line is printed before the round's outcome.
+it and promotes or rejects it; then it trains the adapter, on people's feedback and the
+reward model's pairs: the best over the worst of the turns it ranked in service
+(`datasets.on_policy_pairs`) and, while people's pairs are few, of continuations the
+round samples itself (`sampled_pairs`). The gate judges on people's feedback only. The
+reward model's figures are the round's `metrics["reward"]`, and its line is printed
+before the round's outcome.
 
 A round that cannot run on the feedback there is (too little of it, none held out to
 judge with, KTO examples that are all liked or all disliked, a served adapter missing
@@ -199,6 +203,8 @@ class RoundPlan:
     heldout_pairs: list[PreferencePair]
     heldout_examples: list[LabelledExample]
     window: tuple[int, int] = (0, 0)
+    """The generations whose feedback is new to this lineage: after the first, up to
+    the second (generation ids are the one watermark)."""
     train_pairs: list[PreferencePair] = field(default_factory=list)
     """Every training-side pair (people's and the reward model's), whatever the method."""
     sample_from: list[tuple[str, int]] = field(default_factory=list)
@@ -206,8 +212,6 @@ class RoundPlan:
     sample pairs from (`sampled_pairs`)."""
     sampled: int = 0
     """Pairs the round sampled itself (`with_sampled`)."""
-    """The generations whose feedback is new to this lineage: after the first, up to
-    the second (generation ids are the one watermark)."""
     on_policy: int = 0
     """Training pairs the reward model made (best over worst of a turn's candidates)."""
 
