@@ -20,6 +20,7 @@ import unicodedata
 from collections.abc import Iterable
 
 from .errors import InvalidInput
+from .text import trim_to_sentence
 
 _CONTROL_TOKEN = re.compile(r"<\|[^|<>]{0,40}\|>")
 _MASS_MENTION = re.compile(r"@(everyone|here)", re.IGNORECASE)  # even inside a word
@@ -70,6 +71,9 @@ def quoted(text: str, limit: int = 60) -> str:
     return "“" + neutralize_mentions(text) + "”"
 
 
+_BRACKETED = re.compile(r"\[[^\]\n]*\]?")
+
+
 class SafetyFilter:
     def __init__(
         self,
@@ -111,6 +115,19 @@ class SafetyFilter:
             text = text.replace(token, " ")
         text = _CONTROL_TOKEN.sub(" ", text)
         return re.sub(r"[ \t]{2,}", " ", text).strip()
+
+    def polish(self, raw: str, *, echo_of: str | None = None) -> str:
+        """Turn raw model text into what may be shown: the prompt's echo (`echo_of`) and
+        bracketed lines (the prompt's own notation, author's note and lore: a model
+        that imitates them is not telling the story) dropped, cut at the last whole
+        sentence, and `clean_output`."""
+        text = raw.lstrip()
+        if echo_of and text.startswith(echo_of.strip()):
+            text = text[len(echo_of.strip()) :].lstrip()
+        text = _BRACKETED.sub("", text)
+        text = re.sub(r"[ \t]{2,}", " ", text)
+        text = re.sub(r"\n{3,}", "\n\n", text)
+        return self.clean_output(trim_to_sentence(text))
 
     def clean_output(self, text: str) -> str:
         """Make model text safe to show: control tokens, blocked words, mentions."""

@@ -35,12 +35,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from ..config import Settings
-from ..errors import ConfigError
 from ..options import check_options, option
 from ..sampling import SamplingParams
 from ..serving.modeling import LoadedModel
@@ -70,9 +69,10 @@ from .reward import (
     reward_skip_reason,
     reward_summary,
     train_reward_model,
+    training_split,
 )
 from .runs import TrainingRun, training_run
-from .sampled_pairs import SampledPairsConfig, prompts_to_sample, sample_pairs
+from .sampled_pairs import SampledPairsConfig, agreed, prompts_to_sample, sample_pairs
 from .training import DriftGuard, TrainConfig, prepare_policy, train_adapter
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,14 @@ class RoundConfig:
     """The lineage this round trains: a community's own (its feedback only, starting
     from what it is served: its own adapter, else the shared one), or None for the
     shared one (all trainable feedback)."""
+    reward_pairs: int = option(
+        64,
+        low=0,
+        help="at most this many of the reward model's pairs in a round, the newest "
+        "(on-policy and sampled; 0: none)",
+    )
+    """They bound a round's training time on a busy server, whose best-of-n turns
+    make hundreds a round."""
     sampled_pairs: SampledPairsConfig | None = field(default_factory=SampledPairsConfig)
     """While the round has few pairs to train on, more sampled and ranked by the
     lineage's reward model (`sampled_pairs`; None: never)."""
@@ -174,16 +182,18 @@ def pair_rows(pairs: list[PreferencePair]) -> list[dict[str, Any]]:
     ]
 
 
-def choose_method(config: RoundConfig, data: FeedbackDatasets) -> tuple[str, list[dict[str, Any]]]:
-    pairs = [p for p in data.pairs if p.split == "train"]
-    examples = [e for e in data.examples if e.split == "train"]
+def choose_method(
+    config: RoundConfig, pairs: list[PreferencePair], labels: list[LabelledExample]
+) -> tuple[str, list[dict[str, Any]]]:
+    """DPO on the training pairs when asked, or (`auto`) when there are enough of them;
+    else KTO on the single labels."""
     method = config.method
     if method == "auto":
         method = "dpo" if len(pairs) >= config.train.min_examples else "kto"
     if method == "dpo":
         return "dpo", pair_rows(pairs)
     return "kto", [
-        {"prompt": e.prompt, "completion": e.completion, "label": e.label} for e in examples
+        {"prompt": e.prompt, "completion": e.completion, "label": e.label} for e in labels
     ]
 
 
@@ -196,7 +206,9 @@ async def run_round(
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """What a round would train on and judge with, decided before any model loads."""
+    """What a round would train on and judge with, decided before any model loads (the
+    reward model's pairs are judged again, and more sampled, once it has loaded:
+    `with_reward_pairs`)."""
 
     method: str
     rows: list[dict[str, Any]]
@@ -205,23 +217,25 @@ class RoundPlan:
     window: tuple[int, int] = (0, 0)
     """The generations whose feedback is new to this lineage: after the first, up to
     the second (generation ids are the one watermark)."""
-    train_pairs: list[PreferencePair] = field(default_factory=list)
-    """Every training-side pair (people's and the reward model's), whatever the method."""
+    people_pairs: list[PreferencePair] = field(default_factory=list)
+    """People's training-side pairs."""
+    labels: list[LabelledExample] = field(default_factory=list)
+    """People's training-side single labels."""
+    reward_pairs: list[PreferencePair] = field(default_factory=list)
+    """The reward model's training-side pairs (at most `RoundConfig.reward_pairs`)."""
     sample_from: list[tuple[str, int]] = field(default_factory=list)
     """Prompts people were shown, with their stories, that the round may continue to
     sample pairs from (`sampled_pairs`)."""
     sampled: int = 0
-    """Pairs the round sampled itself (`with_sampled`)."""
-    on_policy: int = 0
-    """Training pairs the reward model made (best over worst of a turn's candidates)."""
+    """How many of `reward_pairs` the round sampled itself."""
 
     @property
     def counts(self) -> dict[str, Any]:
         return {
             "method": self.method,
             "train_rows": len(self.rows),
-            "on_policy_pairs": self.on_policy if self.method == "dpo" else 0,
-            "sampled_pairs": self.sampled,
+            "reward_pairs": len(self.reward_pairs) if self.method == "dpo" else 0,
+            "sampled_pairs": self.sampled if self.method == "dpo" else 0,
             "heldout_pairs": len(self.heldout_pairs),
             "heldout_examples": len(self.heldout_examples),
         }
@@ -239,45 +253,58 @@ async def round_data(store: FeedbackRecords, config: DatasetConfig) -> FeedbackD
 def plan_round(
     config: RoundConfig, data: FeedbackDatasets, everything: FeedbackDatasets | None = None
 ) -> RoundPlan:
-    """What a round trains on (`choose_method`: people's pairs and the reward model's
-    on-policy ones, or people's labels) and what judges it: people's held-out feedback
-    only, never a pair the reward model made. The prompts it may sample pairs from
-    come from `everything` (all the feedback, not only what is new to the lineage:
-    continuations written now are new whatever the prompt), else from `data`."""
-    method, rows = choose_method(config, data)
+    """What a round trains on (`choose_method`: people's pairs and the reward model's,
+    or people's labels) and what judges it: people's held-out feedback only, never a
+    pair the reward model made. The prompts it may sample pairs from come from
+    `everything` (all the feedback, not only what is new to the lineage: continuations
+    written now are new whatever the prompt), else from `data`."""
     people = [p for p in data.pairs if p.source != "reward"]
+    made = [p for p in data.pairs if p.source == "reward" and p.split == "train"]
     sampling = config.sampled_pairs
-    return RoundPlan(
-        method,
-        rows,
+    plan = RoundPlan(
+        "",
+        [],
         [p for p in people if p.split == "heldout"][: config.gate.max_examples],
         [e for e in data.examples if e.split == "heldout"][: config.gate.max_examples],
-        on_policy=sum(1 for p in data.pairs if p.source == "reward" and p.split == "train"),
-        train_pairs=[p for p in data.pairs if p.split == "train"],
+        people_pairs=[p for p in people if p.split == "train"],
+        labels=[e for e in data.examples if e.split == "train"],
         sample_from=prompts_to_sample(everything or data, sampling.prompts) if sampling else [],
     )
+    return with_reward_pairs(config, plan, made)
 
 
-def wants_sampled(config: RoundConfig, plan: RoundPlan) -> bool:
+def with_reward_pairs(
+    config: RoundConfig,
+    plan: RoundPlan,
+    served: list[PreferencePair],
+    sampled: Sequence[PreferencePair] = (),
+) -> RoundPlan:
+    """The plan with these as the reward model's pairs: those of turns it ranked in
+    service (`served`), then those the round sampled itself, the newest
+    `config.reward_pairs` of them; its method and rows chosen again (an `auto` round
+    on single labels switches to DPO once the pairs are enough, and back when they are
+    no longer)."""
+    served = sorted(served, key=lambda p: max(p.chosen_generation_id, p.rejected_generation_id))
+    everything = served + list(sampled)
+    kept = everything[-config.reward_pairs :] if config.reward_pairs else []
+    mine = min(len(sampled), len(kept))
+    method, rows = choose_method(config, plan.people_pairs + kept, plan.labels)
+    return replace(plan, method=method, rows=rows, reward_pairs=kept, sampled=mine)
+
+
+def wants_sampled(config: RoundConfig, plan: RoundPlan, settings: Settings) -> bool:
     """Whether the round samples pairs of its own: it may train DPO (`method` auto or
-    dpo), has prompts to continue, and fewer pairs than `while_pairs_below`."""
+    dpo), the storyteller samples (greedy decoding writes one text n times), there
+    are prompts to continue, and fewer pairs than `while_pairs_below`."""
     sampling = config.sampled_pairs
+    pairs = len(plan.people_pairs) + len(plan.reward_pairs)
     return (
         sampling is not None
         and config.method != "kto"
+        and config.reward_pairs > 0
+        and not settings.sampling.greedy
         and bool(plan.sample_from)
-        and len(plan.train_pairs) < sampling.while_pairs_below
-    )
-
-
-def with_sampled(config: RoundConfig, plan: RoundPlan, sampled: list[PreferencePair]) -> RoundPlan:
-    """The plan with the round's own pairs added: DPO on every pair once they are
-    enough (an `auto` round that planned KTO on labels switches), else as it was."""
-    pairs = plan.train_pairs + sampled
-    if not sampled or len(pairs) < config.train.min_examples:
-        return plan
-    return replace(
-        plan, method="dpo", rows=pair_rows(pairs), train_pairs=pairs, sampled=len(sampled)
+        and pairs < sampling.while_pairs_below
     )
 
 
@@ -355,9 +382,11 @@ async def _run_round(
 
     reward: dict[str, Any] = {}
 
-    async def reward_step(loaded: LoadedModel) -> RewardModel | None:
-        """Train and judge the lineage's reward model; the one it is served after that
-        (its own, else the shared one), to sample pairs with, when the round may."""
+    async def reward_step(loaded: LoadedModel) -> tuple[RewardModel | None, list[PreferencePair]]:
+        """Train and judge the lineage's reward model. Then, if the lineage has one in
+        service (its own, else the shared one) and the round has use for it, fit a
+        judge like it on the training side only (`sampled_pairs`): the served turns'
+        pairs it agrees with, and the judge itself to rank sampled ones."""
         if config.reward is not None and reward_reason is not None:
             reward.update(status="skipped", reason=reward_reason)
         elif config.reward is not None:
@@ -366,14 +395,15 @@ async def _run_round(
                     rewards, loaded, all_data, config.reward, community=config.community
                 )
             )
-        version = await rewards.serving(config.community) if wants_sampled(config, plan) else None
-        if version is None:
-            return None
-        try:
-            return await asyncio.to_thread(rewards.load, version, loaded)
-        except ConfigError as exc:  # gone, or made for another base model
-            say(f"no pairs sampled: reward model {version.name} does not load ({exc})")
-            return None
+        wanted = bool(plan.reward_pairs) or wants_sampled(config, plan, settings)
+        if config.reward is None or not wanted or await rewards.serving(config.community) is None:
+            return None, []
+        pairs, labels = training_split(all_data, config.reward)
+        if len(pairs) + len(labels) < config.reward.min_train:
+            return None, []
+        judge = await asyncio.to_thread(RewardModel.fit, loaded, pairs, labels, config.reward)
+        kept = await asyncio.to_thread(agreed, judge, plan.reward_pairs, config.data)
+        return judge, kept
 
     result = await _train_and_gate(
         settings, config, registry, plan, current, run.registered, say, reward_step
@@ -408,6 +438,54 @@ def unloadable_adapter(current: AdapterVersion, model_id: str, exc: Exception) -
     )
 
 
+async def _sample(
+    settings: Settings,
+    config: RoundConfig,
+    plan: RoundPlan,
+    policy: Any,
+    loaded: LoadedModel,
+    judge: RewardModel,
+    seed: int,
+    say: Callable[[str], None],
+) -> list[PreferencePair]:
+    """The round's own pairs (`sampled_pairs.sample_pairs`), with the storyteller's
+    sampling parameters, prompt room and polish; none, said, if sampling fails (the
+    round goes on with the pairs it has)."""
+    from ..safety import SafetyFilter
+
+    sampling = config.sampled_pairs
+    assert sampling is not None
+    say(
+        f"sampling {sampling.candidates} continuations of {len(plan.sample_from)} prompts"
+        " for the reward model to rank into pairs"
+    )
+    tok = loaded.tokenizer
+    safety = SafetyFilter(
+        blocklist=settings.blocklist, special_tokens=getattr(tok, "all_special_tokens", ())
+    )
+    try:
+        made = await asyncio.to_thread(
+            sample_pairs,
+            policy,
+            tok,
+            "default",  # the adapter the round starts from (a fresh LoRA: the base model)
+            judge,
+            plan.sample_from,
+            sampling,
+            settings.sampling,
+            config.data,
+            polish=safety.polish,
+            max_prompt_tokens=max(1, loaded.context_window - sampling.max_new_tokens),
+            seed=seed,
+        )
+    except Exception as exc:  # the round's own extra: never worth the round
+        log.exception("sampling pairs failed")
+        say(f"no pairs sampled ({type(exc).__name__}: {exc}); training on the pairs there are")
+        return []
+    say(f"{len(made)} sampled pairs scored far enough apart to learn from")
+    return made
+
+
 async def _train_and_gate(
     settings: Settings,
     config: RoundConfig,
@@ -416,17 +494,20 @@ async def _train_and_gate(
     current: AdapterVersion | None,
     registered: Callable[[int], Awaitable[None]],
     say: Callable[[str], None],
-    reward_step: Callable[[LoadedModel], Awaitable[RewardModel | None]] | None = None,
+    reward_step: Callable[[LoadedModel], Awaitable[tuple[RewardModel | None, list[PreferencePair]]]]
+    | None = None,
 ) -> RoundResult:
     from ..serving.modeling import load_for_training
 
     texts = heldout_stories()
     gate_texts, guard_texts = texts[::2], texts[1::2]
     loaded = await asyncio.to_thread(load_for_training, settings)
-    train = replace(config.train, method=plan.method).resolved()  # type: ignore[arg-type]
-    scorer = None
+    judge, served = None, []
     if reward_step is not None:  # on the bare base model, before LoRA layers go in
-        scorer = await reward_step(loaded)
+        judge, served = await reward_step(loaded)
+    # The reward model's pairs of served turns, as the judge sees them (none without).
+    plan = with_reward_pairs(config, plan, served)
+    train = replace(config.train, method=plan.method).resolved()  # type: ignore[arg-type]
     try:
         policy = prepare_policy(loaded.model, current.path if current else None, train)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -434,26 +515,14 @@ async def _train_and_gate(
             raise
         return RoundResult("skipped", unloadable_adapter(current, loaded.model_id, exc))
     tok = loaded.tokenizer
-    if scorer is not None and config.sampled_pairs is not None:
-        sampling = config.sampled_pairs
-        say(
-            f"sampling {sampling.candidates} continuations of {len(plan.sample_from)} prompts"
-            " for the reward model to rank into pairs"
-        )
-        sampled = await asyncio.to_thread(
-            sample_pairs,
-            policy,
-            tok,
-            "default",  # the adapter the round starts from (a fresh LoRA: the base model)
-            scorer,
-            plan.sample_from,
-            sampling,
-            settings.sampling,
-            config.data,
-            seed=train.seed,
-        )
-        plan = with_sampled(config, plan, sampled)
-        train = replace(config.train, method=plan.method).resolved()  # type: ignore[arg-type]
+    if judge is not None and config.sampled_pairs is not None:
+        if wants_sampled(config, plan, settings):
+            sampled = await _sample(settings, config, plan, policy, loaded, judge, train.seed, say)
+            plan = with_reward_pairs(config, plan, served, sampled)
+            train = replace(config.train, method=plan.method).resolved()  # type: ignore[arg-type]
+    reason = skip_reason(config, plan)
+    if reason is not None:  # the reward model's pairs, judged, are fewer than planned
+        return RoundResult("skipped", reason)
     method, rows = plan.method, plan.rows
     heldout_pairs, heldout_examples = plan.heldout_pairs, plan.heldout_examples
     guard = None
@@ -461,7 +530,7 @@ async def _train_and_gate(
         guard = await asyncio.to_thread(
             drift_guard, policy, tok, guard_texts, config.gate, config.drift_guard
         )
-    made = plan.counts["on_policy_pairs"] + plan.sampled
+    made = plan.counts["reward_pairs"]
     say(
         f"training {method} on {len(rows)} examples"
         + (f" ({made} of them the reward model's pairs)" if made else "")

@@ -1,19 +1,27 @@
-"""Pairs a round samples for itself while people's are few (West-of-N).
+"""The reward model's pairs for a round's training: judged on the training side only,
+and sampled by the round itself while people's are few (West-of-N).
 
 A server's first rounds hold a handful of preference pairs, far too few for DPO to move
 the adapter; its reward model, judged on all of people's feedback, may already rank
 continuations well. So a round whose lineage has a reward model in service continues
 the prompts people were shown (the newest on the training side of the split), several
-times each, with the adapter it starts from, has the reward model score them, and takes
-the best over the worst of each prompt as a pair, when the scores are far enough apart
-(`DatasetConfig.on_policy_margin`): the same pairs as the served turns' on-policy ones
-(`datasets.on_policy_pairs`), at the same weight below a person's, only more of them.
-They are for training only: the gate judges on people's held-out feedback.
+times each, with the adapter it starts from, polishes them as the storyteller polishes
+what it shows, and takes the best over the worst of each prompt as a pair when a judge
+scores them far enough apart (`DatasetConfig.on_policy_margin`): the same kind of pair
+as the served turns' on-policy ones (`datasets.on_policy_pairs`), at the same weight
+below a person's, only more of them.
+
+The judge is a head like the one in service but fitted, in the round, on the training
+side of the split only (the one in service, judged by cross-validation while feedback
+is scarce, learned from held-out stories too, and may have learned from feedback since
+forgotten): the served turns' pairs are kept only where it agrees (`agreed`), and it
+ranks the sampled ones. So nothing an adapter learns comes from the held-out feedback
+its gate judges it with.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +33,7 @@ from .datasets import DatasetConfig, FeedbackDatasets, PreferencePair
 @dataclass(frozen=True)
 class SampledPairsConfig:
     prompts: int = option(
-        64, low=1, help="prompts people were shown that a round continues to make pairs from"
+        48, low=1, help="prompts people were shown that a round continues to make pairs from"
     )
     candidates: int = option(4, low=2, high=16, help="continuations written per prompt")
     while_pairs_below: int = option(
@@ -65,15 +73,18 @@ def best_over_worst(
     data: DatasetConfig,
 ) -> list[PreferencePair]:
     """Each prompt's best-scored candidate over its worst, when their scores differ by
-    more than `data.on_policy_margin` (and the texts differ), weighing
+    more than `data.on_policy_margin` (and the texts differ, neither empty), weighing
     `data.on_policy_weight`."""
     pairs = []
     for (prompt, story), texts, values in zip(prompts, candidates, scores, strict=True):
-        best = max(range(len(texts)), key=values.__getitem__)
-        worst = min(range(len(texts)), key=values.__getitem__)
+        usable = [i for i, text in enumerate(texts) if text.strip()]
+        if len(usable) < 2:
+            continue
+        best = max(usable, key=values.__getitem__)
+        worst = min(usable, key=values.__getitem__)
         if values[best] - values[worst] <= data.on_policy_margin:
             continue
-        if texts[best].strip() == texts[worst].strip() or not texts[worst].strip():
+        if texts[best].strip() == texts[worst].strip():
             continue
         pairs.append(
             PreferencePair(
@@ -91,22 +102,39 @@ def best_over_worst(
     return pairs
 
 
+def agreed(
+    judge: Any, pairs: Sequence[PreferencePair], data: DatasetConfig
+) -> list[PreferencePair]:
+    """The pairs whose chosen side `judge` (a `RewardModel`) scores above the rejected
+    side by more than `data.on_policy_margin` (blocking)."""
+    if not pairs:
+        return []
+    prompts = [p.prompt for p in pairs]
+    scores = judge.score(prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    n = len(pairs)
+    return [p for i, p in enumerate(pairs) if scores[i] - scores[n + i] > data.on_policy_margin]
+
+
 def sample_pairs(
     policy: Any,
     tokenizer: Any,
     adapter: str | None,
-    reward_model: Any,
+    judge: Any,
     prompts: Sequence[tuple[str, int]],
     config: SampledPairsConfig,
     sampling: SamplingParams,
     data: DatasetConfig,
     *,
+    polish: Callable[[str], str],
+    max_prompt_tokens: int,
     seed: int = 0,
 ) -> list[PreferencePair]:
     """Continue each prompt `config.candidates` times with `adapter` on `policy` (a peft
-    model), score them with `reward_model` (which reads the base model under the
-    policy's LoRA layers: they are switched off while it does) and keep
-    `best_over_worst` (blocking: run it in a worker thread)."""
+    model; each prompt cut to its last `max_prompt_tokens`, as the storyteller's turns
+    are), `polish` them as the storyteller does what it shows, score them with `judge`
+    (a `RewardModel`, which reads the base model under the policy's LoRA layers: they
+    are switched off while it does) and keep `best_over_worst` (blocking: run it in a
+    worker thread)."""
     from .evaluation import sample_continuations
 
     if not prompts:
@@ -114,9 +142,12 @@ def sample_pairs(
     n = config.candidates
     params = sampling.replace(max_new_tokens=config.max_new_tokens)
     asked = [prompt for prompt, _ in prompts for _ in range(n)]
-    texts = sample_continuations(policy, tokenizer, adapter, asked, params, seed=seed)
+    raw = sample_continuations(
+        policy, tokenizer, adapter, asked, params, seed=seed, max_prompt_tokens=max_prompt_tokens
+    )
+    texts = [polish(text) for text in raw]
     with policy.disable_adapter():
-        values = reward_model.score(asked, texts)
+        values = judge.score(asked, texts)
     groups = [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
     scores = [values[i * n : (i + 1) * n] for i in range(len(prompts))]
     return best_over_worst(prompts, groups, scores, data)

@@ -236,19 +236,21 @@ quarter of the heaviest)."""
 
 def weighted_rows(rows: list[dict[str, Any]], epochs: float) -> tuple[list[dict[str, Any]], float]:
     """Rows' `weight`s made repetitions (TRL's trainers weigh every row alike): each row
-    repeated its weight over the lightest's times (rounded, at most `MAX_REPEATS`), and
-    the epochs divided by the most repeats, so the heaviest rows are still seen `epochs`
-    times and lighter ones in proportion (a person's pair, 1, three times; the reward
-    model's, 0.5, one and a half). Unweighted rows, or rows all of one weight, are
-    returned as they are. The `weight` key is dropped."""
+    repeated its weight over the lightest's times (rounded; a row lighter than a
+    `MAX_REPEATS`th of the heaviest counts as that much), and the epochs divided by the
+    most repeats, so the heaviest rows are still seen `epochs` times and lighter ones
+    in proportion (a person's pair, 1, three times; the reward model's, 0.5, one and a
+    half). Weights are relative to the round's other rows: rows all of one weight (or
+    none) are returned as they are. The `weight` key is dropped."""
     weights = [float(row.get("weight", 1.0)) for row in rows]
     plain = [{k: v for k, v in row.items() if k != "weight"} for row in rows]
     if not rows or min(weights) == max(weights):
         return plain, epochs
     if min(weights) <= 0:
         raise ValueError("row weights must be positive")
+    weights = [max(w, max(weights) / MAX_REPEATS) for w in weights]
     lightest = min(weights)
-    repeats = [min(MAX_REPEATS, max(1, round(w / lightest))) for w in weights]
+    repeats = [max(1, round(w / lightest)) for w in weights]
     out = [row for row, n in zip(plain, repeats, strict=True) for _ in range(n)]
     return out, epochs / max(repeats)
 

@@ -7,7 +7,6 @@ nothing about stories or storage; the engine and `storyengine generate` both use
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypedDict, Unpack
@@ -23,15 +22,12 @@ from ..serving.generation import (
     ModelInfo,
 )
 from ..serving.modeling import LoadedModel
-from ..text import trim_to_sentence
 
 ProgressCallback = Callable[[str], Awaitable[None]]
 OnHandle = Callable[[object], None]
 
 MIN_NEW_TOKENS = 8
 """Keeps the model from ending the story on its very first token."""
-
-_BRACKETED = re.compile(r"\[[^\]\n]*\]?")
 
 
 class NarrateOptions(TypedDict, total=False):
@@ -76,16 +72,8 @@ class Narrator:
         return getattr(self.generator, "model", None)
 
     def polish(self, raw: str, *, echo_of: str | None = None) -> str:
-        """Turn raw model text into what may be shown."""
-        text = raw.lstrip()
-        if echo_of and text.startswith(echo_of.strip()):
-            text = text[len(echo_of.strip()) :].lstrip()
-        # Bracketed lines are the prompt's own notation (author's note, lore); a model
-        # that imitates them is not telling the story.
-        text = _BRACKETED.sub("", text)
-        text = re.sub(r"[ \t]{2,}", " ", text)
-        text = re.sub(r"\n{3,}", "\n\n", text)
-        return self.safety.clean_output(trim_to_sentence(text))
+        """Turn raw model text into what may be shown (`SafetyFilter.polish`)."""
+        return self.safety.polish(raw, echo_of=echo_of)
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1

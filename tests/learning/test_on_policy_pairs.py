@@ -160,7 +160,7 @@ async def test_a_round_trains_on_them_at_their_weight_and_is_judged_without_them
 
     data = await round_data(store, config)
     plan = plan_round(RoundConfig(), data)
-    assert plan.method == "dpo" and plan.counts["on_policy_pairs"] == len(sides["train"])
+    assert plan.method == "dpo" and plan.counts["reward_pairs"] == len(sides["train"])
     assert [row["weight"] for row in plan.rows] == [0.5] * len(sides["train"])
     assert [(p.source, p.chosen_generation_id) for p in plan.heldout_pairs] == [("choice", chosen)]
     assert not any(p.source == "reward" and p.split == "heldout" for p in data.pairs)
