@@ -103,8 +103,8 @@ async def bench_learning(
 
     torch.manual_seed(config.seed)  # the unseeded generations draw from this
     prompts = story_prompts(config.seed)
-    eval_prompts = prompts[: config.eval_samples]
-    pool = prompts[config.eval_samples :]
+    eval_prompts = prompts[: config.prompts_measured]
+    pool = prompts[config.prompts_measured :]
     names = config.communities or (taste_spec,)
     audiences = [
         Audience(

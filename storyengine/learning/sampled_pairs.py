@@ -37,7 +37,7 @@ class SampledPairsConfig:
     )
     candidates: int = option(4, low=2, high=16, help="continuations written per prompt")
     while_pairs_below: int = option(
-        48,
+        32,
         low=0,
         help="only while the round has fewer preference pairs than this to train on (0: never)",
     )
