@@ -515,11 +515,10 @@ async def _train_and_gate(
             raise
         return RoundResult("skipped", unloadable_adapter(current, loaded.model_id, exc))
     tok = loaded.tokenizer
-    if judge is not None and config.sampled_pairs is not None:
-        if wants_sampled(config, plan, settings):
-            sampled = await _sample(settings, config, plan, policy, loaded, judge, train.seed, say)
-            plan = with_reward_pairs(config, plan, served, sampled)
-            train = replace(config.train, method=plan.method).resolved()  # type: ignore[arg-type]
+    if judge is not None and wants_sampled(config, plan, settings):
+        sampled = await _sample(settings, config, plan, policy, loaded, judge, train.seed, say)
+        plan = with_reward_pairs(config, plan, served, sampled)
+        train = replace(config.train, method=plan.method).resolved()  # type: ignore[arg-type]
     reason = skip_reason(config, plan)
     if reason is not None:  # the reward model's pairs, judged, are fewer than planned
         return RoundResult("skipped", reason)

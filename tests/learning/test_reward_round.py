@@ -125,3 +125,32 @@ async def test_the_reward_model_learns_even_when_the_adapter_cannot_yet(settings
         assert [tuple(r) for r in runs] == [("done", None)]
     finally:
         await store.close()
+
+
+async def test_with_few_pairs_a_round_samples_its_own_with_a_judge_fitted_on_the_training_side(
+    settings,
+):
+    """Round 1 promotes a reward model (the adapter's round on labels, KTO). Round 2,
+    `auto`, with a handful of new labels and no pairs: it fits a judge on the training
+    side, samples continuations of people's prompts with the adapter it starts from,
+    and trains DPO on the pairs the judge ranks far enough apart (the judge's scale on
+    a tiny random model: a margin of 0 keeps every pair whose scores differ). The
+    gate still judges on people's held-out feedback."""
+    await make_feedback(settings.database, stories=20)
+    first = await run_round(settings, round_config(), say=lambda _: None)
+    assert first.metrics["reward"]["status"] == "promoted"
+    store = await Store(settings.database).open()
+    for n in range(40, 52):  # single labels, no pairs: KTO planned
+        story = await store.create_story(f"c{n}", "P.", genre=None, mode="solo", created_by="u")
+        g = await record_text(store, story.id, f"Once upon a time, in story {n}.\n", LIKED)
+        await store.set_feedback(g, f"user{n % 7}", "👍" if n % 3 else "👎", 1.0 if n % 3 else -1.0)
+    await store.close()
+    config = replace(round_config(), method="auto")
+    config = replace(config, data=replace(config.data, on_policy_margin=0.0))
+    lines: list[str] = []
+    result = await run_round(settings, config, say=lines.append)
+    assert any(line.startswith("sampling 4 continuations of") for line in lines), lines
+    sampled = result.version.data_counts["sampled_pairs"]
+    assert sampled > 0 and result.version.method == "dpo"
+    assert result.version.data_counts["reward_pairs"] == sampled
+    assert result.metrics["heldout_examples"] > 0  # people's, as before
