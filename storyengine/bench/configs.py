@@ -94,8 +94,8 @@ class LearningBenchConfig:
     def prompts_measured(self) -> int:
         """`eval_samples`, or its default: a run of several communities measures three
         lineages' adapters each round (each on as many prompts, three candidates each),
-        and fewer prompts keep it within 15 minutes on two CPU cores (±4.5 points
-        instead of ±3.5 per figure at 50 % approval)."""
+        and fewer prompts save minutes of it on a CPU, at ±4.5 points instead of ±3.5
+        per figure (at 50 % approval)."""
         return self.eval_samples or (120 if self.communities else 200)
 
 
