@@ -85,10 +85,7 @@ class RewardSource:
     async def serving_version(self, community: str | None) -> Any:
         """The reward model version that ranks a community's stories: its own promoted
         one, else the shared lineage's; None when neither is (best-of-n is off)."""
-        version = None
-        if community is not None:
-            version = await self.registry.promoted(community)
-        return version or await self.registry.promoted(None)
+        return await self.registry.serving(community)
 
     async def scorer(self, community: str | None) -> Scorer | None:
         """The scorer for a community's stories (`serving_version`'s), or None when no reward

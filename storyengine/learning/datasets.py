@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_left
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -212,6 +213,25 @@ async def build_datasets(
     return out
 
 
+def best_and_worst(
+    texts: Sequence[str], scores: Sequence[float], config: DatasetConfig
+) -> tuple[int, int] | None:
+    """Of one turn's candidates, the indices of the best-scored and the worst-scored
+    (the first of equals; empty texts never count), when their scores differ by more
+    than `config.on_policy_margin` and their texts differ: the two sides of a pair of
+    the reward model's. None when they make no pair."""
+    usable = [i for i, text in enumerate(texts) if text.strip()]
+    if len(usable) < 2:
+        return None
+    best = max(usable, key=scores.__getitem__)
+    worst = min(usable, key=scores.__getitem__)
+    if scores[best] - scores[worst] <= config.on_policy_margin:
+        return None
+    if texts[best].strip() == texts[worst].strip():
+        return None
+    return best, worst
+
+
 async def on_policy_pairs(
     store: FeedbackRecords, config: DatasetConfig | None = None
 ) -> list[PreferencePair]:
@@ -231,12 +251,12 @@ async def on_policy_pairs(
             groups[(g["grp"], g["prompt"])].append(g)
     out = []
     for (_, prompt), members in sorted(groups.items(), key=lambda item: item[0][0]):
-        best = max(members, key=lambda g: (g["reward"], -g["id"]))
-        worst = min(members, key=lambda g: (g["reward"], g["id"]))
-        if best["reward"] - worst["reward"] <= config.on_policy_margin:
+        found = best_and_worst(
+            [g["output"] for g in members], [g["reward"] for g in members], config
+        )
+        if found is None:
             continue
-        if best["output"] == worst["output"]:
-            continue
+        best, worst = members[found[0]], members[found[1]]
         split = _pair_split(best, worst, config)
         if split == "train" and max(best["id"], worst["id"]) <= config.train_after_generation:
             continue

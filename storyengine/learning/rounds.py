@@ -460,9 +460,7 @@ async def _sample(
         " for the reward model to rank into pairs"
     )
     tok = loaded.tokenizer
-    safety = SafetyFilter(
-        blocklist=settings.blocklist, special_tokens=getattr(tok, "all_special_tokens", ())
-    )
+    safety = SafetyFilter(blocklist=settings.blocklist, special_tokens=loaded.special_tokens)
     try:
         made = await asyncio.to_thread(
             sample_pairs,

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..options import check_options, option
 from ..sampling import SamplingParams
-from .datasets import DatasetConfig, FeedbackDatasets, PreferencePair
+from .datasets import DatasetConfig, FeedbackDatasets, PreferencePair, best_and_worst
 
 
 @dataclass(frozen=True)
@@ -72,20 +72,14 @@ def best_over_worst(
     scores: Sequence[Sequence[float]],
     data: DatasetConfig,
 ) -> list[PreferencePair]:
-    """Each prompt's best-scored candidate over its worst, when their scores differ by
-    more than `data.on_policy_margin` (and the texts differ, neither empty), weighing
-    `data.on_policy_weight`."""
+    """Each prompt's best-scored candidate over its worst (`datasets.best_and_worst`),
+    weighing `data.on_policy_weight`."""
     pairs = []
     for (prompt, story), texts, values in zip(prompts, candidates, scores, strict=True):
-        usable = [i for i, text in enumerate(texts) if text.strip()]
-        if len(usable) < 2:
+        found = best_and_worst(texts, values, data)
+        if found is None:
             continue
-        best = max(usable, key=values.__getitem__)
-        worst = min(usable, key=values.__getitem__)
-        if values[best] - values[worst] <= data.on_policy_margin:
-            continue
-        if texts[best].strip() == texts[worst].strip():
-            continue
+        best, worst = found
         pairs.append(
             PreferencePair(
                 prompt,
