@@ -3,8 +3,9 @@
 Measured on held-out data (stories on the held-out side of the split):
 * preference accuracy: how often a model's implicit reward, log p_model(y|x) minus
   log p_base(y|x), ranks the chosen continuation over the rejected one, and a liked one
-  over a disliked one (ties count half); the candidate must beat the adapter it would
-  replace;
+  over a disliked one (ties count half); the candidate must beat the base model, and beat
+  the adapter it would replace unless too little feedback is held out to tell them apart
+  (`current_better_share`);
 * perplexity on held-out story text, against both the current adapter (at most
   `max_ppl_increase` worse) and the bare base model (at most `max_ppl_vs_base` worse, so
   drift cannot pile up round after round);
@@ -15,7 +16,9 @@ Measured on held-out data (stories on the held-out side of the split):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import random
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from itertools import pairwise
 from typing import Any
@@ -36,6 +39,11 @@ class GateConfig:
     samples: int = 32
     """Continuations sampled from each adapter for repetition and distinct-2 (0: skip)."""
     sample_tokens: int = 64
+    confidence: float = 0.95
+    """A candidate that beats the base model but not the adapter in service is still
+    promoted unless the adapter in service ranks the held-out feedback better in at
+    least this share of resamples of the held-out stories (`current_better_share`)."""
+    resamples: int = 1000
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,9 @@ class GateReport:
     current_distinct2: float | None = None
     heldout_pairs: int = 0
     heldout_examples: int = 0
+    current_better: float | None = None
+    """In what share of resamples of the held-out stories the adapter in service ranked
+    the held-out feedback better than the candidate (None: not measured)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +92,26 @@ def implicit_rewards(
     return {item: value - base[item] for item, value in zip(unique, mine, strict=True)}
 
 
+def heldout_rewards(
+    model: Any,
+    tokenizer: Any,
+    adapter: str | None,
+    pairs: Sequence[PreferencePair],
+    examples: Sequence[LabelledExample],
+    base_logprobs: dict[tuple[str, str], float] | None = None,
+) -> dict[tuple[str, str], float]:
+    """The adapter's implicit reward (`implicit_rewards`) of every continuation in
+    held-out feedback."""
+    return implicit_rewards(
+        model,
+        tokenizer,
+        adapter,
+        [(p.prompt, t) for p in pairs for t in (p.chosen, p.rejected)]
+        + [(e.prompt, e.completion) for e in examples],
+        base_logprobs,
+    )
+
+
 def preference_accuracy(
     model: Any,
     tokenizer: Any,
@@ -90,29 +121,31 @@ def preference_accuracy(
     base_logprobs: dict[tuple[str, str], float] | None = None,
 ) -> float:
     """How often the adapter's implicit reward (its log-likelihood ratio to the base
-    model) ranks held-out feedback the way people did: the chosen continuation of a pair
-    above the rejected one, and a liked continuation above a disliked one (every liked
-    one against every disliked one, the area under the ROC curve). Ties count half, so
-    the base model itself, whose reward is zero everywhere, scores 0.5. The two kinds
-    are weighted by how much evidence each holds (`evidence`), so one held-out pair
-    cannot outweigh forty labels.
+    model) ranks held-out feedback the way people did (`ranking_accuracy`).
+    `base_logprobs`: the base model's log-likelihoods, filled in and reused (a gate
+    judges two adapters on the same examples)."""
+    rewards = heldout_rewards(model, tokenizer, adapter, pairs, examples, base_logprobs)
+    return ranking_accuracy(rewards, pairs, examples)
+
+
+def ranking_accuracy(
+    rewards: Mapping[tuple[str, str], float],
+    pairs: Sequence[PreferencePair],
+    examples: Sequence[LabelledExample],
+) -> float:
+    """How often `rewards` rank held-out feedback the way people did: the chosen
+    continuation of a pair above the rejected one, and a liked continuation above a
+    disliked one (every liked one against every disliked one, the area under the ROC
+    curve). Ties count half, so the base model itself, whose reward is zero everywhere,
+    scores 0.5. The two kinds are weighted by how much evidence each holds
+    (`evidence`), so one held-out pair cannot outweigh forty labels.
 
     Only the order of rewards matters, never their sign: preference training lowers the
     likelihood of most continuations, liked ones too, and what the audience can feel is
     whether liked ones became likelier than disliked ones. A rank statistic is also
     balanced by construction, so it stays meaningful when nearly all reactions are 👎,
     and comparing every liked with every disliked continuation uses all the labels a
-    round holds out, not only the few pairs. `base_logprobs`: the base model's
-    log-likelihoods, filled in and reused (a gate judges two adapters on the same
-    examples)."""
-    rewards = implicit_rewards(
-        model,
-        tokenizer,
-        adapter,
-        [(p.prompt, t) for p in pairs for t in (p.chosen, p.rejected)]
-        + [(e.prompt, e.completion) for e in examples],
-        base_logprobs,
-    )
+    round holds out, not only the few pairs."""
 
     def reward(prompt: str, text: str) -> float:
         return rewards[(prompt, text)]
@@ -127,6 +160,46 @@ def preference_accuracy(
         kinds.append((ranked_above(liked, disliked), evidence(len(liked), len(disliked))))
     total = sum(weight for _, weight in kinds)
     return sum(value * weight for value, weight in kinds) / total if kinds else 0.5
+
+
+def current_better_share(
+    candidate: Mapping[tuple[str, str], float],
+    current: Mapping[tuple[str, str], float],
+    pairs: Sequence[PreferencePair],
+    examples: Sequence[LabelledExample],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> float:
+    """In what share of bootstrap resamples of the held-out stories (drawn with
+    replacement, each with all its feedback) `current`'s rewards rank the feedback
+    better than `candidate`'s (`ranking_accuracy`; ties count half).
+
+    Near 1, the adapter in service is measurably better; near one half, the held-out
+    feedback cannot tell the two apart. On a server's first few dozen reactions the
+    held-out side holds a handful of 👍, and an adapter promoted on them may have
+    scored high by chance: asking a later candidate to beat that score would keep
+    the lucky adapter in service for good (seen: 0.93 on a few liked continuations,
+    then every later round refused)."""
+    pairs_of: dict[int, list[PreferencePair]] = defaultdict(list)
+    examples_of: dict[int, list[LabelledExample]] = defaultdict(list)
+    for p in pairs:
+        pairs_of[p.story_id].append(p)
+    for e in examples:
+        examples_of[e.story_id].append(e)
+    stories = sorted(pairs_of.keys() | examples_of.keys())
+    if not stories or resamples < 1:
+        return 0.5
+    rng = random.Random(seed)
+    better = 0.0
+    for _ in range(resamples):
+        drawn = rng.choices(stories, k=len(stories))
+        drawn_pairs = [p for story in drawn for p in pairs_of[story]]
+        drawn_examples = [e for story in drawn for e in examples_of[story]]
+        mine = ranking_accuracy(candidate, drawn_pairs, drawn_examples)
+        theirs = ranking_accuracy(current, drawn_pairs, drawn_examples)
+        better += 1.0 if theirs > mine else 0.5 if theirs == mine else 0.0
+    return better / resamples
 
 
 def evidence(pairs_or_liked: int, disliked: int | None = None) -> float:
@@ -287,10 +360,27 @@ def decide(
     samples: tuple[Sequence[str], Sequence[str]] | None = None,
     heldout_pairs: int = 0,
     heldout_examples: int = 0,
+    current_better: float | None = None,
 ) -> GateReport:
+    """The gate's verdict. The candidate must beat the base model (whose preference
+    accuracy is 0.5), and the adapter in service too, unless `current_better` (from
+    `current_better_share`) says the held-out feedback cannot tell them apart: the
+    candidate, trained from the adapter in service on more feedback, then goes on."""
     reasons = []
-    if not accuracy > current_accuracy:
-        reasons.append(f"preference accuracy {accuracy:.3f} does not beat {current_accuracy:.3f}")
+    if not accuracy > 0.5:
+        reasons.append(f"preference accuracy {accuracy:.3f} does not beat the base model's 0.500")
+    elif not accuracy > current_accuracy and (
+        current_better is None or current_better >= config.confidence
+    ):
+        measured = ""
+        if current_better is not None:
+            measured = (
+                f" (the adapter in service ranks held-out feedback better in"
+                f" {current_better:.0%} of resamples of the held-out stories)"
+            )
+        reasons.append(
+            f"preference accuracy {accuracy:.3f} does not beat {current_accuracy:.3f}{measured}"
+        )
     if ppl > current_ppl * (1 + config.max_ppl_increase):
         reasons.append(
             f"perplexity {ppl:.2f} is over {current_ppl:.2f} + {config.max_ppl_increase:.0%}"
@@ -320,4 +410,5 @@ def decide(
         current_distinct2=cur_dis,
         heldout_pairs=heldout_pairs,
         heldout_examples=heldout_examples,
+        current_better=current_better,
     )

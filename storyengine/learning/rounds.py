@@ -55,9 +55,11 @@ from .datasets import (
 )
 from .evaluation import (
     GateConfig,
+    current_better_share,
     decide,
+    heldout_rewards,
     perplexity,
-    preference_accuracy,
+    ranking_accuracy,
     sample_continuations,
 )
 from .registry import AdapterRegistry, AdapterVersion
@@ -93,8 +95,9 @@ class RoundConfig:
         help="training stops once held-out perplexity has used this share of the gate's "
         "perplexity bounds, keeping the weights of the last check under it",
     )
-    """It measures half of the held-out stories and the gate the other half (against the
-    base model and the adapter the round started from). None: train the whole schedule."""
+    """It measures the held-out stories the gate measures (against the base model and the
+    adapter the round started from), so what it lets through the gate's perplexity
+    bounds pass too. None: train the whole schedule."""
     guard_retries: int = option(
         2,
         low=0,
@@ -497,8 +500,7 @@ async def _train_and_gate(
 ) -> RoundResult:
     from ..serving.modeling import load_for_training
 
-    texts = heldout_stories()
-    gate_texts, guard_texts = texts[::2], texts[1::2]
+    texts = heldout_stories()  # perplexity: the drift guard's and the gate's
     loaded = await asyncio.to_thread(load_for_training, settings)
     judge, served = None, []
     if reward_step is not None:  # on the bare base model, before LoRA layers go in
@@ -525,7 +527,7 @@ async def _train_and_gate(
     guard = None
     if config.drift_guard:
         guard = await asyncio.to_thread(
-            drift_guard, policy, tok, guard_texts, config.gate, config.drift_guard
+            drift_guard, policy, tok, texts, config.gate, config.drift_guard
         )
     made = plan.counts["reward_pairs"]
     say(
@@ -566,16 +568,20 @@ async def _train_and_gate(
 
     def evaluate() -> dict[str, Any]:
         base: dict[tuple[str, str], float] = {}  # the base model's, computed once
+        held = (heldout_pairs, heldout_examples)
+        mine = heldout_rewards(policy, tok, "default", *held, base)
+        theirs = heldout_rewards(policy, tok, reference, *held, base)
         return {
-            "accuracy": preference_accuracy(
-                policy, tok, "default", heldout_pairs, heldout_examples, base
+            "accuracy": ranking_accuracy(mine, *held),
+            "current_accuracy": ranking_accuracy(theirs, *held),
+            "current_better": None
+            if reference is None  # the base model: the candidate must beat 0.5
+            else current_better_share(
+                mine, theirs, *held, resamples=config.gate.resamples, seed=train.seed
             ),
-            "current_accuracy": preference_accuracy(
-                policy, tok, reference, heldout_pairs, heldout_examples, base
-            ),
-            "ppl": perplexity(policy, tok, "default", gate_texts),
-            "current_ppl": perplexity(policy, tok, reference, gate_texts),
-            "base_ppl": perplexity(policy, tok, None, gate_texts),
+            "ppl": perplexity(policy, tok, "default", texts),
+            "current_ppl": perplexity(policy, tok, reference, texts),
+            "base_ppl": perplexity(policy, tok, None, texts),
         }
 
     scores = await asyncio.to_thread(evaluate)
@@ -602,6 +608,7 @@ async def _train_and_gate(
         samples=samples,
         heldout_pairs=len(heldout_pairs),
         heldout_examples=len(heldout_examples),
+        current_better=scores["current_better"],
     )
     metrics = {**report.to_dict(), "train": figures}
     if samples is not None:  # what it writes beside what its parent wrote, same seeds

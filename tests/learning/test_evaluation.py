@@ -1,6 +1,7 @@
 """The evaluation gate."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from storyengine.learning.datasets import LabelledExample, PreferencePair
 from storyengine.learning.evaluation import (
     GateConfig,
+    current_better_share,
     decide,
     perplexity,
     preference_accuracy,
@@ -46,6 +48,82 @@ def test_decide_names_every_reason():
     )
     assert not bad.passed
     assert len(bad.reasons) == 5  # accuracy, ppl vs current, ppl vs base, repetition, distinct-2
+
+
+def test_the_base_model_must_be_beaten_whatever_the_noise():
+    report = decide(
+        GateConfig(),
+        accuracy=0.48,
+        current_accuracy=0.6,
+        ppl=10.0,
+        current_ppl=10.0,
+        base_ppl=10.0,
+        current_better=0.6,
+    )
+    assert not report.passed and report.reasons == (
+        "preference accuracy 0.480 does not beat the base model's 0.500",
+    )
+
+
+def test_a_candidate_the_feedback_cannot_tell_from_the_served_adapter_goes_on():
+    """An adapter promoted on a handful of held-out 👍 may have scored high by chance;
+    a later candidate (trained from it on more feedback) that scores lower but not
+    measurably so replaces it, and one measurably worse does not. Before, any candidate
+    under the lucky score was refused, and learning stopped at 50 reactions a round."""
+    common = {"accuracy": 0.70, "current_accuracy": 0.93, "ppl": 10.0, "current_ppl": 10.0}
+    noisy = decide(GateConfig(), **common, base_ppl=10.0, current_better=0.80)
+    assert noisy.passed and noisy.current_better == 0.80
+    worse = decide(GateConfig(), **common, base_ppl=10.0, current_better=0.97)
+    assert not worse.passed
+    assert worse.reasons == (
+        "preference accuracy 0.700 does not beat 0.930 (the adapter in service ranks"
+        " held-out feedback better in 97% of resamples of the held-out stories)",
+    )
+    unmeasured = decide(GateConfig(), **common, base_ppl=10.0)  # as before: must beat it
+    assert not unmeasured.passed
+
+
+def _labels(scores: list[tuple[bool, float, float]]):
+    """Held-out labels, one story each, and two adapters' rewards of them."""
+    examples = [
+        LabelledExample(f"P{i}:", f" text {i}.", label, 1.0, i, "heldout", i)
+        for i, (label, _, _) in enumerate(scores)
+    ]
+    first = {(e.prompt, e.completion): s[1] for e, s in zip(examples, scores, strict=True)}
+    second = {(e.prompt, e.completion): s[2] for e, s in zip(examples, scores, strict=True)}
+    return examples, first, second
+
+
+def test_current_better_share_grows_with_the_evidence():
+    # The served adapter ranks every 👍 first; the candidate misses one 👍 in four.
+    def feedback(stories: int):
+        return _labels(
+            [
+                (i % 5 == 0, float(i % 5 == 0) - (i % 20 == 0), float(i % 5 == 0))
+                for i in range(stories)
+            ]
+        )
+
+    few, candidate, current = feedback(20)  # four 👍, one of them missed
+    assert 0.5 < current_better_share(candidate, current, [], few) < 0.95
+    many, candidate, current = feedback(400)  # eighty 👍, twenty missed
+    assert current_better_share(candidate, current, [], many) > 0.99
+    # The same rewards: never better (ties count half), whatever the draw.
+    assert current_better_share(current, current, [], many) == 0.5
+    # The candidate better: the share falls below one half.
+    assert current_better_share(current, candidate, [], many) < 0.01
+
+
+def test_current_better_share_resamples_whole_stories():
+    """A story's feedback is drawn together: two labels of one story are one piece of
+    evidence, not two (a story of twenty turns rated alike cannot settle the gate)."""
+    liked_twice = [(True, 1.0, 0.0), (True, 1.0, 0.0)]
+    disliked = [(False, 0.0, 1.0)] * 2
+    examples, current, candidate = _labels(liked_twice + disliked)
+    one_story = [replace(e, story_id=0) if e.label else e for e in examples]
+    spread = current_better_share(candidate, current, [], examples, seed=1)
+    together = current_better_share(candidate, current, [], one_story, seed=1)
+    assert together < spread  # fewer independent stories: less sure
 
 
 def scrambled(model, std: float):
