@@ -240,24 +240,39 @@ def average_ranks(values: Sequence[float]) -> list[float]:
 
 
 def perplexity(
-    model: Any, tokenizer: Any, adapter: str | None, texts: Sequence[str], max_tokens: int = 512
+    model: Any,
+    tokenizer: Any,
+    adapter: str | None,
+    texts: Sequence[str],
+    max_tokens: int = 512,
+    batch_size: int = 8,
 ) -> float:
+    """Perplexity of `texts` (each cut to its first `max_tokens`), over all their tokens
+    together, in right-padded batches (a causal model's real tokens never see the
+    padding after them). The drift guard takes it at every training step."""
     import torch
 
-    total, count = 0.0, 0
     device = next(model.parameters()).device
-    for text in texts:
-        ids = tokenizer(text)["input_ids"][:max_tokens]
-        if len(ids) < 2:
-            continue
-        batch = torch.tensor([ids], device=device)
+    rows = [ids[:max_tokens] for ids in (tokenizer(text)["input_ids"] for text in texts)]
+    rows = sorted((ids for ids in rows if len(ids) >= 2), key=len)  # less padding
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, tokens in enumerate(chunk):
+            ids[row, : len(tokens)] = torch.tensor(tokens, device=device)
+            mask[row, : len(tokens)] = 1
         with torch.no_grad(), evaluating(model):
-            logits = model(input_ids=batch, **adapter_kwargs(model, adapter)).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[0, :-1].float(), batch[0, 1:], reduction="sum"
+            logits = model(
+                input_ids=ids, attention_mask=mask, **adapter_kwargs(model, adapter, len(chunk))
+            ).logits
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"
         )
-        total += float(loss)
-        count += len(ids) - 1
+        total += float((losses * mask[:, 1:]).sum())
+        count += int(mask[:, 1:].sum())
     return math.exp(total / count) if count else float("nan")
 
 

@@ -163,18 +163,34 @@ def gate_prompts(
     return (prompts + [o for o in openings if o])[:n]
 
 
+GUARD_CHECKS = 8
+"""At most about this many drift-guard checks a round (`DriftGuard.max_checks`): on two
+CPU cores a check (40 held-out stories) costs about as much as three training steps."""
+
+
 def drift_guard(
-    policy: Any, tokenizer: Any, texts: list[str], gate: GateConfig, share: float
+    policy: Any,
+    tokenizer: Any,
+    texts: list[str],
+    gate: GateConfig,
+    share: float,
+    *,
+    base_ppl: float,
+    start_ppl: float,
 ) -> DriftGuard:
     """A guard that stops training once perplexity on `texts` has used `share` of the
-    gate's bounds against the base model and against the adapter training starts from
-    (the policy's "default" adapter, before training)."""
-    base = perplexity(policy, tokenizer, None, texts)
-    start = perplexity(policy, tokenizer, "default", texts)
+    gate's bounds against the base model (`base_ppl`) and against the adapter training
+    starts from (`start_ppl`: the policy's "default" adapter, before training)."""
     limit = min(
-        base * (1 + share * gate.max_ppl_vs_base), start * (1 + share * gate.max_ppl_increase)
+        base_ppl * (1 + share * gate.max_ppl_vs_base),
+        start_ppl * (1 + share * gate.max_ppl_increase),
     )
-    return DriftGuard(lambda: perplexity(policy, tokenizer, "default", texts), limit, every=1)
+    return DriftGuard(
+        lambda: perplexity(policy, tokenizer, "default", texts),
+        limit,
+        every=1,
+        max_checks=GUARD_CHECKS,
+    )
 
 
 def pair_rows(pairs: list[PreferencePair]) -> list[dict[str, Any]]:
@@ -493,7 +509,7 @@ async def _train_and_gate(
     registry: AdapterRegistry,
     plan: RoundPlan,
     current: AdapterVersion | None,
-    registered: Callable[[int], Awaitable[None]],
+    registered: Callable[[int, str], Awaitable[None]],
     say: Callable[[str], None],
     reward_step: Callable[[LoadedModel], Awaitable[tuple[RewardModel | None, list[PreferencePair]]]]
     | None = None,
@@ -524,10 +540,23 @@ async def _train_and_gate(
         return RoundResult("skipped", reason)
     method, rows = plan.method, plan.rows
     heldout_pairs, heldout_examples = plan.heldout_pairs, plan.heldout_examples
+
+    def start_perplexities() -> tuple[float, float]:
+        """The base model's and the adapter's the round starts from (the one in service:
+        the gate's reference, whose weights these are)."""
+        return perplexity(policy, tok, None, texts), perplexity(policy, tok, "default", texts)
+
+    base_ppl, start_ppl = await asyncio.to_thread(start_perplexities)
     guard = None
     if config.drift_guard:
-        guard = await asyncio.to_thread(
-            drift_guard, policy, tok, texts, config.gate, config.drift_guard
+        guard = drift_guard(
+            policy,
+            tok,
+            texts,
+            config.gate,
+            config.drift_guard,
+            base_ppl=base_ppl,
+            start_ppl=start_ppl,
         )
     made = plan.counts["reward_pairs"]
     say(
@@ -579,9 +608,12 @@ async def _train_and_gate(
             else current_better_share(
                 mine, theirs, *held, resamples=config.gate.resamples, seed=train.seed
             ),
-            "ppl": perplexity(policy, tok, "default", texts),
-            "current_ppl": perplexity(policy, tok, reference, texts),
-            "base_ppl": perplexity(policy, tok, None, texts),
+            # the guard measured the weights training ended with on these texts
+            "ppl": guard.kept_value
+            if guard is not None and guard.kept_value is not None
+            else perplexity(policy, tok, "default", texts),
+            "current_ppl": start_ppl,
+            "base_ppl": base_ppl,
         }
 
     scores = await asyncio.to_thread(evaluate)
@@ -633,7 +665,7 @@ async def _train_and_gate(
             "data_window": {"after_generation": plan.window[0], "until": plan.window[1]},
         },
     )
-    await registered(version.version)
+    await registered(version.version, method)
     if report.passed:
         version = await registry.promote(version.version)
         return RoundResult("promoted", "", version, metrics)

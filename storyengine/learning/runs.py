@@ -31,12 +31,14 @@ class TrainingRun:
         """Record the run (its method known once the data is read)."""
         self.id = await self.store.start_training_run(method, community)
 
-    async def registered(self, version: int) -> None:
+    async def registered(self, version: int, method: str | None = None) -> None:
         """A version was written: record it at once, not when the run finishes, so that
-        a crash after a promotion cannot lose which data that adapter learned from."""
+        a crash after a promotion cannot lose which data that adapter learned from.
+        `method`: the one it trained, where that is not the one the run began with (a
+        round that sampled pairs of its own trains DPO where it planned KTO)."""
         self.version = version
         if self.id is not None:
-            await self.store.set_training_run_version(self.id, version, self.data_until)
+            await self.store.set_training_run_version(self.id, version, self.data_until, method)
 
     def end(self, *, version: int | None = None, error: str | None = None) -> None:
         """How the run ends, written when the body returns."""

@@ -17,6 +17,7 @@ the tokenizer (passed in, or TRL tries to load a processor by the model's name).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import tempfile
 import time
@@ -114,10 +115,24 @@ class DriftGuard:
     measure: Callable[[], float]
     limit: float
     every: int = 2
+    max_checks: int | None = None
+    """At most about this many checks a run: `every` grows with the run's steps (each
+    check costs a pass over the held-out stories, several times a training step on
+    two CPU cores). The price: a guard that trips goes back further."""
     checks: list[tuple[int, float]] = field(default_factory=list)
     """(step, measure) at each check."""
     stopped_at: int | None = None
     """The step whose weights were kept, when the guard stopped training."""
+
+    @property
+    def kept_value(self) -> float | None:
+        """The measure of the weights training ended with: the last check's, or, when
+        the guard stopped training, the check's whose weights it put back (None: it
+        put back the starting weights, or never checked)."""
+        step = self.stopped_at if self.stopped_at is not None else None
+        if step is None and self.checks:
+            step = self.checks[-1][0]
+        return next((value for at, value in self.checks if at == step), None)
 
     def callback(self, policy: Any) -> Any:
         import torch
@@ -145,6 +160,10 @@ class DriftGuard:
                         p.copy_(saved)
                 guard.stopped_at = self.kept_step
                 return True
+
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if guard.max_checks and state.max_steps:
+                    guard.every = max(guard.every, math.ceil(state.max_steps / guard.max_checks))
 
             def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 if state.global_step % guard.every == 0 and self.check(state.global_step):

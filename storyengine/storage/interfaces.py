@@ -484,9 +484,10 @@ class TrainingRunRecords(Protocol):
         ...
 
     async def set_training_run_version(
-        self, run_id: int, version: int, data_until: int | None
+        self, run_id: int, version: int, data_until: int | None, method: str | None = None
     ) -> None:
-        """The adapter version a run registered, and the newest generation it read."""
+        """The adapter version a run registered, the newest generation it read, and the
+        method it trained (None: the one it began with)."""
         ...
 
     async def last_training_start(self, community: str | None = None) -> str | None:

@@ -109,14 +109,16 @@ class TrainingRepository(Repository):
         )
 
     async def set_training_run_version(
-        self, run_id: int, version: int, data_until: int | None
+        self, run_id: int, version: int, data_until: int | None, method: str | None = None
     ) -> None:
         """Note on a running run the version it registered and the newest generation its
         data came from, as soon as the version exists: a run killed after that still
-        keeps the next round from learning the same feedback again."""
+        keeps the next round from learning the same feedback again. `method`: the one it
+        trained, when it is not the one the run began with."""
         await self._write(
-            "UPDATE training_runs SET version = ?, data_until = ? WHERE id = ?",
-            (version, data_until, run_id),
+            "UPDATE training_runs SET version = ?, data_until = ?, method = COALESCE(?, method)"
+            " WHERE id = ?",
+            (version, data_until, method, run_id),
         )
 
     async def last_training_start(self, community: str | None = None) -> str | None:

@@ -1,6 +1,7 @@
 """The evaluation gate."""
 
 import copy
+import math
 from dataclasses import replace
 
 import pytest
@@ -48,6 +49,23 @@ def test_decide_names_every_reason():
     )
     assert not bad.passed
     assert len(bad.reasons) == 5  # accuracy, ppl vs current, ppl vs base, repetition, distinct-2
+
+
+def test_perplexity_in_batches_is_perplexity_one_text_at_a_time(tiny_lora_model):
+    model, tok = tiny_lora_model.model, tiny_lora_model.tokenizer
+    texts = [STORY, "A short one.", STORY[:60], "x"]  # "x": one token, nothing to predict
+    assert len(tok("x")["input_ids"]) == 1
+    for adapter in (None, "fox"):
+        together = perplexity(model, tok, adapter, texts, batch_size=3)
+        nll = count = 0.0
+        for text in texts[:3]:
+            ids = tok(text)["input_ids"]
+            nll += math.log(perplexity(model, tok, adapter, [text])) * (len(ids) - 1)
+            count += len(ids) - 1
+        assert together == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert perplexity(model, tok, "fox", texts) != pytest.approx(
+        perplexity(model, tok, None, texts)
+    )
 
 
 def test_the_base_model_must_be_beaten_whatever_the_noise():

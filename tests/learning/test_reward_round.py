@@ -154,3 +154,10 @@ async def test_with_few_pairs_a_round_samples_its_own_with_a_judge_fitted_on_the
     assert sampled > 0 and result.version.method == "dpo"
     assert result.version.data_counts["reward_pairs"] == sampled
     assert result.metrics["heldout_examples"] > 0  # people's, as before
+    # The run's row says what it trained (it began as KTO: the row used to keep that).
+    store = await Store(settings.database).open()
+    try:
+        runs = await store.fetch("SELECT method FROM training_runs ORDER BY id")
+        assert [r[0] for r in runs] == ["kto", "dpo"]
+    finally:
+        await store.close()
