@@ -574,8 +574,10 @@ async def _train_and_gate(
             break
         # The first steps already went too far: smaller ones may still fit.
         train = replace(train, learning_rate=(train.learning_rate or 0.0) / 2)  # resolved
+        first = guard.checks[0][0]
         guard = replace(guard, checks=[], stopped_at=None)
-        say(f"the first step went past the limit; training again at lr {train.learning_rate:g}")
+        steps = "step" if first == 1 else f"{first} steps"
+        say(f"the first {steps} went past the limit; training again at lr {train.learning_rate:g}")
     if guard is not None and guard.stopped_at == 0:
         return RoundResult(
             "skipped",

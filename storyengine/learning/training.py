@@ -129,7 +129,7 @@ class DriftGuard:
         """The measure of the weights training ended with: the last check's, or, when
         the guard stopped training, the check's whose weights it put back (None: it
         put back the starting weights, or never checked)."""
-        step = self.stopped_at if self.stopped_at is not None else None
+        step = self.stopped_at
         if step is None and self.checks:
             step = self.checks[-1][0]
         return next((value for at, value in self.checks if at == step), None)
@@ -147,6 +147,7 @@ class DriftGuard:
         class Guard(TrainerCallback):
             def __init__(self) -> None:
                 self.kept, self.kept_step = snapshot(), 0
+                self.every = guard.every
 
             def check(self, step: int) -> bool:
                 """True when the guard tripped (and the weights were put back)."""
@@ -163,14 +164,14 @@ class DriftGuard:
 
             def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 if guard.max_checks and state.max_steps:
-                    guard.every = max(guard.every, math.ceil(state.max_steps / guard.max_checks))
+                    self.every = max(guard.every, math.ceil(state.max_steps / guard.max_checks))
 
             def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                if state.global_step % guard.every == 0 and self.check(state.global_step):
+                if state.global_step % self.every == 0 and self.check(state.global_step):
                     control.should_training_stop = True
 
             def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                if guard.stopped_at is None and state.global_step % guard.every:
+                if guard.stopped_at is None and state.global_step % self.every:
                     self.check(state.global_step)  # the last steps, since the last check
 
         return Guard()

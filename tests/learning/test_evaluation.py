@@ -133,15 +133,57 @@ def test_current_better_share_grows_with_the_evidence():
 
 
 def test_current_better_share_resamples_whole_stories():
-    """A story's feedback is drawn together: two labels of one story are one piece of
-    evidence, not two (a story of twenty turns rated alike cannot settle the gate)."""
-    liked_twice = [(True, 1.0, 0.0), (True, 1.0, 0.0)]
-    disliked = [(False, 0.0, 1.0)] * 2
-    examples, current, candidate = _labels(liked_twice + disliked)
-    one_story = [replace(e, story_id=0) if e.label else e for e in examples]
-    spread = current_better_share(candidate, current, [], examples, seed=1)
-    together = current_better_share(candidate, current, [], one_story, seed=1)
-    assert together < spread  # fewer independent stories: less sure
+    """A story's feedback is drawn together: ten pairs of one story are one piece of
+    evidence, not ten (a story of many turns rated alike cannot settle the gate)."""
+
+    def pair(story: int, i: int) -> PreferencePair:
+        return PreferencePair(
+            f"P{i}:", f" good {i}.", f" bad {i}.", "choice", story, "heldout", 0, 0
+        )
+
+    tie = pair(99, 99)  # another story, which both rank right
+    one_story = [pair(1, i) for i in range(10)] + [tie]
+    spread = [pair(i, i) for i in range(10)] + [tie]
+    current = {
+        (p.prompt, t): float(t.startswith(" good")) for p in spread for t in (p.chosen, p.rejected)
+    }
+    candidate = {key: 1.0 - value for key, value in current.items()}  # wrong on all ten
+    candidate[(tie.prompt, tie.chosen)], candidate[(tie.prompt, tie.rejected)] = 1.0, 0.0
+    assert current_better_share(candidate, current, one_story, []) < 0.95  # 2 stories
+    assert current_better_share(candidate, current, spread, []) > 0.99  # 11 stories
+
+
+def test_current_better_share_has_nothing_to_say_without_spread():
+    liked = LabelledExample("P:", " yes.", True, 1.0, 1, "heldout", 1)
+    disliked = LabelledExample("Q:", " no.", False, -1.0, 2, "heldout", 2)
+    rewards = {("P:", " yes."): 1.0, ("Q:", " no."): 0.0}
+    flipped = {("P:", " yes."): 0.0, ("Q:", " no."): 1.0}
+    assert (
+        current_better_share(flipped, rewards, [], [replace(disliked, story_id=1), liked]) is None
+    )
+    assert (
+        current_better_share(flipped, rewards, [], [disliked, replace(disliked, story_id=3)])
+        is None
+    )
+    # Two stories, one liked and one disliked: only the draws of both are counted.
+    assert current_better_share(flipped, rewards, [], [liked, disliked]) == 1.0
+
+
+def test_a_served_adapter_ranking_better_in_exactly_the_confidence_share_stays():
+    report = decide(
+        GateConfig(confidence=0.9),
+        accuracy=0.7,
+        current_accuracy=0.8,
+        ppl=10.0,
+        current_ppl=10.0,
+        base_ppl=10.0,
+        current_better=0.9,
+    )
+    assert not report.passed
+    with pytest.raises(ValueError, match="confidence"):
+        GateConfig(confidence=0.5)
+    with pytest.raises(ValueError, match="resamples"):
+        GateConfig(resamples=0)
 
 
 def scrambled(model, std: float):
