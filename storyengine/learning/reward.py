@@ -491,12 +491,17 @@ class RewardModel:
 
     @classmethod
     def train(
-        cls, base: LoadedModel, data: FeedbackDatasets, config: RewardConfig | None = None
+        cls,
+        base: LoadedModel,
+        data: FeedbackDatasets,
+        config: RewardConfig | None = None,
+        *,
+        memo: FeatureMemo | None = None,
     ) -> RewardModel:
         """Train on the training side of `data` (blocking: run it in a worker thread)."""
         config = config or RewardConfig()
         pairs, labels = training_split(data, config)
-        return cls.fit(base, pairs, labels, config)
+        return cls.fit(base, pairs, labels, config, memo=memo)
 
     @classmethod
     def fit(
@@ -507,11 +512,13 @@ class RewardModel:
         config: RewardConfig,
         *,
         features: Features | None = None,
+        memo: FeatureMemo | None = None,
     ) -> RewardModel:
-        """Train on these pairs and labels (blocking). `features`: already computed."""
+        """Train on these pairs and labels (blocking). `features`: already computed;
+        else computed, with those in `memo` taken from there (`Features.of`)."""
         if not pairs and not labels:
             raise ValueError("nothing to train a reward model on")
-        features = features or Features.of(base, config, pairs, labels)
+        features = features or Features.of(base, config, pairs, labels, memo)
         started = time.perf_counter()  # the features' time is their own
         head, fit = fit_head(
             *features.training_data(pairs, labels, config), l2=config.l2, max_steps=config.max_steps
@@ -643,6 +650,12 @@ def _texts(
     )
 
 
+FeatureMemo = dict[tuple[str, str], "torch.Tensor"]
+"""The base model's features of (prompt, continuation)s, for one model and one
+`FeatureSpec`: a round's reward model and its judge (`rounds`) read the same feedback,
+and a forward pass each is most of their cost."""
+
+
 @dataclass
 class Features:
     """The base model's features of every continuation in some feedback, computed once
@@ -659,16 +672,28 @@ class Features:
         config: RewardConfig,
         pairs: Sequence[PreferencePair],
         labels: Sequence[LabelledExample],
+        memo: FeatureMemo | None = None,
     ) -> Features:
+        """`memo`: features computed before (same base model, `config.features`),
+        taken from there; those computed here are added to it."""
+        import torch
+
         started = time.perf_counter()
         texts = _texts(pairs, labels)
-        table = continuation_features(
-            base,
-            config.features,
-            [t[0] for t in texts],
-            [t[1] for t in texts],
-            batch_size=config.batch_size,
-        )
+        memo = memo if memo is not None else {}
+        missing = [t for t in texts if t not in memo]
+        if missing or not texts:
+            table = continuation_features(
+                base,
+                config.features,
+                [t[0] for t in missing],
+                [t[1] for t in missing],
+                batch_size=config.batch_size,
+            )
+            memo.update(zip(missing, table, strict=True))
+            if not texts:
+                return cls({}, table, time.perf_counter() - started)
+        table = torch.stack([memo[t] for t in texts])
         return cls({t: i for i, t in enumerate(texts)}, table, time.perf_counter() - started)
 
     def __call__(self, keys: Sequence[tuple[str, str]]) -> torch.Tensor:
@@ -704,14 +729,15 @@ def cross_validate(
     pairs: Sequence[PreferencePair],
     labels: Sequence[LabelledExample],
     config: RewardConfig,
+    memo: FeatureMemo | None = None,
 ) -> tuple[RewardModel, Scores]:
     """A reward model trained on all these pairs and labels, and every example's
     out-of-fold scores: the stories are dealt into `config.folds` folds (`deal_folds`),
     and each fold's continuations are scored by a head trained on the other folds'
     feedback, so no score comes from a head that saw its story (nor the same text in
     it: scores are kept per fold). The features are computed once for all the folds
-    (blocking: run it in a worker thread)."""
-    features = Features.of(base, config, pairs, labels)
+    (blocking: run it in a worker thread); `memo` as `Features.of` takes it."""
+    features = Features.of(base, config, pairs, labels, memo)
     fold = deal_folds(pairs, labels, config)
     by_fold: dict[tuple[int, tuple[str, str]], float] = {}
     for k in range(config.folds):
@@ -1149,22 +1175,24 @@ async def train_reward_model(
     config: RewardConfig,
     *,
     community: str | None = None,
+    memo: FeatureMemo | None = None,
 ) -> dict[str, Any]:
     """Train a reward model on `data`, judge it on the held-out side (by
     cross-validation while little is held out: `cross_validated`), register it and
     promote or reject it. Returns the figures for the round's report: `status`
     (promoted, rejected or skipped), `reason`, and for a trained one its version, the
     `HeldoutReport`'s figures, the promoted one's accuracy on the same examples and the
-    training figures."""
+    training figures. `memo`: the base model's features, shared with what else the
+    round fits on this feedback (`Features.of`)."""
     reason = reward_skip_reason(config, data)
     if reason is not None:
         return {"status": "skipped", "reason": reason}
     judged_by = "cross-validation" if cross_validated(config, data) else "held-out"
     if judged_by == "cross-validation":
         pairs, labels = people_feedback(data, config)
-        model, scores = await asyncio.to_thread(cross_validate, base, pairs, labels, config)
+        model, scores = await asyncio.to_thread(cross_validate, base, pairs, labels, config, memo)
     else:
-        model = await asyncio.to_thread(RewardModel.train, base, data, config)
+        model = await asyncio.to_thread(RewardModel.train, base, data, config, memo=memo)
         pairs, labels = heldout_split(data, config)
         scores = scores_by_text(await asyncio.to_thread(model.scores_of, pairs, labels, config))
     report = scored_report(pairs, labels, scores, config)

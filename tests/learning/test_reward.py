@@ -506,3 +506,28 @@ def test_folds_hold_the_same_share_of_each_kind_of_story():
     fold = deal_folds([], labels, RewardConfig(folds=5))
     assert sorted(fold[n] for n in range(5)) == [0, 1, 2, 3, 4]
     assert sorted(list(fold.values()).count(k) for k in range(5)) == [10] * 5
+
+
+def test_features_in_a_memo_are_not_computed_again(monkeypatch):
+    """A round's reward model and its judge read the same feedback: the base model's
+    features of a continuation are computed once for both."""
+    import torch
+
+    from storyengine.learning import reward as reward_module
+    from storyengine.learning.reward import Features
+
+    computed: list[tuple[str, str]] = []
+
+    def features(base, spec, prompts, continuations, batch_size=16):
+        computed.extend(zip(prompts, continuations, strict=True))
+        return torch.tensor([[float(len(c))] for c in continuations]).reshape(-1, 1)
+
+    monkeypatch.setattr(reward_module, "continuation_features", features)
+    first = [LabelledExample("P:", " a", True, 1.0, 1, "train", 1)]
+    second = [*first, LabelledExample("Q:", " ccc", False, -1.0, 2, "train", 2)]
+    memo: dict = {}
+    Features.of(None, RewardConfig(), [], first, memo)
+    table = Features.of(None, RewardConfig(), [], second, memo)
+    assert computed == [("P:", " a"), ("Q:", " ccc")]  # " a" once
+    assert table([("Q:", " ccc"), ("P:", " a")]).tolist() == [[4.0], [2.0]]
+    assert Features.of(None, RewardConfig(), [], []).table.shape[0] == 0

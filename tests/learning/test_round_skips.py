@@ -204,3 +204,51 @@ def test_rounds_that_can_run_are_not_skipped_by_the_checks():
     )
     config = RoundConfig(train=TrainConfig(min_examples=8))
     assert skip_reason(config, plan_round(config, data)) is None
+
+
+def test_each_round_may_use_a_share_of_the_perplexity_room_left():
+    """The drift guard's limit: 60 % of the way from where the round starts to the
+    gate's bound against the base model (5 %: 10.5 here), and at most 60 % of the bound
+    against the served adapter. A first round that used 60 % of the base model's bound
+    (10.3) used to leave the next one a limit of 10.3 itself: no room, every later
+    round skipped."""
+    from storyengine.learning.evaluation import GateConfig
+    from storyengine.learning.rounds import drift_guard
+
+    def limit(start: float) -> float:
+        gate = GateConfig()
+        return drift_guard(None, None, [], gate, 0.6, base_ppl=10.0, start_ppl=start).limit
+
+    assert limit(10.0) == pytest.approx(10.3)  # the first round: as before
+    assert limit(10.3) == pytest.approx(10.42)  # the second: room still
+    assert limit(10.42) == pytest.approx(10.468)
+    assert limit(10.6) < 10.6  # past the gate's bound already: none
+
+
+def test_perplexities_of_the_same_files_are_measured_once(tmp_path):
+    """The base model's and a served adapter's perplexity on the held-out stories are
+    taken once a process (a pass over the stories each); an adapter's files replaced
+    under the same name are measured again."""
+    from types import SimpleNamespace
+
+    from storyengine.learning.rounds import PerplexityMemo
+
+    memo, loaded, texts = PerplexityMemo(), SimpleNamespace(model_id="m", device="cpu"), ["a"]
+    measured: list[str] = []
+
+    def measure(name: str, value: float):
+        return lambda: measured.append(name) or value
+
+    adapter = tmp_path / "v1"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"x")
+    assert memo.get(loaded, None, texts, measure("base", 9.0)) == 9.0
+    assert memo.get(loaded, None, texts, measure("base", 0.0)) == 9.0
+    assert memo.get(loaded, adapter, texts, measure("v1", 9.5)) == 9.5
+    assert memo.get(loaded, adapter, ["b"], measure("v1 on b", 9.6)) == 9.6
+    (adapter / "adapter_model.safetensors").write_bytes(b"longer")
+    assert memo.get(loaded, adapter, texts, measure("v1 again", 9.7)) == 9.7
+    memo.remember(loaded, adapter, texts, 9.8)  # as the round measured it, trained
+    assert memo.get(loaded, adapter, texts, measure("never", 0.0)) == 9.8
+    assert measured == ["base", "v1", "v1 on b", "v1 again"]
+    assert memo.get(loaded, tmp_path / "gone", texts, measure("gone", 1.0)) == 1.0

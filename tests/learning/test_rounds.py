@@ -9,11 +9,14 @@ import sys
 from dataclasses import asdict
 
 import pytest
+from peft import PeftModel
 
 from storyengine.config import Settings
+from storyengine.learning.evaluation import perplexity
 from storyengine.learning.registry import AdapterRegistry
-from storyengine.learning.rounds import RoundConfig, run_round
+from storyengine.learning.rounds import RoundConfig, heldout_stories, run_round
 from storyengine.learning.training import TrainConfig
+from storyengine.serving.modeling import load_for_training
 from storyengine.storage.store import Store
 from tests.helpers.models import record_text
 
@@ -53,6 +56,18 @@ async def test_a_round_trains_gates_and_registers(tmp_path):
     assert guard["checks"] and all(value > 1 for _, value in guard["checks"])
     assert metrics["heldout_examples"] > 0 and metrics["perplexity"] > 0
     assert metrics["train"]["examples"] + metrics["heldout_examples"] == 60
+    # The gate's perplexities are the drift guard's (the same stories): the saved
+    # adapter's, measured afresh, and the base model's for the fresh LoRA it started as.
+    loaded = load_for_training(settings)
+    saved = PeftModel.from_pretrained(loaded.model, str(result.version.path))
+    stories = heldout_stories()
+    assert metrics["perplexity"] == pytest.approx(
+        perplexity(saved, loaded.tokenizer, "default", stories), rel=1e-5
+    )
+    assert metrics["current_perplexity"] == pytest.approx(metrics["base_perplexity"], rel=1e-6)
+    assert metrics["base_perplexity"] == pytest.approx(
+        perplexity(saved, loaded.tokenizer, None, stories), rel=1e-5
+    )
     # The gate sampled from both adapters and compared their repetition.
     assert any(line.startswith("sampling 32 continuations") for line in lines)
     for key in ("repeat4", "current_repeat4", "distinct2", "current_distinct2"):
@@ -100,7 +115,7 @@ async def test_a_round_with_no_room_under_the_perplexity_bounds_is_skipped(tmp_p
     assert result.status == "skipped" and result.version is None
     assert "no room left under the perplexity bounds" in result.reason
     # Twice again at half the learning rate before giving up.
-    retries = [line for line in lines if line.startswith("the first step went past")]
+    retries = [line for line in lines if "went past the limit" in line]
     assert [line.rsplit(" ", 1)[1] for line in retries] == ["0.0025", "0.00125"]
     store = await Store(db).open()
     assert await store.db.execute_fetchall("SELECT * FROM adapters") == []

@@ -120,19 +120,20 @@ def test_without_tripping_the_guard_checks_the_last_steps_too(fresh):
     assert [step for step, _ in guard.checks] == [4, 6]
 
 
-def test_the_guard_checks_at_most_so_often_and_knows_the_kept_weights_measure(fresh):
-    """A check costs a pass over the held-out stories: a long run is checked about
-    `max_checks` times, not at every step; what training ended with is known."""
+def test_a_doubling_guard_checks_closely_at_first_and_knows_the_kept_weights_measure(fresh):
+    """A check costs a pass over the held-out stories: the rounds' guard checks after
+    steps 1, 2, 4, ... and the last, not after every step; what training ended with is
+    known."""
     model, tokenizer = fresh
     config = TrainConfig(method="dpo", **CONFIG)  # 6 steps
     policy = prepare_policy(model, None, config)
-    values = iter([1.0, 2.0, 3.0, 4.0])
-    guard = DriftGuard(lambda: next(values), limit=10.0, every=1, max_checks=3)
+    values = iter([1.0, 2.0, 3.0, 4.0, 5.0])
+    guard = DriftGuard(lambda: next(values), limit=10.0, doubling=True)
     rows = [{"prompt": p, "chosen": LIKED, "rejected": DISLIKED} for p in PROMPTS]
     train_adapter(policy, tokenizer, rows, config, guard=guard)
-    assert [step for step, _ in guard.checks] == [2, 4, 6]
-    assert guard.kept_value == 3.0
-    tripped = DriftGuard(lambda: next(values), limit=0.5, every=1, max_checks=3)
+    assert [step for step, _ in guard.checks] == [1, 2, 4, 6]
+    assert guard.kept_value == 4.0
+    tripped = DriftGuard(lambda: next(values), limit=0.5, doubling=True)
     train_adapter(policy, tokenizer, rows, config, guard=tripped)
     assert tripped.stopped_at == 0 and tripped.kept_value is None  # the starting weights
     assert DriftGuard(lambda: 0.0, 1.0, checks=[(2, 0.4), (4, 0.9)], stopped_at=2).kept_value == 0.4
