@@ -169,9 +169,9 @@ def gate_prompts(
 class PerplexityMemo:
     """Perplexities on the held-out stories measured before in this process, by base
     model and adapter files: the base model's and a served adapter's do not change, and
-    each costs a pass over the stories (3.5 s on two CPU cores, twice a round). An
-    adapter is known by its weights file's path, size and time, so files replaced under
-    the same name are measured again."""
+    each costs a pass over the stories (3.5 s on two CPU cores, twice a round). A model
+    or adapter on disk is known by its weights file's path, size and time, so files
+    replaced under the same name are measured again."""
 
     def __init__(self) -> None:
         self._known: dict[tuple[Any, ...], float] = {}
@@ -201,17 +201,26 @@ class PerplexityMemo:
     def _key(
         loaded: LoadedModel, adapter: Path | None, texts: Sequence[str]
     ) -> tuple[Any, ...] | None:
+        base = Path(loaded.model_id)
+        model = _weights(base, "model") if base.is_dir() else ()  # else a hub id, or bundled
         files: tuple[Any, ...] = ()
         if adapter is not None:
-            weights = [
-                adapter / name for name in ("adapter_model.safetensors", "adapter_model.bin")
-            ]
-            found = next((w for w in weights if w.is_file()), None)
-            if found is None:
+            files = _weights(adapter, "adapter_model")
+            if not files:
                 return None
+        dtype = str(getattr(loaded.model, "dtype", ""))
+        return (loaded.model_id, model, str(loaded.device), dtype, files, hash(tuple(texts)))
+
+
+def _weights(directory: Path, stem: str) -> tuple[Any, ...]:
+    """What identifies the weights file saved in `directory` (path, size, time); ()
+    when there is none."""
+    for suffix in (".safetensors", ".bin"):
+        found = directory / f"{stem}{suffix}"
+        if found.is_file():
             stat = found.stat()
-            files = (str(found.resolve()), stat.st_size, stat.st_mtime_ns)
-        return (loaded.model_id, str(loaded.device), files, hash(tuple(texts)))
+            return (str(found.resolve()), stat.st_size, stat.st_mtime_ns)
+    return ()
 
 
 PERPLEXITIES = PerplexityMemo()

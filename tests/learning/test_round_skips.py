@@ -233,7 +233,8 @@ def test_perplexities_of_the_same_files_are_measured_once(tmp_path):
 
     from storyengine.learning.rounds import PerplexityMemo
 
-    memo, loaded, texts = PerplexityMemo(), SimpleNamespace(model_id="m", device="cpu"), ["a"]
+    memo, texts = PerplexityMemo(), ["a"]
+    loaded = SimpleNamespace(model_id="some/hub-model", device="cpu", model=None)
     measured: list[str] = []
 
     def measure(name: str, value: float):
@@ -250,5 +251,12 @@ def test_perplexities_of_the_same_files_are_measured_once(tmp_path):
     assert memo.get(loaded, adapter, texts, measure("v1 again", 9.7)) == 9.7
     memo.remember(loaded, adapter, texts, 9.8)  # as the round measured it, trained
     assert memo.get(loaded, adapter, texts, measure("never", 0.0)) == 9.8
-    assert measured == ["base", "v1", "v1 on b", "v1 again"]
     assert memo.get(loaded, tmp_path / "gone", texts, measure("gone", 1.0)) == 1.0
+    # A base model in a folder: its weights replaced, it is measured again.
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"x")
+    local = SimpleNamespace(model_id=str(tmp_path / "base"), device="cpu", model=None)
+    assert memo.get(local, None, texts, measure("local", 8.0)) == 8.0
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"other")
+    assert memo.get(local, None, texts, measure("local again", 8.5)) == 8.5
+    assert measured == ["base", "v1", "v1 on b", "v1 again", "gone", "local", "local again"]
