@@ -3,9 +3,9 @@
 Measured on held-out data (stories on the held-out side of the split):
 * preference accuracy: how often a model's implicit reward, log p_model(y|x) minus
   log p_base(y|x), ranks the chosen continuation over the rejected one, and a liked one
-  over a disliked one (ties count half); the candidate must beat the base model, and beat
-  the adapter it would replace unless too little feedback is held out to tell them apart
-  (`current_better_share`);
+  over a disliked one (ties count half); the candidate must beat the base model and the
+  adapter it would replace, each unless too little feedback is held out to tell them
+  apart (`current_better_share`);
 * perplexity on held-out story text, against both the current adapter (at most
   `max_ppl_increase` worse) and the bare base model (at most `max_ppl_vs_base` worse, so
   drift cannot pile up round after round);
@@ -40,9 +40,9 @@ class GateConfig:
     """Continuations sampled from each adapter for repetition and distinct-2 (0: skip)."""
     sample_tokens: int = 64
     confidence: float = 0.95
-    """A candidate that beats the base model but not the adapter in service is still
-    promoted unless the adapter in service ranks the held-out feedback better in at
-    least this share of resamples of the held-out stories (`current_better_share`)."""
+    """A candidate that does not beat the base model or the adapter in service is still
+    promoted unless that one ranks the held-out feedback better in at least this share
+    of resamples of the held-out stories (`current_better_share`)."""
     resamples: int = 1000
     """Resamples of the held-out stories for `current_better_share`."""
 
@@ -71,6 +71,8 @@ class GateReport:
     current_better: float | None = None
     """In what share of resamples of the held-out stories the adapter in service ranked
     the held-out feedback better than the candidate (None: not measured)."""
+    base_better: float | None = None
+    """The same against the base model."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -394,16 +396,28 @@ def decide(
     heldout_pairs: int = 0,
     heldout_examples: int = 0,
     current_better: float | None = None,
+    base_better: float | None = None,
 ) -> GateReport:
     """The gate's verdict. The candidate must beat the base model (whose preference
-    accuracy is 0.5), and the adapter in service too, unless `current_better` (from
-    `current_better_share`; None: not measured) says the held-out feedback cannot tell
-    them apart: the candidate, trained from the adapter in service on newer feedback,
-    then goes on. With the drift guard on, the perplexity bounds hold by construction
-    (it measured the same stories with a stricter limit); they bite without it."""
+    accuracy is 0.5) and the adapter in service, each unless the held-out feedback
+    cannot tell them apart: `base_better` and `current_better` (`current_better_share`
+    against the base model's rewards and the served adapter's; None: not measured, and
+    the candidate must beat it) under `config.confidence`. The candidate, trained from
+    what is served on newer feedback, then goes on: on a few dozen held-out labels the
+    comparison is a coin flip, and refusing on it stopped learning where it had begun.
+    With the drift guard on, the perplexity bounds hold by construction (it measured
+    the same stories with a stricter limit); they bite without it."""
     reasons = []
-    if not accuracy > 0.5:
-        reasons.append(f"preference accuracy {accuracy:.3f} does not beat the base model's 0.500")
+    if not accuracy > 0.5 and (base_better is None or base_better >= config.confidence):
+        measured = ""
+        if base_better is not None:
+            measured = (
+                f" (the base model ranks held-out feedback better in {base_better:.0%} of"
+                " resamples of the held-out stories)"
+            )
+        reasons.append(
+            f"preference accuracy {accuracy:.3f} does not beat the base model's 0.500{measured}"
+        )
     elif not accuracy > current_accuracy and (
         current_better is None or current_better >= config.confidence
     ):
@@ -446,4 +460,5 @@ def decide(
         heldout_pairs=heldout_pairs,
         heldout_examples=heldout_examples,
         current_better=current_better,
+        base_better=base_better,
     )

@@ -673,14 +673,18 @@ async def _train_and_gate(
         held = (heldout_pairs, heldout_examples)
         mine = heldout_rewards(policy, tok, "default", *held, base)
         theirs = heldout_rewards(policy, tok, reference, *held, base)
+        zero = heldout_rewards(policy, tok, None, *held)  # the base model's: 0 everywhere
+
+        def better(rewards: dict[tuple[str, str], float]) -> float | None:
+            resamples = config.gate.resamples
+            return current_better_share(mine, rewards, *held, resamples=resamples, seed=train.seed)
+
+        base_better = better(zero)
         return {
             "accuracy": ranking_accuracy(mine, *held),
             "current_accuracy": ranking_accuracy(theirs, *held),
-            "current_better": None
-            if reference is None  # the base model: the candidate must beat 0.5
-            else current_better_share(
-                mine, theirs, *held, resamples=config.gate.resamples, seed=train.seed
-            ),
+            "current_better": base_better if reference is None else better(theirs),
+            "base_better": base_better,
             # the guard measured the weights training ended with on these texts
             "ppl": guard.kept_value
             if guard is not None and guard.kept_value is not None
@@ -714,6 +718,7 @@ async def _train_and_gate(
         heldout_pairs=len(heldout_pairs),
         heldout_examples=len(heldout_examples),
         current_better=scores["current_better"],
+        base_better=scores["base_better"],
     )
     metrics = {**report.to_dict(), "train": figures}
     if samples is not None:  # what it writes beside what its parent wrote, same seeds

@@ -68,7 +68,21 @@ def test_perplexity_in_batches_is_perplexity_one_text_at_a_time(tiny_lora_model)
     )
 
 
-def test_the_base_model_must_be_beaten_whatever_the_noise():
+def test_a_candidate_below_the_base_model_is_refused_only_on_evidence():
+    """Against the base model too: at round 1 of a server, the held-out side holds a
+    handful of 👍, and a candidate at 0.36 may be as good as the base model or better
+    (seen: refused twice on that, the round after promoted and +15 points)."""
+    common = {"accuracy": 0.36, "current_accuracy": 0.5, "ppl": 10.0, "current_ppl": 10.0}
+    unsure = decide(GateConfig(), **common, base_ppl=10.0, current_better=0.8, base_better=0.8)
+    assert unsure.passed and unsure.base_better == 0.8
+    sure = decide(GateConfig(), **common, base_ppl=10.0, current_better=0.97, base_better=0.97)
+    assert sure.reasons == (
+        "preference accuracy 0.360 does not beat the base model's 0.500 (the base model"
+        " ranks held-out feedback better in 97% of resamples of the held-out stories)",
+    )
+
+
+def test_the_base_model_must_be_beaten_when_not_measured():
     report = decide(
         GateConfig(),
         accuracy=0.48,
