@@ -14,7 +14,11 @@ one pass computes, for every row at once,
     delta = ((x @ A_all) * row_mask) @ B_all
 
 where `row_mask` keeps only the columns of that row's adapter (all zero for the base
-model). Three matrix operations per layer, whatever the mix.
+model). Three matrix operations per layer, whatever the mix. Only the columns of the
+adapters the batch's rows use are read (the span from the first to the last of them),
+and a batch whose rows all use one adapter needs no mask: `(x @ A_i) @ s_i B_i`. A
+server with eight adapters loaded that decodes one of them would otherwise multiply by
+all eight (about a third more arithmetic per step on the bundled model).
 
 The batched path is used only inside `MultiLoRA.rows(...)` on the thread that entered
 it; everywhere else (training, `generate`, other threads) the layers behave exactly as
@@ -70,7 +74,7 @@ class MultiLoRA:
                 names = [n for n in layer.lora_A if n not in layer.lora_variant]
                 # An adapter with weights that are not finite would spread NaN to every
                 # row of the product (0 * NaN): its blocks are zero, and its rows' mask
-                # NaN (`_row_mask`), so that only its own rows come out NaN.
+                # NaN (`_columns`), so that only its own rows come out NaN.
                 broken = {
                     n
                     for n in names
@@ -119,11 +123,14 @@ class MultiLoRA:
         with one row, its tokens)."""
         if layer._multilora_a is None:
             return result
-        mask = self._row_mask(layer, result)
-        if mask is None:
+        used = self._columns(layer, result)
+        if used is None:
             return result
-        a = layer._multilora_a.to(x.dtype)
-        b = layer._multilora_b.to(x.dtype)
+        lo, hi, mask = used
+        a = layer._multilora_a[:, lo:hi].to(x.dtype)
+        b = layer._multilora_b[lo:hi].to(x.dtype)
+        if mask is None:  # every row uses this one adapter
+            return result + (x @ a) @ b
         return result + ((x @ a) * mask) @ b
 
     @property
@@ -131,25 +138,36 @@ class MultiLoRA:
         """The LoRA layers, rerouted."""
         return self._layers
 
-    def _row_mask(self, layer: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
+    def _columns(
+        self, layer: nn.Module, like: torch.Tensor
+    ) -> tuple[int, int, torch.Tensor | None] | None:
+        """The columns of `A_all` (rows of `B_all`) this batch reads, `lo` to `hi`, and
+        the row mask over them (None: every row uses the one adapter there, so none is
+        needed). None: no row uses an adapter of this layer."""
         spans: dict[str, tuple[int, int]] = layer._multilora_spans
         broken = layer._multilora_broken
         key = (tuple(spans.items()), broken, like.dtype, like.device, like.dim())
-        masks: dict[Any, torch.Tensor | None] = self._local.masks
-        if key not in masks:
+        found: dict[Any, Any] = self._local.masks
+        if key not in found:
             rows: list[str] = self._local.rows
-            if not any(name in spans for name in rows):
-                masks[key] = None
+            used = {name for name in rows if name != BASE_ADAPTER and name in spans}
+            if not used:
+                found[key] = None
             else:
-                width = layer._multilora_a.shape[1]
-                shape = (len(rows), *([1] * (like.dim() - 2)), width)
-                mask = torch.zeros(shape, dtype=like.dtype, device=like.device)
-                for row, name in enumerate(rows):
-                    if name != BASE_ADAPTER and name in spans:
-                        lo, hi = spans[name]
-                        mask[row, ..., lo:hi] = float("nan") if name in broken else 1
-                masks[key] = mask
-        return masks[key]
+                lo = min(spans[name][0] for name in used)
+                hi = max(spans[name][1] for name in used)
+                mask = None
+                if len(set(rows)) > 1 or used & broken:  # mixed rows, or NaN to spread
+                    shape = (len(rows), *([1] * (like.dim() - 2)), hi - lo)
+                    mask = torch.zeros(shape, dtype=like.dtype, device=like.device)
+                    for row, name in enumerate(rows):
+                        if name in used:
+                            start, stop = spans[name]
+                            mask[row, ..., start - lo : stop - lo] = (
+                                float("nan") if name in broken else 1
+                            )
+                found[key] = (lo, hi, mask)
+        return found[key]
 
 
 def _make_forward(multi: MultiLoRA) -> Any:

@@ -10,6 +10,7 @@ from storyengine.sampling import PRESETS, SamplingParams
 from storyengine.serving.generation import BASE_ADAPTER, GenerationRequest, SequentialGenerator
 from storyengine.serving.multilora import MultiLoRA
 from storyengine.serving.scheduler import BatchingGenerator, SchedulerConfig
+from tests.helpers.models import make_tiny_lora_model
 
 TEXT = (
     "Once upon a time there was a little girl named Lily. She loved to play outside in the "
@@ -99,6 +100,39 @@ async def test_multilora_matches_peft_per_row(tiny_lora_model):
         outside = model.get_base_model()(input_ids=ids[:1]).logits  # peft's own path again
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(outside, expected[:1], atol=1e-5, rtol=1e-4)  # active adapter "fox"
+
+
+@pytest.mark.parametrize("rows", [["owl"] * 3, ["fox"] * 3, ["owl", BASE_ADAPTER, "owl"]])
+async def test_multilora_reads_only_the_adapters_a_batch_uses(rows):
+    """A batch on one adapter of several loaded multiplies by that adapter's columns
+    alone, with no mask, and still equals peft's per-row forward."""
+    loaded = make_tiny_lora_model()  # its own: attaching reroutes the layers
+    model = loaded.model
+    ids = torch.tensor([loaded.encode(TEXT)[:12]] * len(rows))
+    multi = MultiLoRA.attach(model)
+    layer = multi.layers[0]
+    with torch.no_grad():
+        expected = model(input_ids=ids, adapter_names=rows).logits
+        with multi.rows(rows):
+            actual = model.get_base_model()(input_ids=ids).logits
+            lo, hi, mask = multi._columns(layer, torch.zeros(len(rows), 1, 1))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+    adapter = next(name for name in rows if name != BASE_ADAPTER)
+    assert (lo, hi) == layer._multilora_spans[adapter]  # not the other adapter's columns
+    assert (mask is None) == (len(set(rows)) == 1)
+
+
+async def test_multilora_a_batch_on_one_damaged_adapter_comes_out_nan():
+    loaded = make_tiny_lora_model()
+    model = loaded.model
+    for name, param in model.named_parameters():
+        if "lora_A.owl" in name:
+            param.data.fill_(float("nan"))
+    multi = MultiLoRA.attach(model)
+    ids = torch.tensor([loaded.encode(TEXT)[:12]] * 2)
+    with torch.no_grad(), multi.rows(["owl", "owl"]):
+        logits = model.get_base_model()(input_ids=ids).logits
+    assert logits.isnan().all(dim=-1).all()
 
 
 async def test_a_request_joining_mid_batch_finishes_first_and_correctly(tiny_model):
