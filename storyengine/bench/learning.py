@@ -40,7 +40,7 @@ from ..config import Settings
 from ..learning.audience import Taste, load_taste
 from ..learning.datasets import DatasetConfig
 from ..learning.evaluation import perplexity, repetition
-from ..learning.rounds import RoundConfig, heldout_stories, run_round
+from ..learning.rounds import PERPLEXITIES, RoundConfig, heldout_stories, run_round
 from ..learning.training import TrainConfig
 from ..progress import Progress
 from ..records import Author
@@ -313,15 +313,23 @@ class _Bench:
         return chosen
 
     def perplexity(self, adapter: Any) -> float:
+        """The held-out perplexity of the base model or `adapter`: the figure its round
+        measured on the same stories and weights when this process has it
+        (`PERPLEXITIES`), else measured here."""
         from ..learning.best_of import base_copy
 
         if self._ppl_model is None:
             self._ppl_model = base_copy(self.engine.narrator.local_model)
         model = self._ppl_model
-        if adapter is not None:
-            model.load_adapter(adapter.name, str(adapter.path))
-        name = adapter.name if adapter is not None else None
-        return perplexity(model.model, model.tokenizer, name, self.texts)
+
+        def measure() -> float:
+            if adapter is not None:
+                model.load_adapter(adapter.name, str(adapter.path))
+            name = adapter.name if adapter is not None else None
+            return perplexity(model.model, model.tokenizer, name, self.texts)
+
+        path = adapter.path if adapter is not None else None
+        return PERPLEXITIES.get(model, path, self.texts, measure)
 
 
 async def _openings(

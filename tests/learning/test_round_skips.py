@@ -260,3 +260,21 @@ def test_perplexities_of_the_same_files_are_measured_once(tmp_path):
     (tmp_path / "base" / "model.safetensors").write_bytes(b"other")
     assert memo.get(local, None, texts, measure("local again", 8.5)) == 8.5
     assert measured == ["base", "v1", "v1 on b", "v1 again", "gone", "local", "local again"]
+
+
+def test_a_serving_base_copy_finds_the_perplexity_its_round_measured(bundled_model, tmp_path):
+    """`bench learning` measures each adapter's perplexity on a private copy of the
+    serving model: the figure the round remembered for the same weights file and
+    stories is found there, not measured again."""
+    from storyengine.config import Settings
+    from storyengine.learning.best_of import base_copy
+    from storyengine.learning.rounds import PerplexityMemo
+    from storyengine.serving.modeling import load_for_training
+
+    memo, texts = PerplexityMemo(), ["a story"]
+    adapter = tmp_path / "v1"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"x")
+    memo.remember(load_for_training(Settings(device="cpu")), adapter, texts, 9.4)
+    copy = base_copy(bundled_model)
+    assert memo.get(copy, adapter, texts, lambda: pytest.fail("measured again")) == 9.4
