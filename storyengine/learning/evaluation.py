@@ -315,10 +315,11 @@ def sample_continuations(
     rows at a time through its lean decoding step, each row drawing from its own
     generator, seeded from `seed` and the prompt's place in `prompts`. So a prompt's
     continuation does not depend on the others beside it, two adapters asked with one
-    seed draw alike, and nothing the caller drew is touched. transformers' `generate`
-    on the same model wrote about 5 continuations of 64 tokens a second on two CPU
-    cores (a round's gate and sampled pairs); this about 12. Blocking (it runs its own
-    event loop): call it in a worker thread."""
+    seed draw alike, and nothing the caller drew is touched; and faster than
+    transformers' `generate` on the same model, whose every step goes through the
+    modules' layers (64 continuations of 64 tokens, bundled model, two CPU cores beside
+    other work: 10 to 14 s against 25 to 50 s). Blocking (it runs its own event loop):
+    call it in a worker thread."""
     import asyncio
 
     from ..serving.generation import BASE_ADAPTER, GenerationRequest
@@ -330,21 +331,34 @@ def sample_continuations(
     device = next(model.parameters()).device
     loaded = LoadedModel(model, tokenizer, "sampling", None, device)
     params = params.replace(num_beams=1)
-    requests = [
-        GenerationRequest(
-            loaded.encode(prompt)[-max_prompt_tokens:] or [loaded.eos_token_id],
-            params.replace(seed=seed * 1_000_003 + i),
-            channel=str(i),
-            adapter=adapter or BASE_ADAPTER,
-        )
-        for i, prompt in enumerate(prompts)
-    ]
+    # A prompt asked several times in a row is prefilled once for all its rows (as
+    # best-of-n candidates are), up to 16 of them (a batch holds that many of the
+    # longest prompts); candidate k of the run from prompt i draws with the seed that
+    # prompt i + k would have had on its own.
+    runs: list[tuple[int, int]] = []  # (first prompt, how many)
+    for i, prompt in enumerate(prompts):
+        if runs and prompts[runs[-1][0]] == prompt and runs[-1][1] < min(batch_size, 16):
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
 
     async def write() -> list[str]:
         generator = BatchingGenerator(loaded, SchedulerConfig(max_batch_size=batch_size))
         try:
-            handles = [generator.submit(request) for request in requests]
-            return [(await handle.result()).text for handle in handles]
+            groups = []
+            for first, n in runs:
+                request = GenerationRequest(
+                    loaded.encode(prompts[first])[-max_prompt_tokens:] or [loaded.eos_token_id],
+                    params.replace(seed=seed * 1_000_003 + first),
+                    channel=str(first),
+                    adapter=adapter or BASE_ADAPTER,
+                )
+                groups.append((n, generator.submit_many(request, n)))
+            texts: list[str] = []
+            for n, handles in groups:
+                written = [(await handle.result()).text for handle in handles]
+                texts.extend(written if len(written) == n else written[:1] * n)  # greedy: one
+            return texts
         finally:
             await generator.close()
 

@@ -327,6 +327,34 @@ def test_sampling_for_the_gate_leaves_the_callers_random_state_alone(tiny_lora_m
     assert again == first  # and seeded on its own
 
 
+def test_a_prompt_asked_in_a_row_shares_its_prefill_and_keeps_each_rows_draw(
+    tiny_lora_model, monkeypatch
+):
+    """Sampled pairs ask each prompt several times in a row: those rows start from one
+    prefill, and each still draws what it would at its place in the list alone."""
+    from storyengine.serving import scheduler
+
+    real, made = scheduler.BatchingGenerator, []
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(scheduler, "BatchingGenerator", spy)
+    model, tok = tiny_lora_model.model, tiny_lora_model.tokenizer
+    params = SamplingParams(max_new_tokens=8)
+    repeated = sample_continuations(model, tok, "fox", ["Once upon a time"] * 3 + ["Hi"], params)
+    encode = tiny_lora_model.encode
+    assert made[0].prefilled_tokens == len(encode("Once upon a time")) + len(encode("Hi"))
+    assert len(set(repeated[:3])) > 1  # the rows draw apart
+    for i in range(3):
+        other = ["The end."] * i + ["Once upon a time"]  # the prompt alone, at place i
+        assert sample_continuations(model, tok, "fox", other, params)[i] == repeated[i]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    once = sample_continuations(model, tok, "fox", ["Hi"], greedy)
+    assert sample_continuations(model, tok, "fox", ["Hi"] * 3, greedy) == once * 3
+
+
 def test_log_likelihoods_in_batches_equal_one_at_a_time(tiny_lora_model):
     """The gate scores held-out feedback in padded batches: each continuation's
     log-likelihood is what it is alone, with the adapter or without."""
