@@ -143,7 +143,7 @@ def _compare(
 ) -> Comparison:
     from ..sampling import SamplingParams
     from ..serving.modeling import LoadedModel, load_model
-    from .evaluation import sample_continuations
+    from .evaluation import sample_each
     from .reward import RewardModel
 
     loaded = load_model(settings.replace(adapter=None))
@@ -162,8 +162,9 @@ def _compare(
         names[key] = key
     model.eval()
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    texts_a = sample_continuations(model, loaded.tokenizer, names["a"], prompts, params, seed=seed)
-    texts_b = sample_continuations(model, loaded.tokenizer, names["b"], prompts, params, seed=seed)
+    texts_a, texts_b = sample_each(
+        model, loaded.tokenizer, [names["a"], names["b"]], prompts, params, seed=seed
+    )
     scores_a = scores_b = None
     if reward_version is not None:
         base = LoadedModel(model, loaded.tokenizer, loaded.model_id, None, loaded.device)

@@ -308,57 +308,95 @@ def sample_continuations(
     max_prompt_tokens: int = 256,
 ) -> list[str]:
     """One sampled continuation per prompt with `adapter` on `model` (None: the base
-    model), each prompt cut to its last `max_prompt_tokens`, with the storyteller's
-    sampling parameters (never beams).
+    model); see `sample_each`."""
+    return sample_each(
+        model,
+        tokenizer,
+        [adapter],
+        prompts,
+        params,
+        seed=seed,
+        batch_size=batch_size,
+        max_prompt_tokens=max_prompt_tokens,
+    )[0]
 
-    Written as the storyteller writes: by the batching scheduler, up to `batch_size`
-    rows at a time through its lean decoding step, each row drawing from its own
-    generator, seeded from `seed` and the prompt's place in `prompts`. So a prompt's
-    continuation does not depend on the others beside it, two adapters asked with one
-    seed draw alike, and nothing the caller drew is touched; and faster than
-    transformers' `generate` on the same model, whose every step goes through the
-    modules' layers (64 continuations of 64 tokens, bundled model, two CPU cores beside
-    other work: 10 to 14 s against 25 to 50 s). Blocking (it runs its own event loop):
-    call it in a worker thread."""
+
+def sample_each(
+    model: Any,
+    tokenizer: Any,
+    adapters: Sequence[str | None],
+    prompts: Sequence[str],
+    params: SamplingParams,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    max_prompt_tokens: int = 256,
+) -> list[list[str]]:
+    """For each of `adapters` on `model` (None: the base model), one sampled
+    continuation per prompt, each prompt cut to its last `max_prompt_tokens`, with the
+    storyteller's sampling parameters (never beams).
+
+    Written as the storyteller writes: by the batching scheduler, every adapter's rows
+    in the same batches (up to `batch_size` rows) through its lean decoding step, each
+    row drawing from its own generator, seeded from `seed` and the prompt's place in
+    `prompts`. So a prompt's continuation does not depend on the others beside it, the
+    adapters draw alike (a gate compares what each writes from the same draws), and
+    nothing the caller drew is touched. A prompt asked several times in a row is
+    prefilled once for its rows (as best-of-n candidates are). Faster than transformers'
+    `generate` on the same model, whose every step goes through the modules' layers (64
+    continuations of 64 tokens, bundled model, two CPU cores beside other work: 10 to
+    14 s against 25 to 50 s). Blocking (it runs its own event loop): call it in a
+    worker thread."""
     import asyncio
 
     from ..serving.generation import BASE_ADAPTER, GenerationRequest
     from ..serving.modeling import LoadedModel
     from ..serving.scheduler import BatchingGenerator, SchedulerConfig
 
-    if not prompts:
-        return []
+    if not prompts or not adapters:
+        return [[] for _ in adapters]
     device = next(model.parameters()).device
     loaded = LoadedModel(model, tokenizer, "sampling", None, device)
     params = params.replace(num_beams=1)
-    # A prompt asked several times in a row is prefilled once for all its rows (as
-    # best-of-n candidates are), up to 16 of them (a batch holds that many of the
-    # longest prompts); candidate k of the run from prompt i draws with the seed that
-    # prompt i + k would have had on its own.
+    # Runs of one prompt, up to 16 rows (a batch holds that many of the longest
+    # prompts): row k of the run from prompt i draws with the seed of prompt i + k.
     runs: list[tuple[int, int]] = []  # (first prompt, how many)
     for i, prompt in enumerate(prompts):
         if runs and prompts[runs[-1][0]] == prompt and runs[-1][1] < min(batch_size, 16):
             runs[-1] = (runs[-1][0], runs[-1][1] + 1)
         else:
             runs.append((i, 1))
+    encoded = {first: loaded.encode(prompts[first])[-max_prompt_tokens:] for first, _ in runs}
 
-    async def write() -> list[str]:
+    async def write() -> list[list[str]]:
         generator = BatchingGenerator(loaded, SchedulerConfig(max_batch_size=batch_size))
         try:
-            groups = []
-            for first, n in runs:
-                request = GenerationRequest(
-                    loaded.encode(prompts[first])[-max_prompt_tokens:] or [loaded.eos_token_id],
-                    params.replace(seed=seed * 1_000_003 + first),
-                    channel=str(first),
-                    adapter=adapter or BASE_ADAPTER,
-                )
-                groups.append((n, generator.submit_many(request, n)))
-            texts: list[str] = []
-            for n, handles in groups:
-                written = [(await handle.result()).text for handle in handles]
-                texts.extend(written if len(written) == n else written[:1] * n)  # greedy: one
-            return texts
+            asked = [
+                [
+                    (
+                        n,
+                        generator.submit_many(
+                            GenerationRequest(
+                                encoded[first] or [loaded.eos_token_id],
+                                params.replace(seed=seed * 1_000_003 + first),
+                                channel=f"{a}-{first}",
+                                adapter=adapter or BASE_ADAPTER,
+                            ),
+                            n,
+                        ),
+                    )
+                    for first, n in runs
+                ]
+                for a, adapter in enumerate(adapters)
+            ]
+            out = []
+            for groups in asked:
+                texts: list[str] = []
+                for n, handles in groups:
+                    written = [(await handle.result()).text for handle in handles]
+                    texts.extend(written if len(written) == n else written[:1] * n)  # greedy
+                out.append(texts)
+            return out
         finally:
             await generator.close()
 

@@ -62,7 +62,7 @@ from .evaluation import (
     heldout_rewards,
     perplexity,
     ranking_accuracy,
-    sample_continuations,
+    sample_each,
 )
 from .registry import AdapterRegistry, AdapterVersion
 from .reward import (
@@ -700,13 +700,10 @@ async def _train_and_gate(
         prompts = gate_prompts(heldout_pairs, heldout_examples, texts, config.gate.samples)
         params = SamplingParams(max_new_tokens=config.gate.sample_tokens)
 
-        def sample(adapter: str | None) -> list[str]:
-            return sample_continuations(policy, tok, adapter, prompts, params, seed=train.seed)
-
-        samples = (
-            await asyncio.to_thread(sample, "default"),
-            await asyncio.to_thread(sample, reference),
+        this, parent = await asyncio.to_thread(
+            sample_each, policy, tok, ["default", reference], prompts, params, seed=train.seed
         )
+        samples = (this, parent)
     report = decide(
         config.gate,
         accuracy=scores["accuracy"],

@@ -17,6 +17,7 @@ from storyengine.learning.evaluation import (
     ranked_above,
     repetition,
     sample_continuations,
+    sample_each,
 )
 from storyengine.learning.training import TrainConfig, prepare_policy, train_adapter
 from storyengine.sampling import SamplingParams
@@ -353,6 +354,18 @@ def test_a_prompt_asked_in_a_row_shares_its_prefill_and_keeps_each_rows_draw(
     greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
     once = sample_continuations(model, tok, "fox", ["Hi"], greedy)
     assert sample_continuations(model, tok, "fox", ["Hi"] * 3, greedy) == once * 3
+
+
+def test_several_adapters_sampled_in_one_batch_write_what_each_writes_alone(tiny_lora_model):
+    """The gate samples the candidate and the adapter in service in one batch: each
+    adapter's rows are what it writes alone, from the same draws."""
+    model, tok = tiny_lora_model.model, tiny_lora_model.tokenizer
+    prompts = ["Once upon a time", "The cat sat on the warm mat", "Hi"]
+    params = SamplingParams(max_new_tokens=8)
+    fox, base = sample_each(model, tok, ["fox", None], prompts, params, seed=3)
+    assert fox == sample_continuations(model, tok, "fox", prompts, params, seed=3)
+    assert base == sample_continuations(model, tok, None, prompts, params, seed=3)
+    assert fox != base
 
 
 def test_log_likelihoods_in_batches_equal_one_at_a_time(tiny_lora_model):
