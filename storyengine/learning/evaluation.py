@@ -84,21 +84,25 @@ def implicit_rewards(
     adapter: str | None,
     items: Sequence[tuple[str, str]],
     base_logprobs: dict[tuple[str, str], float] | None = None,
+    adapter_logprobs: dict[tuple[str, str], float] | None = None,
 ) -> dict[tuple[str, str], float]:
     """Each (prompt, continuation)'s log-likelihood under `adapter` less the base
-    model's (0 for the base model itself), batched. `base_logprobs` caches the base
-    model's across calls."""
+    model's (0 for the base model itself), batched. `base_logprobs` and
+    `adapter_logprobs` cache the base model's and the adapter's: what they hold is
+    taken from there, what is measured is added."""
     from .training import completion_logprobs
 
     unique = list(dict.fromkeys(items))
     if adapter is None:
         return dict.fromkeys(unique, 0.0)
     base = base_logprobs if base_logprobs is not None else {}
-    missing = [item for item in unique if item not in base]
-    found = completion_logprobs(model, tokenizer, missing, adapter=None)
-    base.update(zip(missing, found, strict=True))
-    mine = completion_logprobs(model, tokenizer, unique, adapter=adapter)
-    return {item: value - base[item] for item, value in zip(unique, mine, strict=True)}
+    mine = adapter_logprobs if adapter_logprobs is not None else {}
+    for known, name in ((base, None), (mine, adapter)):
+        missing = [item for item in unique if item not in known]
+        if missing:
+            found = completion_logprobs(model, tokenizer, missing, adapter=name)
+            known.update(zip(missing, found, strict=True))
+    return {item: mine[item] - base[item] for item in unique}
 
 
 def heldout_rewards(
@@ -108,6 +112,7 @@ def heldout_rewards(
     pairs: Sequence[PreferencePair],
     examples: Sequence[LabelledExample],
     base_logprobs: dict[tuple[str, str], float] | None = None,
+    adapter_logprobs: dict[tuple[str, str], float] | None = None,
 ) -> dict[tuple[str, str], float]:
     """The adapter's implicit reward (`implicit_rewards`) of every continuation in
     held-out feedback."""
@@ -118,6 +123,7 @@ def heldout_rewards(
         [(p.prompt, t) for p in pairs for t in (p.chosen, p.rejected)]
         + [(e.prompt, e.completion) for e in examples],
         base_logprobs,
+        adapter_logprobs,
     )
 
 

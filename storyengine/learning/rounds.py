@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -201,15 +202,57 @@ class PerplexityMemo:
     def _key(
         loaded: LoadedModel, adapter: Path | None, texts: Sequence[str]
     ) -> tuple[Any, ...] | None:
-        base = Path(loaded.model_id)
-        model = _weights(base, "model") if base.is_dir() else ()  # else a hub id, or bundled
-        files: tuple[Any, ...] = ()
-        if adapter is not None:
-            files = _weights(adapter, "adapter_model")
-            if not files:
-                return None
-        dtype = str(getattr(loaded.model, "dtype", ""))
-        return (loaded.model_id, model, str(loaded.device), dtype, files, hash(tuple(texts)))
+        weights = weights_key(loaded, adapter)
+        return None if weights is None else (*weights, hash(tuple(texts)))
+
+
+class LogprobMemo:
+    """Log-likelihoods of held-out continuations measured before in this process, by
+    base model and adapter files (as `PerplexityMemo` knows them): a gate scores the
+    held-out feedback under the base model, the candidate and the adapter in service,
+    and the base model's never change, while the adapter in service was last round's
+    candidate, scored then on much the same feedback. Each table is a dict that
+    `evaluation.implicit_rewards` fills in; a few are kept, the least recently used
+    dropped, and one that grows past `entries` starts again."""
+
+    def __init__(self, tables: int = 6, entries: int = 50_000) -> None:
+        self.tables, self.entries = tables, entries
+        self._known: OrderedDict[tuple[Any, ...], dict[tuple[str, str], float]] = OrderedDict()
+
+    def table(self, loaded: LoadedModel, adapter: Path | None) -> dict[tuple[str, str], float]:
+        """The log-likelihoods known for the base model (`adapter` None) or the adapter
+        saved in `adapter`; a fresh dict, not kept, when its files cannot be known."""
+        key = weights_key(loaded, adapter)
+        if key is None:
+            return {}
+        found = self._known.pop(key, None)
+        if found is None or len(found) > self.entries:
+            found = {}
+        self._known[key] = found
+        while len(self._known) > self.tables:
+            self._known.popitem(last=False)
+        return found
+
+    def remember(
+        self, loaded: LoadedModel, adapter: Path, logprobs: dict[tuple[str, str], float]
+    ) -> None:
+        """`logprobs`, measured with the weights since saved in `adapter`."""
+        self.table(loaded, adapter).update(logprobs)
+
+
+def weights_key(loaded: LoadedModel, adapter: Path | None) -> tuple[Any, ...] | None:
+    """What identifies the base model (a hub id, or its weights file in a folder) and
+    the adapter saved in `adapter`, on this device and dtype; None when the adapter has
+    no weights file."""
+    base = Path(loaded.model_id)
+    model = _weights(base, "model") if base.is_dir() else ()  # else a hub id, or bundled
+    files: tuple[Any, ...] = ()
+    if adapter is not None:
+        files = _weights(adapter, "adapter_model")
+        if not files:
+            return None
+    dtype = str(getattr(loaded.model, "dtype", ""))
+    return (loaded.model_id, model, str(loaded.device), dtype, files)
 
 
 def _weights(directory: Path, stem: str) -> tuple[Any, ...]:
@@ -224,6 +267,7 @@ def _weights(directory: Path, stem: str) -> tuple[Any, ...]:
 
 
 PERPLEXITIES = PerplexityMemo()
+LOGPROBS = LogprobMemo()
 
 
 def drift_guard(
@@ -668,11 +712,14 @@ async def _train_and_gate(
         policy.load_adapter(str(current.path), adapter_name="current")
         reference = "current"
 
+    candidate_logprobs: dict[tuple[str, str], float] = {}
+
     def evaluate() -> dict[str, Any]:
-        base: dict[tuple[str, str], float] = {}  # the base model's, computed once
+        base = LOGPROBS.table(loaded, None)  # the base model's: measured once a process
+        served = LOGPROBS.table(loaded, current.path) if current is not None else None
         held = (heldout_pairs, heldout_examples)
-        mine = heldout_rewards(policy, tok, "default", *held, base)
-        theirs = heldout_rewards(policy, tok, reference, *held, base)
+        mine = heldout_rewards(policy, tok, "default", *held, base, candidate_logprobs)
+        theirs = heldout_rewards(policy, tok, reference, *held, base, served)
         zero = heldout_rewards(policy, tok, None, *held)  # the base model's: 0 everywhere
 
         def better(rewards: dict[tuple[str, str], float]) -> float | None:
@@ -742,6 +789,7 @@ async def _train_and_gate(
     )
     await registered(version.version, method)
     PERPLEXITIES.remember(loaded, version.path, texts, scores["ppl"])
+    LOGPROBS.remember(loaded, version.path, candidate_logprobs)
     if report.passed:
         version = await registry.promote(version.version)
         return RoundResult("promoted", "", version, metrics)

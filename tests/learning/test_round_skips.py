@@ -278,3 +278,49 @@ def test_a_serving_base_copy_finds_the_perplexity_its_round_measured(bundled_mod
     memo.remember(load_for_training(Settings(device="cpu")), adapter, texts, 9.4)
     copy = base_copy(bundled_model)
     assert memo.get(copy, adapter, texts, lambda: pytest.fail("measured again")) == 9.4
+
+
+def test_logprob_tables_follow_the_weights_files(tmp_path):
+    """The gate's log-likelihood tables: one per base model and adapter files, the same
+    dict while the files stay, a fresh one when they are replaced or cannot be known,
+    a bounded number kept."""
+    from types import SimpleNamespace
+
+    from storyengine.learning.rounds import LogprobMemo
+
+    memo = LogprobMemo(tables=2, entries=3)
+    loaded = SimpleNamespace(model_id="some/hub-model", device="cpu", model=None)
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    for folder in (v1, v2):
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
+    memo.remember(loaded, v1, {("p", "a"): -3.0})
+    assert memo.table(loaded, v1) == {("p", "a"): -3.0}
+    memo.table(loaded, None)[("p", "a")] = -4.0
+    assert memo.table(loaded, None) == {("p", "a"): -4.0}
+    assert memo.table(loaded, tmp_path / "gone") == {}  # no weights file: not kept
+    (v1 / "adapter_model.safetensors").write_bytes(b"retrained")
+    assert memo.table(loaded, v1) == {}  # replaced under the same name
+    memo.remember(loaded, v2, {("p", "b"): -1.0})  # a third table: the oldest goes
+    assert memo.table(loaded, None) == {}
+    memo.remember(loaded, v2, {(str(i), "x"): 0.0 for i in range(4)})  # past `entries`
+    assert memo.table(loaded, v2) == {}
+
+
+def test_implicit_rewards_take_what_the_tables_hold(monkeypatch):
+    from storyengine.learning import training
+    from storyengine.learning.evaluation import implicit_rewards
+
+    asked: list[tuple[str | None, list]] = []
+
+    def logprobs(model, tokenizer, items, *, adapter="default", batch_size=16):
+        asked.append((adapter, list(items)))
+        return [-1.0 if adapter is None else -0.5 for _ in items]
+
+    monkeypatch.setattr(training, "completion_logprobs", logprobs)
+    base, mine = {("p", "a"): -2.0}, {}
+    rewards = implicit_rewards(None, None, "v1", [("p", "a"), ("p", "b")], base, mine)
+    assert rewards == {("p", "a"): 1.5, ("p", "b"): 0.5}
+    assert asked == [(None, [("p", "b")]), ("v1", [("p", "a"), ("p", "b")])]
+    assert implicit_rewards(None, None, "v1", [("p", "b")], base, mine) == {("p", "b"): 0.5}
+    assert len(asked) == 2  # nothing measured again

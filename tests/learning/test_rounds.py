@@ -14,8 +14,8 @@ from peft import PeftModel
 from storyengine.config import Settings
 from storyengine.learning.evaluation import perplexity
 from storyengine.learning.registry import AdapterRegistry
-from storyengine.learning.rounds import RoundConfig, heldout_stories, run_round
-from storyengine.learning.training import TrainConfig
+from storyengine.learning.rounds import LOGPROBS, RoundConfig, heldout_stories, run_round
+from storyengine.learning.training import TrainConfig, completion_logprobs
 from storyengine.serving.modeling import load_for_training
 from storyengine.storage.store import Store
 from tests.helpers.models import record_text
@@ -68,6 +68,17 @@ async def test_a_round_trains_gates_and_registers(tmp_path):
     assert metrics["base_perplexity"] == pytest.approx(
         perplexity(saved, loaded.tokenizer, None, stories), rel=1e-5
     )
+    # The candidate's log-likelihoods of the held-out feedback are remembered under its
+    # files (next round's gate scores the adapter in service on them), equal to the
+    # saved adapter's measured afresh; the base model's under the model.
+    remembered = LOGPROBS.table(loaded, result.version.path)
+    base_known = LOGPROBS.table(loaded, None)
+    items = list(remembered)
+    assert len(items) == metrics["heldout_examples"] and set(items) <= set(base_known)
+    fresh = completion_logprobs(saved, loaded.tokenizer, items, adapter="default")
+    assert [remembered[i] for i in items] == pytest.approx(fresh, rel=1e-4, abs=1e-3)
+    base_fresh = completion_logprobs(saved, loaded.tokenizer, items, adapter=None)
+    assert [base_known[i] for i in items] == pytest.approx(base_fresh, rel=1e-4, abs=1e-3)
     # The gate sampled from both adapters and compared their repetition.
     assert any(line.startswith("sampling 32 continuations") for line in lines)
     for key in ("repeat4", "current_repeat4", "distinct2", "current_distinct2"):
