@@ -138,15 +138,14 @@ async def bench_learning(
             bench = _Bench(engine, settings, config, eval_prompts)
             own: dict[str, list[dict[str, Any]]] = {a.name: [] for a in audiences}
             shared: dict[str, list[dict[str, Any]]] = {a.name: [] for a in audiences}
+            lineages = [a.community for a in audiences]
+            if config.communities:
+                lineages.append(None)  # the shared arm, on everyone's reactions
             for round_no in range(config.rounds + 1):
                 started = time.perf_counter()
                 outcomes: dict[str | None, Any] = {}
-                if round_no > 0:
-                    for audience in audiences:
-                        await bench.react(audience, round_no)
-                    lineages = [a.community for a in audiences]
-                    if config.communities:
-                        lineages.append(None)  # the shared arm, on everyone's reactions
+                if round_no > 0:  # the servers' audiences at once, as on one bot
+                    await asyncio.gather(*(bench.react(a, round_no) for a in audiences))
                     for community in lineages:
                         _progress(f"round {round_no}: training {community or 'shared'}")
                         outcomes[community] = await run_round(
@@ -154,6 +153,7 @@ async def bench_learning(
                             replace(base_config, community=community),
                             say=_progress,
                         )
+                await bench.write_candidates(lineages, round_no)
                 for audience in audiences:
                     arms = [(own, audience.community)]
                     if config.communities:
@@ -203,6 +203,9 @@ class _Bench:
         community's shared arm; an adapter kept over a rejected round)."""
         self.rankings: dict[tuple[str, Any], list[str]] = {}
         """Each (adapter's candidates, reward model version)'s choices (`ranked`)."""
+        self.features: dict[Any, Any] = {}
+        """The base model's features of the candidates, by feature spec: every reward
+        model ranks the base model's candidates again, and two rank each adapter's."""
         self.texts = heldout_stories()
         self._ppl_model: Any = None
         """A private copy of the base model for perplexity: adapters are loaded onto it,
@@ -232,20 +235,12 @@ class _Bench:
         reward model (a community's own, else the shared one)."""
         engine = self.engine
         n = self.config.best_of
-        if self.base_candidates is None:  # the base model's: written once
-            self.base_candidates = await self.candidates(None, "base", n)
+        await self.write_candidates([lineage], round_no)
+        assert self.base_candidates is not None
         adapter = await engine.registry.serving(lineage)
         key = adapter.name if adapter else BASE_ADAPTER
-        if key not in self.measured:
-            if adapter is None:
-                candidates = self.base_candidates
-            else:
-                candidates = await self.candidates(
-                    (adapter.name, str(adapter.path)), f"{adapter.name}-r{round_no}", n
-                )
-            self.measured[key] = (candidates, await asyncio.to_thread(self.perplexity, adapter))
         candidates, ppl = self.measured[key]
-        scorer = await engine.rewards.scorer(lineage) if n > 1 else None
+        scorer = await engine.rewards.scorer(lineage, memos=self.features) if n > 1 else None
         judge = await engine.rewards.serving_version(lineage) if scorer else None
         served = await self.ranked(candidates, scorer, (key, judge))
         base_ranked = await self.ranked(self.base_candidates, scorer, (BASE_ADAPTER, judge))
@@ -259,6 +254,30 @@ class _Bench:
         row["best_of"] = n if scorer is not None else 1
         row["perplexity"] = ppl
         return row
+
+    async def write_candidates(self, lineages: list[str | None], round_no: int) -> None:
+        """The candidates (and perplexity) of each adapter these lineages serve that has
+        none yet, the adapters' written at once (the scheduler batches their rows
+        together, as it would several servers' turns)."""
+        n = self.config.best_of
+        if self.base_candidates is None:  # the base model's: written once
+            self.base_candidates = await self.candidates(None, "base", n)
+            self.measured[BASE_ADAPTER] = (
+                self.base_candidates,
+                await asyncio.to_thread(self.perplexity, None),
+            )
+        serving = [await self.engine.registry.serving(lineage) for lineage in lineages]
+        new = list(
+            {a.name: a for a in serving if a is not None and a.name not in self.measured}.values()
+        )
+        written = await asyncio.gather(
+            *(self.candidates((a.name, str(a.path)), f"{a.name}-r{round_no}", n) for a in new)
+        )
+        for adapter, candidates in zip(new, written, strict=True):
+            self.measured[adapter.name] = (
+                candidates,
+                await asyncio.to_thread(self.perplexity, adapter),
+            )
 
     async def candidates(
         self, adapter: tuple[str, str] | None, tag: str, n: int

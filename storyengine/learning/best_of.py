@@ -19,12 +19,14 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..config import Settings
     from ..serving.modeling import LoadedModel
     from ..storage import RewardModelRecords
+    from .reward import FeatureMemo
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +89,26 @@ class RewardSource:
         one, else the shared lineage's; None when neither is (best-of-n is off)."""
         return await self.registry.serving(community)
 
-    async def scorer(self, community: str | None) -> Scorer | None:
+    async def scorer(
+        self, community: str | None, *, memos: dict[Any, FeatureMemo] | None = None
+    ) -> Scorer | None:
         """The scorer for a community's stories (`serving_version`'s), or None when no reward
-        model is promoted for it or for the shared lineage (then best-of-n is off)."""
+        model is promoted for it or for the shared lineage (then best-of-n is off).
+        `memos`: the base model's features by feature spec, kept across calls and reward
+        models (`RewardModel.score`), for a caller that ranks the same texts again."""
         version = await self.serving_version(community)
         if version is None:
             return None
         model = await self._load(version)
         if model is None:
             return None
+        memo = memos.setdefault(model.spec, {}) if memos is not None else None
 
         async def score(prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
             async with self._lock:
-                return await asyncio.to_thread(model.score, list(prompts), list(continuations))
+                return await asyncio.to_thread(
+                    partial(model.score, memo=memo), list(prompts), list(continuations)
+                )
 
         return score
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..sampling import SamplingParams
 from .datasets import LabelledExample, PreferencePair
+from .precision import measuring
 from .training import adapter_kwargs, evaluating
 
 
@@ -275,7 +276,8 @@ def perplexity(
     padding after them). The drift guard takes it several times a round. Batches of 8
     compute about twice as fast as one text at a time on two CPU cores; a batch's
     logits take 8 x its width x the vocabulary's size in floats (at most 0.13 GB for
-    the bundled model, whose vocabulary is 8,192 tokens; 0.8 GB for GPT-2's 50,257)."""
+    the bundled model, whose vocabulary is 8,192 tokens; 0.8 GB for GPT-2's 50,257).
+    In bfloat16 where the CPU computes it natively (`precision.measuring`)."""
     import torch
 
     device = next(model.parameters()).device
@@ -290,9 +292,12 @@ def perplexity(
         for row, tokens in enumerate(chunk):
             ids[row, : len(tokens)] = torch.tensor(tokens, device=device)
             mask[row, : len(tokens)] = 1
-        with torch.no_grad(), evaluating(model):
+        with torch.no_grad(), evaluating(model), measuring(model):
             logits = model(
-                input_ids=ids, attention_mask=mask, **adapter_kwargs(model, adapter, len(chunk))
+                input_ids=ids,
+                attention_mask=mask,
+                use_cache=False,
+                **adapter_kwargs(model, adapter, len(chunk)),
             ).logits
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"

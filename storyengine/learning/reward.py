@@ -38,6 +38,7 @@ from ..errors import ConfigError, InvalidInput
 from ..storage import RewardModelRecords
 from .datasets import FeedbackDatasets, LabelledExample, PreferencePair
 from .evaluation import average_ranks, evidence
+from .precision import measuring
 
 if TYPE_CHECKING:
     import torch
@@ -124,7 +125,9 @@ def continuation_features(
     hidden states over the continuation's tokens (read after the end of the prompt),
     pooled. Batched by length, in inference mode, without any LoRA adapter the model
     carries (per call, so it is safe beside a thread that serves with adapters); the
-    forward pass stops at the deepest block the spec reads."""
+    forward pass stops at the deepest block the spec reads. In bfloat16 where the CPU
+    computes it natively (`precision.measuring`): a reward model is trained and scores
+    on features taken the same way."""
     import torch
 
     from .training import evaluating
@@ -146,7 +149,7 @@ def continuation_features(
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     out: list[Any] = [None] * len(rows)
     device = next(model.parameters()).device
-    with torch.inference_mode(), evaluating(model):
+    with torch.inference_mode(), evaluating(model), measuring(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             width = max(len(rows[i][0]) for i in chunk)
@@ -197,7 +200,13 @@ def _hidden_states(
     if deepest == n_layers or blocks is None or extra:
         if "logits_to_keep" in inspect.signature(inner.forward).parameters:
             extra["logits_to_keep"] = 1  # the head reads hidden states, not logits
-        result = model(input_ids=ids, attention_mask=attention, output_hidden_states=True, **extra)
+        result = model(
+            input_ids=ids,
+            attention_mask=attention,
+            output_hidden_states=True,
+            use_cache=False,
+            **extra,
+        )
         return {i: result.hidden_states[i] for i in layers}
     captured: dict[int, Any] = {}
     token = object()
@@ -215,7 +224,7 @@ def _hidden_states(
     handles = [blocks[i - 1].register_forward_hook(hook_for(i)) for i in set(layers)]
     _capturing.token = token
     try:
-        model(input_ids=ids, attention_mask=attention, **extra)
+        model(input_ids=ids, attention_mask=attention, use_cache=False, **extra)
     except _Enough:
         pass
     finally:
@@ -551,16 +560,39 @@ class RewardModel:
         return story_id in self._stories
 
     def score(
-        self, prompts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 16
+        self,
+        prompts: Sequence[str],
+        continuations: Sequence[str],
+        *,
+        batch_size: int = 16,
+        memo: FeatureMemo | None = None,
     ) -> list[float]:
         """The reward of each continuation after its prompt (higher: more liked). Batched,
         in inference mode, on the base model's device, without its LoRA adapters; call
-        it where a forward pass may run (a serving thread, a worker)."""
+        it where a forward pass may run (a serving thread, a worker). `memo`: features
+        computed before on this base model with this model's `spec`, taken from there;
+        those computed here are added to it (several heads ranking the same texts)."""
+        import torch
+
         if not prompts:
             return []
-        features = continuation_features(
-            self.base, self.spec, prompts, continuations, batch_size=batch_size
-        )
+        if memo is None:
+            features = continuation_features(
+                self.base, self.spec, prompts, continuations, batch_size=batch_size
+            )
+        else:
+            keys = list(zip(prompts, continuations, strict=True))
+            missing = [k for k in dict.fromkeys(keys) if k not in memo]
+            if missing:
+                table = continuation_features(
+                    self.base,
+                    self.spec,
+                    [k[0] for k in missing],
+                    [k[1] for k in missing],
+                    batch_size=batch_size,
+                )
+                memo.update(zip(missing, table, strict=True))
+            features = torch.stack([memo[k] for k in keys])
         return [float(v) for v in self.head(features)]
 
     def evaluate(

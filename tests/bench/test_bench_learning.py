@@ -59,3 +59,58 @@ async def test_bench_learning_runs_a_round_and_writes_json(tmp_path):
         assert {"approval", "perplexity", "distinct2", "repeat4", "promoted", "seconds"} <= r.keys()
         assert 0.0 <= r["approval"] <= 1.0 and r["perplexity"] > 1.0
     assert rounds[0]["promoted"] is False
+
+
+@pytest.mark.slow
+async def test_bench_learning_with_two_communities_reports_both_arms(tmp_path):
+    """`--communities A,B`: each community's own lineage and the shared arm, round by
+    round, in the JSON the issue asked for (its adapters' candidates are written at
+    once and ranked through one memo of features)."""
+    out = tmp_path / "communities.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STORY_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "storyengine",
+        "bench",
+        "learning",
+        "--communities",
+        "animals,gloomy",
+        "--rounds",
+        "1",
+        "--reactions",
+        "24",
+        "--eval-samples",
+        "8",
+        "--max-new-tokens",
+        "16",
+        "--best-of",
+        "2",
+        "--json",
+        str(out),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    printed = stdout.decode()
+    assert "animals (own) round 1" in printed and "gloomy (shared) round 1" in printed
+    results = json.loads(out.read_text())
+    assert sorted(results) == ["communities", "shared"]
+    for arm in ("communities", "shared"):
+        assert sorted(results[arm]) == ["animals", "gloomy"]
+        for taste in ("animals", "gloomy"):
+            rows = results[arm][taste]["rounds"]
+            assert [r["round"] for r in rows] == [0, 1]
+            for r in rows:
+                assert {"approval", "approval_adapter_only", "approval_best_of_only"} <= r.keys()
+                assert r["votes"] > 0 and r["perplexity"] > 1.0
+    # Before any round, every arm serves the base model: the same figures.
+    zero = {
+        (arm, taste): results[arm][taste]["rounds"][0]["perplexity"]
+        for arm in ("communities", "shared")
+        for taste in ("animals", "gloomy")
+    }
+    assert len(set(zero.values())) == 1

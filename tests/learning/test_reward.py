@@ -531,3 +531,31 @@ def test_features_in_a_memo_are_not_computed_again(monkeypatch):
     assert computed == [("P:", " a"), ("Q:", " ccc")]  # " a" once
     assert table([("Q:", " ccc"), ("P:", " a")]).tolist() == [[4.0], [2.0]]
     assert Features.of(None, RewardConfig(), [], []).table.shape[0] == 0
+
+
+def test_scores_through_a_memo_equal_scores_without_and_reuse_its_features(tiny_model):
+    """Two reward models ranking the same candidates (the bench ranks the base model's
+    with every round's) compute the base model's features once."""
+    from storyengine.learning import reward as reward_module
+
+    first = RewardModel.train(tiny_model, cat_world(8, seed=6))
+    second = RewardModel.train(tiny_model, cat_world(8, seed=7))
+    texts = [CAT[0], NO_CAT[0], CAT[1], NO_CAT[0]]  # one text twice
+    prompts = [PROMPT] * 4
+    memo: dict = {}
+    assert first.score(prompts, texts, memo=memo) == pytest.approx(first.score(prompts, texts))
+    assert len(memo) == 3
+    computed = []
+    real = reward_module.continuation_features
+
+    def counting(base, spec, prompts, continuations, batch_size=16):
+        computed.extend(continuations)
+        return real(base, spec, prompts, continuations, batch_size=batch_size)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reward_module, "continuation_features", counting)
+        again = second.score(prompts, texts, memo=memo)
+        assert computed == []
+        assert second.score([PROMPT], ["A new one."], memo=memo)
+        assert computed == ["A new one."]
+    assert again == pytest.approx(second.score(prompts, texts))
