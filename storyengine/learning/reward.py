@@ -582,16 +582,7 @@ class RewardModel:
             )
         else:
             keys = list(zip(prompts, continuations, strict=True))
-            missing = [k for k in dict.fromkeys(keys) if k not in memo]
-            if missing:
-                table = continuation_features(
-                    self.base,
-                    self.spec,
-                    [k[0] for k in missing],
-                    [k[1] for k in missing],
-                    batch_size=batch_size,
-                )
-                memo.update(zip(missing, table, strict=True))
+            remember_features(self.base, self.spec, keys, memo, batch_size)
             features = torch.stack([memo[k] for k in keys])
         return [float(v) for v in self.head(features)]
 
@@ -688,6 +679,23 @@ FeatureMemo = dict[tuple[str, str], "torch.Tensor"]
 and a forward pass each is most of their cost."""
 
 
+def remember_features(
+    base: LoadedModel,
+    spec: FeatureSpec,
+    keys: Sequence[tuple[str, str]],
+    memo: FeatureMemo,
+    batch_size: int = 16,
+) -> None:
+    """Compute the features of the (prompt, continuation)s in `keys` that `memo` lacks
+    (each once) and add them to it."""
+    missing = [k for k in dict.fromkeys(keys) if k not in memo]
+    if missing:
+        table = continuation_features(
+            base, spec, [k[0] for k in missing], [k[1] for k in missing], batch_size=batch_size
+        )
+        memo.update(zip(missing, table, strict=True))
+
+
 @dataclass
 class Features:
     """The base model's features of every continuation in some feedback, computed once
@@ -713,18 +721,10 @@ class Features:
         started = time.perf_counter()
         texts = _texts(pairs, labels)
         memo = memo if memo is not None else {}
-        missing = [t for t in texts if t not in memo]
-        if missing or not texts:
-            table = continuation_features(
-                base,
-                config.features,
-                [t[0] for t in missing],
-                [t[1] for t in missing],
-                batch_size=config.batch_size,
-            )
-            memo.update(zip(missing, table, strict=True))
-            if not texts:
-                return cls({}, table, time.perf_counter() - started)
+        if not texts:
+            table = continuation_features(base, config.features, [], [])
+            return cls({}, table, time.perf_counter() - started)
+        remember_features(base, config.features, texts, memo, config.batch_size)
         table = torch.stack([memo[t] for t in texts])
         return cls({t: i for i, t in enumerate(texts)}, table, time.perf_counter() - started)
 

@@ -25,9 +25,9 @@ def test_tastes_and_prompts():
     assert not any(likes_animals(p) for p in prompts)  # the prompts name no animal
 
 
-@pytest.mark.slow
-async def test_bench_learning_runs_a_round_and_writes_json(tmp_path):
-    out = tmp_path / "learning.json"
+async def run_bench(tmp_path, out, *options: str) -> str:
+    """`storyengine bench learning OPTIONS --json OUT` in a subprocess, without the
+    caller's STORY_ settings; its stdout (it must exit 0)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORY_")}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -35,14 +35,7 @@ async def test_bench_learning_runs_a_round_and_writes_json(tmp_path):
         "storyengine",
         "bench",
         "learning",
-        "--rounds",
-        "1",
-        "--reactions",
-        "40",
-        "--eval-samples",
-        "16",
-        "--max-new-tokens",
-        "24",
+        *options,
         "--json",
         str(out),
         stdout=asyncio.subprocess.PIPE,
@@ -52,7 +45,15 @@ async def test_bench_learning_runs_a_round_and_writes_json(tmp_path):
     )
     stdout, stderr = await process.communicate()
     assert process.returncode == 0, stderr.decode()[-2000:]
-    assert "approval" in stdout.decode()
+    return stdout.decode()
+
+
+@pytest.mark.slow
+async def test_bench_learning_runs_a_round_and_writes_json(tmp_path):
+    out = tmp_path / "learning.json"
+    options = ("--rounds", "1", "--reactions", "40", "--eval-samples", "16")
+    printed = await run_bench(tmp_path, out, *options, "--max-new-tokens", "24")
+    assert "approval" in printed
     rounds = json.loads(out.read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1]
     for r in rounds:
@@ -67,35 +68,9 @@ async def test_bench_learning_with_two_communities_reports_both_arms(tmp_path):
     round, in the JSON the issue asked for (its adapters' candidates are written at
     once and ranked through one memo of features)."""
     out = tmp_path / "communities.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STORY_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "storyengine",
-        "bench",
-        "learning",
-        "--communities",
-        "animals,gloomy",
-        "--rounds",
-        "1",
-        "--reactions",
-        "24",
-        "--eval-samples",
-        "8",
-        "--max-new-tokens",
-        "16",
-        "--best-of",
-        "2",
-        "--json",
-        str(out),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=tmp_path,
-    )
-    stdout, stderr = await process.communicate()
-    assert process.returncode == 0, stderr.decode()[-2000:]
-    printed = stdout.decode()
+    options = ("--communities", "animals,gloomy", "--rounds", "1", "--reactions", "24")
+    small = ("--eval-samples", "8", "--max-new-tokens", "16", "--best-of", "2")
+    printed = await run_bench(tmp_path, out, *options, *small)
     assert "animals (own) round 1" in printed and "gloomy (shared) round 1" in printed
     results = json.loads(out.read_text())
     assert sorted(results) == ["communities", "shared"]
